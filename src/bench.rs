@@ -1,0 +1,120 @@
+//! `pruneserve bench`: prefill and decode throughput of a model at several batch sizes, for the
+//! full plan and a reverse-pruned plan, measured in one run so the ratios are like for like.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::engine::batch::{Batcher, GenRequest};
+use crate::engine::model::DecoderModel;
+use crate::engine::sampler::SamplingParams;
+use crate::engine::{Engine, EngineError, EngineOptions};
+use crate::plan::{LayerPlan, PlanSpec};
+
+#[derive(Debug, Clone)]
+pub struct BenchRow {
+    pub plan: String,
+    pub batch: usize,
+    pub prefill_tok_s: f64,
+    pub decode_tok_s: f64,
+}
+
+fn requests(
+    plan: &Arc<LayerPlan>,
+    batch: usize,
+    prompt_len: usize,
+    gen: usize,
+    vocab: usize,
+) -> Vec<GenRequest> {
+    (0..batch)
+        .map(|b| GenRequest {
+            plan: plan.clone(),
+            prompt: (0..prompt_len)
+                .map(|i| ((i * 7919 + b * 104_729 + 13) % vocab) as u32)
+                .collect(),
+            max_tokens: gen,
+            sampling: SamplingParams::greedy(),
+            prompt_logprobs: None,
+            stop_token_ids: Vec::new(),
+            eos_token_ids: Vec::new(),
+            ignore_eos: true,
+        })
+        .collect()
+}
+
+/// Times prefill alone (`max_tokens = 0`), then prefill + `gen` decode steps; decode throughput is
+/// the difference.
+pub fn run(
+    model: Arc<DecoderModel>,
+    batches: &[usize],
+    prompt_len: usize,
+    gen: usize,
+    reverse: f64,
+) -> Result<Vec<BenchRow>, EngineError> {
+    let layers = model.config().num_hidden_layers;
+    let vocab = model.config().vocab_size;
+    let pruned = PlanSpec::Reverse(reverse)
+        .resolve(layers)
+        .map_err(|e| EngineError::Internal(e.0))?;
+    let plans = [
+        ("full".to_string(), Arc::new(LayerPlan::full(layers))),
+        (format!("reverse {reverse}"), Arc::new(pruned)),
+    ];
+    let mut rows = Vec::new();
+    for (name, plan) in &plans {
+        for &batch in batches {
+            let mut batcher = Batcher::new(
+                Engine::with_cpu_cache(model.clone(), &EngineOptions::default()),
+                4096,
+            );
+            // Warm-up.
+            batcher
+                .run_all(requests(plan, 1, 8, 2, vocab))
+                .into_iter()
+                .collect::<Result<Vec<_>, _>>()?;
+            let t = Instant::now();
+            batcher
+                .run_all(requests(plan, batch, prompt_len, 0, vocab))
+                .into_iter()
+                .collect::<Result<Vec<_>, _>>()?;
+            let prefill = t.elapsed().as_secs_f64();
+            let t = Instant::now();
+            batcher
+                .run_all(requests(plan, batch, prompt_len, gen, vocab))
+                .into_iter()
+                .collect::<Result<Vec<_>, _>>()?;
+            let decode = (t.elapsed().as_secs_f64() - prefill).max(1e-9);
+            rows.push(BenchRow {
+                plan: name.clone(),
+                batch,
+                prefill_tok_s: (batch * prompt_len) as f64 / prefill,
+                decode_tok_s: (batch * gen) as f64 / decode,
+            });
+        }
+    }
+    Ok(rows)
+}
+
+/// A markdown table with pruned/full ratios.
+pub fn report(rows: &[BenchRow]) -> String {
+    let mut s =
+        String::from("| plan | batch | prefill tok/s | decode tok/s |\n|---|---|---|---|\n");
+    for r in rows {
+        s += &format!(
+            "| {} | {} | {:.0} | {:.1} |\n",
+            r.plan, r.batch, r.prefill_tok_s, r.decode_tok_s
+        );
+    }
+    let full: Vec<&BenchRow> = rows.iter().filter(|r| r.plan == "full").collect();
+    for r in rows.iter().filter(|r| r.plan != "full") {
+        if let Some(f) = full.iter().find(|f| f.batch == r.batch) {
+            s += &format!(
+                "\n{} / full at batch {}: prefill {:.2}x, decode {:.2}x",
+                r.plan,
+                r.batch,
+                r.prefill_tok_s / f.prefill_tok_s,
+                r.decode_tok_s / f.decode_tok_s
+            );
+        }
+    }
+    s
+}

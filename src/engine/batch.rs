@@ -1,0 +1,288 @@
+//! Continuous batching of generation and scoring requests over one [`Engine`]: requests join and
+//! leave between steps; each step feeds every decoding sequence one token and fills the rest of the
+//! token budget with prefill chunks.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use super::sampler::{Sampled, Sampler, SamplingParams};
+use super::scoring::TokenScore;
+use super::{Engine, EngineError, ScoreSpec, SeqId, StepItem};
+use crate::plan::LayerPlan;
+
+/// A request: score its prompt and/or generate up to `max_tokens`.
+#[derive(Debug, Clone)]
+pub struct GenRequest {
+    pub plan: Arc<LayerPlan>,
+    pub prompt: Vec<u32>,
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    /// `Some(k)`: return the logprob of every prompt token after the first, with top-`k`.
+    pub prompt_logprobs: Option<usize>,
+    pub stop_token_ids: Vec<u32>,
+    /// End-of-sequence ids that stop generation unless `ignore_eos`.
+    pub eos_token_ids: Vec<u32>,
+    pub ignore_eos: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FinishReason {
+    Stop,
+    Length,
+}
+
+#[derive(Debug, Clone)]
+pub struct GenOutput {
+    /// `prompt.len() - 1` entries when prompt logprobs were asked for.
+    pub prompt_scores: Vec<TokenScore>,
+    /// Generated tokens; a stop/eos token that ended generation is not included.
+    pub tokens: Vec<Sampled>,
+    pub finish: FinishReason,
+    /// The token id that stopped generation, if any.
+    pub stop_token: Option<u32>,
+}
+
+/// What a step produced for one request.
+#[derive(Debug)]
+pub enum BatchEvent {
+    Token { id: SeqId, token: Sampled },
+    Finished { id: SeqId, output: GenOutput },
+    Failed { id: SeqId, error: EngineError },
+}
+
+struct Active {
+    req: GenRequest,
+    sampler: Sampler,
+    fed: usize,
+    pending: Option<u32>,
+    out: GenOutput,
+}
+
+impl Active {
+    fn context(&self) -> Vec<u32> {
+        let mut c = self.req.prompt.clone();
+        c.extend(self.out.tokens.iter().map(|t| t.token));
+        c
+    }
+}
+
+pub struct Batcher {
+    engine: Engine,
+    active: HashMap<SeqId, Active>,
+    /// Admission order, so prefill is first come, first served.
+    order: Vec<SeqId>,
+    next_id: SeqId,
+    max_step_tokens: usize,
+}
+
+impl Batcher {
+    pub fn new(engine: Engine, max_step_tokens: usize) -> Self {
+        Self {
+            engine,
+            active: HashMap::new(),
+            order: Vec::new(),
+            next_id: 1,
+            max_step_tokens: max_step_tokens.max(1),
+        }
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    pub fn num_active(&self) -> usize {
+        self.active.len()
+    }
+
+    /// Admits a request; fails at once if it can never run (empty prompt, too long, bad plan).
+    pub fn submit(&mut self, req: GenRequest) -> Result<SeqId, EngineError> {
+        let id = self.next_id;
+        if req.prompt.is_empty() {
+            return Err(EngineError::EmptyInput(id));
+        }
+        let total = req.prompt.len() + req.max_tokens;
+        if total > self.engine.max_len() {
+            return Err(EngineError::ContextTooLong {
+                len: total,
+                max: self.engine.max_len(),
+            });
+        }
+        let vocab = self.engine.model().config().vocab_size;
+        if let Some(&bad) = req.prompt.iter().find(|&&t| t as usize >= vocab) {
+            return Err(EngineError::TokenOutOfRange { id: bad, vocab });
+        }
+        self.engine.add_sequence(id, req.plan.clone())?;
+        self.next_id += 1;
+        let out = GenOutput {
+            prompt_scores: Vec::new(),
+            tokens: Vec::new(),
+            finish: FinishReason::Length,
+            stop_token: None,
+        };
+        let sampler = Sampler::new(req.sampling.clone());
+        self.active.insert(
+            id,
+            Active {
+                req,
+                sampler,
+                fed: 0,
+                pending: None,
+                out,
+            },
+        );
+        self.order.push(id);
+        Ok(id)
+    }
+
+    /// Drops a request and frees its KV blocks.
+    pub fn cancel(&mut self, id: SeqId) {
+        if self.active.remove(&id).is_some() {
+            self.order.retain(|&x| x != id);
+            self.engine.release(id);
+        }
+    }
+
+    fn plan_step(&self) -> Vec<StepItem> {
+        let mut items = Vec::new();
+        let mut budget = self.max_step_tokens;
+        for id in &self.order {
+            let a = &self.active[id];
+            if let Some(t) = a.pending {
+                items.push(StepItem {
+                    seq: *id,
+                    tokens: vec![t],
+                    score: None,
+                    want_logits: true,
+                });
+                budget = budget.saturating_sub(1);
+            }
+        }
+        for id in &self.order {
+            let a = &self.active[id];
+            let remaining = a.req.prompt.len() - a.fed;
+            if a.pending.is_some() || remaining == 0 || budget == 0 {
+                continue;
+            }
+            let n = remaining.min(budget);
+            budget -= n;
+            let end = a.fed + n;
+            let score = a.req.prompt_logprobs.map(|top_k| ScoreSpec {
+                targets: a.req.prompt[a.fed + 1..(end + 1).min(a.req.prompt.len())].to_vec(),
+                top_k,
+            });
+            items.push(StepItem {
+                seq: *id,
+                tokens: a.req.prompt[a.fed..end].to_vec(),
+                score,
+                want_logits: end == a.req.prompt.len() && a.req.max_tokens > 0,
+            });
+        }
+        items
+    }
+
+    /// Runs one engine step and reports tokens, finished and failed requests.
+    pub fn step(&mut self) -> Vec<BatchEvent> {
+        let items = self.plan_step();
+        if items.is_empty() {
+            return self.finish_idle();
+        }
+        let results = self.engine.step(&items);
+        let mut events = Vec::new();
+        for (item, result) in items.iter().zip(results) {
+            let id = item.seq;
+            let out = match result {
+                Ok(o) => o,
+                Err(error) => {
+                    self.cancel(id);
+                    events.push(BatchEvent::Failed { id, error });
+                    continue;
+                }
+            };
+            let Some(a) = self.active.get_mut(&id) else {
+                continue;
+            };
+            if a.pending.take().is_none() {
+                a.fed += item.tokens.len();
+                a.out.prompt_scores.extend(out.scores);
+            }
+            let done = match out.logits {
+                Some(logits) => {
+                    let context = a.context();
+                    let generated: Vec<u32> = a.out.tokens.iter().map(|t| t.token).collect();
+                    let s = a.sampler.sample(&logits, &context, &generated);
+                    let stops = a.req.stop_token_ids.contains(&s.token)
+                        || (!a.req.ignore_eos && a.req.eos_token_ids.contains(&s.token));
+                    if stops {
+                        a.out.finish = FinishReason::Stop;
+                        a.out.stop_token = Some(s.token);
+                        true
+                    } else {
+                        a.out.tokens.push(s.clone());
+                        events.push(BatchEvent::Token {
+                            id,
+                            token: s.clone(),
+                        });
+                        a.pending = Some(s.token);
+                        a.out.tokens.len() >= a.req.max_tokens
+                    }
+                }
+                None => a.fed == a.req.prompt.len(),
+            };
+            if done {
+                self.finish(id, &mut events);
+            }
+        }
+        events
+    }
+
+    fn finish(&mut self, id: SeqId, events: &mut Vec<BatchEvent>) {
+        if let Some(a) = self.active.remove(&id) {
+            self.order.retain(|&x| x != id);
+            self.engine.release(id);
+            events.push(BatchEvent::Finished { id, output: a.out });
+        }
+    }
+
+    /// Requests with nothing left to run (e.g. `max_tokens == 0` and a one-token prompt).
+    fn finish_idle(&mut self) -> Vec<BatchEvent> {
+        let idle: Vec<SeqId> = self.order.clone();
+        let mut events = Vec::new();
+        for id in idle {
+            self.finish(id, &mut events);
+        }
+        events
+    }
+
+    /// Runs requests together until all are done; results in request order.
+    pub fn run_all(&mut self, reqs: Vec<GenRequest>) -> Vec<Result<GenOutput, EngineError>> {
+        let mut ids = Vec::with_capacity(reqs.len());
+        for r in reqs {
+            ids.push(self.submit(r));
+        }
+        let mut done: HashMap<SeqId, Result<GenOutput, EngineError>> = HashMap::new();
+        while !self.active.is_empty() {
+            for ev in self.step() {
+                match ev {
+                    BatchEvent::Finished { id, output } => {
+                        done.insert(id, Ok(output));
+                    }
+                    BatchEvent::Failed { id, error } => {
+                        done.insert(id, Err(error));
+                    }
+                    BatchEvent::Token { .. } => {}
+                }
+            }
+        }
+        ids.into_iter()
+            .map(|r| {
+                r.and_then(|id| {
+                    done.remove(&id)
+                        .unwrap_or_else(|| Err(EngineError::Internal("lost request".into())))
+                })
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,201 @@
+//! The KV cache interface the decoder writes through, and its CPU implementation. Capacity is
+//! accounted in blocks of `block_size` tokens (full plan depth), as a paged CUDA cache will hold
+//! them, so limits surface the same way on every backend.
+
+use std::collections::HashMap;
+
+use candle_core::Tensor;
+
+use super::attention::{attend, AttnParams};
+use super::SeqId;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KvError {
+    #[error(
+        "out of KV blocks: {needed} more needed, {free} free of {total} (block size {block_size})"
+    )]
+    OutOfBlocks {
+        needed: usize,
+        free: usize,
+        total: usize,
+        block_size: usize,
+    },
+    #[error("unknown sequence {0}")]
+    UnknownSequence(SeqId),
+    #[error("sequence {0} already exists")]
+    DuplicateSequence(SeqId),
+}
+
+/// Occupancy figures, for metrics and admission.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvUsage {
+    pub used_blocks: usize,
+    pub total_blocks: usize,
+    pub block_size: usize,
+}
+
+/// One sequence's rows inside a packed batch: rows `offset..offset+len` belong to `seq`, whose
+/// first new token sits at absolute position `start`.
+#[derive(Debug, Clone, Copy)]
+pub struct ChunkRef {
+    pub seq: SeqId,
+    pub offset: usize,
+    pub len: usize,
+    pub start: usize,
+}
+
+/// Storage and attention for cached keys/values. `plan_pos` is the layer's position in the
+/// sequence's plan, so plans of one base share one pool.
+pub trait KvCache: Send {
+    fn allocate(&mut self, seq: SeqId, plan_len: usize) -> Result<(), KvError>;
+    /// Makes room for `total_len` tokens of `seq`, or fails without side effects.
+    fn reserve(&mut self, seq: SeqId, total_len: usize) -> Result<(), KvError>;
+    /// Appends this step's keys/values (`[T, kv_heads, d]`, packed over `chunks`) at `plan_pos` and
+    /// returns attention outputs `[T, heads * d]` for the packed queries `[T, heads, d]`.
+    fn attend(
+        &mut self,
+        plan_pos: usize,
+        chunks: &[ChunkRef],
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        params: &AttnParams,
+    ) -> candle_core::Result<Tensor>;
+    fn release(&mut self, seq: SeqId);
+    fn usage(&self) -> KvUsage;
+}
+
+struct SeqKv {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    blocks: usize,
+}
+
+/// Contiguous per-sequence tensors grown by concatenation; blocks are only counted.
+pub struct CpuKvCache {
+    seqs: HashMap<SeqId, SeqKv>,
+    block_size: usize,
+    total_blocks: usize,
+    used_blocks: usize,
+}
+
+impl CpuKvCache {
+    pub fn new(total_blocks: usize, block_size: usize) -> Self {
+        Self {
+            seqs: HashMap::new(),
+            block_size,
+            total_blocks,
+            used_blocks: 0,
+        }
+    }
+}
+
+impl KvCache for CpuKvCache {
+    fn allocate(&mut self, seq: SeqId, plan_len: usize) -> Result<(), KvError> {
+        if self.seqs.contains_key(&seq) {
+            return Err(KvError::DuplicateSequence(seq));
+        }
+        self.seqs.insert(
+            seq,
+            SeqKv {
+                layers: vec![None; plan_len],
+                blocks: 0,
+            },
+        );
+        Ok(())
+    }
+
+    fn reserve(&mut self, seq: SeqId, total_len: usize) -> Result<(), KvError> {
+        let free = self.total_blocks - self.used_blocks;
+        let s = self
+            .seqs
+            .get_mut(&seq)
+            .ok_or(KvError::UnknownSequence(seq))?;
+        let want = total_len.div_ceil(self.block_size);
+        let needed = want.saturating_sub(s.blocks);
+        if needed > free {
+            return Err(KvError::OutOfBlocks {
+                needed,
+                free,
+                total: self.total_blocks,
+                block_size: self.block_size,
+            });
+        }
+        s.blocks += needed;
+        self.used_blocks += needed;
+        Ok(())
+    }
+
+    fn attend(
+        &mut self,
+        plan_pos: usize,
+        chunks: &[ChunkRef],
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        params: &AttnParams,
+    ) -> candle_core::Result<Tensor> {
+        let mut outs = Vec::with_capacity(chunks.len());
+        for c in chunks {
+            let s = self.seqs.get_mut(&c.seq).ok_or_else(|| {
+                candle_core::Error::Msg(format!("kv: unknown sequence {}", c.seq))
+            })?;
+            let slot = s.layers.get_mut(plan_pos).ok_or_else(|| {
+                candle_core::Error::Msg(format!("kv: plan position {plan_pos} out of range"))
+            })?;
+            let new_k = k
+                .narrow(0, c.offset, c.len)?
+                .transpose(0, 1)?
+                .contiguous()?;
+            let new_v = v
+                .narrow(0, c.offset, c.len)?
+                .transpose(0, 1)?
+                .contiguous()?;
+            let (all_k, all_v) = match slot.take() {
+                Some((pk, pv)) => {
+                    if pk.dim(1)? != c.start {
+                        candle_core::bail!(
+                            "kv: sequence {} holds {} tokens, chunk starts at {}",
+                            c.seq,
+                            pk.dim(1)?,
+                            c.start
+                        );
+                    }
+                    (
+                        Tensor::cat(&[&pk, &new_k], 1)?,
+                        Tensor::cat(&[&pv, &new_v], 1)?,
+                    )
+                }
+                None if c.start == 0 => (new_k, new_v),
+                None => candle_core::bail!(
+                    "kv: sequence {} has no cache but chunk starts at {}",
+                    c.seq,
+                    c.start
+                ),
+            };
+            let out = attend(
+                &q.narrow(0, c.offset, c.len)?,
+                &all_k,
+                &all_v,
+                c.start,
+                params,
+            )?;
+            *slot = Some((all_k, all_v));
+            outs.push(out);
+        }
+        Tensor::cat(&outs, 0)
+    }
+
+    fn release(&mut self, seq: SeqId) {
+        if let Some(s) = self.seqs.remove(&seq) {
+            self.used_blocks -= s.blocks;
+        }
+    }
+
+    fn usage(&self) -> KvUsage {
+        KvUsage {
+            used_blocks: self.used_blocks,
+            total_blocks: self.total_blocks,
+            block_size: self.block_size,
+        }
+    }
+}

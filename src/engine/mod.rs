@@ -1,0 +1,306 @@
+//! The inference engine: model weights, KV cache and sampler behind a batched step API. A step runs
+//! prefill chunks and decode tokens of many sequences at once; sequences join and leave between
+//! steps and may run different layer plans of the same base.
+
+pub mod attention;
+pub mod batch;
+pub mod kv_cache;
+pub mod model;
+pub mod rope;
+pub mod sampler;
+pub mod scoring;
+pub mod taps;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use candle_core::Tensor;
+
+use crate::plan::LayerPlan;
+use kv_cache::{ChunkRef, KvCache, KvError, KvUsage};
+use model::DecoderModel;
+use scoring::TokenScore;
+use taps::LayerTap;
+
+/// Identifies a sequence inside one engine.
+pub type SeqId = u64;
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Kv(#[from] KvError),
+    #[error("context too long: {len} tokens requested, the model's limit is {max}")]
+    ContextTooLong { len: usize, max: usize },
+    #[error("token id {id} is out of range (vocabulary size {vocab})")]
+    TokenOutOfRange { id: u32, vocab: usize },
+    #[error("the plan is over a {plan}-layer base but the model has {model} layers")]
+    PlanMismatch { plan: usize, model: usize },
+    #[error("empty input for sequence {0}")]
+    EmptyInput(SeqId),
+    #[error("internal engine error: {0}")]
+    Internal(String),
+}
+
+impl From<candle_core::Error> for EngineError {
+    fn from(e: candle_core::Error) -> Self {
+        EngineError::Internal(e.to_string())
+    }
+}
+
+/// Capacity settings.
+#[derive(Debug, Clone, Copy)]
+pub struct EngineOptions {
+    pub kv_blocks: usize,
+    pub block_size: usize,
+    /// Longest sequence accepted; defaults to the model's `max_position_embeddings`.
+    pub max_model_len: Option<usize>,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        Self {
+            kv_blocks: 4096,
+            block_size: 16,
+            max_model_len: None,
+        }
+    }
+}
+
+/// Score these targets at the item's positions (`targets[i]` follows `tokens[i]`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScoreSpec {
+    pub targets: Vec<u32>,
+    pub top_k: usize,
+}
+
+/// One sequence's work in a step: feed `tokens`, optionally score them, optionally return the
+/// last position's logits (for sampling).
+#[derive(Debug, Clone)]
+pub struct StepItem {
+    pub seq: SeqId,
+    pub tokens: Vec<u32>,
+    pub score: Option<ScoreSpec>,
+    pub want_logits: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct StepOutput {
+    pub seq: SeqId,
+    pub scores: Vec<TokenScore>,
+    pub logits: Option<Vec<f32>>,
+}
+
+struct SeqState {
+    plan: Arc<LayerPlan>,
+    len: usize,
+}
+
+pub struct Engine {
+    model: Arc<DecoderModel>,
+    cache: Box<dyn KvCache>,
+    seqs: HashMap<SeqId, SeqState>,
+    max_len: usize,
+}
+
+impl Engine {
+    pub fn new(model: Arc<DecoderModel>, cache: Box<dyn KvCache>, opts: &EngineOptions) -> Self {
+        let model_max = model.config().max_position_embeddings;
+        let max_len = opts.max_model_len.map_or(model_max, |m| m.min(model_max));
+        Self {
+            model,
+            cache,
+            seqs: HashMap::new(),
+            max_len,
+        }
+    }
+
+    /// An engine with the CPU KV cache.
+    pub fn with_cpu_cache(model: Arc<DecoderModel>, opts: &EngineOptions) -> Self {
+        let cache = Box::new(kv_cache::CpuKvCache::new(opts.kv_blocks, opts.block_size));
+        Self::new(model, cache, opts)
+    }
+
+    pub fn model(&self) -> &Arc<DecoderModel> {
+        &self.model
+    }
+
+    pub fn max_len(&self) -> usize {
+        self.max_len
+    }
+
+    pub fn kv_usage(&self) -> KvUsage {
+        self.cache.usage()
+    }
+
+    /// Registers a sequence that will run `plan`.
+    pub fn add_sequence(&mut self, seq: SeqId, plan: Arc<LayerPlan>) -> Result<(), EngineError> {
+        let layers = self.model.config().num_hidden_layers;
+        if plan.base_layers() != layers {
+            return Err(EngineError::PlanMismatch {
+                plan: plan.base_layers(),
+                model: layers,
+            });
+        }
+        self.cache.allocate(seq, plan.layers().len())?;
+        self.seqs.insert(seq, SeqState { plan, len: 0 });
+        Ok(())
+    }
+
+    /// Frees a sequence and its KV blocks.
+    pub fn release(&mut self, seq: SeqId) {
+        self.seqs.remove(&seq);
+        self.cache.release(seq);
+    }
+
+    /// Checks an item and reserves its KV room.
+    fn admit(&mut self, item: &StepItem) -> Result<(), EngineError> {
+        let vocab = self.model.config().vocab_size;
+        let state = self
+            .seqs
+            .get(&item.seq)
+            .ok_or(KvError::UnknownSequence(item.seq))?;
+        if item.tokens.is_empty() {
+            return Err(EngineError::EmptyInput(item.seq));
+        }
+        if let Some(&id) = item.tokens.iter().find(|&&t| t as usize >= vocab) {
+            return Err(EngineError::TokenOutOfRange { id, vocab });
+        }
+        if let Some(s) = &item.score {
+            if s.targets.len() > item.tokens.len() {
+                return Err(EngineError::Internal(
+                    "more score targets than tokens".into(),
+                ));
+            }
+            if let Some(&id) = s.targets.iter().find(|&&t| t as usize >= vocab) {
+                return Err(EngineError::TokenOutOfRange { id, vocab });
+            }
+        }
+        let total = state.len + item.tokens.len();
+        if total > self.max_len {
+            return Err(EngineError::ContextTooLong {
+                len: total,
+                max: self.max_len,
+            });
+        }
+        self.cache.reserve(item.seq, total)?;
+        Ok(())
+    }
+
+    /// Runs one step. Results come back in item order; a failing item does not affect the others.
+    pub fn step(&mut self, items: &[StepItem]) -> Vec<Result<StepOutput, EngineError>> {
+        self.step_with_tap(items, None)
+    }
+
+    pub fn step_with_tap<'t>(
+        &mut self,
+        items: &[StepItem],
+        mut tap: Option<&mut (dyn LayerTap + 't)>,
+    ) -> Vec<Result<StepOutput, EngineError>> {
+        let mut results: Vec<Option<Result<StepOutput, EngineError>>> = items
+            .iter()
+            .map(|it| self.admit(it).err().map(Err))
+            .collect();
+        // Group admitted items by plan: one packed forward per plan.
+        let mut groups: Vec<(Arc<LayerPlan>, Vec<usize>)> = Vec::new();
+        for (i, it) in items.iter().enumerate() {
+            if results[i].is_some() {
+                continue;
+            }
+            let plan = &self.seqs[&it.seq].plan;
+            match groups
+                .iter_mut()
+                .find(|(p, _)| Arc::ptr_eq(p, plan) || **p == **plan)
+            {
+                Some((_, members)) => members.push(i),
+                None => groups.push((plan.clone(), vec![i])),
+            }
+        }
+        for (plan, members) in groups {
+            let outcome = self.run_group(&plan, items, &members, tap.as_deref_mut());
+            match outcome {
+                Ok(outs) => {
+                    for (i, out) in members.iter().zip(outs) {
+                        if let Some(s) = self.seqs.get_mut(&items[*i].seq) {
+                            s.len += items[*i].tokens.len();
+                        }
+                        results[*i] = Some(Ok(out));
+                    }
+                }
+                Err(e) => {
+                    for i in &members {
+                        results[*i] = Some(Err(e.clone()));
+                    }
+                }
+            }
+        }
+        results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(EngineError::Internal("item not run".into()))))
+            .collect()
+    }
+
+    fn run_group<'t>(
+        &mut self,
+        plan: &LayerPlan,
+        items: &[StepItem],
+        members: &[usize],
+        tap: Option<&mut (dyn LayerTap + 't)>,
+    ) -> Result<Vec<StepOutput>, EngineError> {
+        let mut tokens = Vec::new();
+        let mut chunks = Vec::with_capacity(members.len());
+        for &i in members {
+            let it = &items[i];
+            chunks.push(ChunkRef {
+                seq: it.seq,
+                offset: tokens.len(),
+                len: it.tokens.len(),
+                start: self.seqs[&it.seq].len,
+            });
+            tokens.extend_from_slice(&it.tokens);
+        }
+        let hidden = self
+            .model
+            .forward_hidden(plan, &tokens, &chunks, self.cache.as_mut(), tap)?;
+        // Only rows whose logits are needed go through the LM head.
+        let mut rows: Vec<u32> = Vec::new();
+        for (c, &i) in chunks.iter().zip(members) {
+            let it = &items[i];
+            if let Some(s) = &it.score {
+                rows.extend((0..s.targets.len()).map(|r| (c.offset + r) as u32));
+            }
+            if it.want_logits {
+                rows.push((c.offset + c.len - 1) as u32);
+            }
+        }
+        let logits = if rows.is_empty() {
+            None
+        } else {
+            let idx = Tensor::new(rows.as_slice(), hidden.device())?;
+            Some(self.model.logits(&hidden.index_select(&idx, 0)?)?)
+        };
+        let mut next_row = 0;
+        let mut outs = Vec::with_capacity(members.len());
+        for &i in members {
+            let it = &items[i];
+            let mut out = StepOutput {
+                seq: it.seq,
+                scores: Vec::new(),
+                logits: None,
+            };
+            if let (Some(s), Some(l)) = (&it.score, &logits) {
+                let n = s.targets.len();
+                if n > 0 {
+                    out.scores =
+                        scoring::score_rows(&l.narrow(0, next_row, n)?, &s.targets, s.top_k)?;
+                }
+                next_row += n;
+            }
+            if let (true, Some(l)) = (it.want_logits, &logits) {
+                out.logits = Some(l.narrow(0, next_row, 1)?.squeeze(0)?.to_vec1()?);
+                next_row += 1;
+            }
+            outs.push(out);
+        }
+        Ok(outs)
+    }
+}

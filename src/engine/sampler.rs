@@ -1,0 +1,314 @@
+//! Token sampling with a per-request seed. Reported logprobs are natural-log probabilities of the
+//! model's raw distribution (log-softmax of the unprocessed logits, before penalties, temperature
+//! and truncation) — vLLM's default `raw_logprobs` — so they are comparable across sampling settings.
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+/// Sampling settings of one request (OpenAI/vLLM names).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SamplingParams {
+    /// 0 means greedy.
+    pub temperature: f32,
+    pub top_p: f32,
+    /// 0 (or -1 on the API) disables.
+    pub top_k: usize,
+    pub min_p: f32,
+    pub repetition_penalty: f32,
+    pub frequency_penalty: f32,
+    pub presence_penalty: f32,
+    pub seed: Option<u64>,
+    /// How many top alternatives to report per sampled token.
+    pub top_logprobs: usize,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self {
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: 0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
+            frequency_penalty: 0.0,
+            presence_penalty: 0.0,
+            seed: None,
+            top_logprobs: 0,
+        }
+    }
+}
+
+impl SamplingParams {
+    pub fn greedy() -> Self {
+        Self {
+            temperature: 0.0,
+            ..Self::default()
+        }
+    }
+
+    /// Names the first invalid setting, with the API parameter name.
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        let finite = |name: &'static str, v: f32| {
+            if v.is_finite() {
+                Ok(())
+            } else {
+                Err((name, format!("{name} must be a finite number")))
+            }
+        };
+        finite("temperature", self.temperature)?;
+        finite("top_p", self.top_p)?;
+        finite("min_p", self.min_p)?;
+        finite("repetition_penalty", self.repetition_penalty)?;
+        finite("frequency_penalty", self.frequency_penalty)?;
+        finite("presence_penalty", self.presence_penalty)?;
+        if self.temperature < 0.0 {
+            return Err(("temperature", "temperature must be >= 0".into()));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(("top_p", "top_p must be in (0, 1]".into()));
+        }
+        if !(0.0..=1.0).contains(&self.min_p) {
+            return Err(("min_p", "min_p must be in [0, 1]".into()));
+        }
+        if self.repetition_penalty <= 0.0 {
+            return Err((
+                "repetition_penalty",
+                "repetition_penalty must be > 0".into(),
+            ));
+        }
+        if !(-2.0..=2.0).contains(&self.frequency_penalty) {
+            return Err((
+                "frequency_penalty",
+                "frequency_penalty must be in [-2, 2]".into(),
+            ));
+        }
+        if !(-2.0..=2.0).contains(&self.presence_penalty) {
+            return Err((
+                "presence_penalty",
+                "presence_penalty must be in [-2, 2]".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// One sampled token with its raw-distribution logprob and top alternatives.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Sampled {
+    pub token: u32,
+    pub logprob: f32,
+    pub top: Vec<(u32, f32)>,
+}
+
+/// Per-sequence sampler state: the request's own RNG, so batching never changes its draws.
+pub struct Sampler {
+    params: SamplingParams,
+    rng: ChaCha8Rng,
+}
+
+fn log_softmax(logits: &[f32]) -> Vec<f32> {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = logits.iter().map(|&x| ((x - max) as f64).exp()).sum();
+    let lse = max as f64 + sum.ln();
+    logits.iter().map(|&x| (x as f64 - lse) as f32).collect()
+}
+
+/// Index of the largest value (first on ties).
+fn argmax(v: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &x) in v.iter().enumerate() {
+        if x > v[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+/// The `k` best `(id, value)` pairs, descending.
+pub fn top_k_pairs(values: &[f32], k: usize) -> Vec<(u32, f32)> {
+    let mut idx: Vec<usize> = (0..values.len()).collect();
+    let k = k.min(values.len());
+    if k == 0 {
+        return Vec::new();
+    }
+    idx.select_nth_unstable_by(k - 1, |&a, &b| {
+        values[b].total_cmp(&values[a]).then(a.cmp(&b))
+    });
+    idx.truncate(k);
+    idx.sort_by(|&a, &b| values[b].total_cmp(&values[a]).then(a.cmp(&b)));
+    idx.into_iter().map(|i| (i as u32, values[i])).collect()
+}
+
+impl Sampler {
+    pub fn new(params: SamplingParams) -> Self {
+        let seed = params.seed.unwrap_or_else(rand::random);
+        Self {
+            rng: ChaCha8Rng::seed_from_u64(seed),
+            params,
+        }
+    }
+
+    pub fn params(&self) -> &SamplingParams {
+        &self.params
+    }
+
+    /// Picks the next token from last-position `logits`; `context` is prompt + output so far
+    /// (repetition penalty), `output` the generated tokens (frequency/presence penalties).
+    pub fn sample(&mut self, logits: &[f32], context: &[u32], output: &[u32]) -> Sampled {
+        let raw = log_softmax(logits);
+        let mut x = logits.to_vec();
+        self.apply_penalties(&mut x, context, output);
+        let temperature = self.params.temperature;
+        let token = if temperature == 0.0 {
+            argmax(&x)
+        } else {
+            for v in x.iter_mut() {
+                *v /= temperature;
+            }
+            self.draw(&x)
+        };
+        Sampled {
+            token: token as u32,
+            logprob: raw[token],
+            top: top_k_pairs(&raw, self.params.top_logprobs),
+        }
+    }
+
+    fn apply_penalties(&self, x: &mut [f32], context: &[u32], output: &[u32]) {
+        let p = &self.params;
+        if p.repetition_penalty != 1.0 {
+            let mut seen = std::collections::HashSet::new();
+            for &t in context {
+                if seen.insert(t) {
+                    if let Some(v) = x.get_mut(t as usize) {
+                        *v = if *v > 0.0 {
+                            *v / p.repetition_penalty
+                        } else {
+                            *v * p.repetition_penalty
+                        };
+                    }
+                }
+            }
+        }
+        if p.frequency_penalty != 0.0 || p.presence_penalty != 0.0 {
+            let mut counts = std::collections::HashMap::new();
+            for &t in output {
+                *counts.entry(t).or_insert(0u32) += 1;
+            }
+            for (t, c) in counts {
+                if let Some(v) = x.get_mut(t as usize) {
+                    *v -= p.frequency_penalty * c as f32 + p.presence_penalty;
+                }
+            }
+        }
+    }
+
+    /// Draws from softmax(x) after top-k, top-p and min-p truncation.
+    fn draw(&mut self, x: &[f32]) -> usize {
+        let p = &self.params;
+        let keep = if p.top_k > 0 {
+            p.top_k.min(x.len())
+        } else {
+            x.len()
+        };
+        let cand = top_k_pairs(x, keep);
+        let max = cand[0].1;
+        let mut probs: Vec<f64> = cand
+            .iter()
+            .map(|&(_, v)| ((v - max) as f64).exp())
+            .collect();
+        let total: f64 = probs.iter().sum();
+        probs.iter_mut().for_each(|q| *q /= total);
+        let mut cut = probs.len();
+        if p.top_p < 1.0 {
+            let mut acc = 0.0;
+            for (i, q) in probs.iter().enumerate() {
+                acc += q;
+                if acc >= p.top_p as f64 {
+                    cut = i + 1;
+                    break;
+                }
+            }
+        }
+        if p.min_p > 0.0 {
+            let floor = probs[0] * p.min_p as f64;
+            cut = cut.min(probs.iter().take_while(|&&q| q >= floor).count().max(1));
+        }
+        let total: f64 = probs[..cut].iter().sum();
+        let mut u = self.rng.random::<f64>() * total;
+        for (i, q) in probs[..cut].iter().enumerate() {
+            if u < *q {
+                return cand[i].0 as usize;
+            }
+            u -= q;
+        }
+        cand[cut - 1].0 as usize
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn greedy_and_raw_logprobs() {
+        let mut s = Sampler::new(SamplingParams {
+            top_logprobs: 2,
+            ..SamplingParams::greedy()
+        });
+        let out = s.sample(&[0.0, 2.0, 1.0], &[], &[]);
+        assert_eq!(out.token, 1);
+        let lse = (1f64 + 2f64.exp() + 1f64.exp()).ln();
+        assert!((out.logprob as f64 - (2.0 - lse)).abs() < 1e-6);
+        assert_eq!(out.top.iter().map(|t| t.0).collect::<Vec<_>>(), vec![1, 2]);
+    }
+
+    #[test]
+    fn penalties_change_the_greedy_pick() {
+        let logits = [0.0, 2.0, 1.9];
+        let mut s = Sampler::new(SamplingParams {
+            repetition_penalty: 1.2,
+            ..SamplingParams::greedy()
+        });
+        assert_eq!(s.sample(&logits, &[1], &[]).token, 2);
+        let mut s = Sampler::new(SamplingParams {
+            presence_penalty: 0.5,
+            ..SamplingParams::greedy()
+        });
+        assert_eq!(s.sample(&logits, &[1], &[1]).token, 2);
+    }
+
+    #[test]
+    fn seeded_draws_repeat_and_truncation_holds() {
+        let logits: Vec<f32> = (0..50).map(|i| (i % 7) as f32 * 0.3).collect();
+        let params = SamplingParams {
+            temperature: 0.8,
+            seed: Some(7),
+            ..SamplingParams::default()
+        };
+        let run = || {
+            let mut s = Sampler::new(params.clone());
+            (0..20)
+                .map(|_| s.sample(&logits, &[], &[]).token)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(run(), run());
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 1.0,
+            top_k: 1,
+            seed: Some(1),
+            ..Default::default()
+        });
+        assert!((0..20).all(|_| s.sample(&logits, &[], &[]).token == 6));
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 1.0,
+            min_p: 0.99,
+            seed: Some(1),
+            ..Default::default()
+        });
+        let allowed: Vec<u32> = (0..50).filter(|i| i % 7 == 6).collect();
+        assert!((0..20).all(|_| allowed.contains(&s.sample(&logits, &[], &[]).token)));
+    }
+}

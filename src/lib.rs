@@ -1,0 +1,13 @@
+//! pruneserve: an OpenAI-compatible model server for layer-pruned LLMs.
+//!
+//! Data path: [`api`] → [`scheduler`] → [`engine`] (model, KV cache, sampler); checkpoint I/O lives
+//! apart in [`checkpoint`]; [`plan`] describes which base layers a variant runs.
+
+pub mod api;
+pub mod bench;
+pub mod chat_template;
+pub mod checkpoint;
+pub mod engine;
+pub mod loaded;
+pub mod plan;
+pub mod scheduler;

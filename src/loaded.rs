@@ -1,0 +1,66 @@
+//! A base model ready to serve: its directory, weights on a device, tokenizer and chat template.
+
+use std::sync::Arc;
+
+use candle_core::{DType, Device};
+
+use crate::chat_template::ChatTemplate;
+use crate::checkpoint::{CheckpointError, ModelDir};
+use crate::engine::model::DecoderModel;
+
+/// Where weights live and in which precision: CPU f32, or CUDA bf16 with the `cuda` feature.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DeviceKind {
+    Cpu,
+    Cuda,
+}
+
+impl DeviceKind {
+    pub fn open(self) -> Result<(Device, DType), CheckpointError> {
+        match self {
+            DeviceKind::Cpu => Ok((Device::Cpu, DType::F32)),
+            DeviceKind::Cuda => Ok((Device::new_cuda(0)?, DType::BF16)),
+        }
+    }
+}
+
+pub struct LoadedModel {
+    pub dir: ModelDir,
+    pub tokenizer: tokenizers::Tokenizer,
+    pub chat_template: Option<ChatTemplate>,
+    pub model: Arc<DecoderModel>,
+}
+
+impl LoadedModel {
+    pub fn load(id_or_path: &str, device: &Device, dtype: DType) -> Result<Self, CheckpointError> {
+        let mut dir = ModelDir::resolve(id_or_path)?;
+        let tokenizer = dir.load_tokenizer()?;
+        let chat_template = match &dir.chat_template {
+            Some(src) => Some(
+                ChatTemplate::new(src, dir.bos_token.as_deref(), dir.eos_token.as_deref())
+                    .map_err(|e| CheckpointError::Tokenizer(e.to_string()))?,
+            ),
+            None => None,
+        };
+        let model = Arc::new(DecoderModel::load(&dir, device, dtype)?);
+        Ok(Self {
+            dir,
+            tokenizer,
+            chat_template,
+            model,
+        })
+    }
+
+    /// Token ids of `text` (special tokens in the text are recognised; no BOS is added unless the
+    /// tokenizer's post-processor adds one).
+    pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, String> {
+        self.tokenizer
+            .encode(text, add_special_tokens)
+            .map(|e| e.get_ids().to_vec())
+            .map_err(|e| e.to_string())
+    }
+
+    pub fn decode(&self, ids: &[u32]) -> String {
+        self.tokenizer.decode(ids, false).unwrap_or_default()
+    }
+}

@@ -1,0 +1,359 @@
+//! `pruneserve` command line: serve, import-gguf, prune, init-random, bench.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{anyhow, bail, Context, Result};
+use candle_core::DType;
+use clap::{Parser, Subcommand, ValueEnum};
+use pruneserve::api::{self, AppState, Variant};
+use pruneserve::checkpoint::{self, ModelDir};
+use pruneserve::engine::batch::Batcher;
+use pruneserve::engine::{Engine, EngineOptions};
+use pruneserve::loaded::{DeviceKind, LoadedModel};
+use pruneserve::plan::{parse_layer_list, LayerPlan, PlanSpec};
+use pruneserve::scheduler::SchedulerHandle;
+
+#[derive(Parser)]
+#[command(
+    name = "pruneserve",
+    version,
+    about = "OpenAI-compatible server for layer-pruned LLMs"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum WeightDtype {
+    F32,
+    Bf16,
+}
+
+impl From<WeightDtype> for DType {
+    fn from(d: WeightDtype) -> Self {
+        match d {
+            WeightDtype::F32 => DType::F32,
+            WeightDtype::Bf16 => DType::BF16,
+        }
+    }
+}
+
+#[derive(clap::Args)]
+#[group(required = true, multiple = false)]
+struct LayerSelection {
+    /// Layers to drop, e.g. `22-29` or `3,5,7-9`.
+    #[arg(long)]
+    drop: Option<String>,
+    /// Layers to keep, in order.
+    #[arg(long)]
+    keep: Option<String>,
+    /// Drop the last fraction of layers (round(f * layers)).
+    #[arg(long)]
+    reverse: Option<f64>,
+}
+
+impl LayerSelection {
+    fn spec(&self) -> Result<PlanSpec> {
+        Ok(match (&self.drop, &self.keep, self.reverse) {
+            (Some(d), _, _) => PlanSpec::Drop(parse_layer_list(d)?),
+            (_, Some(k), _) => PlanSpec::Keep(parse_layer_list(k)?),
+            (_, _, Some(r)) => PlanSpec::Reverse(r),
+            _ => bail!("give one of --drop, --keep, --reverse"),
+        })
+    }
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve a model and its plan variants over the OpenAI API.
+    Serve {
+        /// Model directory or hub id (default: the imported SmolLM2-135M-Instruct).
+        #[arg(long)]
+        model: Option<String>,
+        /// Name the base is served under (default: the directory name).
+        #[arg(long)]
+        served_model_name: Option<String>,
+        /// Plan variants: `NAME=drop:22-29`, `NAME=keep:0-21`, `NAME=reverse:0.25`.
+        #[arg(long = "variant")]
+        variants: Vec<String>,
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+        #[arg(long, default_value_t = 8000)]
+        port: u16,
+        #[arg(long, value_enum, default_value_t = DeviceKind::Cpu)]
+        device: DeviceKind,
+        /// Token budget of one engine step (decode tokens + prefill chunk).
+        #[arg(long, default_value_t = 2048)]
+        max_step_tokens: usize,
+        /// KV cache capacity in blocks of 16 tokens.
+        #[arg(long, default_value_t = 4096)]
+        kv_blocks: usize,
+        #[arg(long, default_value_t = 32 << 20)]
+        max_body_bytes: usize,
+    },
+    /// Write an HF model directory from a GGUF file.
+    ImportGguf {
+        file: PathBuf,
+        out_dir: PathBuf,
+        #[arg(long, value_enum, default_value_t = WeightDtype::F32)]
+        dtype: WeightDtype,
+    },
+    /// Write a pruned checkpoint (layers renumbered, lineage recorded).
+    Prune {
+        #[arg(long)]
+        model: String,
+        #[command(flatten)]
+        layers: LayerSelection,
+        out_dir: PathBuf,
+    },
+    /// Write a random-weight checkpoint shaped like a config.json, with overrides.
+    InitRandom {
+        #[arg(long)]
+        like: PathBuf,
+        out_dir: PathBuf,
+        #[arg(long)]
+        layers: Option<usize>,
+        #[arg(long)]
+        hidden: Option<usize>,
+        #[arg(long)]
+        intermediate: Option<usize>,
+        #[arg(long)]
+        heads: Option<usize>,
+        #[arg(long)]
+        kv_heads: Option<usize>,
+        #[arg(long)]
+        head_dim: Option<usize>,
+        #[arg(long)]
+        vocab: Option<usize>,
+        /// tokenizer.json to ship (its tokenizer_config.json is copied too); default: a byte tokenizer.
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
+        #[arg(long, value_enum, default_value_t = WeightDtype::F32)]
+        dtype: WeightDtype,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+    /// CPU throughput: prefill and decode tok/s at several batch sizes, full vs reverse-pruned plan.
+    Bench {
+        #[arg(long)]
+        model: Option<String>,
+        #[arg(long, value_delimiter = ',', default_values_t = vec![1, 8])]
+        batches: Vec<usize>,
+        #[arg(long, default_value_t = 128)]
+        prompt_len: usize,
+        #[arg(long, default_value_t = 32)]
+        gen: usize,
+        #[arg(long, default_value_t = 0.25)]
+        reverse: f64,
+    },
+}
+
+/// Where `scripts/fetch-default-model.sh` puts the imported SmolLM2-135M-Instruct.
+fn default_model_dir() -> PathBuf {
+    if let Ok(d) = std::env::var("PRUNESERVE_DEFAULT_MODEL") {
+        return PathBuf::from(d);
+    }
+    let home = std::env::var("HOME").unwrap_or_else(|_| ".".into());
+    PathBuf::from(home).join(".cache/pruneserve/SmolLM2-135M-Instruct")
+}
+
+fn model_or_default(model: Option<String>) -> Result<String> {
+    match model {
+        Some(m) => Ok(m),
+        None => {
+            let d = default_model_dir();
+            if !d.join("config.json").exists() {
+                bail!("no --model given and the default model is missing at {}: run scripts/fetch-default-model.sh", d.display());
+            }
+            Ok(d.to_string_lossy().into_owned())
+        }
+    }
+}
+
+fn parse_variant(text: &str, layers: usize) -> Result<Variant> {
+    let (name, spec) = text
+        .split_once('=')
+        .ok_or_else(|| anyhow!("variant `{text}` must look like NAME=drop:22-29"))?;
+    let (kind, arg) = spec
+        .split_once(':')
+        .ok_or_else(|| anyhow!("variant `{text}`: expected drop:, keep: or reverse:"))?;
+    let spec = match kind {
+        "drop" => PlanSpec::Drop(parse_layer_list(arg)?),
+        "keep" => PlanSpec::Keep(parse_layer_list(arg)?),
+        "reverse" => PlanSpec::Reverse(
+            arg.parse()
+                .with_context(|| format!("variant `{text}`: bad fraction"))?,
+        ),
+        other => bail!("variant `{text}`: unknown kind `{other}`"),
+    };
+    let plan = spec
+        .resolve(layers)
+        .with_context(|| format!("variant `{text}`"))?;
+    Ok(Variant {
+        name: name.to_string(),
+        plan: Arc::new(plan),
+    })
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("error: {}", format!("{e:#}").replace('\n', " "));
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Serve {
+            model,
+            served_model_name,
+            variants,
+            host,
+            port,
+            device,
+            max_step_tokens,
+            kv_blocks,
+            max_body_bytes,
+        } => {
+            let model_id = model_or_default(model)?;
+            let (dev, dtype) = device.open()?;
+            let loaded = LoadedModel::load(&model_id, &dev, dtype)?;
+            let layers = loaded.dir.config.num_hidden_layers;
+            let base_name = served_model_name.unwrap_or_else(|| {
+                PathBuf::from(&model_id)
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or(model_id.clone())
+            });
+            let mut all = vec![Variant {
+                name: base_name.clone(),
+                plan: Arc::new(LayerPlan::full(layers)),
+            }];
+            for v in &variants {
+                all.push(parse_variant(v, layers)?);
+            }
+            let opts = EngineOptions {
+                kv_blocks,
+                ..EngineOptions::default()
+            };
+            let engine = Engine::with_cpu_cache(loaded.model.clone(), &opts);
+            let scheduler = SchedulerHandle::spawn(Batcher::new(engine, max_step_tokens));
+            let state = Arc::new(AppState {
+                base_name,
+                model: loaded,
+                variants: all,
+                scheduler,
+            });
+            let rt = tokio::runtime::Runtime::new()?;
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::bind((host.as_str(), port))
+                    .await
+                    .with_context(|| format!("bind {host}:{port}"))?;
+                tracing::info!("serving on http://{}", listener.local_addr()?);
+                axum::serve(listener, api::router(state, max_body_bytes))
+                    .with_graceful_shutdown(async {
+                        let _ = tokio::signal::ctrl_c().await;
+                    })
+                    .await?;
+                Ok(())
+            })
+        }
+        Command::ImportGguf {
+            file,
+            out_dir,
+            dtype,
+        } => {
+            checkpoint::gguf_import::import_gguf(&file, &out_dir, dtype.into())?;
+            println!("wrote {}", out_dir.display());
+            Ok(())
+        }
+        Command::Prune {
+            model,
+            layers,
+            out_dir,
+        } => {
+            let spec = layers.spec()?;
+            let base = ModelDir::resolve(&model)?;
+            let kept = checkpoint::prune::prune_checkpoint(&base, &model, &spec, &out_dir)?;
+            println!(
+                "wrote {} with {} of {} layers",
+                out_dir.display(),
+                kept.len(),
+                base.config.num_hidden_layers
+            );
+            Ok(())
+        }
+        Command::InitRandom {
+            like,
+            out_dir,
+            layers,
+            hidden,
+            intermediate,
+            heads,
+            kv_heads,
+            head_dim,
+            vocab,
+            tokenizer,
+            dtype,
+            seed,
+        } => {
+            let text = std::fs::read_to_string(&like)
+                .with_context(|| format!("read {}", like.display()))?;
+            let mut cfg: serde_json::Value =
+                serde_json::from_str(&text).with_context(|| format!("parse {}", like.display()))?;
+            let overrides = [
+                ("num_hidden_layers", layers),
+                ("hidden_size", hidden),
+                ("intermediate_size", intermediate),
+                ("num_attention_heads", heads),
+                ("num_key_value_heads", kv_heads),
+                ("head_dim", head_dim),
+                ("vocab_size", vocab),
+            ];
+            for (k, v) in overrides {
+                if let Some(v) = v {
+                    cfg[k] = serde_json::json!(v);
+                }
+            }
+            if let (Some(n), Some(types)) = (
+                layers,
+                cfg.get("layer_types").and_then(|t| t.as_array()).cloned(),
+            ) {
+                let cycled: Vec<_> = types.iter().cycle().take(n).cloned().collect();
+                cfg["layer_types"] = serde_json::json!(cycled);
+            }
+            checkpoint::random_init::init_random(
+                cfg,
+                tokenizer.as_deref(),
+                dtype.into(),
+                seed,
+                &out_dir,
+            )?;
+            println!("wrote {}", out_dir.display());
+            Ok(())
+        }
+        Command::Bench {
+            model,
+            batches,
+            prompt_len,
+            gen,
+            reverse,
+        } => {
+            let model_id = model_or_default(model)?;
+            let loaded = LoadedModel::load(&model_id, &candle_core::Device::Cpu, DType::F32)?;
+            let rows =
+                pruneserve::bench::run(loaded.model.clone(), &batches, prompt_len, gen, reverse)?;
+            println!("model {model_id}, prompt {prompt_len} tokens, {gen} generated, CPU f32, {} threads", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+            println!("{}", pruneserve::bench::report(&rows));
+            Ok(())
+        }
+    }
+}
