@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Installs what the tests need (Python reference deps, the default model) and runs every test.
+# The same command runs in CI (.ci/run) and on a developer machine.
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT"
+# A target directory outside the clone keeps reruns incremental.
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/pruneserve/target}
+python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore -r tests/reference/requirements.txt
+cargo build --quiet --bin pruneserve
+PRUNESERVE_BIN="$CARGO_TARGET_DIR/debug/pruneserve" scripts/fetch-default-model.sh >/dev/null
+cargo fmt --all -- --check
+cargo clippy --quiet --workspace --all-targets -- -D warnings
+cargo test --workspace

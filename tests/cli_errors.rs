@@ -1,0 +1,196 @@
+//! Bad input to the checkpoint commands: one-line error, non-zero exit, no output directory, and
+//! the happy paths of the same commands.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::*;
+
+fn pruneserve(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_pruneserve"))
+        .args(args)
+        .env("RUST_LOG", "off")
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
+fn assert_one_line_failure(args: &[&str], out_dir: &Path, needle: &str) {
+    let (ok, _, err) = pruneserve(args);
+    assert!(!ok, "{args:?} succeeded");
+    assert_eq!(err.trim_end().lines().count(), 1, "not one line: {err:?}");
+    assert!(
+        err.starts_with("error: ") && err.contains(needle),
+        "{err:?} lacks {needle:?}"
+    );
+    assert!(
+        !out_dir.exists(),
+        "partial output left at {}",
+        out_dir.display()
+    );
+    let parent = out_dir.parent().unwrap();
+    let leftovers: Vec<_> = std::fs::read_dir(parent)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().contains(".partial"))
+        .collect();
+    assert!(leftovers.is_empty(), "staging directory left behind");
+}
+
+#[test]
+fn import_gguf_rejects_corrupt_and_truncated_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let garbage = tmp.path().join("garbage.gguf");
+    std::fs::write(&garbage, b"this is not a gguf file at all").unwrap();
+    assert_one_line_failure(
+        &[
+            "import-gguf",
+            garbage.to_str().unwrap(),
+            out.to_str().unwrap(),
+        ],
+        &out,
+        "gguf",
+    );
+
+    let real = std::fs::read(smollm2_gguf()).unwrap();
+    let truncated = tmp.path().join("truncated.gguf");
+    std::fs::write(&truncated, &real[..real.len() / 2]).unwrap();
+    assert_one_line_failure(
+        &[
+            "import-gguf",
+            truncated.to_str().unwrap(),
+            out.to_str().unwrap(),
+        ],
+        &out,
+        "truncated",
+    );
+    let header_only = tmp.path().join("header.gguf");
+    std::fs::write(&header_only, &real[..5000]).unwrap();
+    assert_one_line_failure(
+        &[
+            "import-gguf",
+            header_only.to_str().unwrap(),
+            out.to_str().unwrap(),
+        ],
+        &out,
+        "gguf",
+    );
+}
+
+#[test]
+fn prune_rejects_invalid_layer_lists_and_prunes_valid_ones() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = write_tiny(tmp.path(), "base", tiny_config("LlamaForCausalLM"), 1);
+    let out = tmp.path().join("pruned");
+    let b = base.to_str().unwrap();
+    let o = out.to_str().unwrap();
+    assert_one_line_failure(
+        &["prune", "--model", b, "--drop", "4-9", o],
+        &out,
+        "out of range",
+    );
+    assert_one_line_failure(
+        &["prune", "--model", b, "--keep", "0,1,1", o],
+        &out,
+        "twice",
+    );
+    assert_one_line_failure(
+        &["prune", "--model", b, "--drop", "3-x", o],
+        &out,
+        "not a layer index",
+    );
+    assert_one_line_failure(
+        &["prune", "--model", b, "--drop", "0-5", o],
+        &out,
+        "no layers",
+    );
+    let (ok, stdout, err) = pruneserve(&["prune", "--model", b, "--reverse", "0.34", o]);
+    assert!(ok, "{err}");
+    assert!(stdout.contains("4 of 6 layers"), "{stdout}");
+}
+
+#[test]
+fn a_missing_tensor_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = write_tiny(tmp.path(), "base", tiny_config("LlamaForCausalLM"), 1);
+    // Rewrite the weights without one tensor.
+    let weights = base.join("model.safetensors");
+    let mut tensors = candle_core::safetensors::load(&weights, &candle_core::Device::Cpu).unwrap();
+    tensors.remove("model.layers.2.mlp.up_proj.weight");
+    candle_core::safetensors::save(&tensors, &weights).unwrap();
+    let (ok, _, err) = pruneserve(&["serve", "--model", base.to_str().unwrap(), "--port", "0"]);
+    assert!(!ok);
+    assert_eq!(err.trim_end().lines().count(), 1, "{err:?}");
+    assert!(
+        err.contains("missing tensor `model.layers.2.mlp.up_proj.weight`"),
+        "{err}"
+    );
+}
+
+#[test]
+fn unknown_architecture_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = tiny_config("LlamaForCausalLM");
+    cfg["architectures"] = serde_json::json!(["FalconForCausalLM"]);
+    let like = tmp.path().join("config.json");
+    std::fs::write(&like, cfg.to_string()).unwrap();
+    let out = tmp.path().join("out");
+    assert_one_line_failure(
+        &[
+            "init-random",
+            "--like",
+            like.to_str().unwrap(),
+            out.to_str().unwrap(),
+        ],
+        &out,
+        "unknown architecture `FalconForCausalLM`",
+    );
+}
+
+#[test]
+fn init_random_and_import_round_trip_on_the_cli() {
+    let tmp = tempfile::tempdir().unwrap();
+    let like = tmp.path().join("like.json");
+    std::fs::write(&like, tiny_config("Qwen2ForCausalLM").to_string()).unwrap();
+    let out = tmp.path().join("qwen");
+    let (ok, _, err) = pruneserve(&[
+        "init-random",
+        "--like",
+        like.to_str().unwrap(),
+        out.to_str().unwrap(),
+        "--layers",
+        "3",
+        "--hidden",
+        "32",
+        "--heads",
+        "2",
+        "--kv-heads",
+        "1",
+    ]);
+    assert!(ok, "{err}");
+    let dir = pruneserve::checkpoint::ModelDir::open(&out).unwrap();
+    assert_eq!(
+        (
+            dir.config.num_hidden_layers,
+            dir.config.hidden_size,
+            dir.config.head_dim
+        ),
+        (3, 32, 16)
+    );
+    load_cpu(&out);
+    // The output directory now exists: a second run must refuse rather than overwrite.
+    let (ok, _, err) = pruneserve(&[
+        "init-random",
+        "--like",
+        like.to_str().unwrap(),
+        out.to_str().unwrap(),
+    ]);
+    assert!(!ok && err.contains("exists"), "{err}");
+}
