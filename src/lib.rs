@@ -9,5 +9,8 @@ pub mod chat_template;
 pub mod checkpoint;
 pub mod engine;
 pub mod loaded;
+pub mod manifest;
 pub mod plan;
+pub mod registry;
 pub mod scheduler;
+pub mod serve;

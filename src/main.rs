@@ -3,16 +3,15 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::DType;
 use clap::{Parser, Subcommand, ValueEnum};
-use pruneserve::api::{self, AppState, Variant};
+use pruneserve::api::metrics::Metrics;
+use pruneserve::api::{self, AppState};
 use pruneserve::checkpoint::{self, ModelDir};
-use pruneserve::engine::batch::Batcher;
-use pruneserve::engine::{Engine, EngineOptions};
 use pruneserve::loaded::{DeviceKind, LoadedModel};
-use pruneserve::plan::{parse_layer_list, LayerPlan, PlanSpec};
-use pruneserve::scheduler::SchedulerHandle;
+use pruneserve::plan::{parse_layer_list, PlanSpec};
+use pruneserve::serve;
 
 #[derive(Parser)]
 #[command(
@@ -67,7 +66,7 @@ impl LayerSelection {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Serve a model and its plan variants over the OpenAI API.
+    /// Serve base models and their variants over the OpenAI API.
     Serve {
         /// Model directory or hub id (default: the imported SmolLM2-135M-Instruct).
         #[arg(long)]
@@ -75,9 +74,12 @@ enum Command {
         /// Name the base is served under (default: the directory name).
         #[arg(long)]
         served_model_name: Option<String>,
-        /// Plan variants: `NAME=drop:22-29`, `NAME=keep:0-21`, `NAME=reverse:0.25`.
+        /// Variants: `NAME=drop:22-29`, `NAME=keep:0-21`, `NAME=reverse:0.25`, `NAME=checkpoint:DIR`.
         #[arg(long = "variant")]
         variants: Vec<String>,
+        /// Model manifests (TOML, see models/); instead of --model/--variant.
+        #[arg(long = "manifest")]
+        manifests: Vec<PathBuf>,
         #[arg(long, default_value = "127.0.0.1")]
         host: String,
         #[arg(long, default_value_t = 8000)]
@@ -87,11 +89,20 @@ enum Command {
         /// Token budget of one engine step (decode tokens + prefill chunk).
         #[arg(long, default_value_t = 2048)]
         max_step_tokens: usize,
-        /// KV cache capacity in blocks of 16 tokens.
+        /// KV cache capacity per base, in blocks of 16 tokens.
         #[arg(long, default_value_t = 4096)]
         kv_blocks: usize,
+        /// Longest sequence accepted (default: the model's max_position_embeddings).
+        #[arg(long)]
+        max_model_len: Option<usize>,
+        /// Requests accepted per base at once; beyond it requests get 503 + Retry-After.
+        #[arg(long, default_value_t = 1024)]
+        max_in_flight: usize,
         #[arg(long, default_value_t = 32 << 20)]
         max_body_bytes: usize,
+        /// Require `Authorization: Bearer KEY` on /v1/*.
+        #[arg(long, env = "PRUNESERVE_API_KEY")]
+        api_key: Option<String>,
     },
     /// Write an HF model directory from a GGUF file.
     ImportGguf {
@@ -150,51 +161,10 @@ enum Command {
     },
 }
 
-/// Where `scripts/fetch-default-model.sh` puts the imported SmolLM2-135M-Instruct.
-fn default_model_dir() -> PathBuf {
-    if let Ok(d) = std::env::var("PRUNESERVE_DEFAULT_MODEL") {
-        return PathBuf::from(d);
-    }
-    let home = std::env::var("HOME").unwrap_or_else(|_| ".".into());
-    PathBuf::from(home).join(".cache/pruneserve/SmolLM2-135M-Instruct")
-}
-
 fn model_or_default(model: Option<String>) -> Result<String> {
-    match model {
-        Some(m) => Ok(m),
-        None => {
-            let d = default_model_dir();
-            if !d.join("config.json").exists() {
-                bail!("no --model given and the default model is missing at {}: run scripts/fetch-default-model.sh", d.display());
-            }
-            Ok(d.to_string_lossy().into_owned())
-        }
-    }
-}
-
-fn parse_variant(text: &str, layers: usize) -> Result<Variant> {
-    let (name, spec) = text
-        .split_once('=')
-        .ok_or_else(|| anyhow!("variant `{text}` must look like NAME=drop:22-29"))?;
-    let (kind, arg) = spec
-        .split_once(':')
-        .ok_or_else(|| anyhow!("variant `{text}`: expected drop:, keep: or reverse:"))?;
-    let spec = match kind {
-        "drop" => PlanSpec::Drop(parse_layer_list(arg)?),
-        "keep" => PlanSpec::Keep(parse_layer_list(arg)?),
-        "reverse" => PlanSpec::Reverse(
-            arg.parse()
-                .with_context(|| format!("variant `{text}`: bad fraction"))?,
-        ),
-        other => bail!("variant `{text}`: unknown kind `{other}`"),
-    };
-    let plan = spec
-        .resolve(layers)
-        .with_context(|| format!("variant `{text}`"))?;
-    Ok(Variant {
-        name: name.to_string(),
-        plan: Arc::new(plan),
-    })
+    Ok(serve::resolve_source(
+        model.as_deref().unwrap_or("@default"),
+    )?)
 }
 
 fn main() {
@@ -216,41 +186,31 @@ fn run(cli: Cli) -> Result<()> {
             model,
             served_model_name,
             variants,
+            manifests,
             host,
             port,
             device,
             max_step_tokens,
             kv_blocks,
+            max_model_len,
+            max_in_flight,
             max_body_bytes,
+            api_key,
         } => {
-            let model_id = model_or_default(model)?;
-            let (dev, dtype) = device.open()?;
-            let loaded = LoadedModel::load(&model_id, &dev, dtype)?;
-            let layers = loaded.dir.config.num_hidden_layers;
-            let base_name = served_model_name.unwrap_or_else(|| {
-                PathBuf::from(&model_id)
-                    .file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or(model_id.clone())
-            });
-            let mut all = vec![Variant {
-                name: base_name.clone(),
-                plan: Arc::new(LayerPlan::full(layers)),
-            }];
-            for v in &variants {
-                all.push(parse_variant(v, layers)?);
-            }
-            let opts = EngineOptions {
+            let entries =
+                serve::entries_from_args(&manifests, model, served_model_name, &variants)?;
+            let settings = serve::EngineSettings {
+                device,
                 kv_blocks,
-                ..EngineOptions::default()
+                max_step_tokens,
+                max_in_flight,
+                max_model_len,
             };
-            let engine = Engine::with_cpu_cache(loaded.model.clone(), &opts);
-            let scheduler = SchedulerHandle::spawn(Batcher::new(engine, max_step_tokens));
+            let registry = Arc::new(serve::build_registry(&entries, &settings)?);
             let state = Arc::new(AppState {
-                base_name,
-                model: loaded,
-                variants: all,
-                scheduler,
+                registry,
+                metrics: Metrics::new()?,
+                api_key,
             });
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(async move {

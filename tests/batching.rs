@@ -156,7 +156,8 @@ fn capacity_errors_fail_one_request_and_spare_the_rest() {
         b.submit(bad_token),
         Err(EngineError::TokenOutOfRange { id: 49152, .. })
     ));
-    // 4 blocks of 16 tokens: the first request takes 3, the second cannot get its 2.
+    // 4 blocks of 16 tokens: the first request reserves 3 (44 tokens), so the second (34 tokens,
+    // 3 blocks) waits until the first is done; the third can never fit and fails alone.
     let outs = b.run_all(vec![
         gen_request(
             &full,
@@ -172,12 +173,20 @@ fn capacity_errors_fail_one_request_and_spare_the_rest() {
             SamplingParams::greedy(),
             &[],
         ),
+        gen_request(
+            &full,
+            pseudo_tokens(70, 49152, 4),
+            4,
+            SamplingParams::greedy(),
+            &[],
+        ),
     ]);
     assert_eq!(outs[0].as_ref().unwrap().tokens.len(), 4);
+    assert_eq!(outs[1].as_ref().unwrap().tokens.len(), 4);
     assert!(
-        matches!(outs[1], Err(EngineError::Kv(KvError::OutOfBlocks { .. }))),
+        matches!(outs[2], Err(EngineError::Kv(KvError::OutOfBlocks { .. }))),
         "{:?}",
-        outs[1]
+        outs[2]
     );
     assert_eq!(
         b.engine().kv_usage().used_blocks,

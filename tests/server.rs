@@ -3,66 +3,27 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 
+use common::server::ServerProc;
 use common::*;
 use pruneserve::plan::{LayerPlan, PlanSpec};
 use serde_json::{json, Value};
 
-struct Server {
-    child: Child,
-    base: String,
+fn start() -> ServerProc {
+    let dir = smollm2_dir();
+    ServerProc::start(&[
+        "--model",
+        dir.to_str().unwrap(),
+        "--served-model-name",
+        "smollm2-135m",
+        "--variant",
+        "rev25=reverse:0.25",
+    ])
 }
 
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start() -> Server {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_pruneserve"))
-        .args([
-            "serve",
-            "--model",
-            smollm2_dir().to_str().unwrap(),
-            "--served-model-name",
-            "smollm2-135m",
-            "--port",
-            "0",
-            "--variant",
-            "rev25=reverse:0.25",
-        ])
-        .env("RUST_LOG", "info")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let mut lines = BufReader::new(stderr).lines();
-    let base = loop {
-        let line = lines
-            .next()
-            .expect("server exited before listening")
-            .unwrap();
-        if let Some(i) = line.find("serving on ") {
-            break line[i + "serving on ".len()..].trim().to_string();
-        }
-    };
-    std::thread::spawn(move || for _ in lines {});
-    Server { child, base }
-}
-
-fn post(s: &Server, path: &str, body: &str) -> (u16, Value) {
-    let r = reqwest::blocking::Client::new()
-        .post(format!("{}{path}", s.base))
-        .header("content-type", "application/json")
-        .body(body.to_string())
-        .send()
-        .unwrap();
-    (r.status().as_u16(), r.json().unwrap())
+fn post(s: &ServerProc, path: &str, body: &str) -> (u16, Value) {
+    s.post(path, body)
 }
 
 #[test]

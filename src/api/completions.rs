@@ -1,19 +1,24 @@
 //! `POST /v1/completions` (legacy OpenAI schema plus vLLM's sampling extensions): token-id or text
-//! prompts, `echo` + `logprobs` prompt scoring as lm-evaluation-harness uses it, and generation.
+//! prompts (one or a batch), `echo` + `logprobs` prompt scoring as lm-evaluation-harness uses it,
+//! generation, `stop`, `n`, and SSE streaming.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Instant;
 
 use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
+use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::error::ApiError;
+use super::generation::{check_prompt, run_choice, submit, unix_now, ChoiceResult, SamplingFields};
+use super::sse::{sse_response, SseSender};
 use super::AppState;
-use crate::engine::batch::{GenOutput, GenRequest};
-use crate::engine::sampler::SamplingParams;
+use crate::loaded::LoadedModel;
 
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
@@ -32,104 +37,161 @@ struct CompletionRequest {
     echo: bool,
     max_tokens: Option<usize>,
     logprobs: Option<usize>,
-    temperature: Option<f32>,
-    top_p: Option<f32>,
-    top_k: Option<i64>,
-    min_p: Option<f32>,
-    repetition_penalty: Option<f32>,
-    frequency_penalty: Option<f32>,
-    presence_penalty: Option<f32>,
-    seed: Option<u64>,
-    n: Option<usize>,
-    #[serde(default)]
-    stop_token_ids: Vec<u32>,
-    #[serde(default)]
-    ignore_eos: bool,
+    #[serde(flatten)]
+    sampling: SamplingFields,
 }
 
 pub(super) async fn create(
     State(state): State<Arc<AppState>>,
-    body: Bytes,
-) -> Result<Json<Value>, ApiError> {
-    let req: CompletionRequest = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::bad_request(format!("invalid request body: {e}"), None))?;
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let started = Instant::now();
+    let req: CompletionRequest = ApiError::parse_body(body)?;
     let span = tracing::info_span!("completion", model = %req.model);
     let _guard = span.enter();
-    let variant = state
-        .variant(&req.model)
-        .ok_or_else(|| ApiError::not_found(format!("model `{}` does not exist", req.model)))?;
-    let prompts = tokenize_prompts(&state, &req.prompt)?;
-    let n = req.n.unwrap_or(1);
-    if n == 0 {
-        return Err(ApiError::bad_request("n must be at least 1", Some("n")));
+    let target = state.registry.resolve(&req.model)?;
+    let model = &target.base.model;
+    let prompts = tokenize_prompts(model, &req.prompt)?;
+    let n = req.sampling.n()?;
+    let stops = req.sampling.stops()?;
+    let top = req.logprobs.unwrap_or(0);
+    if top > 20 {
+        return Err(ApiError::bad_request(
+            "logprobs must be at most 20",
+            Some("logprobs"),
+        ));
     }
-    let top_k = match req.top_k {
-        None | Some(-1) | Some(0) => 0,
-        Some(k) if k > 0 => k as usize,
-        Some(_) => {
-            return Err(ApiError::bad_request(
-                "top_k must be -1 or positive",
-                Some("top_k"),
-            ))
-        }
-    };
-    let sampling = SamplingParams {
-        temperature: req.temperature.unwrap_or(1.0),
-        top_p: req.top_p.unwrap_or(1.0),
-        top_k,
-        min_p: req.min_p.unwrap_or(0.0),
-        repetition_penalty: req.repetition_penalty.unwrap_or(1.0),
-        frequency_penalty: req.frequency_penalty.unwrap_or(0.0),
-        presence_penalty: req.presence_penalty.unwrap_or(0.0),
-        seed: req.seed,
-        top_logprobs: req.logprobs.unwrap_or(0),
-    };
-    sampling
-        .validate()
-        .map_err(|(param, msg)| ApiError::bad_request(msg, Some(param)))?;
+    let params = req.sampling.params(top)?;
     let max_tokens = req.max_tokens.unwrap_or(16);
-    let mut jobs = Vec::new();
+    if max_tokens == 0 && !req.echo {
+        return Err(ApiError::bad_request(
+            "max_tokens 0 needs echo (prompt scoring)",
+            Some("max_tokens"),
+        ));
+    }
+    for p in &prompts {
+        check_prompt(model, p, max_tokens)?;
+    }
+    let prompt_logprobs = (req.echo && req.logprobs.is_some()).then_some(top);
+    let mut streams = Vec::new();
     for prompt in &prompts {
+        state.metrics.count_prompt(&req.model, prompt.len());
         for i in 0..n {
-            let mut s = sampling.clone();
-            s.seed = req.seed.map(|seed| seed.wrapping_add(i as u64));
-            let r = GenRequest {
-                plan: variant.plan.clone(),
-                prompt: prompt.clone(),
-                max_tokens,
-                sampling: s,
-                prompt_logprobs: (req.echo && req.logprobs.is_some())
-                    .then(|| req.logprobs.unwrap_or(0)),
-                stop_token_ids: req.stop_token_ids.clone(),
-                eos_token_ids: state.model.dir.eos_token_ids.clone(),
-                ignore_eos: req.ignore_eos,
-            };
-            jobs.push(state.scheduler.generate(r));
+            streams.push(submit(
+                &target,
+                req.sampling.request(
+                    &target,
+                    prompt.clone(),
+                    max_tokens,
+                    &params,
+                    prompt_logprobs,
+                    i,
+                ),
+            )?);
         }
     }
-    let outputs = futures::future::try_join_all(jobs).await?;
+    let id = format!("cmpl-{:x}", rand::random::<u64>());
+    let created = unix_now();
+    if req.sampling.stream {
+        let include_usage = req.sampling.include_usage();
+        let prompt_tokens: usize = prompts.iter().map(Vec::len).sum();
+        let state2 = state.clone();
+        return Ok(sse_response(move |tx: SseSender| async move {
+            let model = &target.base.model;
+            let name = req.model.as_str();
+            let chunk = |index: usize, text: String, logprobs: Value, finish: Value| {
+                json!({"id": id, "object": "text_completion", "created": created, "model": name,
+                       "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}]})
+            };
+            let runs = streams.into_iter().enumerate().map(|(index, stream)| {
+                let tx = tx.clone();
+                let prompt = &prompts[index / n];
+                let chunk = &chunk;
+                let stops = &stops;
+                let metrics = &state2.metrics;
+                async move {
+                    if req.echo
+                        && !tx.send(&chunk(
+                            index,
+                            model.decode(prompt),
+                            Value::Null,
+                            Value::Null,
+                        ))
+                    {
+                        return Err(ApiError::internal("client went away"));
+                    }
+                    let res = run_choice(stream, model, stops, metrics, name, started, |d| {
+                        let lp = if req.logprobs.is_some() {
+                            legacy_logprobs(model, &[], &d.tokens, 0)
+                        } else {
+                            Value::Null
+                        };
+                        tx.send(&chunk(index, d.text, lp, Value::Null))
+                    })
+                    .await?;
+                    metrics.count_finished(name, res.finish_reason);
+                    tx.send(&chunk(
+                        index,
+                        String::new(),
+                        Value::Null,
+                        json!(res.finish_reason),
+                    ));
+                    Ok::<_, ApiError>(res.tokens.len())
+                }
+            });
+            match futures::future::try_join_all(runs).await {
+                Ok(counts) => {
+                    if include_usage {
+                        let completion: usize = counts.iter().sum();
+                        tx.send(&json!({"id": id, "object": "text_completion", "created": created, "model": name, "choices": [],
+                            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}}));
+                    }
+                }
+                Err(e) => tx.send_error(e),
+            }
+        }));
+    }
+    let runs = streams.into_iter().map(|s| {
+        run_choice(
+            s,
+            model,
+            &stops,
+            &state.metrics,
+            &req.model,
+            started,
+            |_| true,
+        )
+    });
+    let results = futures::future::try_join_all(runs).await?;
     let mut choices = Vec::new();
-    let (mut prompt_tokens, mut completion_tokens) = (0, 0);
-    for (index, out) in outputs.iter().enumerate() {
-        let prompt = &prompts[index / n];
-        prompt_tokens += if index % n == 0 { prompt.len() } else { 0 };
-        completion_tokens += out.tokens.len();
-        choices.push(choice(&state, index, prompt, out, req.echo, req.logprobs));
+    let prompt_tokens: usize = prompts.iter().map(Vec::len).sum();
+    let mut completion_tokens = 0;
+    for (index, res) in results.iter().enumerate() {
+        state.metrics.count_finished(&req.model, res.finish_reason);
+        completion_tokens += res.tokens.len();
+        choices.push(choice(
+            model,
+            index,
+            &prompts[index / n],
+            res,
+            req.echo,
+            req.logprobs,
+        ));
     }
     Ok(Json(json!({
-        "id": format!("cmpl-{:x}", rand::random::<u64>()),
+        "id": id,
         "object": "text_completion",
-        "created": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+        "created": created,
         "model": req.model,
         "choices": choices,
         "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens},
-    })))
+    }))
+    .into_response())
 }
 
-fn tokenize_prompts(state: &AppState, prompt: &PromptInput) -> Result<Vec<Vec<u32>>, ApiError> {
+fn tokenize_prompts(model: &LoadedModel, prompt: &PromptInput) -> Result<Vec<Vec<u32>>, ApiError> {
     let encode = |t: &str| {
-        state
-            .model
+        model
             .encode(t, true)
             .map_err(|e| ApiError::bad_request(e, Some("prompt")))
     };
@@ -139,73 +201,93 @@ fn tokenize_prompts(state: &AppState, prompt: &PromptInput) -> Result<Vec<Vec<u3
         PromptInput::Ids(ids) => vec![ids.clone()],
         PromptInput::IdLists(l) => l.clone(),
     };
-    if prompts.is_empty() || prompts.iter().any(|p| p.is_empty()) {
+    if prompts.is_empty() {
         return Err(ApiError::bad_request(
             "prompt must not be empty",
-            Some("prompt"),
-        ));
-    }
-    let vocab = state.model.dir.config.vocab_size;
-    if let Some(bad) = prompts.iter().flatten().find(|&&t| t as usize >= vocab) {
-        return Err(ApiError::bad_request(
-            format!("token id {bad} is out of range (vocabulary size {vocab})"),
             Some("prompt"),
         ));
     }
     Ok(prompts)
 }
 
-/// A `{token string: logprob}` dict as the legacy API returns it.
-fn top_dict(state: &AppState, top: &[(u32, f32)], actual: (u32, f32)) -> Value {
+/// A token with its logprob and top alternatives; `None` for the unscored first prompt token.
+type ScoredToken = (u32, Option<(f32, Vec<(u32, f32)>)>);
+
+/// A `{token string: logprob}` dict as the legacy API returns it (the actual token included).
+fn top_dict(model: &LoadedModel, top: &[(u32, f32)], actual: (u32, f32)) -> Value {
     let mut m = BTreeMap::new();
     for &(id, lp) in top.iter().chain(std::iter::once(&actual)) {
-        m.entry(state.model.decode(&[id])).or_insert(lp);
+        m.entry(model.decode(&[id])).or_insert(lp);
     }
     json!(m)
 }
 
+/// Legacy `logprobs` for (optionally) a scored prompt followed by sampled tokens.
+fn legacy_logprobs(
+    model: &LoadedModel,
+    prompt: &[ScoredToken],
+    sampled: &[crate::engine::sampler::Sampled],
+    offset0: usize,
+) -> Value {
+    let mut tokens = Vec::new();
+    let mut token_logprobs = Vec::new();
+    let mut top_logprobs = Vec::new();
+    let entries = prompt.iter().map(|(id, s)| (*id, s.clone())).chain(
+        sampled
+            .iter()
+            .map(|s| (s.token, Some((s.logprob, s.top.clone())))),
+    );
+    for (id, score) in entries {
+        tokens.push(model.decode(&[id]));
+        match score {
+            Some((lp, top)) => {
+                token_logprobs.push(json!(lp));
+                top_logprobs.push(top_dict(model, &top, (id, lp)));
+            }
+            None => {
+                token_logprobs.push(Value::Null);
+                top_logprobs.push(Value::Null);
+            }
+        }
+    }
+    let mut offset = offset0;
+    let text_offset: Vec<usize> = tokens
+        .iter()
+        .map(|t| {
+            let o = offset;
+            offset += t.len();
+            o
+        })
+        .collect();
+    json!({"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs, "text_offset": text_offset})
+}
+
 fn choice(
-    state: &AppState,
+    model: &LoadedModel,
     index: usize,
     prompt: &[u32],
-    out: &GenOutput,
+    res: &ChoiceResult,
     echo: bool,
     logprobs: Option<usize>,
 ) -> Value {
-    let generated: Vec<u32> = out.tokens.iter().map(|t| t.token).collect();
-    let mut text = state.model.decode(&generated);
-    if echo {
-        text = state.model.decode(prompt) + &text;
-    }
+    let text = if echo {
+        model.decode(prompt) + &res.text
+    } else {
+        res.text.clone()
+    };
     let logprobs = logprobs.map(|_| {
-        let mut tokens = Vec::new();
-        let mut token_logprobs = Vec::new();
-        let mut top_logprobs = Vec::new();
-        if echo {
-            tokens.push(state.model.decode(&prompt[..1]));
-            token_logprobs.push(Value::Null);
-            top_logprobs.push(Value::Null);
-            for s in &out.prompt_scores {
-                tokens.push(state.model.decode(&[s.token]));
-                token_logprobs.push(json!(s.logprob));
-                top_logprobs.push(top_dict(state, &s.top, (s.token, s.logprob)));
-            }
-        }
-        for s in &out.tokens {
-            tokens.push(state.model.decode(&[s.token]));
-            token_logprobs.push(json!(s.logprob));
-            top_logprobs.push(top_dict(state, &s.top, (s.token, s.logprob)));
-        }
-        let mut offset = 0;
-        let text_offset: Vec<usize> = tokens
-            .iter()
-            .map(|t| {
-                let o = offset;
-                offset += t.len();
-                o
-            })
-            .collect();
-        json!({"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs, "text_offset": text_offset})
+        let scored: Vec<ScoredToken> = if echo {
+            std::iter::once((prompt[0], None))
+                .chain(
+                    res.prompt_scores
+                        .iter()
+                        .map(|s| (s.token, Some((s.logprob, s.top.clone())))),
+                )
+                .collect()
+        } else {
+            Vec::new()
+        };
+        legacy_logprobs(model, &scored, &res.tokens, 0)
     });
-    json!({"index": index, "text": text, "logprobs": logprobs, "finish_reason": out.finish})
+    json!({"index": index, "text": text, "logprobs": logprobs, "finish_reason": res.finish_reason})
 }

@@ -1,11 +1,14 @@
 //! OpenAI-style error responses: `{"error": {"message", "type", "param", "code"}}`.
 
-use axum::http::StatusCode;
+use axum::extract::rejection::BytesRejection;
+use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
 
+use crate::engine::kv_cache::KvError;
 use crate::engine::EngineError;
+use crate::registry::RegistryError;
 
 #[derive(Debug)]
 pub struct ApiError {
@@ -15,28 +18,43 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    pub fn bad_request(message: impl Into<String>, param: Option<&str>) -> Self {
+    pub fn new(status: StatusCode, message: impl Into<String>, param: Option<&str>) -> Self {
         Self {
-            status: StatusCode::BAD_REQUEST,
+            status,
             message: message.into(),
             param: param.map(str::to_string),
         }
     }
 
-    pub fn not_found(message: impl Into<String>) -> Self {
-        Self {
-            status: StatusCode::NOT_FOUND,
-            message: message.into(),
-            param: Some("model".into()),
-        }
+    pub fn bad_request(message: impl Into<String>, param: Option<&str>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, message, param)
+    }
+
+    pub fn overloaded(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, message, None)
+    }
+
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, message, None)
+    }
+
+    /// Parses a JSON body into `T`, as a 400 (or 413 for an oversized body) on failure.
+    pub fn parse_body<T: serde::de::DeserializeOwned>(
+        body: Result<axum::body::Bytes, BytesRejection>,
+    ) -> Result<T, ApiError> {
+        let body = body.map_err(|e| ApiError::new(e.status(), e.body_text(), None))?;
+        serde_json::from_slice(&body)
+            .map_err(|e| ApiError::bad_request(format!("invalid request body: {e}"), None))
     }
 }
 
 impl From<EngineError> for ApiError {
     fn from(e: EngineError) -> Self {
-        let status = match e {
+        let status = match &e {
             EngineError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
-            EngineError::Kv(_) => StatusCode::SERVICE_UNAVAILABLE,
+            EngineError::Kv(KvError::OutOfBlocks { needed, total, .. }) if needed <= total => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             _ => StatusCode::BAD_REQUEST,
         };
         Self {
@@ -47,16 +65,37 @@ impl From<EngineError> for ApiError {
     }
 }
 
+impl From<RegistryError> for ApiError {
+    fn from(e: RegistryError) -> Self {
+        let status = match e {
+            RegistryError::UnknownModel(_) => StatusCode::NOT_FOUND,
+            RegistryError::Exists(_) => StatusCode::CONFLICT,
+            _ => StatusCode::BAD_REQUEST,
+        };
+        Self {
+            status,
+            message: e.to_string(),
+            param: Some("model".into()),
+        }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let kind = match self.status.as_u16() {
-            400 | 413 | 422 => "invalid_request_error",
+            400 | 409 | 413 | 422 => "invalid_request_error",
             401 => "authentication_error",
             404 => "not_found_error",
             429 => "rate_limit_error",
+            503 => "overloaded_error",
             _ => "server_error",
         };
         let body = json!({"error": {"message": self.message, "type": kind, "param": self.param, "code": self.status.as_u16()}});
-        (self.status, Json(body)).into_response()
+        let mut resp = (self.status, Json(body)).into_response();
+        if matches!(self.status.as_u16(), 429 | 503) {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+        }
+        resp
     }
 }

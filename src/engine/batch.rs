@@ -2,11 +2,12 @@
 //! leave between steps; each step feeds every decoding sequence one token and fills the rest of the
 //! token budget with prefill chunks.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use serde::Serialize;
 
+use super::kv_cache::KvError;
 use super::sampler::{Sampled, Sampler, SamplingParams};
 use super::scoring::TokenScore;
 use super::{Engine, EngineError, ScoreSpec, SeqId, StepItem};
@@ -71,6 +72,8 @@ impl Active {
 
 pub struct Batcher {
     engine: Engine,
+    /// Accepted requests not yet holding KV room, first come first served.
+    waiting: VecDeque<(SeqId, GenRequest)>,
     active: HashMap<SeqId, Active>,
     /// Admission order, so prefill is first come, first served.
     order: Vec<SeqId>,
@@ -82,6 +85,7 @@ impl Batcher {
     pub fn new(engine: Engine, max_step_tokens: usize) -> Self {
         Self {
             engine,
+            waiting: VecDeque::new(),
             active: HashMap::new(),
             order: Vec::new(),
             next_id: 1,
@@ -93,8 +97,18 @@ impl Batcher {
         &self.engine
     }
 
+    /// Requests holding KV room and running.
     pub fn num_active(&self) -> usize {
         self.active.len()
+    }
+
+    /// Requests accepted but waiting for KV room.
+    pub fn num_waiting(&self) -> usize {
+        self.waiting.len()
+    }
+
+    pub fn is_idle(&self) -> bool {
+        self.active.is_empty() && self.waiting.is_empty()
     }
 
     /// Admits a request; fails at once if it can never run (empty prompt, too long, bad plan).
@@ -114,31 +128,65 @@ impl Batcher {
         if let Some(&bad) = req.prompt.iter().find(|&&t| t as usize >= vocab) {
             return Err(EngineError::TokenOutOfRange { id: bad, vocab });
         }
-        self.engine.add_sequence(id, req.plan.clone())?;
+        if req.plan.base_layers() != self.engine.model().config().num_hidden_layers {
+            return Err(EngineError::PlanMismatch {
+                plan: req.plan.base_layers(),
+                model: self.engine.model().config().num_hidden_layers,
+            });
+        }
         self.next_id += 1;
-        let out = GenOutput {
-            prompt_scores: Vec::new(),
-            tokens: Vec::new(),
-            finish: FinishReason::Length,
-            stop_token: None,
-        };
-        let sampler = Sampler::new(req.sampling.clone());
-        self.active.insert(
-            id,
-            Active {
-                req,
-                sampler,
-                fed: 0,
-                pending: None,
-                out,
-            },
-        );
-        self.order.push(id);
+        self.waiting.push_back((id, req));
         Ok(id)
+    }
+
+    /// Moves waiting requests into the running set while their whole KV need (prompt +
+    /// `max_tokens`) can be reserved, so a running request never runs out of blocks. A request
+    /// that cannot fit even into an empty cache fails.
+    fn admit_waiting(&mut self, events: &mut Vec<BatchEvent>) {
+        while let Some((id, req)) = self.waiting.pop_front() {
+            let need = req.prompt.len() + req.max_tokens;
+            let admitted = self
+                .engine
+                .add_sequence(id, req.plan.clone())
+                .and_then(|_| self.engine.reserve(id, need));
+            match admitted {
+                Ok(()) => {
+                    let out = GenOutput {
+                        prompt_scores: Vec::new(),
+                        tokens: Vec::new(),
+                        finish: FinishReason::Length,
+                        stop_token: None,
+                    };
+                    let sampler = Sampler::new(req.sampling.clone());
+                    self.active.insert(
+                        id,
+                        Active {
+                            req,
+                            sampler,
+                            fed: 0,
+                            pending: None,
+                            out,
+                        },
+                    );
+                    self.order.push(id);
+                }
+                Err(error) => {
+                    self.engine.release(id);
+                    let never_fits = matches!(error, EngineError::Kv(KvError::OutOfBlocks { needed, total, .. }) if needed > total);
+                    if never_fits || self.active.is_empty() {
+                        events.push(BatchEvent::Failed { id, error });
+                    } else {
+                        self.waiting.push_front((id, req));
+                        return;
+                    }
+                }
+            }
+        }
     }
 
     /// Drops a request and frees its KV blocks.
     pub fn cancel(&mut self, id: SeqId) {
+        self.waiting.retain(|(w, _)| *w != id);
         if self.active.remove(&id).is_some() {
             self.order.retain(|&x| x != id);
             self.engine.release(id);
@@ -185,12 +233,14 @@ impl Batcher {
 
     /// Runs one engine step and reports tokens, finished and failed requests.
     pub fn step(&mut self) -> Vec<BatchEvent> {
+        let mut events = Vec::new();
+        self.admit_waiting(&mut events);
         let items = self.plan_step();
         if items.is_empty() {
-            return self.finish_idle();
+            events.extend(self.finish_idle());
+            return events;
         }
         let results = self.engine.step(&items);
-        let mut events = Vec::new();
         for (item, result) in items.iter().zip(results) {
             let id = item.seq;
             let out = match result {
@@ -263,7 +313,7 @@ impl Batcher {
             ids.push(self.submit(r));
         }
         let mut done: HashMap<SeqId, Result<GenOutput, EngineError>> = HashMap::new();
-        while !self.active.is_empty() {
+        while !self.is_idle() {
             for ev in self.step() {
                 match ev {
                     BatchEvent::Finished { id, output } => {

@@ -132,6 +132,12 @@ impl Engine {
         self.cache.usage()
     }
 
+    /// Reserves KV room for `total_len` tokens of `seq` up front (admission control), or fails
+    /// without side effects.
+    pub fn reserve(&mut self, seq: SeqId, total_len: usize) -> Result<(), EngineError> {
+        Ok(self.cache.reserve(seq, total_len)?)
+    }
+
     /// Registers a sequence that will run `plan`.
     pub fn add_sequence(&mut self, seq: SeqId, plan: Arc<LayerPlan>) -> Result<(), EngineError> {
         let layers = self.model.config().num_hidden_layers;

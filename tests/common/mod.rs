@@ -2,6 +2,8 @@
 //! reference implementations, and engine shortcuts.
 #![allow(dead_code)]
 
+pub mod server;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};

@@ -1,5 +1,5 @@
-//! Bad input to the checkpoint commands: one-line error, non-zero exit, no output directory, and
-//! the happy paths of the same commands.
+//! The checkpoint commands on the CLI: bad input gives one line, a non-zero exit and no output
+//! directory; the happy paths, including a hub id resolved from the offline cache.
 
 mod common;
 
@@ -193,4 +193,44 @@ fn init_random_and_import_round_trip_on_the_cli() {
         out.to_str().unwrap(),
     ]);
     assert!(!ok && err.contains("exists"), "{err}");
+}
+
+#[test]
+fn a_hub_id_resolves_from_the_offline_cache() {
+    let tmp = tempfile::tempdir().unwrap();
+    // The hub cache layout: hub/models--ORG--NAME/{refs/main, snapshots/REV/...}.
+    let repo = tmp.path().join("hub/models--tiny-org--tiny-llama");
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), "0123abcd").unwrap();
+    std::fs::create_dir_all(repo.join("snapshots")).unwrap();
+    write_tiny(
+        &repo.join("snapshots"),
+        "0123abcd",
+        tiny_config("LlamaForCausalLM"),
+        1,
+    );
+    let out = tmp.path().join("pruned");
+    let run = |id: &str| {
+        Command::new(env!("CARGO_BIN_EXE_pruneserve"))
+            .args(["prune", "--model", id, "--drop", "0", out.to_str().unwrap()])
+            .env("HF_HOME", tmp.path())
+            .env("HF_HUB_OFFLINE", "1")
+            .output()
+            .unwrap()
+    };
+    let missing = run("tiny-org/not-there");
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("not in the local cache"));
+    let found = run("tiny-org/tiny-llama");
+    assert!(
+        found.status.success(),
+        "{}",
+        String::from_utf8_lossy(&found.stderr)
+    );
+    let lineage = pruneserve::checkpoint::ModelDir::open(&out)
+        .unwrap()
+        .lineage
+        .unwrap();
+    assert_eq!(lineage.base_model, "tiny-org/tiny-llama");
+    assert_eq!(lineage.kept_layers, vec![1, 2, 3, 4, 5]);
 }

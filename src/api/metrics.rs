@@ -1,0 +1,140 @@
+//! Prometheus metrics under vLLM's names with a `pruneserve:` prefix and a `model_name` label.
+
+use std::time::Duration;
+
+use prometheus::{
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, TextEncoder,
+};
+
+use crate::registry::Registry;
+
+pub struct Metrics {
+    registry: prometheus::Registry,
+    running: IntGaugeVec,
+    waiting: IntGaugeVec,
+    kv_usage: GaugeVec,
+    prompt_tokens: IntCounterVec,
+    generation_tokens: IntCounterVec,
+    requests: IntCounterVec,
+    ttft: HistogramVec,
+    itl: HistogramVec,
+    e2e: HistogramVec,
+}
+
+const LATENCY_BUCKETS: [f64; 14] = [
+    0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0,
+];
+
+impl Metrics {
+    pub fn new() -> Result<Self, prometheus::Error> {
+        let registry = prometheus::Registry::new();
+        let label = &["model_name"];
+        let gauge = |name: &str, help: &str| IntGaugeVec::new(Opts::new(name, help), label);
+        let counter = |name: &str, help: &str| IntCounterVec::new(Opts::new(name, help), label);
+        let hist = |name: &str, help: &str| {
+            HistogramVec::new(
+                HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()),
+                label,
+            )
+        };
+        let m = Self {
+            running: gauge(
+                "pruneserve:num_requests_running",
+                "Requests holding KV room and running.",
+            )?,
+            waiting: gauge(
+                "pruneserve:num_requests_waiting",
+                "Requests waiting for KV room.",
+            )?,
+            kv_usage: GaugeVec::new(
+                Opts::new(
+                    "pruneserve:kv_cache_usage_perc",
+                    "KV cache usage (1 = full).",
+                ),
+                label,
+            )?,
+            prompt_tokens: counter("pruneserve:prompt_tokens_total", "Prompt tokens processed.")?,
+            generation_tokens: counter("pruneserve:generation_tokens_total", "Tokens generated.")?,
+            requests: IntCounterVec::new(
+                Opts::new("pruneserve:request_success_total", "Finished requests."),
+                &["model_name", "finished_reason"],
+            )?,
+            ttft: hist(
+                "pruneserve:time_to_first_token_seconds",
+                "Time to first token.",
+            )?,
+            itl: hist(
+                "pruneserve:inter_token_latency_seconds",
+                "Time between generated tokens.",
+            )?,
+            e2e: hist(
+                "pruneserve:e2e_request_latency_seconds",
+                "End-to-end request latency.",
+            )?,
+            registry,
+        };
+        m.registry.register(Box::new(m.running.clone()))?;
+        m.registry.register(Box::new(m.waiting.clone()))?;
+        m.registry.register(Box::new(m.kv_usage.clone()))?;
+        m.registry.register(Box::new(m.prompt_tokens.clone()))?;
+        m.registry.register(Box::new(m.generation_tokens.clone()))?;
+        m.registry.register(Box::new(m.requests.clone()))?;
+        m.registry.register(Box::new(m.ttft.clone()))?;
+        m.registry.register(Box::new(m.itl.clone()))?;
+        m.registry.register(Box::new(m.e2e.clone()))?;
+        Ok(m)
+    }
+
+    pub fn count_prompt(&self, model: &str, tokens: usize) {
+        self.prompt_tokens
+            .with_label_values(&[model])
+            .inc_by(tokens as u64);
+    }
+
+    pub fn count_generated(&self, model: &str, tokens: usize, elapsed: Duration) {
+        self.generation_tokens
+            .with_label_values(&[model])
+            .inc_by(tokens as u64);
+        self.e2e
+            .with_label_values(&[model])
+            .observe(elapsed.as_secs_f64());
+    }
+
+    pub fn count_finished(&self, model: &str, reason: &str) {
+        self.requests.with_label_values(&[model, reason]).inc();
+    }
+
+    pub fn observe_ttft(&self, model: &str, d: Duration) {
+        self.ttft
+            .with_label_values(&[model])
+            .observe(d.as_secs_f64());
+    }
+
+    pub fn observe_itl(&self, model: &str, d: Duration) {
+        self.itl
+            .with_label_values(&[model])
+            .observe(d.as_secs_f64());
+    }
+
+    /// The text exposition, with engine gauges refreshed from each base's loop.
+    pub fn render(&self, registry: &Registry) -> String {
+        for base in registry.bases() {
+            let s = base.scheduler.stats();
+            self.running
+                .with_label_values(&[&base.name])
+                .set(s.running as i64);
+            self.waiting
+                .with_label_values(&[&base.name])
+                .set(s.waiting as i64);
+            let usage = s.kv.map_or(0.0, |kv| {
+                kv.used_blocks as f64 / kv.total_blocks.max(1) as f64
+            });
+            self.kv_usage.with_label_values(&[&base.name]).set(usage);
+        }
+        let mut buf = Vec::new();
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
+            tracing::error!("metrics encoding failed: {e}");
+        }
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}

@@ -1,0 +1,176 @@
+//! Builds what `pruneserve serve` runs: base models from a manifest or flags, each with its engine
+//! loop, and their variants in one [`Registry`].
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::checkpoint::CheckpointError;
+use crate::engine::batch::Batcher;
+use crate::engine::{Engine, EngineOptions};
+use crate::loaded::{DeviceKind, LoadedModel};
+use crate::manifest::{BaseEntry, Manifest, ManifestError, VariantEntry, VariantKind};
+use crate::registry::{Base, Registry, RegistryError};
+use crate::scheduler::SchedulerHandle;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error("{0}")]
+    Usage(String),
+}
+
+/// Engine settings shared by every base.
+#[derive(Debug, Clone, Copy)]
+pub struct EngineSettings {
+    pub device: DeviceKind,
+    pub kv_blocks: usize,
+    pub max_step_tokens: usize,
+    pub max_in_flight: usize,
+    pub max_model_len: Option<usize>,
+}
+
+/// Where `scripts/fetch-default-model.sh` puts the imported SmolLM2-135M-Instruct.
+pub fn default_model_dir() -> PathBuf {
+    if let Ok(d) = std::env::var("PRUNESERVE_DEFAULT_MODEL") {
+        return PathBuf::from(d);
+    }
+    let home = std::env::var("HOME").unwrap_or_else(|_| ".".into());
+    PathBuf::from(home).join(".cache/pruneserve/SmolLM2-135M-Instruct")
+}
+
+/// A manifest `source`: `@default`, `~/...`, a directory or a hub id.
+pub fn resolve_source(source: &str) -> Result<String, ServeError> {
+    if source == "@default" {
+        let d = default_model_dir();
+        if !d.join("config.json").exists() {
+            return Err(ServeError::Usage(format!(
+                "the default model is missing at {}: run scripts/fetch-default-model.sh",
+                d.display()
+            )));
+        }
+        return Ok(d.to_string_lossy().into_owned());
+    }
+    if let (Some(rest), Ok(home)) = (source.strip_prefix("~/"), std::env::var("HOME")) {
+        return Ok(format!("{home}/{rest}"));
+    }
+    Ok(source.to_string())
+}
+
+/// `NAME=drop:22-29`, `NAME=keep:0-21`, `NAME=reverse:0.25` or `NAME=checkpoint:DIR`.
+pub fn parse_variant_flag(text: &str) -> Result<VariantEntry, ServeError> {
+    let usage = || {
+        ServeError::Usage(format!(
+            "variant `{text}` must look like NAME=drop:22-29 (drop, keep, reverse or checkpoint)"
+        ))
+    };
+    let (name, spec) = text.split_once('=').ok_or_else(usage)?;
+    let (kind, arg) = spec.split_once(':').ok_or_else(usage)?;
+    let mut v = VariantEntry {
+        name: name.into(),
+        drop: None,
+        keep: None,
+        reverse: None,
+        adapter: None,
+        checkpoint: None,
+    };
+    match kind {
+        "drop" => v.drop = Some(arg.into()),
+        "keep" => v.keep = Some(arg.into()),
+        "reverse" => v.reverse = Some(arg.parse().map_err(|_| usage())?),
+        "checkpoint" => v.checkpoint = Some(arg.into()),
+        _ => return Err(usage()),
+    }
+    v.kind()?;
+    Ok(v)
+}
+
+fn start_base(name: &str, source: &str, s: &EngineSettings) -> Result<Arc<Base>, ServeError> {
+    let path = resolve_source(source)?;
+    let (device, dtype) = s.device.open()?;
+    let model = LoadedModel::load(&path, &device, dtype)?;
+    let opts = EngineOptions {
+        kv_blocks: s.kv_blocks,
+        max_model_len: s.max_model_len,
+        ..EngineOptions::default()
+    };
+    let engine = Engine::with_cpu_cache(model.model.clone(), &opts);
+    let scheduler =
+        SchedulerHandle::spawn(Batcher::new(engine, s.max_step_tokens), s.max_in_flight);
+    tracing::info!(model = name, source = %path, "base loaded");
+    Ok(Arc::new(Base {
+        name: name.to_string(),
+        source: source.to_string(),
+        model,
+        scheduler,
+    }))
+}
+
+/// Loads every base (and checkpoint variant) and registers the plan variants.
+pub fn build_registry(entries: &[BaseEntry], s: &EngineSettings) -> Result<Registry, ServeError> {
+    let mut bases = Vec::new();
+    let mut plans = Vec::new();
+    for entry in entries {
+        bases.push(start_base(&entry.name, &entry.source, s)?);
+        for v in &entry.variants {
+            match v.kind()? {
+                VariantKind::Checkpoint(dir) => bases.push(start_base(&v.name, &dir, s)?),
+                VariantKind::Plan { adapter: Some(a), .. } => {
+                    return Err(ServeError::Usage(format!(
+                        "variant `{}`: LoRA adapters ({a}) are not served yet; serve the merged checkpoint with `checkpoint = ...`",
+                        v.name
+                    )))
+                }
+                VariantKind::Plan { spec, adapter: None } => plans.push((entry.name.clone(), v.name.clone(), spec)),
+            }
+        }
+    }
+    let registry = Registry::new(bases);
+    for (base, name, spec) in plans {
+        registry.add_variant(&base, &name, &spec, None, false)?;
+    }
+    Ok(registry)
+}
+
+/// Base entries from `--manifest` files, or one from `--model` and `--variant` flags.
+pub fn entries_from_args(
+    manifests: &[PathBuf],
+    model: Option<String>,
+    name: Option<String>,
+    variants: &[String],
+) -> Result<Vec<BaseEntry>, ServeError> {
+    if !manifests.is_empty() {
+        if model.is_some() || !variants.is_empty() {
+            return Err(ServeError::Usage(
+                "give either --manifest or --model/--variant, not both".into(),
+            ));
+        }
+        let mut out = Vec::new();
+        for m in manifests {
+            out.extend(Manifest::read(m)?.models);
+        }
+        return Ok(out);
+    }
+    let source = model.unwrap_or_else(|| "@default".into());
+    let name = name.unwrap_or_else(|| match source.as_str() {
+        "@default" => "smollm2-135m".into(),
+        s => PathBuf::from(s)
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| s.to_string()),
+    });
+    let variants = variants
+        .iter()
+        .map(|v| parse_variant_flag(v))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(vec![BaseEntry {
+        name,
+        source,
+        layers: None,
+        variants,
+    }])
+}
