@@ -7,19 +7,10 @@ use std::io::{BufRead, BufReader};
 use std::time::{Duration, Instant};
 
 use common::server::ServerProc;
-use common::*;
 use serde_json::{json, Value};
 
 fn start() -> ServerProc {
-    let dir = smollm2_dir();
-    ServerProc::start(&[
-        "--model",
-        dir.to_str().unwrap(),
-        "--served-model-name",
-        "smollm2-135m",
-        "--variant",
-        "rev25=reverse:0.25",
-    ])
+    ServerProc::start_default(&[])
 }
 
 #[test]

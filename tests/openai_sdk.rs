@@ -9,17 +9,7 @@ use serde_json::json;
 
 #[test]
 fn the_openai_python_sdk_works_unmodified() {
-    let dir = smollm2_dir();
-    let s = ServerProc::start(&[
-        "--model",
-        dir.to_str().unwrap(),
-        "--served-model-name",
-        "smollm2-135m",
-        "--variant",
-        "rev25=reverse:0.25",
-        "--api-key",
-        "sdk-key",
-    ]);
+    let s = ServerProc::start_default(&["--api-key", "sdk-key"]);
     let out = run_python(
         "openai_sdk_check.py",
         &json!({"base_url": s.url("/v1"), "api_key": "sdk-key"}),

@@ -13,7 +13,9 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::error::ApiError;
-use super::generation::{check_prompt, run_choice, submit, unix_now, SamplingFields};
+use super::generation::{
+    check_prompt, finish_stream, run_all, run_choice, submit, unix_now, usage, SamplingFields,
+};
 use super::sse::{sse_response, SseSender};
 use super::AppState;
 use crate::chat_template::ChatMessage;
@@ -229,36 +231,19 @@ pub(super) async fn create(
                     Ok::<_, ApiError>(res.tokens.len())
                 }
             });
-            match futures::future::try_join_all(runs).await {
-                Ok(counts) => {
-                    if include_usage {
-                        let completion: usize = counts.iter().sum();
-                        tx.send(&json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": name, "choices": [],
-                            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}}));
-                    }
-                }
-                Err(e) => tx.send_error(e),
-            }
+            let usage_chunk = include_usage.then_some(|completion: usize| {
+                json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": name, "choices": [],
+                       "usage": usage(prompt_tokens, completion)})
+            });
+            finish_stream(&tx, runs.collect(), usage_chunk).await;
         }));
     }
-    let runs = streams.into_iter().map(|s| {
-        run_choice(
-            s,
-            model,
-            &stops,
-            &state.metrics,
-            &req.model,
-            started,
-            |_| true,
-        )
-    });
-    let results = futures::future::try_join_all(runs).await?;
+    let results = run_all(streams, model, &stops, &state.metrics, &req.model, started).await?;
     let completion_tokens: usize = results.iter().map(|r| r.tokens.len()).sum();
     let choices: Vec<Value> = results
         .iter()
         .enumerate()
         .map(|(index, r)| {
-            state.metrics.count_finished(&req.model, r.finish_reason);
             json!({"index": index, "message": {"role": "assistant", "content": r.text},
                    "logprobs": if req.logprobs { chat_logprobs(model, &r.tokens) } else { Value::Null },
                    "finish_reason": r.finish_reason})
@@ -266,7 +251,7 @@ pub(super) async fn create(
         .collect();
     Ok(Json(json!({
         "id": id, "object": "chat.completion", "created": created, "model": req.model, "choices": choices,
-        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens},
+        "usage": usage(prompt_tokens, completion_tokens),
     }))
     .into_response())
 }

@@ -15,7 +15,10 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::error::ApiError;
-use super::generation::{check_prompt, run_choice, submit, unix_now, ChoiceResult, SamplingFields};
+use super::generation::{
+    check_prompt, finish_stream, run_all, run_choice, submit, unix_now, usage, ChoiceResult,
+    SamplingFields,
+};
 use super::sse::{sse_response, SseSender};
 use super::AppState;
 use crate::loaded::LoadedModel;
@@ -139,35 +142,18 @@ pub(super) async fn create(
                     Ok::<_, ApiError>(res.tokens.len())
                 }
             });
-            match futures::future::try_join_all(runs).await {
-                Ok(counts) => {
-                    if include_usage {
-                        let completion: usize = counts.iter().sum();
-                        tx.send(&json!({"id": id, "object": "text_completion", "created": created, "model": name, "choices": [],
-                            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}}));
-                    }
-                }
-                Err(e) => tx.send_error(e),
-            }
+            let usage_chunk = include_usage.then_some(|completion: usize| {
+                json!({"id": id, "object": "text_completion", "created": created, "model": name, "choices": [],
+                       "usage": usage(prompt_tokens, completion)})
+            });
+            finish_stream(&tx, runs.collect(), usage_chunk).await;
         }));
     }
-    let runs = streams.into_iter().map(|s| {
-        run_choice(
-            s,
-            model,
-            &stops,
-            &state.metrics,
-            &req.model,
-            started,
-            |_| true,
-        )
-    });
-    let results = futures::future::try_join_all(runs).await?;
+    let results = run_all(streams, model, &stops, &state.metrics, &req.model, started).await?;
     let mut choices = Vec::new();
     let prompt_tokens: usize = prompts.iter().map(Vec::len).sum();
     let mut completion_tokens = 0;
     for (index, res) in results.iter().enumerate() {
-        state.metrics.count_finished(&req.model, res.finish_reason);
         completion_tokens += res.tokens.len();
         choices.push(choice(
             model,
@@ -184,7 +170,7 @@ pub(super) async fn create(
         "created": created,
         "model": req.model,
         "choices": choices,
-        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens},
+        "usage": usage(prompt_tokens, completion_tokens),
     }))
     .into_response())
 }

@@ -307,3 +307,47 @@ pub fn unix_now() -> u64 {
         .map(|d| d.as_secs())
         .unwrap_or(0)
 }
+
+/// The `usage` object.
+pub fn usage(prompt_tokens: usize, completion_tokens: usize) -> serde_json::Value {
+    serde_json::json!({"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                       "total_tokens": prompt_tokens + completion_tokens})
+}
+
+/// Runs non-streamed choices to their ends and counts them as finished.
+pub async fn run_all(
+    streams: Vec<GenStream>,
+    model: &LoadedModel,
+    stops: &[String],
+    metrics: &Metrics,
+    model_name: &str,
+    started: Instant,
+) -> Result<Vec<ChoiceResult>, ApiError> {
+    let runs = streams
+        .into_iter()
+        .map(|s| run_choice(s, model, stops, metrics, model_name, started, |_| true));
+    let results = futures::future::try_join_all(runs).await?;
+    for r in &results {
+        metrics.count_finished(model_name, r.finish_reason);
+    }
+    Ok(results)
+}
+
+/// Awaits every streamed choice (each yielding its completion token count), then sends the
+/// usage chunk built by `usage_chunk` when asked for, or the error that stopped a choice.
+pub async fn finish_stream<F>(
+    tx: &super::sse::SseSender,
+    runs: Vec<F>,
+    usage_chunk: Option<impl FnOnce(usize) -> serde_json::Value>,
+) where
+    F: std::future::Future<Output = Result<usize, ApiError>>,
+{
+    match futures::future::try_join_all(runs).await {
+        Ok(counts) => {
+            if let Some(chunk) = usage_chunk {
+                tx.send(&chunk(counts.iter().sum()));
+            }
+        }
+        Err(e) => tx.send_error(e),
+    }
+}

@@ -42,6 +42,21 @@ impl ServerProc {
         ServerProc { child, base }
     }
 
+    /// The default model as `smollm2-135m` with its `rev25` variant, plus `extra` arguments.
+    pub fn start_default(extra: &[&str]) -> Self {
+        let dir = super::smollm2_dir();
+        let mut args = vec![
+            "--model",
+            dir.to_str().unwrap(),
+            "--served-model-name",
+            "smollm2-135m",
+            "--variant",
+            "rev25=reverse:0.25",
+        ];
+        args.extend_from_slice(extra);
+        Self::start(&args)
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
