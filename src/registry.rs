@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use crate::checkpoint::Lineage;
 use crate::loaded::LoadedModel;
-use crate::plan::{format_layer_list, parse_layer_list, LayerPlan, PlanSpec};
+use crate::plan::{parse_layer_list, LayerPlan, PlanSpec};
 use crate::scheduler::SchedulerHandle;
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -252,9 +252,4 @@ impl Registry {
         }
         out
     }
-}
-
-/// `drop=1,3-5` style text of a plan's dropped layers, for logs.
-pub fn describe(plan: &LayerPlan) -> String {
-    format!("drop={}", format_layer_list(&plan.dropped()))
 }
