@@ -62,14 +62,6 @@ struct Active {
     out: GenOutput,
 }
 
-impl Active {
-    fn context(&self) -> Vec<u32> {
-        let mut c = self.req.prompt.clone();
-        c.extend(self.out.tokens.iter().map(|t| t.token));
-        c
-    }
-}
-
 pub struct Batcher {
     engine: Engine,
     /// Accepted requests not yet holding KV room, first come first served.
@@ -260,9 +252,8 @@ impl Batcher {
             }
             let done = match out.logits {
                 Some(logits) => {
-                    let context = a.context();
                     let generated: Vec<u32> = a.out.tokens.iter().map(|t| t.token).collect();
-                    let s = a.sampler.sample(&logits, &context, &generated);
+                    let s = a.sampler.sample(&logits, &a.req.prompt, &generated);
                     let stops = a.req.stop_token_ids.contains(&s.token)
                         || (!a.req.ignore_eos && a.req.eos_token_ids.contains(&s.token));
                     if stops {

@@ -154,12 +154,12 @@ impl Sampler {
         &self.params
     }
 
-    /// Picks the next token from last-position `logits`; `context` is prompt + output so far
-    /// (repetition penalty), `output` the generated tokens (frequency/presence penalties).
-    pub fn sample(&mut self, logits: &[f32], context: &[u32], output: &[u32]) -> Sampled {
+    /// Picks the next token from last-position `logits`. The repetition penalty covers prompt and
+    /// output tokens; frequency/presence penalties cover the generated `output` only.
+    pub fn sample(&mut self, logits: &[f32], prompt: &[u32], output: &[u32]) -> Sampled {
         let raw = log_softmax(logits);
         let mut x = logits.to_vec();
-        self.apply_penalties(&mut x, context, output);
+        self.apply_penalties(&mut x, prompt, output);
         let temperature = self.params.temperature;
         let token = if temperature == 0.0 {
             argmax(&x)
@@ -176,11 +176,11 @@ impl Sampler {
         }
     }
 
-    fn apply_penalties(&self, x: &mut [f32], context: &[u32], output: &[u32]) {
+    fn apply_penalties(&self, x: &mut [f32], prompt: &[u32], output: &[u32]) {
         let p = &self.params;
         if p.repetition_penalty != 1.0 {
             let mut seen = std::collections::HashSet::new();
-            for &t in context {
+            for &t in prompt.iter().chain(output) {
                 if seen.insert(t) {
                     if let Some(v) = x.get_mut(t as usize) {
                         *v = if *v > 0.0 {
