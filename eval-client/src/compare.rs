@@ -1,0 +1,209 @@
+//! A/B comparison of result files: per-task score and retention (variant / base), with 95 % paired
+//! bootstrap confidence intervals on retention and on the difference, and McNemar's exact test.
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+/// One task's per-item outcome for one model, as `eval` writes it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TaskResult {
+    pub task: String,
+    pub model: String,
+    pub acc: f64,
+    pub acc_norm: f64,
+    pub items: Vec<ItemResult>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ItemResult {
+    pub gold: usize,
+    pub loglikelihoods: Vec<f64>,
+    pub pred: usize,
+    pub pred_norm: usize,
+}
+
+impl TaskResult {
+    pub fn correct(&self, norm: bool) -> Vec<bool> {
+        self.items
+            .iter()
+            .map(|i| (if norm { i.pred_norm } else { i.pred }) == i.gold)
+            .collect()
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Comparison {
+    pub task: String,
+    pub variant: String,
+    pub n: usize,
+    pub base_score: f64,
+    pub variant_score: f64,
+    pub retention: f64,
+    pub retention_ci: (f64, f64),
+    pub difference: f64,
+    pub difference_ci: (f64, f64),
+    pub mcnemar_p: f64,
+}
+
+fn mean(x: &[bool]) -> f64 {
+    crate::metrics::mean(x)
+}
+
+fn percentile(sorted: &[f64], q: f64) -> f64 {
+    let idx = ((sorted.len() - 1) as f64 * q).round() as usize;
+    sorted[idx]
+}
+
+/// 95 % paired bootstrap intervals of (variant/base, variant - base) over items.
+pub fn paired_bootstrap(
+    base: &[bool],
+    variant: &[bool],
+    iterations: usize,
+    seed: u64,
+) -> ((f64, f64), (f64, f64)) {
+    let n = base.len();
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut ratios = Vec::with_capacity(iterations);
+    let mut diffs = Vec::with_capacity(iterations);
+    for _ in 0..iterations {
+        let (mut b, mut v) = (0usize, 0usize);
+        for _ in 0..n {
+            let i = rng.random_range(0..n);
+            b += base[i] as usize;
+            v += variant[i] as usize;
+        }
+        if b > 0 {
+            ratios.push(v as f64 / b as f64);
+        }
+        diffs.push((v as f64 - b as f64) / n as f64);
+    }
+    ratios.sort_by(f64::total_cmp);
+    diffs.sort_by(f64::total_cmp);
+    let ci = |s: &[f64]| {
+        if s.is_empty() {
+            (f64::NAN, f64::NAN)
+        } else {
+            (percentile(s, 0.025), percentile(s, 0.975))
+        }
+    };
+    (ci(&ratios), ci(&diffs))
+}
+
+/// Two-sided exact McNemar p-value from the discordant pairs.
+pub fn mcnemar_exact(base: &[bool], variant: &[bool]) -> f64 {
+    let b = base
+        .iter()
+        .zip(variant)
+        .filter(|(x, y)| **x && !**y)
+        .count();
+    let c = base
+        .iter()
+        .zip(variant)
+        .filter(|(x, y)| !**x && **y)
+        .count();
+    let n = b + c;
+    if n == 0 {
+        return 1.0;
+    }
+    // P(X <= min(b, c)) for X ~ Binomial(n, 1/2), doubled.
+    let k = b.min(c);
+    let mut log_choose = 0.0f64; // ln C(n, 0)
+    let mut tail = 0.0;
+    for i in 0..=k {
+        if i > 0 {
+            log_choose += ((n - i + 1) as f64).ln() - (i as f64).ln();
+        }
+        tail += (log_choose - n as f64 * std::f64::consts::LN_2).exp();
+    }
+    (2.0 * tail).min(1.0)
+}
+
+/// Compares a variant's result with the base's on the same items.
+pub fn compare(base: &TaskResult, variant: &TaskResult, norm: bool) -> Result<Comparison, String> {
+    if base.items.len() != variant.items.len()
+        || base
+            .items
+            .iter()
+            .zip(&variant.items)
+            .any(|(a, b)| a.gold != b.gold)
+    {
+        return Err(format!(
+            "{}: {} and {} were not run on the same items",
+            base.task, base.model, variant.model
+        ));
+    }
+    let (b, v) = (base.correct(norm), variant.correct(norm));
+    let (retention_ci, difference_ci) = paired_bootstrap(&b, &v, 2000, 0);
+    let (bs, vs) = (mean(&b), mean(&v));
+    Ok(Comparison {
+        task: base.task.clone(),
+        variant: variant.model.clone(),
+        n: b.len(),
+        base_score: bs,
+        variant_score: vs,
+        retention: if bs > 0.0 { vs / bs } else { f64::NAN },
+        retention_ci,
+        difference: vs - bs,
+        difference_ci,
+        mcnemar_p: mcnemar_exact(&b, &v),
+    })
+}
+
+/// The paper's Table 1 layout, with intervals and p-values.
+pub fn markdown(base_model: &str, rows: &[Comparison]) -> String {
+    let mut s = format!("| task | variant | n | {base_model} | variant | retention [95% CI] | diff [95% CI] | McNemar p |\n|---|---|---|---|---|---|---|---|\n");
+    for r in rows {
+        s += &format!(
+            "| {} | {} | {} | {:.3} | {:.3} | {:.3} [{:.3}, {:.3}] | {:+.3} [{:+.3}, {:+.3}] | {:.2e} |\n",
+            r.task, r.variant, r.n, r.base_score, r.variant_score, r.retention, r.retention_ci.0, r.retention_ci.1,
+            r.difference, r.difference_ci.0, r.difference_ci.1, r.mcnemar_p
+        );
+    }
+    let mut variants: Vec<&str> = rows.iter().map(|r| r.variant.as_str()).collect();
+    variants.dedup();
+    for v in variants {
+        let ret: Vec<f64> = rows
+            .iter()
+            .filter(|r| r.variant == v && r.retention.is_finite())
+            .map(|r| r.retention)
+            .collect();
+        if !ret.is_empty() {
+            s += &format!(
+                "\nmean retention of {v}: {:.3} over {} tasks",
+                ret.iter().sum::<f64>() / ret.len() as f64,
+                ret.len()
+            );
+        }
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mcnemar_matches_hand_computation() {
+        // b = 10, c = 2: 2 * P(X <= 2 | n = 12) = 2 * (1 + 12 + 66) / 4096 = 0.03857.
+        let mut base = vec![true; 10];
+        base.extend([false; 2]);
+        let variant: Vec<bool> = base.iter().map(|x| !x).collect();
+        assert!((mcnemar_exact(&base, &variant) - 0.0385742).abs() < 1e-6);
+        assert_eq!(mcnemar_exact(&base, &base), 1.0);
+    }
+
+    #[test]
+    fn bootstrap_intervals_hold_the_estimate_and_repeat() {
+        let base: Vec<bool> = (0..200).map(|i| i % 3 != 0).collect();
+        let variant: Vec<bool> = (0..200).map(|i| i % 2 == 0).collect();
+        let (r, d) = paired_bootstrap(&base, &variant, 1000, 7);
+        let ratio = mean(&variant) / mean(&base);
+        assert!(r.0 < ratio && ratio < r.1, "{r:?} {ratio}");
+        let diff = mean(&variant) - mean(&base);
+        assert!(d.0 < diff && diff < d.1);
+        assert_eq!(paired_bootstrap(&base, &variant, 1000, 7), (r, d));
+        let (same, _) = paired_bootstrap(&base, &base, 200, 1);
+        assert_eq!(same, (1.0, 1.0));
+    }
+}
