@@ -73,7 +73,12 @@ fn streamed_chat_equals_the_non_streamed_answer() {
             .iter()
             .map(|e| e["logprob"].as_f64().unwrap())
             .collect();
-        assert_eq!(lps[i], want_lps);
+        // Same tokens; logprobs may differ in the last float bits when the two runs batched
+        // their prefills differently.
+        assert_eq!(lps[i].len(), want_lps.len());
+        for (a, b) in lps[i].iter().zip(&want_lps) {
+            assert!((a - b).abs() < 1e-4, "choice {i}: {a} vs {b}");
+        }
         for stop in ["\n\n", "stars."] {
             assert!(
                 !text[i].contains(stop),

@@ -94,11 +94,21 @@ fn serves_models_scoring_generation_and_errors() {
     for o in others {
         assert_eq!(o.join().unwrap(), 200);
     }
+    // The same numbers up to float rounding: CPU matmuls over a different batch composition may
+    // differ in the last bits (~1e-6), never more.
     for i in 0..prompts.len() {
-        assert_eq!(
-            again["choices"][i]["logprobs"]["token_logprobs"],
-            resp_echo["choices"][i]["logprobs"]["token_logprobs"]
-        );
+        let a = again["choices"][i]["logprobs"]["token_logprobs"]
+            .as_array()
+            .unwrap();
+        let b = resp_echo["choices"][i]["logprobs"]["token_logprobs"]
+            .as_array()
+            .unwrap();
+        assert_eq!(a.len(), b.len());
+        assert!(a[0].is_null() && b[0].is_null());
+        for (x, y) in a[1..].iter().zip(&b[1..]) {
+            let (x, y) = (x.as_f64().unwrap(), y.as_f64().unwrap());
+            assert!((x - y).abs() < 1e-5, "{x} vs {y}");
+        }
     }
 
     let full = Arc::new(LayerPlan::full(30));
