@@ -64,20 +64,6 @@ impl GenStream {
     pub async fn next(&mut self) -> Option<GenEvent> {
         self.rx.recv().await
     }
-
-    /// Waits for the final output.
-    pub async fn finish(mut self) -> Result<GenOutput, EngineError> {
-        while let Some(ev) = self.next().await {
-            match ev {
-                GenEvent::Token(_) => {}
-                GenEvent::Done(out) => return Ok(out),
-                GenEvent::Failed(e) => return Err(e),
-            }
-        }
-        Err(EngineError::Internal(
-            "engine loop dropped the request".into(),
-        ))
-    }
 }
 
 /// Cloneable handle used by request handlers.

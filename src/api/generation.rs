@@ -132,6 +132,18 @@ impl SamplingFields {
     }
 }
 
+/// Rejects token ids outside the model's vocabulary, naming the request parameter.
+pub fn check_token_ids(model: &LoadedModel, ids: &[u32], param: &str) -> Result<(), ApiError> {
+    let vocab = model.dir.config.vocab_size;
+    match ids.iter().find(|&&t| t as usize >= vocab) {
+        Some(bad) => Err(ApiError::bad_request(
+            format!("token id {bad} is out of range (vocabulary size {vocab})"),
+            Some(param),
+        )),
+        None => Ok(()),
+    }
+}
+
 /// Checks a prompt against the model before it is queued.
 pub fn check_prompt(
     model: &LoadedModel,
@@ -144,13 +156,7 @@ pub fn check_prompt(
             Some("prompt"),
         ));
     }
-    let vocab = model.dir.config.vocab_size;
-    if let Some(bad) = prompt.iter().find(|&&t| t as usize >= vocab) {
-        return Err(ApiError::bad_request(
-            format!("token id {bad} is out of range (vocabulary size {vocab})"),
-            Some("prompt"),
-        ));
-    }
+    check_token_ids(model, prompt, "prompt")?;
     let max = model.dir.config.max_position_embeddings;
     if prompt.len() + max_tokens > max {
         return Err(ApiError::bad_request(

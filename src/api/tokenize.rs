@@ -12,6 +12,7 @@ use serde_json::{json, Value};
 
 use super::chat::{chat_prompt, messages, Message};
 use super::error::ApiError;
+use super::generation::check_token_ids;
 use super::AppState;
 use crate::registry::Base;
 
@@ -84,13 +85,7 @@ pub(super) async fn detokenize(
 ) -> Result<Json<Value>, ApiError> {
     let req: DetokenizeRequest = ApiError::parse_body(body)?;
     let base = base_for(&state, req.model.as_deref())?;
-    let vocab = base.model.dir.config.vocab_size;
-    if let Some(bad) = req.tokens.iter().find(|&&t| t as usize >= vocab) {
-        return Err(ApiError::bad_request(
-            format!("token id {bad} is out of range (vocabulary size {vocab})"),
-            Some("tokens"),
-        ));
-    }
+    check_token_ids(&base.model, &req.tokens, "tokens")?;
     Ok(Json(json!({"prompt": base.model.decode(&req.tokens)})))
 }
 
