@@ -66,7 +66,7 @@ pub fn run(
     for (name, plan) in &plans {
         for &batch in batches {
             let mut batcher = Batcher::new(
-                Engine::with_cpu_cache(model.clone(), &EngineOptions::default()),
+                Engine::with_contiguous_cache(model.clone(), &EngineOptions::default()),
                 4096,
             );
             // Warm-up.

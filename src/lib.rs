@@ -13,4 +13,5 @@ pub mod manifest;
 pub mod plan;
 pub mod registry;
 pub mod scheduler;
+pub mod selftest;
 pub mod serve;

@@ -92,6 +92,9 @@ enum Command {
         /// KV cache capacity per base, in blocks of 16 tokens.
         #[arg(long, default_value_t = 4096)]
         kv_blocks: usize,
+        /// CUDA: GiB of GPU memory for each base's paged KV pool (shared by its plan variants).
+        #[arg(long)]
+        kv_cache_gb: Option<f64>,
         /// Longest sequence accepted (default: the model's max_position_embeddings).
         #[arg(long)]
         max_model_len: Option<usize>,
@@ -146,6 +149,17 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
+    /// Check the CUDA engine on this machine against the CPU one (tiny random models and SmolLM2).
+    Selftest {
+        #[arg(long, value_enum, default_value_t = DeviceKind::Cuda)]
+        device: DeviceKind,
+        /// The SmolLM2 directory (default: the imported default model).
+        #[arg(long)]
+        model: Option<String>,
+        /// Keep the tiny models and their prompts here (e.g. for bench/hf_bf16_error.py).
+        #[arg(long)]
+        keep_dir: Option<PathBuf>,
+    },
     /// CPU throughput: prefill and decode tok/s at several batch sizes, full vs reverse-pruned plan.
     Bench {
         #[arg(long)]
@@ -192,6 +206,7 @@ fn run(cli: Cli) -> Result<()> {
             device,
             max_step_tokens,
             kv_blocks,
+            kv_cache_gb,
             max_model_len,
             max_in_flight,
             max_body_bytes,
@@ -205,6 +220,7 @@ fn run(cli: Cli) -> Result<()> {
                 max_step_tokens,
                 max_in_flight,
                 max_model_len,
+                kv_cache_gb,
             };
             let registry = Arc::new(serve::build_registry(&entries, &settings)?);
             let state = Arc::new(AppState {
@@ -298,6 +314,31 @@ fn run(cli: Cli) -> Result<()> {
                 &out_dir,
             )?;
             println!("wrote {}", out_dir.display());
+            Ok(())
+        }
+        Command::Selftest {
+            device,
+            model,
+            keep_dir,
+        } => {
+            let smollm2 = model_or_default(model)?;
+            let checks =
+                pruneserve::selftest::run_all(device, &smollm2, keep_dir.as_deref(), |c| {
+                    let mark = match (c.informational, c.passed) {
+                        (true, _) => "INFO",
+                        (false, true) => "PASS",
+                        (false, false) => "FAIL",
+                    };
+                    println!("{mark} {}: {}", c.name, c.detail);
+                })?;
+            let failed = checks.iter().filter(|c| !c.passed).count();
+            println!(
+                "selftest: {} passed, {failed} failed",
+                checks.len() - failed
+            );
+            if failed > 0 {
+                anyhow::bail!("{failed} selftest check(s) failed");
+            }
             Ok(())
         }
         Command::Bench {

@@ -32,6 +32,8 @@ pub struct EngineSettings {
     pub max_step_tokens: usize,
     pub max_in_flight: usize,
     pub max_model_len: Option<usize>,
+    /// CUDA: GiB of the paged KV pool per base (default: `kv_blocks` at full depth).
+    pub kv_cache_gb: Option<f64>,
 }
 
 /// Where `scripts/fetch-default-model.sh` puts the imported SmolLM2-135M-Instruct.
@@ -96,9 +98,13 @@ fn start_base(name: &str, source: &str, s: &EngineSettings) -> Result<Arc<Base>,
     let opts = EngineOptions {
         kv_blocks: s.kv_blocks,
         max_model_len: s.max_model_len,
+        kv_cache_bytes: s
+            .kv_cache_gb
+            .map(|gb| (gb * f64::from(1u32 << 30)) as usize),
         ..EngineOptions::default()
     };
-    let engine = Engine::with_cpu_cache(model.model.clone(), &opts);
+    let engine = Engine::for_device(model.model.clone(), &opts)
+        .map_err(|e| ServeError::Usage(format!("base `{name}`: {e}")))?;
     let scheduler =
         SchedulerHandle::spawn(Batcher::new(engine, s.max_step_tokens), s.max_in_flight);
     tracing::info!(model = name, source = %path, "base loaded");

@@ -53,7 +53,7 @@ fn greedy_is_identical_alone_and_batched_and_seeded_sampling_ignores_companions(
     };
     let run = |params: SamplingParams, companions: &[Vec<u32>], budget: usize| {
         let mut b = Batcher::new(
-            Engine::with_cpu_cache(m.model.clone(), &EngineOptions::default()),
+            Engine::with_contiguous_cache(m.model.clone(), &EngineOptions::default()),
             budget,
         );
         let mut reqs = vec![gen_request(&full, target.clone(), 32, params.clone(), &[])];
@@ -138,8 +138,9 @@ fn capacity_errors_fail_one_request_and_spare_the_rest() {
         kv_blocks: 4,
         block_size: 16,
         max_model_len: Some(100),
+        ..EngineOptions::default()
     };
-    let mut b = Batcher::new(Engine::with_cpu_cache(m.model.clone(), &opts), 4096);
+    let mut b = Batcher::new(Engine::with_contiguous_cache(m.model.clone(), &opts), 4096);
     let too_long = gen_request(
         &full,
         pseudo_tokens(90, 49152, 1),

@@ -18,13 +18,14 @@ fn last_logits(
     plan: LayerPlan,
     prompt: &[u32],
 ) -> Vec<f32> {
-    let mut engine = Engine::with_cpu_cache(model.clone(), &EngineOptions::default());
+    let mut engine = Engine::with_contiguous_cache(model.clone(), &EngineOptions::default());
     engine.add_sequence(1, Arc::new(plan)).unwrap();
     let item = StepItem {
         seq: 1,
         tokens: prompt.to_vec(),
         score: None,
         want_logits: true,
+        greedy_top: None,
     };
     engine.step(&[item]).pop().unwrap().unwrap().logits.unwrap()
 }
@@ -116,7 +117,7 @@ fn taps_see_the_plan_in_order_and_block_influence_is_bounded() {
         tiny_config("LlamaForCausalLM"),
         2,
     ));
-    let mut engine = Engine::with_cpu_cache(model.clone(), &EngineOptions::default());
+    let mut engine = Engine::with_contiguous_cache(model.clone(), &EngineOptions::default());
     let plan = Arc::new(LayerPlan::new(vec![5, 0, 3], 6).unwrap());
     engine.add_sequence(1, plan).unwrap();
     let item = StepItem {
@@ -124,6 +125,7 @@ fn taps_see_the_plan_in_order_and_block_influence_is_bounded() {
         tokens: pseudo_tokens(10, 300, 1),
         score: None,
         want_logits: false,
+        greedy_top: None,
     };
     let mut rec = Recorder {
         order: vec![],
@@ -136,7 +138,7 @@ fn taps_see_the_plan_in_order_and_block_influence_is_bounded() {
         .unwrap();
     assert_eq!(rec.order, vec![5, 0, 3]);
 
-    let mut engine = Engine::with_cpu_cache(model, &EngineOptions::default());
+    let mut engine = Engine::with_contiguous_cache(model, &EngineOptions::default());
     engine
         .add_sequence(1, Arc::new(LayerPlan::full(6)))
         .unwrap();

@@ -15,7 +15,8 @@ pub struct AttnParams {
 }
 
 /// `[n, L]` additive mask: query `i` sits at absolute position `q_start + i` and may see key `j`
-/// iff `j <= pos` and (with a window `w`) `pos - j < w`. `None` when nothing is masked.
+/// iff `j <= pos` and (with a window `w`) `pos - j < w`. `None` when nothing is masked. Built
+/// with device ops, so nothing is uploaded per layer.
 fn causal_mask(
     n: usize,
     kv_len: usize,
@@ -27,21 +28,21 @@ fn causal_mask(
     if !needs_mask {
         return Ok(None);
     }
-    let mut mask = vec![0f32; n * kv_len];
-    for i in 0..n {
-        let pos = q_start + i;
-        for j in 0..kv_len {
-            let hidden = j > pos || window.is_some_and(|w| pos - j >= w);
-            if hidden {
-                mask[i * kv_len + j] = f32::NEG_INFINITY;
-            }
-        }
+    let q_pos = Tensor::arange(q_start as i64, (q_start + n) as i64, device)?.reshape((n, 1))?;
+    let k_pos = Tensor::arange(0i64, kv_len as i64, device)?.reshape((1, kv_len))?;
+    let mut hidden = k_pos.broadcast_gt(&q_pos)?;
+    if let Some(w) = window {
+        let too_far = q_pos.broadcast_sub(&k_pos)?.ge(w as i64)?;
+        hidden = hidden.maximum(&too_far)?;
     }
-    Tensor::from_vec(mask, (n, kv_len), device).map(Some)
+    let zeros = Tensor::zeros((n, kv_len), DType::F32, device)?;
+    let neg_inf = Tensor::full(f32::NEG_INFINITY, (n, kv_len), device)?;
+    hidden.where_cond(&neg_inf, &zeros).map(Some)
 }
 
 /// `q`: `[n, heads, d]`; `k`, `v`: `[kv_heads, L, d]` (the whole history, this chunk included).
-/// Returns `[n, heads * d]` in `q`'s dtype. Scores and softmax are computed in f32.
+/// Returns `[n, heads * d]` in `q`'s dtype. Everything is computed in f32 (bf16 scores would
+/// round a score of 10 to steps of 0.06).
 pub fn attend(
     q: &Tensor,
     k: &Tensor,
@@ -53,12 +54,17 @@ pub fn attend(
     let kv_len = k.dim(1)?;
     let group = heads / p.num_kv_heads;
     let dtype = q.dtype();
+    let (q, k, v) = (
+        q.to_dtype(DType::F32)?,
+        k.to_dtype(DType::F32)?,
+        v.to_dtype(DType::F32)?,
+    );
     // Heads `h*group .. (h+1)*group` share kv head `h` (HF's repeat_kv order).
     let q = q
         .transpose(0, 1)?
         .contiguous()?
         .reshape((p.num_kv_heads, group * n, d))?;
-    let scores = q.matmul(&k.t()?)?.to_dtype(DType::F32)?;
+    let scores = q.matmul(&k.t()?)?;
     let mut scores = (scores * p.scale)?;
     if let Some(cap) = p.softcap {
         scores = ((scores / cap)?.tanh()? * cap)?;
@@ -69,9 +75,10 @@ pub fn attend(
             .broadcast_add(&mask)?
             .reshape((p.num_kv_heads, group * n, kv_len))?;
     }
-    let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?;
-    let out = probs.matmul(v)?; // [kv_heads, group * n, d]
-    out.reshape((heads, n, d))?
+    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+    let out = probs.matmul(&v)?; // [kv_heads, group * n, d]
+    out.to_dtype(dtype)?
+        .reshape((heads, n, d))?
         .transpose(0, 1)?
         .contiguous()?
         .reshape((n, heads * d))

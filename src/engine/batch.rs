@@ -196,6 +196,7 @@ impl Batcher {
                     tokens: vec![t],
                     score: None,
                     want_logits: true,
+                    greedy_top: a.sampler.params().device_greedy_top(),
                 });
                 budget = budget.saturating_sub(1);
             }
@@ -218,6 +219,7 @@ impl Batcher {
                 tokens: a.req.prompt[a.fed..end].to_vec(),
                 score,
                 want_logits: end == a.req.prompt.len() && a.req.max_tokens > 0,
+                greedy_top: a.sampler.params().device_greedy_top(),
             });
         }
         items
@@ -250,10 +252,16 @@ impl Batcher {
                 a.fed += item.tokens.len();
                 a.out.prompt_scores.extend(out.scores);
             }
-            let done = match out.logits {
-                Some(logits) => {
+            let picked = match (out.greedy, out.logits) {
+                (Some(g), _) => Some(g),
+                (None, Some(logits)) => {
                     let generated: Vec<u32> = a.out.tokens.iter().map(|t| t.token).collect();
-                    let s = a.sampler.sample(&logits, &a.req.prompt, &generated);
+                    Some(a.sampler.sample(&logits, &a.req.prompt, &generated))
+                }
+                (None, None) => None,
+            };
+            let done = match picked {
+                Some(s) => {
                     let stops = a.req.stop_token_ids.contains(&s.token)
                         || (!a.req.ignore_eos && a.req.eos_token_ids.contains(&s.token));
                     if stops {

@@ -1,4 +1,5 @@
-//! The KV cache interface the decoder writes through, and its CPU implementation. Capacity is
+//! The KV cache interface the decoder writes through, and its contiguous implementation (any
+//! device; the CPU default). Capacity is
 //! accounted in blocks of `block_size` tokens (full plan depth), as a paged CUDA cache will hold
 //! them, so limits surface the same way on every backend.
 
@@ -50,6 +51,11 @@ pub trait KvCache: Send {
     fn allocate(&mut self, seq: SeqId, plan_len: usize) -> Result<(), KvError>;
     /// Makes room for `total_len` tokens of `seq`, or fails without side effects.
     fn reserve(&mut self, seq: SeqId, total_len: usize) -> Result<(), KvError>;
+    /// Called once per packed forward, before its first layer, with the step's chunks and the
+    /// length of their (common) plan.
+    fn begin_step(&mut self, _chunks: &[ChunkRef], _plan_len: usize) -> candle_core::Result<()> {
+        Ok(())
+    }
     /// Appends this step's keys/values (`[T, kv_heads, d]`, packed over `chunks`) at `plan_pos` and
     /// returns attention outputs `[T, heads * d]` for the packed queries `[T, heads, d]`.
     fn attend(
@@ -71,14 +77,14 @@ struct SeqKv {
 }
 
 /// Contiguous per-sequence tensors grown by concatenation; blocks are only counted.
-pub struct CpuKvCache {
+pub struct ContiguousKvCache {
     seqs: HashMap<SeqId, SeqKv>,
     block_size: usize,
     total_blocks: usize,
     used_blocks: usize,
 }
 
-impl CpuKvCache {
+impl ContiguousKvCache {
     pub fn new(total_blocks: usize, block_size: usize) -> Self {
         Self {
             seqs: HashMap::new(),
@@ -89,7 +95,7 @@ impl CpuKvCache {
     }
 }
 
-impl KvCache for CpuKvCache {
+impl KvCache for ContiguousKvCache {
     fn allocate(&mut self, seq: SeqId, plan_len: usize) -> Result<(), KvError> {
         if self.seqs.contains_key(&seq) {
             return Err(KvError::DuplicateSequence(seq));

@@ -6,6 +6,9 @@ pub mod attention;
 pub mod batch;
 pub mod kv_cache;
 pub mod model;
+#[cfg(feature = "cuda")]
+pub mod paged_cache;
+pub mod paged_tables;
 pub mod rope;
 pub mod sampler;
 pub mod scoring;
@@ -19,6 +22,7 @@ use candle_core::Tensor;
 use crate::plan::LayerPlan;
 use kv_cache::{ChunkRef, KvCache, KvError, KvUsage};
 use model::DecoderModel;
+use sampler::Sampled;
 use scoring::TokenScore;
 use taps::LayerTap;
 
@@ -54,6 +58,8 @@ pub struct EngineOptions {
     pub block_size: usize,
     /// Longest sequence accepted; defaults to the model's `max_position_embeddings`.
     pub max_model_len: Option<usize>,
+    /// On CUDA: bytes of the paged KV pool (replaces `kv_blocks`).
+    pub kv_cache_bytes: Option<usize>,
 }
 
 impl Default for EngineOptions {
@@ -62,6 +68,7 @@ impl Default for EngineOptions {
             kv_blocks: 4096,
             block_size: 16,
             max_model_len: None,
+            kv_cache_bytes: None,
         }
     }
 }
@@ -81,6 +88,9 @@ pub struct StepItem {
     pub tokens: Vec<u32>,
     pub score: Option<ScoreSpec>,
     pub want_logits: bool,
+    /// With `want_logits`: pick the argmax on the device and return it (with its logprob and
+    /// this many top logprobs) instead of the logits row, so only a few numbers leave the device.
+    pub greedy_top: Option<usize>,
 }
 
 #[derive(Debug, Clone)]
@@ -88,6 +98,8 @@ pub struct StepOutput {
     pub seq: SeqId,
     pub scores: Vec<TokenScore>,
     pub logits: Option<Vec<f32>>,
+    /// The device-side greedy pick, for items with `greedy_top`.
+    pub greedy: Option<Sampled>,
 }
 
 struct SeqState {
@@ -115,9 +127,41 @@ impl Engine {
     }
 
     /// An engine with the CPU KV cache.
-    pub fn with_cpu_cache(model: Arc<DecoderModel>, opts: &EngineOptions) -> Self {
-        let cache = Box::new(kv_cache::CpuKvCache::new(opts.kv_blocks, opts.block_size));
+    pub fn with_contiguous_cache(model: Arc<DecoderModel>, opts: &EngineOptions) -> Self {
+        let cache = Box::new(kv_cache::ContiguousKvCache::new(
+            opts.kv_blocks,
+            opts.block_size,
+        ));
         Self::new(model, cache, opts)
+    }
+
+    /// The paged cache on a CUDA model (with the `cuda` feature), the contiguous one otherwise.
+    pub fn for_device(model: Arc<DecoderModel>, opts: &EngineOptions) -> Result<Self, EngineError> {
+        #[cfg(feature = "cuda")]
+        if model.device().is_cuda() {
+            let cfg = model.config();
+            let (kv_heads, head_dim) = (cfg.num_key_value_heads, cfg.head_dim);
+            let blocks = match opts.kv_cache_bytes {
+                Some(bytes) => paged_cache::PagedKvCache::blocks_for_bytes(
+                    bytes,
+                    opts.block_size,
+                    kv_heads,
+                    head_dim,
+                    model.dtype(),
+                ),
+                None => opts.kv_blocks * cfg.num_hidden_layers,
+            };
+            let cache = paged_cache::PagedKvCache::new(
+                model.device(),
+                model.dtype(),
+                blocks,
+                opts.block_size,
+                kv_heads,
+                head_dim,
+            )?;
+            return Ok(Self::new(model, Box::new(cache), opts));
+        }
+        Ok(Self::with_contiguous_cache(model, opts))
     }
 
     pub fn model(&self) -> &Arc<DecoderModel> {
@@ -284,26 +328,70 @@ impl Engine {
             let idx = Tensor::new(rows.as_slice(), hidden.device())?;
             Some(self.model.logits(&hidden.index_select(&idx, 0)?)?)
         };
+        // Last-position rows: greedy ones are decided on the device, the others come back whole
+        // in one transfer.
         let mut next_row = 0;
-        let mut outs = Vec::with_capacity(members.len());
+        let mut score_at = Vec::with_capacity(members.len());
+        let (mut greedy_rows, mut full_rows) = (Vec::new(), Vec::new());
+        let mut greedy_k = 0;
         for &i in members {
+            let it = &items[i];
+            let n = it.score.as_ref().map_or(0, |s| s.targets.len());
+            score_at.push(next_row);
+            next_row += n;
+            if it.want_logits {
+                match it.greedy_top {
+                    Some(k) => {
+                        greedy_rows.push(next_row as u32);
+                        greedy_k = greedy_k.max(k);
+                    }
+                    None => full_rows.push(next_row as u32),
+                }
+                next_row += 1;
+            }
+        }
+        let mut greedy = match (&logits, greedy_rows.is_empty()) {
+            (Some(l), false) => {
+                let idx = Tensor::new(greedy_rows.as_slice(), l.device())?;
+                scoring::greedy_rows(&l.index_select(&idx, 0)?, greedy_k)?.into_iter()
+            }
+            _ => Vec::new().into_iter(),
+        };
+        let mut full = match (&logits, full_rows.is_empty()) {
+            (Some(l), false) => {
+                let idx = Tensor::new(full_rows.as_slice(), l.device())?;
+                l.index_select(&idx, 0)?.to_vec2::<f32>()?.into_iter()
+            }
+            _ => Vec::new().into_iter(),
+        };
+        let mut outs = Vec::with_capacity(members.len());
+        for (&i, &at) in members.iter().zip(&score_at) {
             let it = &items[i];
             let mut out = StepOutput {
                 seq: it.seq,
                 scores: Vec::new(),
                 logits: None,
+                greedy: None,
             };
             if let (Some(s), Some(l)) = (&it.score, &logits) {
-                let n = s.targets.len();
-                if n > 0 {
-                    out.scores =
-                        scoring::score_rows(&l.narrow(0, next_row, n)?, &s.targets, s.top_k)?;
+                if !s.targets.is_empty() {
+                    out.scores = scoring::score_rows(
+                        &l.narrow(0, at, s.targets.len())?,
+                        &s.targets,
+                        s.top_k,
+                    )?;
                 }
-                next_row += n;
             }
-            if let (true, Some(l)) = (it.want_logits, &logits) {
-                out.logits = Some(l.narrow(0, next_row, 1)?.squeeze(0)?.to_vec1()?);
-                next_row += 1;
+            if it.want_logits {
+                match it.greedy_top {
+                    Some(k) => {
+                        out.greedy = greedy.next().map(|mut g| {
+                            g.top.truncate(k);
+                            g
+                        })
+                    }
+                    None => out.logits = full.next(),
+                }
             }
             outs.push(out);
         }

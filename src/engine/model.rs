@@ -13,7 +13,8 @@ use crate::checkpoint::config::Activation;
 use crate::checkpoint::{CheckpointError, Family, LayerAttention, ModelConfig, ModelDir};
 use crate::plan::LayerPlan;
 
-/// RMSNorm with its effective scale (Gemma's `1 + w` folded in at load time).
+/// RMSNorm with its effective scale (Gemma's `1 + w` folded in at load time), computed in f32:
+/// it takes any dtype and returns f32.
 struct RmsNorm {
     alpha: Tensor,
     eps: f32,
@@ -21,7 +22,7 @@ struct RmsNorm {
 
 impl RmsNorm {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        candle_nn::ops::rms_norm(x, &self.alpha, self.eps)
+        candle_nn::ops::rms_norm(&x.to_dtype(DType::F32)?, &self.alpha, self.eps)
     }
 }
 
@@ -101,9 +102,9 @@ fn linear(
 }
 
 fn norm(vb: &VarBuilder, cfg: &ModelConfig, name: &str) -> Result<RmsNorm, CheckpointError> {
-    let w = get(vb, &[cfg.hidden_size], &format!("{name}.weight"))?;
+    let w = get(vb, &[cfg.hidden_size], &format!("{name}.weight"))?.to_dtype(DType::F32)?;
     let alpha = if cfg.family == Family::Gemma2 {
-        (w.to_dtype(DType::F32)? + 1.0)?.to_dtype(w.dtype())?
+        (w + 1.0)?
     } else {
         w
     };
@@ -177,26 +178,38 @@ impl DecoderLayer {
         cache: &mut dyn KvCache,
         plan_pos: usize,
     ) -> candle_core::Result<Tensor> {
+        // The residual stream `x`, norms and rotary embedding are f32; projections run in the
+        // weights' dtype. On CPU f32 every conversion is a no-op.
         let p = &self.attn.params;
+        let dt = self.attn.q.weight().dtype();
         let t = x.dim(0)?;
-        let h = self.attn_in_norm.forward(x)?;
+        let h = self.attn_in_norm.forward(x)?.to_dtype(dt)?;
         let rope = |y: Tensor, heads: usize| -> candle_core::Result<Tensor> {
-            let y = y.reshape((1, t, heads, p.head_dim))?.contiguous()?;
-            candle_nn::rotary_emb::rope_thd(&y, cos, sin)?.squeeze(0)
+            let y = y
+                .to_dtype(DType::F32)?
+                .reshape((1, t, heads, p.head_dim))?
+                .contiguous()?;
+            candle_nn::rotary_emb::rope_thd(&y, cos, sin)?
+                .squeeze(0)?
+                .to_dtype(dt)
         };
         let q = rope(self.attn.q.forward(&h)?, p.num_heads)?;
         let k = rope(self.attn.k.forward(&h)?, p.num_kv_heads)?;
         let v = split_heads(&self.attn.v.forward(&h)?, p.num_kv_heads, p.head_dim)?;
         let a = cache.attend(plan_pos, chunks, &q, &k, &v, p)?;
-        let mut a = self.attn.o.forward(&a)?;
-        if let Some(n) = &self.attn_out_norm {
-            a = n.forward(&a)?;
-        }
+        let a = self.attn.o.forward(&a)?;
+        let a = match &self.attn_out_norm {
+            Some(n) => n.forward(&a)?,
+            None => a.to_dtype(DType::F32)?,
+        };
         let x = (x + a)?;
-        let mut m = self.mlp.forward(&self.mlp_in_norm.forward(&x)?)?;
-        if let Some(n) = &self.mlp_out_norm {
-            m = n.forward(&m)?;
-        }
+        let m = self
+            .mlp
+            .forward(&self.mlp_in_norm.forward(&x)?.to_dtype(dt)?)?;
+        let m = match &self.mlp_out_norm {
+            Some(n) => n.forward(&m)?,
+            None => m.to_dtype(DType::F32)?,
+        };
         x + m
     }
 }
@@ -223,12 +236,15 @@ impl DecoderModel {
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| DecoderLayer::load(vb, &cfg, i))
             .collect::<Result<Vec<_>, _>>()?;
+        // The final norm and the LM head run in f32 whatever the weights' dtype: bf16 logits
+        // would round a logit of 20 to steps of 0.125 nats and flip near-tied argmaxes.
         let final_norm = norm(vb, &cfg, "model.norm")?;
         let lm_head = if cfg.tie_word_embeddings && !vb.contains_tensor("lm_head.weight") {
             embed.clone()
         } else {
             get(vb, &[cfg.vocab_size, cfg.hidden_size], "lm_head.weight")?
-        };
+        }
+        .to_dtype(DType::F32)?;
         let embed_scale = (cfg.family == Family::Gemma2).then(|| {
             // HF rounds the normalizer to the activation dtype.
             let s = (cfg.hidden_size as f64).sqrt();
@@ -265,7 +281,7 @@ impl DecoderModel {
     }
 
     /// Runs `plan` over the packed rows of `chunks` (tokens concatenated in chunk order) and
-    /// returns the final-normed hidden states `[T, hidden]`.
+    /// returns the final-normed hidden states `[T, hidden]` in f32.
     pub fn forward_hidden<'t>(
         &self,
         plan: &LayerPlan,
@@ -280,11 +296,11 @@ impl DecoderModel {
             .flat_map(|c| (c.start..c.start + c.len).map(|p| p as u32))
             .collect();
         let (cos, sin) = self.rope.gather(&positions)?;
-        let (cos, sin) = (cos.to_dtype(self.dtype)?, sin.to_dtype(self.dtype)?);
-        let mut x = self.embed.embedding(&ids)?;
+        let mut x = self.embed.embedding(&ids)?.to_dtype(DType::F32)?;
         if let Some(s) = self.embed_scale {
             x = (x * s)?;
         }
+        cache.begin_step(chunks, plan.layers().len())?;
         for (plan_pos, &layer) in plan.layers().iter().enumerate() {
             let y = self.layers[layer].forward(&x, &cos, &sin, chunks, cache, plan_pos)?;
             if let Some(tap) = tap.as_deref_mut() {
@@ -297,7 +313,7 @@ impl DecoderModel {
 
     /// Logits `[rows, vocab]` in f32 for final-normed hidden rows.
     pub fn logits(&self, hidden: &Tensor) -> candle_core::Result<Tensor> {
-        let logits = hidden.matmul(&self.lm_head.t()?)?.to_dtype(DType::F32)?;
+        let logits = hidden.to_dtype(DType::F32)?.matmul(&self.lm_head.t()?)?;
         match self.cfg.final_logit_softcapping {
             Some(cap) => (logits / cap)?.tanh()? * cap,
             None => Ok(logits),

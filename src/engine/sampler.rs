@@ -49,6 +49,16 @@ impl SamplingParams {
     }
 
     /// Names the first invalid setting, with the API parameter name.
+    /// `Some(top_logprobs)` when the next token is plain argmax of the raw logits (temperature 0,
+    /// no penalties), so the engine can pick it on the device.
+    pub fn device_greedy_top(&self) -> Option<usize> {
+        let plain = self.temperature == 0.0
+            && self.repetition_penalty == 1.0
+            && self.frequency_penalty == 0.0
+            && self.presence_penalty == 0.0;
+        plain.then_some(self.top_logprobs)
+    }
+
     pub fn validate(&self) -> Result<(), (&'static str, String)> {
         let finite = |name: &'static str, v: f32| {
             if v.is_finite() {

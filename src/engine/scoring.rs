@@ -4,6 +4,8 @@
 use candle_core::{DType, Tensor, D};
 use serde::Serialize;
 
+use super::sampler::Sampled;
+
 /// The logprob of one position's target token and the best alternatives (descending).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct TokenScore {
@@ -35,6 +37,21 @@ pub fn score_rows(
             token,
             logprob,
             top,
+        })
+        .collect())
+}
+
+/// Greedy picks for logits rows: the argmax token of each row, its log-softmax value and the
+/// top-`k` log-softmax entries, computed on the logits' device.
+pub fn greedy_rows(logits: &Tensor, k: usize) -> candle_core::Result<Vec<Sampled>> {
+    let lsm = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?;
+    let top = top_k_rows(&lsm, k.max(1))?;
+    Ok(top
+        .into_iter()
+        .map(|top| Sampled {
+            token: top[0].0,
+            logprob: top[0].1,
+            top: top.into_iter().take(k).collect(),
         })
         .collect())
 }

@@ -135,7 +135,7 @@ pub fn load_cpu(dir: &Path) -> Arc<DecoderModel> {
 
 pub fn batcher(model: &Arc<DecoderModel>) -> Batcher {
     Batcher::new(
-        Engine::with_cpu_cache(model.clone(), &EngineOptions::default()),
+        Engine::with_contiguous_cache(model.clone(), &EngineOptions::default()),
         4096,
     )
 }

@@ -1,0 +1,278 @@
+//! The CUDA paged KV cache: one pool of layer-blocks per base (every plan over it draws from the
+//! same pool), written with `reshape_and_cache` and read on decode by `paged_attention`
+//! (mistralrs-paged-attn kernels). Prefill chunks attend with candle ops: a fresh prompt against
+//! its own keys/values, a continued one against its history gathered from the pool.
+
+use candle_core::{DType, Device, IndexOp, Tensor};
+use mistralrs_paged_attn::{gather_kv_cache, paged_attention, reshape_and_cache};
+
+use super::attention::{attend, AttnParams};
+use super::kv_cache::{ChunkRef, KvCache, KvError, KvUsage};
+use super::paged_tables::{BlockPool, StepTables};
+use super::SeqId;
+
+struct DecodeIndex {
+    /// Packed row of each decode chunk, `[decode]` u32.
+    rows: Tensor,
+    /// `[plan_len, decode, max_blocks]` u32.
+    tables: Tensor,
+    /// `[decode]` u32.
+    context_lens: Tensor,
+}
+
+/// The step's index arrays on the device.
+struct UploadedStep {
+    tables: StepTables,
+    /// `[plan_len, T]` i64.
+    slots: Tensor,
+    /// Present when the step has decode rows.
+    decode: Option<DecodeIndex>,
+    /// Restores packed row order after decode rows were computed first; `None` when the order
+    /// already matches.
+    fused_order: Option<Tensor>,
+}
+
+pub struct PagedKvCache {
+    pool: BlockPool,
+    key_cache: Tensor,
+    value_cache: Tensor,
+    device: Device,
+    dtype: DType,
+    step: Option<UploadedStep>,
+}
+
+fn kernel_err(e: KvError) -> candle_core::Error {
+    candle_core::Error::Msg(format!("kv: {e}"))
+}
+
+impl PagedKvCache {
+    /// Layer-blocks that fit in `bytes` (keys and values).
+    pub fn blocks_for_bytes(
+        bytes: usize,
+        block_size: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        dtype: DType,
+    ) -> usize {
+        bytes / (2 * kv_heads * head_dim * block_size * dtype.size_in_bytes())
+    }
+
+    pub fn new(
+        device: &Device,
+        dtype: DType,
+        num_blocks: usize,
+        block_size: usize,
+        kv_heads: usize,
+        head_dim: usize,
+    ) -> candle_core::Result<Self> {
+        let x = 16 / dtype.size_in_bytes();
+        let key_cache = Tensor::zeros(
+            (num_blocks, kv_heads, head_dim / x, block_size, x),
+            dtype,
+            device,
+        )?;
+        let value_cache =
+            Tensor::zeros((num_blocks, kv_heads, head_dim, block_size), dtype, device)?;
+        Ok(Self {
+            pool: BlockPool::new(num_blocks, block_size),
+            key_cache,
+            value_cache,
+            device: device.clone(),
+            dtype,
+            step: None,
+        })
+    }
+
+    /// Keys and values `[kv_heads, len, d]` of `seq`'s first `len` tokens at `plan_pos`.
+    fn gather(
+        &self,
+        seq: SeqId,
+        plan_pos: usize,
+        len: usize,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
+        let table = self.pool.table(seq, plan_pos).map_err(kernel_err)?;
+        let used = len.div_ceil(self.pool.block_size());
+        let table = Tensor::new(&table[..used], &self.device)?.reshape((1, used))?;
+        let cu = Tensor::new(&[0u32, len as u32], &self.device)?;
+        let (k, v) = gather_kv_cache(
+            &self.key_cache,
+            &self.value_cache,
+            None,
+            None,
+            &table,
+            &cu,
+            self.dtype,
+        )?;
+        Ok((
+            k.transpose(0, 1)?.contiguous()?,
+            v.transpose(0, 1)?.contiguous()?,
+        ))
+    }
+}
+
+/// A row-major copy starting at offset 0, as the kernels index raw pointers.
+fn fresh(t: &Tensor) -> candle_core::Result<Tensor> {
+    if t.is_contiguous() && t.layout().start_offset() == 0 {
+        Ok(t.clone())
+    } else {
+        t.force_contiguous()
+    }
+}
+
+impl KvCache for PagedKvCache {
+    fn allocate(&mut self, seq: SeqId, plan_len: usize) -> Result<(), KvError> {
+        self.pool.allocate(seq, plan_len)
+    }
+
+    fn reserve(&mut self, seq: SeqId, total_len: usize) -> Result<(), KvError> {
+        self.pool.reserve(seq, total_len)
+    }
+
+    fn begin_step(&mut self, chunks: &[ChunkRef], plan_len: usize) -> candle_core::Result<()> {
+        let tables = self
+            .pool
+            .step_tables(chunks, plan_len)
+            .map_err(kernel_err)?;
+        let total: usize = chunks.iter().map(|c| c.len).sum();
+        let dev = &self.device;
+        let slots = Tensor::from_slice(&tables.slots, (plan_len, total), dev)?;
+        let n_dec = tables.decode_chunks.len();
+        let rows: Vec<u32> = tables
+            .decode_chunks
+            .iter()
+            .map(|&i| chunks[i].offset as u32)
+            .collect();
+        // Zero-length device buffers are avoided: no decode rows, no index tensors.
+        let decode = if n_dec == 0 {
+            None
+        } else {
+            Some(DecodeIndex {
+                rows: Tensor::from_slice(&rows, n_dec, dev)?,
+                tables: Tensor::from_slice(
+                    &tables.decode_tables,
+                    (plan_len, n_dec, tables.decode_max_blocks),
+                    dev,
+                )?,
+                context_lens: Tensor::from_slice(&tables.decode_context_lens, n_dec, dev)?,
+            })
+        };
+        // Fused layout: decode rows first, then the other chunks' rows in chunk order.
+        let fused_order = if n_dec == 0 || n_dec == chunks.len() {
+            None
+        } else {
+            let mut position = vec![0u32; total];
+            for (j, &i) in tables.decode_chunks.iter().enumerate() {
+                position[chunks[i].offset] = j as u32;
+            }
+            let mut next = n_dec as u32;
+            for c in chunks.iter().filter(|c| c.len != 1) {
+                for r in c.offset..c.offset + c.len {
+                    position[r] = next;
+                    next += 1;
+                }
+            }
+            Some(Tensor::from_slice(&position, total, dev)?)
+        };
+        self.step = Some(UploadedStep {
+            tables,
+            slots,
+            decode,
+            fused_order,
+        });
+        Ok(())
+    }
+
+    fn attend(
+        &mut self,
+        plan_pos: usize,
+        chunks: &[ChunkRef],
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        params: &AttnParams,
+    ) -> candle_core::Result<Tensor> {
+        let step = self
+            .step
+            .as_ref()
+            .ok_or_else(|| candle_core::Error::Msg("kv: attend before begin_step".into()))?;
+        let slots = fresh(&step.slots.i(plan_pos)?)?;
+        reshape_and_cache(
+            &fresh(k)?,
+            &fresh(v)?,
+            None,
+            None,
+            &self.key_cache,
+            &self.value_cache,
+            &slots,
+        )?;
+        let width = params.num_heads * params.head_dim;
+        let n_dec = step.tables.decode_chunks.len();
+        // paged_attention has no sliding window: windowed layers past their window take the
+        // gather path for every chunk.
+        let windowed = params
+            .window
+            .is_some_and(|w| step.tables.decode_max_context > w);
+        let decode = step.decode.as_ref().filter(|_| !windowed);
+        let fused = decode.is_some();
+        let mut parts = Vec::new();
+        if let Some(dec) = decode {
+            let q_dec = q.index_select(&dec.rows, 0)?;
+            let out = paged_attention(
+                &q_dec,
+                None,
+                None,
+                &self.key_cache,
+                &self.value_cache,
+                &dec.tables.i(plan_pos)?,
+                &dec.context_lens,
+                None,
+                step.tables.decode_max_context,
+                params.scale as f32,
+                params.softcap.unwrap_or(1.0) as f32,
+                None,
+            )?;
+            parts.push(out.reshape((n_dec, width))?);
+        }
+        for c in chunks {
+            if fused && c.len == 1 {
+                continue;
+            }
+            let (keys, values) = if c.start == 0 {
+                (
+                    k.narrow(0, c.offset, c.len)?
+                        .transpose(0, 1)?
+                        .contiguous()?,
+                    v.narrow(0, c.offset, c.len)?
+                        .transpose(0, 1)?
+                        .contiguous()?,
+                )
+            } else {
+                self.gather(c.seq, plan_pos, c.start + c.len)?
+            };
+            parts.push(attend(
+                &q.narrow(0, c.offset, c.len)?,
+                &keys,
+                &values,
+                c.start,
+                params,
+            )?);
+        }
+        let out = if parts.len() == 1 {
+            parts.remove(0)
+        } else {
+            Tensor::cat(&parts, 0)?
+        };
+        match (&step.fused_order, fused) {
+            (Some(order), true) => out.index_select(order, 0),
+            _ => Ok(out),
+        }
+    }
+
+    fn release(&mut self, seq: SeqId) {
+        self.pool.release(seq);
+    }
+
+    fn usage(&self) -> KvUsage {
+        self.pool.usage()
+    }
+}
