@@ -3,8 +3,9 @@
 //! the model), so a killed run resumes and a re-run costs no requests.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
+use std::time::Instant;
 
 use serde_json::Value;
 
@@ -30,6 +31,8 @@ pub struct Client {
     api_key: Option<String>,
     cache_dir: Option<PathBuf>,
     sent: AtomicUsize,
+    /// Nanoseconds spent waiting on HTTP round trips (summed over threads).
+    waiting_ns: AtomicU64,
 }
 
 /// FNV-1a 64: a cache key that stays the same across builds and platforms.
@@ -56,12 +59,18 @@ impl Client {
             api_key,
             cache_dir,
             sent: AtomicUsize::new(0),
+            waiting_ns: AtomicU64::new(0),
         }
     }
 
     /// Requests actually sent to the server (cache hits excluded).
     pub fn requests_sent(&self) -> usize {
         self.sent.load(Ordering::SeqCst)
+    }
+
+    /// Seconds spent waiting on the server (request sent to response parsed), over all threads.
+    pub fn waiting_seconds(&self) -> f64 {
+        self.waiting_ns.load(Ordering::SeqCst) as f64 / 1e9
     }
 
     /// POSTs JSON, answering from the cache when this exact request was answered before.
@@ -111,6 +120,7 @@ impl Client {
                 req = req.bearer_auth(k);
             }
             self.sent.fetch_add(1, Ordering::SeqCst);
+            let started = Instant::now();
             let resp = req.send().map_err(|e| ClientError::Unreachable {
                 url: url.clone(),
                 message: e.to_string(),
@@ -121,7 +131,10 @@ impl Client {
                 delay *= 2;
                 continue;
             }
-            let v: Value = resp.json().map_err(|e| ClientError::Invalid {
+            let v: Result<Value, _> = resp.json();
+            self.waiting_ns
+                .fetch_add(started.elapsed().as_nanos() as u64, Ordering::SeqCst);
+            let v = v.map_err(|e| ClientError::Invalid {
                 url: url.clone(),
                 message: e.to_string(),
             })?;

@@ -5,29 +5,51 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-/// One task's per-item outcome for one model, as `eval` writes it.
+/// One task's per-item outcome for one model, as `eval` writes it. `acc` / `acc_norm` hold the
+/// task's two metrics, named in `metrics` (e.g. `acc`/`acc_norm`, `strict_match`/
+/// `flexible_extract`, `pass@1`, `rougeL_f1`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TaskResult {
     pub task: String,
     pub model: String,
+    pub metrics: [String; 2],
+    pub generative: bool,
     pub acc: f64,
     pub acc_norm: f64,
     pub items: Vec<ItemResult>,
 }
 
+/// What was asked and answered, for reading a result file.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Record {
+    pub prompt: String,
+    pub responses: Vec<String>,
+    pub extracted: Vec<String>,
+    pub target: String,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ItemResult {
+    pub id: String,
+    /// The item's score under each metric (0/1, a pass fraction, or ROUGE-L).
+    pub value: f64,
+    pub value_norm: f64,
+    #[serde(default)]
     pub gold: usize,
+    #[serde(default)]
     pub loglikelihoods: Vec<f64>,
+    #[serde(default)]
     pub pred: usize,
+    #[serde(default)]
     pub pred_norm: usize,
+    pub record: Record,
 }
 
 impl TaskResult {
-    pub fn correct(&self, norm: bool) -> Vec<bool> {
+    pub fn values(&self, norm: bool) -> Vec<f64> {
         self.items
             .iter()
-            .map(|i| (if norm { i.pred_norm } else { i.pred }) == i.gold)
+            .map(|i| if norm { i.value_norm } else { i.value })
             .collect()
     }
 }
@@ -43,11 +65,17 @@ pub struct Comparison {
     pub retention_ci: (f64, f64),
     pub difference: f64,
     pub difference_ci: (f64, f64),
-    pub mcnemar_p: f64,
+    /// Exact McNemar on 0/1 items; `None` for continuous scores.
+    pub mcnemar_p: Option<f64>,
+    pub generative: bool,
 }
 
-fn mean(x: &[bool]) -> f64 {
-    crate::metrics::mean(x)
+fn mean(x: &[f64]) -> f64 {
+    if x.is_empty() {
+        0.0
+    } else {
+        x.iter().sum::<f64>() / x.len() as f64
+    }
 }
 
 fn percentile(sorted: &[f64], q: f64) -> f64 {
@@ -57,8 +85,8 @@ fn percentile(sorted: &[f64], q: f64) -> f64 {
 
 /// 95 % paired bootstrap intervals of (variant/base, variant - base) over items.
 pub fn paired_bootstrap(
-    base: &[bool],
-    variant: &[bool],
+    base: &[f64],
+    variant: &[f64],
     iterations: usize,
     seed: u64,
 ) -> ((f64, f64), (f64, f64)) {
@@ -67,16 +95,16 @@ pub fn paired_bootstrap(
     let mut ratios = Vec::with_capacity(iterations);
     let mut diffs = Vec::with_capacity(iterations);
     for _ in 0..iterations {
-        let (mut b, mut v) = (0usize, 0usize);
+        let (mut b, mut v) = (0.0, 0.0);
         for _ in 0..n {
             let i = rng.random_range(0..n);
-            b += base[i] as usize;
-            v += variant[i] as usize;
+            b += base[i];
+            v += variant[i];
         }
-        if b > 0 {
-            ratios.push(v as f64 / b as f64);
+        if b > 0.0 {
+            ratios.push(v / b);
         }
-        diffs.push((v as f64 - b as f64) / n as f64);
+        diffs.push((v - b) / n as f64);
     }
     ratios.sort_by(f64::total_cmp);
     diffs.sort_by(f64::total_cmp);
@@ -126,15 +154,20 @@ pub fn compare(base: &TaskResult, variant: &TaskResult, norm: bool) -> Result<Co
             .items
             .iter()
             .zip(&variant.items)
-            .any(|(a, b)| a.gold != b.gold)
+            .any(|(a, b)| a.id != b.id || a.gold != b.gold)
     {
         return Err(format!(
             "{}: {} and {} were not run on the same items",
             base.task, base.model, variant.model
         ));
     }
-    let (b, v) = (base.correct(norm), variant.correct(norm));
+    let (b, v) = (base.values(norm), variant.values(norm));
     let (retention_ci, difference_ci) = paired_bootstrap(&b, &v, 2000, 0);
+    let binary = |x: &[f64]| x.iter().all(|&y| y == 0.0 || y == 1.0);
+    let mcnemar_p = (binary(&b) && binary(&v)).then(|| {
+        let to_bool = |x: &[f64]| x.iter().map(|&y| y == 1.0).collect::<Vec<_>>();
+        mcnemar_exact(&to_bool(&b), &to_bool(&v))
+    });
     let (bs, vs) = (mean(&b), mean(&v));
     Ok(Comparison {
         task: base.task.clone(),
@@ -146,7 +179,8 @@ pub fn compare(base: &TaskResult, variant: &TaskResult, norm: bool) -> Result<Co
         retention_ci,
         difference: vs - bs,
         difference_ci,
-        mcnemar_p: mcnemar_exact(&b, &v),
+        mcnemar_p,
+        generative: base.generative,
     })
 }
 
@@ -155,25 +189,28 @@ pub fn markdown(base_model: &str, rows: &[Comparison]) -> String {
     let mut s = format!("| task | variant | n | {base_model} | variant | retention [95% CI] | diff [95% CI] | McNemar p |\n|---|---|---|---|---|---|---|---|\n");
     for r in rows {
         s += &format!(
-            "| {} | {} | {} | {:.3} | {:.3} | {:.3} [{:.3}, {:.3}] | {:+.3} [{:+.3}, {:+.3}] | {:.2e} |\n",
+            "| {} | {} | {} | {:.3} | {:.3} | {:.3} [{:.3}, {:.3}] | {:+.3} [{:+.3}, {:+.3}] | {} |\n",
             r.task, r.variant, r.n, r.base_score, r.variant_score, r.retention, r.retention_ci.0, r.retention_ci.1,
-            r.difference, r.difference_ci.0, r.difference_ci.1, r.mcnemar_p
+            r.difference, r.difference_ci.0, r.difference_ci.1,
+            r.mcnemar_p.map_or("-".to_string(), |p| format!("{p:.2e}"))
         );
     }
     let mut variants: Vec<&str> = rows.iter().map(|r| r.variant.as_str()).collect();
     variants.dedup();
     for v in variants {
-        let ret: Vec<f64> = rows
-            .iter()
-            .filter(|r| r.variant == v && r.retention.is_finite())
-            .map(|r| r.retention)
-            .collect();
-        if !ret.is_empty() {
-            s += &format!(
-                "\nmean retention of {v}: {:.3} over {} tasks",
-                ret.iter().sum::<f64>() / ret.len() as f64,
-                ret.len()
-            );
+        for (generative, kind) in [(false, "classification"), (true, "generative")] {
+            let ret: Vec<f64> = rows
+                .iter()
+                .filter(|r| r.variant == v && r.generative == generative && r.retention.is_finite())
+                .map(|r| r.retention)
+                .collect();
+            if !ret.is_empty() {
+                s += &format!(
+                    "\nmean {kind} retention of {v}: {:.3} over {} tasks",
+                    ret.iter().sum::<f64>() / ret.len() as f64,
+                    ret.len()
+                );
+            }
         }
     }
     s
@@ -190,13 +227,14 @@ mod tests {
         base.extend([false; 2]);
         let variant: Vec<bool> = base.iter().map(|x| !x).collect();
         assert!((mcnemar_exact(&base, &variant) - 0.0385742).abs() < 1e-6);
+        assert_eq!(mcnemar_exact(&[true, false], &[true, false]), 1.0);
         assert_eq!(mcnemar_exact(&base, &base), 1.0);
     }
 
     #[test]
     fn bootstrap_intervals_hold_the_estimate_and_repeat() {
-        let base: Vec<bool> = (0..200).map(|i| i % 3 != 0).collect();
-        let variant: Vec<bool> = (0..200).map(|i| i % 2 == 0).collect();
+        let base: Vec<f64> = (0..200).map(|i| f64::from(i % 3 != 0)).collect();
+        let variant: Vec<f64> = (0..200).map(|i| f64::from(i % 2 == 0)).collect();
         let (r, d) = paired_bootstrap(&base, &variant, 1000, 7);
         let ratio = mean(&variant) / mean(&base);
         assert!(r.0 < ratio && ratio < r.1, "{r:?} {ratio}");

@@ -1,13 +1,39 @@
-//! Runs a multiple-choice task against a server and writes `results/<model>/<task>.json`
-//! all-or-nothing (a finished file is never partial).
+//! Runs a task against a server and writes `results/<model>/<task>.json` all-or-nothing (a
+//! finished file is never partial): multiple-choice tasks by loglikelihood, generative tasks by
+//! generation plus answer extraction, program execution or ROUGE-L.
 
 use std::path::{Path, PathBuf};
 
+use indicatif::{ProgressBar, ProgressStyle};
+
 use crate::client::{Client, ClientError};
-use crate::compare::{ItemResult, TaskResult};
+use crate::compare::{ItemResult, Record, TaskResult};
+use crate::gen_tasks::{self, Check, GenDoc, Prompt};
+use crate::generation::{generate_all, GenSettings};
 use crate::loglikelihood::score_pairs;
-use crate::metrics::{mean, predictions};
+use crate::metrics::predictions;
+use crate::sandbox::{self, Isolation, Limits, Outcome};
 use crate::tasks::Doc;
+
+/// A progress bar with items/s and ETA on stderr (hidden when stderr is not a terminal).
+pub fn progress(task: &str, len: usize) -> ProgressBar {
+    let bar = ProgressBar::new(len as u64);
+    if let Ok(style) =
+        ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {per_sec} eta {eta}")
+    {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar.set_prefix(task.to_string());
+    bar
+}
+
+fn mean(x: &[f64]) -> f64 {
+    if x.is_empty() {
+        0.0
+    } else {
+        x.iter().sum::<f64>() / x.len() as f64
+    }
+}
 
 /// Scores every choice of every doc and derives `acc` / `acc_norm`.
 pub fn run_task(
@@ -26,10 +52,14 @@ pub fn run_task(
                 .zip(d.continuations.iter().cloned())
         })
         .collect();
-    let scores = score_pairs(client, model, &pairs, 16, concurrency)?;
+    let bar = progress(task, pairs.len());
+    let scores = score_pairs(client, model, &pairs, 16, concurrency, &|n| {
+        bar.inc(n as u64)
+    })?;
+    bar.finish_and_clear();
     let mut items = Vec::with_capacity(docs.len());
     let mut at = 0;
-    for d in docs {
+    for (i, d) in docs.iter().enumerate() {
         let lls: Vec<f64> = scores[at..at + d.continuations.len()]
             .iter()
             .map(|s| s.loglikelihood)
@@ -37,24 +67,127 @@ pub fn run_task(
         at += d.continuations.len();
         let (pred, pred_norm) = predictions(&lls, &d.continuations);
         items.push(ItemResult {
+            id: i.to_string(),
+            value: f64::from(pred == d.gold),
+            value_norm: f64::from(pred_norm == d.gold),
             gold: d.gold,
             loglikelihoods: lls,
             pred,
             pred_norm,
+            record: Record {
+                prompt: d.contexts[d.gold].clone(),
+                responses: vec![d.continuations[pred].clone()],
+                extracted: vec![pred.to_string()],
+                target: d.continuations[d.gold].clone(),
+            },
         });
     }
-    let acc = mean(&items.iter().map(|i| i.pred == i.gold).collect::<Vec<_>>());
-    let acc_norm = mean(
-        &items
-            .iter()
-            .map(|i| i.pred_norm == i.gold)
-            .collect::<Vec<_>>(),
-    );
     Ok(TaskResult {
         task: task.to_string(),
         model: model.to_string(),
-        acc,
-        acc_norm,
+        metrics: ["acc".into(), "acc_norm".into()],
+        generative: false,
+        acc: mean(&items.iter().map(|i| i.value).collect::<Vec<_>>()),
+        acc_norm: mean(&items.iter().map(|i| i.value_norm).collect::<Vec<_>>()),
+        items,
+    })
+}
+
+fn prompt_text(p: &Prompt) -> String {
+    match p {
+        Prompt::Completion(t) => t.clone(),
+        Prompt::Chat(turns) => turns
+            .iter()
+            .map(|(r, c)| format!("<{r}> {c}"))
+            .collect::<Vec<_>>()
+            .join("\n"),
+    }
+}
+
+/// Generates for every doc and scores the responses. GSM8K: strict / flexible exact match;
+/// programs: pass@1 (mean over samples) in the sandbox; XSUM: ROUGE-L F1.
+pub fn run_gen_task(
+    client: &Client,
+    model: &str,
+    task: &str,
+    docs: &[GenDoc],
+    settings: &GenSettings,
+    concurrency: usize,
+) -> Result<TaskResult, ClientError> {
+    let bar = progress(task, docs.len());
+    let responses = generate_all(client, model, docs, settings, concurrency, &|| bar.inc(1))?;
+    bar.finish_and_clear();
+    let iso = Isolation::detect();
+    let limits = Limits::default();
+    let parallel = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let mut items = Vec::with_capacity(docs.len());
+    let mut metrics = ["exact_match".to_string(), "exact_match".to_string()];
+    for (doc, texts) in docs.iter().zip(responses) {
+        let (value, value_norm, extracted, target) = match &doc.check {
+            Check::Number(target) => {
+                metrics = ["strict_match".into(), "flexible_extract".into()];
+                let (strict, flexible, extracted) = gen_tasks::score_numbers(&texts, target);
+                (strict, flexible, extracted, target.clone())
+            }
+            Check::Program { before, after } => {
+                metrics = ["pass@1".into(), "pass@1".into()];
+                let programs: Vec<String> = texts
+                    .iter()
+                    .map(|t| format!("{before}{t}{after}"))
+                    .collect();
+                let runs = sandbox::run_many(&programs, &limits, &iso, parallel);
+                let passed = mean(
+                    &runs
+                        .iter()
+                        .map(|r| f64::from(r.outcome == Outcome::Passed))
+                        .collect::<Vec<_>>(),
+                );
+                let outcomes = runs
+                    .iter()
+                    .map(|r| {
+                        format!(
+                            "{:?}: {}",
+                            r.outcome,
+                            r.stderr_tail.lines().last().unwrap_or("")
+                        )
+                    })
+                    .collect();
+                (passed, passed, outcomes, String::new())
+            }
+            Check::Rouge(reference) => {
+                metrics = ["rougeL_f1".into(), "rougeL_f1".into()];
+                let r = mean(
+                    &texts
+                        .iter()
+                        .map(|t| gen_tasks::rouge_l_f1(reference, t))
+                        .collect::<Vec<_>>(),
+                );
+                (r, r, vec![format!("{r:.4}")], reference.clone())
+            }
+        };
+        items.push(ItemResult {
+            id: doc.id.clone(),
+            value,
+            value_norm,
+            gold: 0,
+            loglikelihoods: Vec::new(),
+            pred: 0,
+            pred_norm: 0,
+            record: Record {
+                prompt: prompt_text(&doc.prompt),
+                responses: texts,
+                extracted,
+                target,
+            },
+        });
+    }
+    Ok(TaskResult {
+        task: task.to_string(),
+        model: model.to_string(),
+        metrics,
+        generative: true,
+        acc: mean(&items.iter().map(|i| i.value).collect::<Vec<_>>()),
+        acc_norm: mean(&items.iter().map(|i| i.value_norm).collect::<Vec<_>>()),
         items,
     })
 }

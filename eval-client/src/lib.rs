@@ -1,11 +1,19 @@
 //! pruneval: runs benchmarks against any OpenAI-compatible server and compares variants.
 //!
-//! Data path: [`tasks`] load documents → [`loglikelihood`] scores them through [`client`] →
-//! [`metrics`] → result files → [`compare`] (retention with paired bootstrap CIs, McNemar).
+//! Data path: [`tasks`] / [`gen_tasks`] load documents → [`loglikelihood`] scores them, or
+//! [`generation`] generates and [`sandbox`] runs programs, through [`client`] → [`metrics`] →
+//! [`eval`] writes result files → [`compare`] (retention with paired bootstrap CIs, McNemar) and
+//! [`plot`]. [`loadgen`] is the HTTP load generator of `pruneval bench`.
 
 pub mod client;
 pub mod compare;
 pub mod eval;
+pub mod gen_tasks;
+pub mod generation;
+pub mod loadgen;
 pub mod loglikelihood;
 pub mod metrics;
+pub mod plot;
+pub mod sandbox;
 pub mod tasks;
+pub mod workers;

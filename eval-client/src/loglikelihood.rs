@@ -3,12 +3,10 @@
 //! `max_tokens: 1`, `temperature: 0`; the score is the sum of the continuation tokens' logprobs and
 //! greediness comes from `top_logprobs`.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
-
 use serde_json::{json, Value};
 
 use crate::client::{Client, ClientError};
+use crate::workers::run_indexed;
 
 /// lm-eval's `_encode_pair`: trailing spaces of the context move to the continuation, and the
 /// continuation tokens are those of `context + continuation` past the context's tokens.
@@ -79,8 +77,6 @@ pub fn score_choice(choice: &Value, ctx_len: usize, cont_len: usize) -> Result<S
     })
 }
 
-type ChunkResult = Result<Vec<Score>, ClientError>;
-
 /// Scores `(context, continuation)` pairs, `batch` prompts per request, `concurrency` requests
 /// in flight. Results are in input order.
 pub fn score_pairs(
@@ -89,44 +85,27 @@ pub fn score_pairs(
     pairs: &[(String, String)],
     batch: usize,
     concurrency: usize,
+    on_scored: &(dyn Fn(usize) + Sync),
 ) -> Result<Vec<Score>, ClientError> {
     let encoded = pairs
         .iter()
         .map(|(c, x)| encode_pair(c, x, |t| tokenize(client, model, t)))
         .collect::<Result<Vec<_>, _>>()?;
     let chunks: Vec<&[(Vec<u32>, Vec<u32>)]> = encoded.chunks(batch.max(1)).collect();
-    let results: Mutex<Vec<Option<ChunkResult>>> =
-        Mutex::new((0..chunks.len()).map(|_| None).collect());
-    let next = AtomicUsize::new(0);
-    std::thread::scope(|s| {
-        for _ in 0..concurrency.max(1) {
-            s.spawn(|| loop {
-                let i = next.fetch_add(1, Ordering::SeqCst);
-                let Some(chunk) = chunks.get(i) else { break };
-                let r = score_chunk(client, model, chunk);
-                let failed = r.is_err();
-                if let Ok(mut slots) = results.lock() {
-                    slots[i] = Some(r);
-                }
-                if failed {
-                    break;
-                }
-            });
-        }
-    });
-    let mut out = Vec::with_capacity(pairs.len());
-    for slot in results.into_inner().unwrap_or_default() {
-        match slot {
-            Some(r) => out.extend(r?),
-            None => {
-                return Err(ClientError::Invalid {
-                    url: "/v1/completions".into(),
-                    message: "a batch was not scored".into(),
-                })
-            }
-        }
-    }
-    Ok(out)
+    let scored = run_indexed(
+        chunks.len(),
+        concurrency,
+        |i| {
+            let r = score_chunk(client, model, chunks[i]);
+            on_scored(chunks[i].len());
+            r
+        },
+        || ClientError::Invalid {
+            url: "/v1/completions".into(),
+            message: "a batch was not scored".into(),
+        },
+    )?;
+    Ok(scored.into_iter().flatten().collect())
 }
 
 fn score_chunk(

@@ -5,7 +5,15 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use pruneval::client::Client;
-use pruneval::{compare, eval, tasks};
+use pruneval::generation::GenSettings;
+use pruneval::loadgen::LoadGen;
+use pruneval::{compare, eval, gen_tasks, plot, tasks};
+
+/// A task's documents, by kind.
+enum Loaded {
+    Choice(Vec<tasks::Doc>),
+    Generative(Vec<gen_tasks::GenDoc>),
+}
 
 #[derive(Parser)]
 #[command(
@@ -20,7 +28,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run multiple-choice tasks (loglikelihood through /v1/completions) and write result files.
+    /// Run tasks (multiple choice by loglikelihood; generative by generation) and write
+    /// results/<model>/<task>.json with per-item records.
     Eval {
         #[arg(long)]
         base_url: String,
@@ -40,6 +49,43 @@ enum Command {
         cache_dir: PathBuf,
         #[arg(long, default_value_t = 4)]
         concurrency: usize,
+        /// Few-shot examples for mmlu (default 5) and arithmetic (default 3).
+        #[arg(long)]
+        num_fewshot: Option<usize>,
+        /// Generative tasks: sampling temperature (0 = greedy).
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f64,
+        /// Generative tasks: max new tokens (default: the task's).
+        #[arg(long)]
+        max_tokens: Option<usize>,
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Generative tasks: samples per item (`n`); pass@1 is their mean.
+        #[arg(long, default_value_t = 1)]
+        samples_per_item: usize,
+        #[arg(long, env = "OPENAI_API_KEY")]
+        api_key: Option<String>,
+    },
+    /// Load-test a server through HTTP: batch-1 decode, streamed generation at several
+    /// concurrency levels (TTFT p50/p99, output tok/s) and echo-logprob scoring throughput.
+    Bench {
+        #[arg(long)]
+        base_url: String,
+        /// Models to measure, in order (e.g. a base and its pruned variant).
+        #[arg(long, value_delimiter = ',')]
+        models: Vec<String>,
+        #[arg(long, value_delimiter = ',', default_values_t = vec![1, 16, 64, 256])]
+        concurrency: Vec<usize>,
+        #[arg(long, default_value_t = 512)]
+        prompt_len: usize,
+        #[arg(long, default_value_t = 256)]
+        output_len: usize,
+        /// Scoring: this many prompts of --prompt-len tokens (0 skips scoring).
+        #[arg(long, default_value_t = 1000)]
+        score_prompts: usize,
+        /// Write the figures as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
         #[arg(long, env = "OPENAI_API_KEY")]
         api_key: Option<String>,
     },
@@ -77,28 +123,113 @@ fn run(cli: Cli) -> Result<()> {
             out_dir,
             cache_dir,
             concurrency,
+            num_fewshot,
+            temperature,
+            max_tokens,
+            seed,
+            samples_per_item,
             api_key,
         } => {
+            if names.is_empty() {
+                anyhow::bail!("no tasks given (--tasks); known: {}", tasks::known_tasks());
+            }
+            if temperature < 0.0 || samples_per_item == 0 {
+                anyhow::bail!("--temperature must be >= 0 and --samples-per-item >= 1");
+            }
+            // Every task loads before the first request, so a bad name or file costs nothing.
             let mut loaded = Vec::new();
             for t in &names {
-                let docs = tasks::load(t, &data_dir)?;
-                let n = tasks::apply_limit(docs.len(), limit);
-                loaded.push((t.clone(), docs.into_iter().take(n).collect::<Vec<_>>()));
+                let take = |n: usize| tasks::apply_limit(n, limit);
+                let docs = match gen_tasks::load(t, &data_dir) {
+                    Some(docs) => {
+                        let docs = docs?;
+                        let n = take(docs.len());
+                        Loaded::Generative(docs.into_iter().take(n).collect())
+                    }
+                    None => {
+                        let docs = tasks::load_with_shots(t, &data_dir, num_fewshot)?;
+                        let n = take(docs.len());
+                        Loaded::Choice(docs.into_iter().take(n).collect())
+                    }
+                };
+                loaded.push((t.clone(), docs));
             }
             let client = Client::new(&base_url, api_key, Some(cache_dir));
+            let settings = GenSettings {
+                temperature,
+                max_tokens,
+                seed,
+                samples: samples_per_item,
+            };
             for (task, docs) in loaded {
-                let r = eval::run_task(&client, &model, &task, &docs, concurrency)
-                    .with_context(|| format!("task {task}"))?;
+                let started = std::time::Instant::now();
+                let waited = client.waiting_seconds();
+                let r = match &docs {
+                    Loaded::Choice(d) => eval::run_task(&client, &model, &task, d, concurrency),
+                    Loaded::Generative(d) => {
+                        eval::run_gen_task(&client, &model, &task, d, &settings, concurrency)
+                    }
+                }
+                .with_context(|| format!("task {task}"))?;
                 let path = eval::write_result(&out_dir, &r)?;
                 println!(
-                    "{task}: acc {:.4} acc_norm {:.4} (n={}) -> {}",
+                    "{task}: {} {:.4} {} {:.4} (n={}) -> {}",
+                    r.metrics[0],
                     r.acc,
+                    r.metrics[1],
                     r.acc_norm,
                     r.items.len(),
                     path.display()
                 );
+                let wall = started.elapsed().as_secs_f64();
+                let waiting = client.waiting_seconds() - waited;
+                println!(
+                    "{task}: {:.1} items/s, wall {wall:.2} s, waiting on the server {waiting:.2} s (summed over {concurrency} workers)",
+                    r.items.len() as f64 / wall
+                );
             }
             println!("requests sent: {}", client.requests_sent());
+            Ok(())
+        }
+        Command::Bench {
+            base_url,
+            models,
+            concurrency,
+            prompt_len,
+            output_len,
+            score_prompts,
+            json,
+            api_key,
+        } => {
+            let gen = LoadGen::new(&base_url, api_key)?;
+            let mut levels = Vec::new();
+            let mut scoring = Vec::new();
+            for m in &models {
+                // Warm-up: one short request so start-up costs stay out of the figures.
+                gen.generation_level(m, 1, 1, prompt_len, 8)?;
+                for &c in &concurrency {
+                    let r = gen.generation_level(m, c, c.max(4), prompt_len, output_len)?;
+                    println!(
+                        "{m} c={c}: {:.0} output tok/s, TTFT p50 {:.1} ms p99 {:.1} ms, {:.1} tok/s per request",
+                        r.output_tok_per_s, r.ttft_p50_ms, r.ttft_p99_ms, r.decode_tok_per_s_per_request
+                    );
+                    levels.push(r);
+                }
+                if score_prompts > 0 {
+                    let r = gen.scoring(m, score_prompts, prompt_len, 16, 16)?;
+                    println!(
+                        "{m} scoring: {:.0} prompt tok/s ({} prompts, {:.1} s)",
+                        r.prompt_tok_per_s, r.prompts, r.wall_s
+                    );
+                    scoring.push(r);
+                }
+            }
+            if let Some(path) = json {
+                let v = serde_json::json!({"generation": levels, "scoring": scoring,
+                    "prompt_len": prompt_len, "output_len": output_len});
+                std::fs::write(&path, serde_json::to_string_pretty(&v)?)
+                    .with_context(|| format!("write {}", path.display()))?;
+            }
             Ok(())
         }
         Command::Compare {
@@ -116,10 +247,24 @@ fn run(cli: Cli) -> Result<()> {
                     rows.push(compare::compare(&b, &r, norm).map_err(anyhow::Error::msg)?);
                 }
             }
-            println!("{}", compare::markdown(&base, &rows));
-            let json_path = out_dir.join(format!("compare-{base}.json"));
-            std::fs::write(&json_path, serde_json::to_string_pretty(&rows)?)?;
-            println!("\nwrote {}", json_path.display());
+            let table = compare::markdown(&base, &rows);
+            println!("{table}");
+            let stem = out_dir.join(format!("compare-{}", base.replace('/', "_")));
+            let (md, json, png) = (
+                stem.with_extension("md"),
+                stem.with_extension("json"),
+                stem.with_extension("png"),
+            );
+            std::fs::write(&md, &table).with_context(|| format!("write {}", md.display()))?;
+            std::fs::write(&json, serde_json::to_string_pretty(&rows)?)
+                .with_context(|| format!("write {}", json.display()))?;
+            plot::retention_chart(&png, &base, &rows).map_err(anyhow::Error::msg)?;
+            println!(
+                "\nwrote {}, {} and {}",
+                md.display(),
+                json.display(),
+                png.display()
+            );
             Ok(())
         }
     }
