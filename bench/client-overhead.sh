@@ -2,12 +2,17 @@
 # Client overhead of `pruneval eval`: arc_easy against a server whose scoring is nearly free (a
 # 2-layer, 64-wide random model with a byte tokenizer), one worker, fresh cache. Prints items/s
 # and the share of wall time spent in the client (wall minus time waiting on HTTP round trips).
-# Usage: bench/client-overhead.sh [ITEMS]   (binaries from $CARGO_TARGET_DIR or target/, release)
+# Usage: bench/client-overhead.sh [ITEMS]   (release binaries are built unless BIN names a directory
+# holding pruneserve and pruneval)
 set -euo pipefail
 ITEMS=${1:-500}
-T=${CARGO_TARGET_DIR:-target}/release
-cargo build --release -q -p pruneserve -p pruneval
-W=$(mktemp -d); trap 'kill $SERVER 2>/dev/null; rm -rf "$W"' EXIT
+if [ -n "${BIN:-}" ]; then
+  T=$BIN
+else
+  T=${CARGO_TARGET_DIR:-target}/release
+  cargo build --release -q -p pruneserve -p pruneval
+fi
+W=$(mktemp -d); trap 'kill ${SERVER:-} 2>/dev/null; rm -rf "$W"' EXIT
 "$T/pruneserve" init-random --like bench/tiny-llama-config.json "$W/tiny" > /dev/null
 "$T/pruneserve" serve --model "$W/tiny" --served-model-name tiny --port 8124 > "$W/server.log" 2>&1 &
 SERVER=$!
