@@ -25,6 +25,10 @@ pub enum ClientError {
     Cache { path: String, message: String },
 }
 
+/// How long one request may take, queueing on the server included (a CPU server works through a
+/// generative task's queue slowly).
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(3600);
+
 pub struct Client {
     http: reqwest::blocking::Client,
     base_url: String,
@@ -50,7 +54,7 @@ impl Client {
             .trim_end_matches("/v1")
             .to_string();
         let http = reqwest::blocking::Client::builder()
-            .timeout(Duration::from_secs(600))
+            .timeout(REQUEST_TIMEOUT)
             .build()
             .unwrap_or_else(|_| reqwest::blocking::Client::new());
         Self {
@@ -123,7 +127,11 @@ impl Client {
             let started = Instant::now();
             let resp = req.send().map_err(|e| ClientError::Unreachable {
                 url: url.clone(),
-                message: e.to_string(),
+                message: if e.is_timeout() {
+                    format!("no answer within {} s", REQUEST_TIMEOUT.as_secs())
+                } else {
+                    e.to_string()
+                },
             })?;
             let status = resp.status().as_u16();
             if (status == 429 || status == 503) && attempt <= 6 {
