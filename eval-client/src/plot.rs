@@ -63,15 +63,7 @@ pub fn retention_chart(path: &Path, base: &str, rows: &[Comparison]) -> Result<(
         chart
             .configure_mesh()
             .disable_x_mesh()
-            .x_labels(tasks.len())
-            .x_label_formatter(&|x| {
-                let i = x.floor() as usize;
-                if (x - x.floor() - 0.5).abs() < 1e-9 {
-                    tasks.get(i).map(|t| t.to_string()).unwrap_or_default()
-                } else {
-                    String::new()
-                }
-            })
+            .x_labels(0)
             .y_desc("retention")
             .draw()?;
         let width = 0.8 / variants.len() as f64;
@@ -105,12 +97,27 @@ pub fn retention_chart(path: &Path, base: &str, rows: &[Comparison]) -> Result<(
                     }),
             )?;
         }
+        // Task names above each group (plotters' numeric x labels cannot name categories).
+        chart.draw_series(tasks.iter().enumerate().map(|(i, t)| {
+            let peak = rows
+                .iter()
+                .filter(|r| r.task == *t)
+                .flat_map(|r| [r.retention, r.retention_ci.1])
+                .filter(|x| x.is_finite())
+                .fold(0.0f64, f64::max);
+            Text::new(
+                t.to_string(),
+                (i as f64 + 0.1, (peak + top * 0.04).min(top * 0.97)),
+                ("sans-serif", 16),
+            )
+        }))?;
         chart.draw_series(std::iter::once(PathElement::new(
             vec![(0.0, 1.0), (tasks.len() as f64, 1.0)],
             RED.stroke_width(1),
         )))?;
         chart
             .configure_series_labels()
+            .position(SeriesLabelPosition::LowerRight)
             .background_style(WHITE.mix(0.8))
             .border_style(BLACK)
             .draw()?;
