@@ -70,13 +70,7 @@ pub struct Comparison {
     pub generative: bool,
 }
 
-fn mean(x: &[f64]) -> f64 {
-    if x.is_empty() {
-        0.0
-    } else {
-        x.iter().sum::<f64>() / x.len() as f64
-    }
-}
+use crate::metrics::average as mean;
 
 fn percentile(sorted: &[f64], q: f64) -> f64 {
     let idx = ((sorted.len() - 1) as f64 * q).round() as usize;

@@ -27,13 +27,7 @@ pub fn progress(task: &str, len: usize) -> ProgressBar {
     bar
 }
 
-fn mean(x: &[f64]) -> f64 {
-    if x.is_empty() {
-        0.0
-    } else {
-        x.iter().sum::<f64>() / x.len() as f64
-    }
-}
+use crate::metrics::average as mean;
 
 /// Scores every choice of every doc and derives `acc` / `acc_norm`.
 pub fn run_task(

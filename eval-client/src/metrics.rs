@@ -30,6 +30,14 @@ pub fn mean(xs: &[bool]) -> f64 {
     xs.iter().filter(|x| **x).count() as f64 / xs.len() as f64
 }
 
+/// Mean of per-item scores (0 for none).
+pub fn average(xs: &[f64]) -> f64 {
+    if xs.is_empty() {
+        return 0.0;
+    }
+    xs.iter().sum::<f64>() / xs.len() as f64
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
