@@ -1,6 +1,6 @@
 //! pruneval: runs benchmarks against any OpenAI-compatible server and compares variants.
 //!
-//! Data path: [`tasks`] / [`gen_tasks`] load documents → [`loglikelihood`] scores them, or
+//! Data path: [`tasks`] / [`gen_tasks`] load documents (from `--data-dir`, or [`hub_data`]) → [`loglikelihood`] scores them, or
 //! [`generation`] generates and [`sandbox`] runs programs, through [`client`] → [`metrics`] →
 //! [`eval`] writes result files → [`compare`] (retention with paired bootstrap CIs, McNemar) and
 //! [`plot`]. [`loadgen`] is the HTTP load generator of `pruneval bench`.
@@ -10,6 +10,7 @@ pub mod compare;
 pub mod eval;
 pub mod gen_tasks;
 pub mod generation;
+pub mod hub_data;
 pub mod loadgen;
 pub mod loglikelihood;
 pub mod metrics;

@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand};
 use pruneval::client::Client;
 use pruneval::generation::GenSettings;
 use pruneval::loadgen::LoadGen;
-use pruneval::{compare, eval, gen_tasks, plot, tasks};
+use pruneval::{compare, eval, gen_tasks, hub_data, plot, tasks};
 
 /// A task's documents, by kind.
 enum Loaded {
@@ -40,8 +40,11 @@ enum Command {
         /// A count (50) or a fraction (0.2) of each task's items.
         #[arg(long)]
         limit: Option<f64>,
-        #[arg(long, default_value = "../shared/data")]
-        data_dir: PathBuf,
+        /// Task files in the layout of ../shared/data/README.md. Without it, each task's split
+        /// comes from the Hugging Face hub (hf-hub cache; HF_HUB_OFFLINE=1 reads only the
+        /// cache) and is written once under <cache-dir>/hub-data.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
         #[arg(long, default_value = "results")]
         out_dir: PathBuf,
         /// Response cache (resume and re-runs cost no requests).
@@ -139,6 +142,12 @@ fn run(cli: Cli) -> Result<()> {
             // Every task loads before the first request, so a bad name or file costs nothing.
             let mut loaded = Vec::new();
             for t in &names {
+                let data_dir = match &data_dir {
+                    Some(dir) => dir.clone(),
+                    None => hub_data::materialize(t, &cache_dir.join("hub-data")).with_context(
+                        || format!("task {t} (no --data-dir, so from the Hugging Face hub)"),
+                    )?,
+                };
                 let take = |n: usize| tasks::apply_limit(n, limit);
                 let docs = match gen_tasks::load(t, &data_dir) {
                     Some(docs) => {

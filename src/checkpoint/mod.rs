@@ -195,7 +195,7 @@ fn fetch_from_hub(model_id: &str) -> Result<PathBuf, CheckpointError> {
         let dir = config.parent().map(Path::to_path_buf).unwrap_or_default();
         return Ok(dir);
     }
-    let api = hf_hub::api::sync::ApiBuilder::from_cache(cache)
+    let api = hf_hub::api::sync::ApiBuilder::from_env()
         .build()
         .map_err(|e| hub(&e))?;
     let repo = api.model(model_id.to_string());
