@@ -84,8 +84,3 @@ pub fn attend(
         .reshape((n, heads * d))
 }
 
-/// Splits `[n, heads*d]`-style projections into `[n, heads, d]`.
-pub fn split_heads(x: &Tensor, heads: usize, d: usize) -> Result<Tensor> {
-    let n = x.dim(0)?;
-    x.reshape((n, heads, d))
-}

@@ -4,6 +4,7 @@
 
 pub mod attention;
 pub mod batch;
+pub mod fused;
 pub mod kv_cache;
 pub mod model;
 #[cfg(feature = "cuda")]

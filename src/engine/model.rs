@@ -2,10 +2,11 @@
 //! weights, and a plain packed forward over a [`LayerPlan`]. Rows of many sequences are packed
 //! into one `[T, hidden]` matrix for the projections; attention runs per sequence via the cache.
 
-use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
 
-use super::attention::{split_heads, AttnParams};
+use super::attention::AttnParams;
+use super::fused::{act_mul, linear_f32, rms_norm_to, rope_heads};
 use super::kv_cache::{ChunkRef, KvCache};
 use super::rope::RopeTables;
 use super::taps::LayerTap;
@@ -13,43 +14,42 @@ use crate::checkpoint::config::Activation;
 use crate::checkpoint::{CheckpointError, Family, LayerAttention, ModelConfig, ModelDir};
 use crate::plan::LayerPlan;
 
-/// RMSNorm with its effective scale (Gemma's `1 + w` folded in at load time), computed in f32:
-/// it takes any dtype and returns f32.
+/// RMSNorm of f32 rows with its effective scale (Gemma's `1 + w` folded in at load time),
+/// computed in f32 and written in the dtype asked for.
 struct RmsNorm {
     alpha: Tensor,
     eps: f32,
 }
 
 impl RmsNorm {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        candle_nn::ops::rms_norm(&x.to_dtype(DType::F32)?, &self.alpha, self.eps)
+    fn forward(&self, x: &Tensor, out: DType) -> candle_core::Result<Tensor> {
+        rms_norm_to(x, &self.alpha, self.eps, out)
     }
 }
 
+/// Attention projections; q, k and v packed into one `[(heads + 2 kv_heads) * head_dim, hidden]`
+/// weight so that one GEMM serves all three.
 struct Attention {
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    o: Linear,
+    qkv: Tensor,
+    /// Qwen2's q|k|v biases, f32.
+    qkv_bias: Option<Tensor>,
+    o: Tensor,
     params: AttnParams,
 }
 
+/// The MLP; gate and up packed into one `[2 * intermediate, hidden]` weight.
 struct Mlp {
-    gate: Linear,
-    up: Linear,
-    down: Linear,
+    gate_up: Tensor,
+    down: Tensor,
     act: Activation,
 }
 
 impl Mlp {
+    /// f32 rows in, f32 rows out; the activation product is rounded once to the weights' dtype.
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let gate = self.gate.forward(x)?;
-        let gate = match self.act {
-            Activation::Silu => candle_nn::ops::silu(&gate)?,
-            Activation::GeluTanh => gate.gelu()?,
-            Activation::GeluErf => gate.gelu_erf()?,
-        };
-        self.down.forward(&(gate * self.up.forward(x)?)?)
+        let gate_up = linear_f32(x, &self.gate_up, None)?;
+        let m = act_mul(&gate_up, self.act, self.down.dtype())?;
+        linear_f32(&m, &self.down, None)
     }
 }
 
@@ -85,20 +85,26 @@ fn get(vb: &VarBuilder, shape: &[usize], name: &str) -> Result<Tensor, Checkpoin
     Ok(vb.get(shape, name)?)
 }
 
-fn linear(
+/// The weights `[rows, inp]` of projections `names`, stacked along the output dimension.
+fn stacked(
     vb: &VarBuilder,
-    out: usize,
+    names: &[(&str, usize)],
     inp: usize,
-    name: &str,
-    bias: bool,
-) -> Result<Linear, CheckpointError> {
-    let w = get(vb, &[out, inp], &format!("{name}.weight"))?;
-    let b = if bias {
-        Some(get(vb, &[out], &format!("{name}.bias"))?)
-    } else {
-        None
-    };
-    Ok(Linear::new(w, b))
+) -> Result<Tensor, CheckpointError> {
+    let parts = names
+        .iter()
+        .map(|(name, rows)| get(vb, &[*rows, inp], &format!("{name}.weight")))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Tensor::cat(&parts, 0)?)
+}
+
+/// The biases of projections `names`, stacked, in f32.
+fn stacked_bias(vb: &VarBuilder, names: &[(&str, usize)]) -> Result<Tensor, CheckpointError> {
+    let parts = names
+        .iter()
+        .map(|(name, rows)| get(vb, &[*rows], &format!("{name}.bias")))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Tensor::cat(&parts, 0)?.to_dtype(DType::F32)?)
 }
 
 fn norm(vb: &VarBuilder, cfg: &ModelConfig, name: &str) -> Result<RmsNorm, CheckpointError> {
@@ -121,11 +127,21 @@ impl DecoderLayer {
         let (nh, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
         let bias = cfg.attention_bias;
         let gemma = cfg.family == Family::Gemma2;
+        let qkv_names = [
+            (format!("{p}.self_attn.q_proj"), nh * hd),
+            (format!("{p}.self_attn.k_proj"), nkv * hd),
+            (format!("{p}.self_attn.v_proj"), nkv * hd),
+        ];
+        let qkv_names: Vec<(&str, usize)> =
+            qkv_names.iter().map(|(n, r)| (n.as_str(), *r)).collect();
         let attn = Attention {
-            q: linear(vb, nh * hd, h, &format!("{p}.self_attn.q_proj"), bias)?,
-            k: linear(vb, nkv * hd, h, &format!("{p}.self_attn.k_proj"), bias)?,
-            v: linear(vb, nkv * hd, h, &format!("{p}.self_attn.v_proj"), bias)?,
-            o: linear(vb, h, nh * hd, &format!("{p}.self_attn.o_proj"), false)?,
+            qkv: stacked(vb, &qkv_names, h)?,
+            qkv_bias: if bias {
+                Some(stacked_bias(vb, &qkv_names)?)
+            } else {
+                None
+            },
+            o: get(vb, &[h, nh * hd], &format!("{p}.self_attn.o_proj.weight"))?,
             params: AttnParams {
                 scale: cfg.attention_scale,
                 softcap: cfg.attn_logit_softcapping,
@@ -139,10 +155,10 @@ impl DecoderLayer {
             },
         };
         let im = cfg.intermediate_size;
+        let (gate, up) = (format!("{p}.mlp.gate_proj"), format!("{p}.mlp.up_proj"));
         let mlp = Mlp {
-            gate: linear(vb, im, h, &format!("{p}.mlp.gate_proj"), false)?,
-            up: linear(vb, im, h, &format!("{p}.mlp.up_proj"), false)?,
-            down: linear(vb, h, im, &format!("{p}.mlp.down_proj"), false)?,
+            gate_up: stacked(vb, &[(&gate, im), (&up, im)], h)?,
+            down: get(vb, &[h, im], &format!("{p}.mlp.down_proj.weight"))?,
             act: cfg.activation,
         };
         let n = |name: &str| norm(vb, cfg, &format!("{p}.{name}"));
@@ -178,37 +194,28 @@ impl DecoderLayer {
         cache: &mut dyn KvCache,
         plan_pos: usize,
     ) -> candle_core::Result<Tensor> {
-        // The residual stream `x`, norms and rotary embedding are f32; projections run in the
-        // weights' dtype. On CPU f32 every conversion is a no-op.
+        // The residual stream `x` is f32; norms and rotary embedding compute in f32 and round
+        // once to the weights' dtype; projections accumulate and return f32. On CPU f32 every
+        // rounding is a no-op.
         let p = &self.attn.params;
-        let dt = self.attn.q.weight().dtype();
-        let t = x.dim(0)?;
-        let h = self.attn_in_norm.forward(x)?.to_dtype(dt)?;
-        let rope = |y: Tensor, heads: usize| -> candle_core::Result<Tensor> {
-            let y = y
-                .to_dtype(DType::F32)?
-                .reshape((1, t, heads, p.head_dim))?
-                .contiguous()?;
-            candle_nn::rotary_emb::rope_thd(&y, cos, sin)?
-                .squeeze(0)?
-                .to_dtype(dt)
-        };
-        let q = rope(self.attn.q.forward(&h)?, p.num_heads)?;
-        let k = rope(self.attn.k.forward(&h)?, p.num_kv_heads)?;
-        let v = split_heads(&self.attn.v.forward(&h)?, p.num_kv_heads, p.head_dim)?;
+        let dt = self.attn.qkv.dtype();
+        let (nh, nkv, hd) = (p.num_heads, p.num_kv_heads, p.head_dim);
+        let h = self.attn_in_norm.forward(x, dt)?;
+        let qkv = linear_f32(&h, &self.attn.qkv, self.attn.qkv_bias.as_ref())?;
+        let q = rope_heads(&qkv, (cos, sin), (0, nh, hd), true, dt)?;
+        let k = rope_heads(&qkv, (cos, sin), (nh * hd, nkv, hd), true, dt)?;
+        let v = rope_heads(&qkv, (cos, sin), ((nh + nkv) * hd, nkv, hd), false, dt)?;
         let a = cache.attend(plan_pos, chunks, &q, &k, &v, p)?;
-        let a = self.attn.o.forward(&a)?;
+        let a = linear_f32(&a, &self.attn.o, None)?;
         let a = match &self.attn_out_norm {
-            Some(n) => n.forward(&a)?,
-            None => a.to_dtype(DType::F32)?,
+            Some(n) => n.forward(&a, DType::F32)?,
+            None => a,
         };
         let x = (x + a)?;
-        let m = self
-            .mlp
-            .forward(&self.mlp_in_norm.forward(&x)?.to_dtype(dt)?)?;
+        let m = self.mlp.forward(&self.mlp_in_norm.forward(&x, dt)?)?;
         let m = match &self.mlp_out_norm {
-            Some(n) => n.forward(&m)?,
-            None => m.to_dtype(DType::F32)?,
+            Some(n) => n.forward(&m, DType::F32)?,
+            None => m,
         };
         x + m
     }
@@ -236,15 +243,15 @@ impl DecoderModel {
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| DecoderLayer::load(vb, &cfg, i))
             .collect::<Result<Vec<_>, _>>()?;
-        // The final norm and the LM head run in f32 whatever the weights' dtype: bf16 logits
-        // would round a logit of 20 to steps of 0.125 nats and flip near-tied argmaxes.
+        // The LM head returns f32 logits whatever the weights' dtype (bf16 logits would round
+        // a logit of 20 to steps of 0.125 nats and flip near-tied argmaxes); on CUDA bf16 it
+        // reads the bf16 weights once (GemmEx, f32 accumulation and output).
         let final_norm = norm(vb, &cfg, "model.norm")?;
         let lm_head = if cfg.tie_word_embeddings && !vb.contains_tensor("lm_head.weight") {
             embed.clone()
         } else {
             get(vb, &[cfg.vocab_size, cfg.hidden_size], "lm_head.weight")?
-        }
-        .to_dtype(DType::F32)?;
+        };
         let embed_scale = (cfg.family == Family::Gemma2).then(|| {
             // HF rounds the normalizer to the activation dtype.
             let s = (cfg.hidden_size as f64).sqrt();
@@ -308,12 +315,12 @@ impl DecoderModel {
             }
             x = y;
         }
-        self.final_norm.forward(&x)
+        self.final_norm.forward(&x, DType::F32)
     }
 
     /// Logits `[rows, vocab]` in f32 for final-normed hidden rows.
     pub fn logits(&self, hidden: &Tensor) -> candle_core::Result<Tensor> {
-        let logits = hidden.to_dtype(DType::F32)?.matmul(&self.lm_head.t()?)?;
+        let logits = linear_f32(hidden, &self.lm_head, None)?;
         match self.cfg.final_logit_softcapping {
             Some(cap) => (logits / cap)?.tanh()? * cap,
             None => Ok(logits),

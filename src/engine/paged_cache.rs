@@ -14,6 +14,8 @@ use super::SeqId;
 struct DecodeIndex {
     /// Packed row of each decode chunk, `[decode]` u32.
     rows: Tensor,
+    /// The decode rows are every packed row, in order (a pure decode step): no gather needed.
+    all_rows: bool,
     /// `[plan_len, decode, max_blocks]` u32.
     tables: Tensor,
     /// `[decode]` u32.
@@ -148,6 +150,7 @@ impl KvCache for PagedKvCache {
         } else {
             Some(DecodeIndex {
                 rows: Tensor::from_slice(&rows, n_dec, dev)?,
+                all_rows: n_dec == total && rows.iter().enumerate().all(|(j, &r)| r == j as u32),
                 tables: Tensor::from_slice(
                     &tables.decode_tables,
                     (plan_len, n_dec, tables.decode_max_blocks),
@@ -216,7 +219,11 @@ impl KvCache for PagedKvCache {
         let fused = decode.is_some();
         let mut parts = Vec::new();
         if let Some(dec) = decode {
-            let q_dec = q.index_select(&dec.rows, 0)?;
+            let q_dec = if dec.all_rows {
+                q.clone()
+            } else {
+                q.index_select(&dec.rows, 0)?
+            };
             let out = paged_attention(
                 &q_dec,
                 None,
