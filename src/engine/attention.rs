@@ -83,4 +83,3 @@ pub fn attend(
         .contiguous()?
         .reshape((n, heads * d))
 }
-

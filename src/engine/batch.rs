@@ -71,6 +71,7 @@ pub struct Batcher {
     order: Vec<SeqId>,
     next_id: SeqId,
     max_step_tokens: usize,
+    stats: super::step_stats::StepStats,
 }
 
 impl Batcher {
@@ -82,6 +83,7 @@ impl Batcher {
             order: Vec::new(),
             next_id: 1,
             max_step_tokens: max_step_tokens.max(1),
+            stats: Default::default(),
         }
     }
 
@@ -234,7 +236,9 @@ impl Batcher {
             events.extend(self.finish_idle());
             return events;
         }
+        let started = std::time::Instant::now();
         let results = self.engine.step(&items);
+        self.stats.record(&items, started.elapsed());
         for (item, result) in items.iter().zip(results) {
             let id = item.seq;
             let out = match result {

@@ -272,9 +272,10 @@ pub fn linear_f32(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> 
     } else if w.device().is_cuda() {
         x.to_dtype(w.dtype())?.apply_op2_no_bwd(w, &GemmF32Out)?
     } else {
+        // What GemmEx computes: inputs rounded to the weights' dtype, f32 products and sums.
         x.to_dtype(w.dtype())?
-            .matmul(&w.t()?)?
             .to_dtype(DType::F32)?
+            .matmul(&w.to_dtype(DType::F32)?.t()?)?
     };
     match b {
         Some(b) => y.broadcast_add(b),
@@ -444,5 +445,107 @@ mod cuda {
             .w()?;
         }
         Ok((CudaStorage::wrap_cuda_slice(y, dev), Shape::from((t, n))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, IndexOp};
+
+    fn randn(shape: &[usize], seed: u64) -> Tensor {
+        let n: usize = shape.iter().product();
+        // A fixed pseudo-random sequence in [-2, 2).
+        let v: Vec<f32> = (0..n as u64)
+            .map(|i| (((i * 2_654_435_761 + seed * 97) % 1000) as f32 / 250.0) - 2.0)
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    #[test]
+    fn rms_norm_to_matches_candle_and_rounds_once() {
+        let (x, alpha) = (randn(&[3, 64], 1), randn(&[64], 2));
+        let want = candle_nn::ops::rms_norm(&x, &alpha, 1e-5).unwrap();
+        let got = rms_norm_to(&x, &alpha, 1e-5, DType::F32).unwrap();
+        assert!(max_diff(&got, &want) < 1e-5);
+        let bf = rms_norm_to(&x, &alpha, 1e-5, DType::BF16).unwrap();
+        assert_eq!(bf.dtype(), DType::BF16);
+        let rounded = got
+            .to_dtype(DType::BF16)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap();
+        assert_eq!(max_diff(&bf.to_dtype(DType::F32).unwrap(), &rounded), 0.0);
+    }
+
+    #[test]
+    fn rope_heads_matches_candle_rope_thd_and_copies_unrotated_heads() {
+        let (t, nh, nkv, hd) = (5, 4, 2, 8);
+        let qkv = randn(&[t, (nh + 2 * nkv) * hd], 3);
+        let (cos, sin) = (randn(&[t, hd / 2], 4), randn(&[t, hd / 2], 5));
+        let k = rope_heads(&qkv, (&cos, &sin), (nh * hd, nkv, hd), true, DType::F32).unwrap();
+        let k_in = qkv
+            .narrow(1, nh * hd, nkv * hd)
+            .unwrap()
+            .reshape((1, t, nkv, hd))
+            .unwrap()
+            .contiguous()
+            .unwrap();
+        let want = candle_nn::rotary_emb::rope_thd(&k_in, &cos, &sin).unwrap();
+        assert!(max_diff(&k, &want.i(0).unwrap()) < 1e-6);
+        let v = rope_heads(
+            &qkv,
+            (&cos, &sin),
+            ((nh + nkv) * hd, nkv, hd),
+            false,
+            DType::F32,
+        )
+        .unwrap();
+        let v_in = qkv.narrow(1, (nh + nkv) * hd, nkv * hd).unwrap();
+        assert_eq!(max_diff(&v, &v_in.reshape((t, nkv, hd)).unwrap()), 0.0);
+    }
+
+    #[test]
+    fn act_mul_matches_candle_activations() {
+        let gu = randn(&[3, 16], 6);
+        let (g, u) = (gu.narrow(1, 0, 8).unwrap(), gu.narrow(1, 8, 8).unwrap());
+        let silu = (candle_nn::ops::silu(&g).unwrap() * &u).unwrap();
+        let got = act_mul(&gu, Activation::Silu, DType::F32).unwrap();
+        assert!(max_diff(&got, &silu) < 1e-6);
+        let gelu = (g.gelu().unwrap() * &u).unwrap();
+        let got = act_mul(&gu, Activation::GeluTanh, DType::F32).unwrap();
+        assert!(max_diff(&got, &gelu) < 1e-5);
+    }
+
+    #[test]
+    fn linear_f32_rounds_inputs_only() {
+        let (x, w) = (
+            randn(&[3, 32], 7),
+            randn(&[6, 32], 8).to_dtype(DType::BF16).unwrap(),
+        );
+        let got = linear_f32(&x, &w, None).unwrap();
+        assert_eq!(got.dtype(), DType::F32);
+        let xr = x
+            .to_dtype(DType::BF16)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap();
+        let want = xr
+            .matmul(&w.to_dtype(DType::F32).unwrap().t().unwrap())
+            .unwrap();
+        assert!(max_diff(&got, &want) < 1e-5);
     }
 }

@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 
 use super::attention::{attend, AttnParams};
 use super::SeqId;
@@ -76,21 +76,24 @@ struct SeqKv {
     blocks: usize,
 }
 
-/// Contiguous per-sequence tensors grown by concatenation; blocks are only counted.
+/// Contiguous per-sequence tensors grown by concatenation, stored in `dtype`; blocks are only
+/// counted.
 pub struct ContiguousKvCache {
     seqs: HashMap<SeqId, SeqKv>,
     block_size: usize,
     total_blocks: usize,
     used_blocks: usize,
+    dtype: DType,
 }
 
 impl ContiguousKvCache {
-    pub fn new(total_blocks: usize, block_size: usize) -> Self {
+    pub fn new(total_blocks: usize, block_size: usize, dtype: DType) -> Self {
         Self {
             seqs: HashMap::new(),
             block_size,
             total_blocks,
             used_blocks: 0,
+            dtype,
         }
     }
 }
@@ -156,6 +159,14 @@ impl KvCache for ContiguousKvCache {
                 .narrow(0, c.offset, c.len)?
                 .transpose(0, 1)?
                 .contiguous()?;
+            let q = q.narrow(0, c.offset, c.len)?;
+            if c.start == 0 {
+                // A fresh prompt attends to its own keys and values as given (f32 on prefill).
+                outs.push(attend(&q, &new_k, &new_v, 0, params)?.to_dtype(self.dtype)?);
+                *slot = Some((new_k.to_dtype(self.dtype)?, new_v.to_dtype(self.dtype)?));
+                continue;
+            }
+            let (new_k, new_v) = (new_k.to_dtype(self.dtype)?, new_v.to_dtype(self.dtype)?);
             let (all_k, all_v) = match slot.take() {
                 Some((pk, pv)) => {
                     if pk.dim(1)? != c.start {
@@ -171,20 +182,20 @@ impl KvCache for ContiguousKvCache {
                         Tensor::cat(&[&pv, &new_v], 1)?,
                     )
                 }
-                None if c.start == 0 => (new_k, new_v),
                 None => candle_core::bail!(
                     "kv: sequence {} has no cache but chunk starts at {}",
                     c.seq,
                     c.start
                 ),
             };
-            let out = attend(
-                &q.narrow(0, c.offset, c.len)?,
-                &all_k,
-                &all_v,
-                c.start,
-                params,
-            )?;
+            // A continued chunk attends to the history in the cache's dtype; a decode row's
+            // query is rounded to it too (as the paged decode kernel takes it).
+            let q = if c.len == 1 {
+                q.to_dtype(self.dtype)?
+            } else {
+                q
+            };
+            let out = attend(&q, &all_k, &all_v, c.start, params)?.to_dtype(self.dtype)?;
             *slot = Some((all_k, all_v));
             outs.push(out);
         }

@@ -13,6 +13,7 @@ pub mod paged_tables;
 pub mod rope;
 pub mod sampler;
 pub mod scoring;
+pub mod step_stats;
 pub mod taps;
 
 use std::collections::HashMap;
@@ -132,6 +133,7 @@ impl Engine {
         let cache = Box::new(kv_cache::ContiguousKvCache::new(
             opts.kv_blocks,
             opts.block_size,
+            model.dtype(),
         ));
         Self::new(model, cache, opts)
     }

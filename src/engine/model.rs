@@ -202,9 +202,16 @@ impl DecoderLayer {
         let (nh, nkv, hd) = (p.num_heads, p.num_kv_heads, p.head_dim);
         let h = self.attn_in_norm.forward(x, dt)?;
         let qkv = linear_f32(&h, &self.attn.qkv, self.attn.qkv_bias.as_ref())?;
-        let q = rope_heads(&qkv, (cos, sin), (0, nh, hd), true, dt)?;
-        let k = rope_heads(&qkv, (cos, sin), (nh * hd, nkv, hd), true, dt)?;
-        let v = rope_heads(&qkv, (cos, sin), ((nh + nkv) * hd, nkv, hd), false, dt)?;
+        // Steps with prefill rows keep q/k/v in f32 (a fresh prompt attends to its own
+        // unrounded keys; the cache rounds what it stores); decode-only steps round them here.
+        let qkv_dt = if chunks.iter().all(|c| c.len == 1) {
+            dt
+        } else {
+            DType::F32
+        };
+        let q = rope_heads(&qkv, (cos, sin), (0, nh, hd), true, qkv_dt)?;
+        let k = rope_heads(&qkv, (cos, sin), (nh * hd, nkv, hd), true, qkv_dt)?;
+        let v = rope_heads(&qkv, (cos, sin), ((nh + nkv) * hd, nkv, hd), false, qkv_dt)?;
         let a = cache.attend(plan_pos, chunks, &q, &k, &v, p)?;
         let a = linear_f32(&a, &self.attn.o, None)?;
         let a = match &self.attn_out_norm {

@@ -199,9 +199,11 @@ impl KvCache for PagedKvCache {
             .as_ref()
             .ok_or_else(|| candle_core::Error::Msg("kv: attend before begin_step".into()))?;
         let slots = fresh(&step.slots.i(plan_pos)?)?;
+        // q/k/v arrive in f32 on steps with prefill rows: the cache stores its dtype, fresh
+        // prompts attend to their own unrounded keys, everything else in the cache's dtype.
         reshape_and_cache(
-            &fresh(k)?,
-            &fresh(v)?,
+            &fresh(&k.to_dtype(self.dtype)?)?,
+            &fresh(&v.to_dtype(self.dtype)?)?,
             None,
             None,
             &self.key_cache,
@@ -220,9 +222,9 @@ impl KvCache for PagedKvCache {
         let mut parts = Vec::new();
         if let Some(dec) = decode {
             let q_dec = if dec.all_rows {
-                q.clone()
+                q.to_dtype(self.dtype)?
             } else {
-                q.index_select(&dec.rows, 0)?
+                q.index_select(&dec.rows, 0)?.to_dtype(self.dtype)?
             };
             let out = paged_attention(
                 &q_dec,
@@ -256,13 +258,15 @@ impl KvCache for PagedKvCache {
             } else {
                 self.gather(c.seq, plan_pos, c.start + c.len)?
             };
-            parts.push(attend(
-                &q.narrow(0, c.offset, c.len)?,
-                &keys,
-                &values,
-                c.start,
-                params,
-            )?);
+            // Decode rows attend in the cache's dtype, as on the paged_attention path; prompt
+            // chunks keep their f32 queries.
+            let q = q.narrow(0, c.offset, c.len)?;
+            let q = if c.len == 1 && c.start > 0 {
+                q.to_dtype(self.dtype)?
+            } else {
+                q
+            };
+            parts.push(attend(&q, &keys, &values, c.start, params)?.to_dtype(self.dtype)?);
         }
         let out = if parts.len() == 1 {
             parts.remove(0)
