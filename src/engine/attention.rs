@@ -1,6 +1,8 @@
 //! Causal (optionally sliding-window, optionally soft-capped) grouped-query attention of one
 //! sequence chunk against its full key/value history. Device-agnostic candle ops.
 
+use std::collections::HashMap;
+
 use candle_core::{DType, Device, Result, Tensor};
 
 /// Per-layer attention settings.
@@ -40,6 +42,35 @@ fn causal_mask(
     hidden.where_cond(&neg_inf, &zeros).map(Some)
 }
 
+/// The causal masks of one step, by (rows, keys, first position, window): every layer of a step,
+/// and every prompt of the same length, reuses one mask instead of building it again. Cleared by
+/// the KV cache at the start of each step.
+#[derive(Default)]
+pub struct MaskCache(HashMap<(usize, usize, usize, Option<usize>), Option<Tensor>>);
+
+impl MaskCache {
+    pub fn clear(&mut self) {
+        self.0.clear();
+    }
+
+    fn get(
+        &mut self,
+        n: usize,
+        kv_len: usize,
+        q_start: usize,
+        window: Option<usize>,
+        device: &Device,
+    ) -> Result<Option<Tensor>> {
+        let key = (n, kv_len, q_start, window);
+        if let Some(m) = self.0.get(&key) {
+            return Ok(m.clone());
+        }
+        let m = causal_mask(n, kv_len, q_start, window, device)?;
+        self.0.insert(key, m.clone());
+        Ok(m)
+    }
+}
+
 /// `q`: `[n, heads, d]`; `k`, `v`: `[kv_heads, L, d]` (the whole history, this chunk included).
 /// Returns `[n, heads * d]` in `q`'s dtype. Everything is computed in f32 (bf16 scores would
 /// round a score of 10 to steps of 0.06).
@@ -49,6 +80,7 @@ pub fn attend(
     v: &Tensor,
     q_start: usize,
     p: &AttnParams,
+    masks: &mut MaskCache,
 ) -> Result<Tensor> {
     let (n, heads, d) = q.dims3()?;
     let kv_len = k.dim(1)?;
@@ -69,7 +101,7 @@ pub fn attend(
     if let Some(cap) = p.softcap {
         scores = ((scores / cap)?.tanh()? * cap)?;
     }
-    if let Some(mask) = causal_mask(n, kv_len, q_start, p.window, q.device())? {
+    if let Some(mask) = masks.get(n, kv_len, q_start, p.window, q.device())? {
         scores = scores
             .reshape((p.num_kv_heads, group, n, kv_len))?
             .broadcast_add(&mask)?

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Tensor};
 
-use super::attention::{attend, AttnParams};
+use super::attention::{attend, AttnParams, MaskCache};
 use super::SeqId;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -84,6 +84,7 @@ pub struct ContiguousKvCache {
     total_blocks: usize,
     used_blocks: usize,
     dtype: DType,
+    masks: MaskCache,
 }
 
 impl ContiguousKvCache {
@@ -94,11 +95,17 @@ impl ContiguousKvCache {
             total_blocks,
             used_blocks: 0,
             dtype,
+            masks: MaskCache::default(),
         }
     }
 }
 
 impl KvCache for ContiguousKvCache {
+    fn begin_step(&mut self, _chunks: &[ChunkRef], _plan_len: usize) -> candle_core::Result<()> {
+        self.masks.clear();
+        Ok(())
+    }
+
     fn allocate(&mut self, seq: SeqId, plan_len: usize) -> Result<(), KvError> {
         if self.seqs.contains_key(&seq) {
             return Err(KvError::DuplicateSequence(seq));
@@ -162,7 +169,8 @@ impl KvCache for ContiguousKvCache {
             let q = q.narrow(0, c.offset, c.len)?;
             if c.start == 0 {
                 // A fresh prompt attends to its own keys and values as given (f32 on prefill).
-                outs.push(attend(&q, &new_k, &new_v, 0, params)?.to_dtype(self.dtype)?);
+                let out = attend(&q, &new_k, &new_v, 0, params, &mut self.masks)?;
+                outs.push(out.to_dtype(self.dtype)?);
                 *slot = Some((new_k.to_dtype(self.dtype)?, new_v.to_dtype(self.dtype)?));
                 continue;
             }
@@ -195,7 +203,8 @@ impl KvCache for ContiguousKvCache {
             } else {
                 q
             };
-            let out = attend(&q, &all_k, &all_v, c.start, params)?.to_dtype(self.dtype)?;
+            let out = attend(&q, &all_k, &all_v, c.start, params, &mut self.masks)?
+                .to_dtype(self.dtype)?;
             *slot = Some((all_k, all_v));
             outs.push(out);
         }

@@ -6,7 +6,7 @@
 use candle_core::{DType, Device, IndexOp, Tensor};
 use mistralrs_paged_attn::{gather_kv_cache, paged_attention, reshape_and_cache};
 
-use super::attention::{attend, AttnParams};
+use super::attention::{attend, AttnParams, MaskCache};
 use super::kv_cache::{ChunkRef, KvCache, KvError, KvUsage};
 use super::paged_tables::{BlockPool, StepTables};
 use super::SeqId;
@@ -41,6 +41,7 @@ pub struct PagedKvCache {
     device: Device,
     dtype: DType,
     step: Option<UploadedStep>,
+    masks: MaskCache,
 }
 
 fn kernel_err(e: KvError) -> candle_core::Error {
@@ -82,6 +83,7 @@ impl PagedKvCache {
             device: device.clone(),
             dtype,
             step: None,
+            masks: MaskCache::default(),
         })
     }
 
@@ -176,6 +178,7 @@ impl KvCache for PagedKvCache {
             }
             Some(Tensor::from_slice(&position, total, dev)?)
         };
+        self.masks.clear();
         self.step = Some(UploadedStep {
             tables,
             slots,
@@ -266,7 +269,8 @@ impl KvCache for PagedKvCache {
             } else {
                 q
             };
-            parts.push(attend(&q, &keys, &values, c.start, params)?.to_dtype(self.dtype)?);
+            let out = attend(&q, &keys, &values, c.start, params, &mut self.masks)?;
+            parts.push(out.to_dtype(self.dtype)?);
         }
         let out = if parts.len() == 1 {
             parts.remove(0)
