@@ -1,5 +1,6 @@
 //! Chat over HTTP: streaming with n=2, seed, stop and logprobs equals the non-streamed answer;
-//! usage counts; a client that disconnects mid-stream frees its sequence.
+//! usage counts; a client that disconnects (mid-stream, or by timing out on a plain request)
+//! frees its sequence.
 
 mod common;
 
@@ -153,13 +154,53 @@ fn a_disconnected_stream_frees_its_sequence() {
         .unwrap();
     assert!(first.contains("text_completion"));
     let running = |s: &ServerProc| s.metric("pruneserve:num_requests_running").unwrap_or(-1.0);
-    assert_eq!(running(&s), 1.0);
+    // The loop publishes its figures after sending the step's tokens: wait for them.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while running(&s) != 1.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the streamed request is not running"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     drop(lines);
     let deadline = Instant::now() + Duration::from_secs(20);
     while running(&s) != 0.0 {
         assert!(
             Instant::now() < deadline,
             "the sequence kept running after the client left"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // 2000 tokens take minutes on CPU: stopping within the deadline means it was cancelled.
+    assert_eq!(s.metric("pruneserve:kv_cache_usage_perc").unwrap(), 0.0);
+}
+
+#[test]
+fn a_client_that_times_out_on_a_non_streaming_request_frees_its_sequence() {
+    let s = start();
+    let body = json!({"model": "rev25", "prompt": "Once upon a time", "max_tokens": 2000, "ignore_eos": true, "temperature": 0});
+    let running = |s: &ServerProc| s.metric("pruneserve:num_requests_running").unwrap_or(-1.0);
+    let url = s.url("/v1/completions");
+    let request = std::thread::spawn(move || {
+        let client = reqwest::blocking::Client::builder()
+            .timeout(Duration::from_secs(3))
+            .build()
+            .unwrap();
+        client.post(url).json(&body).send().unwrap_err()
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while running(&s) != 1.0 {
+        assert!(Instant::now() < deadline, "the request never ran");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let err = request.join().unwrap();
+    assert!(err.is_timeout(), "{err}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while running(&s) != 0.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the request kept running after its client closed the connection"
         );
         std::thread::sleep(Duration::from_millis(100));
     }
