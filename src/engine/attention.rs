@@ -5,6 +5,8 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Result, Tensor};
 
+use super::kv_cache::ChunkRef;
+
 /// Per-layer attention settings.
 #[derive(Debug, Clone, Copy)]
 pub struct AttnParams {
@@ -69,6 +71,33 @@ impl MaskCache {
         self.0.insert(key, m.clone());
         Ok(m)
     }
+}
+
+/// Rows of chunk `c` of packed `[T, heads, d]` keys or values, as `[heads, c.len, d]`.
+pub fn chunk_heads(x: &Tensor, c: &ChunkRef) -> Result<Tensor> {
+    x.narrow(0, c.offset, c.len)?.transpose(0, 1)?.contiguous()
+}
+
+/// Attention of chunk `c`'s rows of the packed queries against `k`, `v` (`[kv_heads, L, d]`),
+/// by the KV caches' precision rule: a decode row (one token continuing a sequence) has its query
+/// rounded to the cache's `dtype`, as the paged decode kernel takes it; prompt chunks keep their
+/// queries as given (f32 on prefill steps). Returns `[c.len, heads * d]` in `dtype`.
+pub fn attend_chunk(
+    q: &Tensor,
+    c: &ChunkRef,
+    k: &Tensor,
+    v: &Tensor,
+    p: &AttnParams,
+    masks: &mut MaskCache,
+    dtype: DType,
+) -> Result<Tensor> {
+    let q = q.narrow(0, c.offset, c.len)?;
+    let q = if c.len == 1 && c.start > 0 {
+        q.to_dtype(dtype)?
+    } else {
+        q
+    };
+    attend(&q, k, v, c.start, p, masks)?.to_dtype(dtype)
 }
 
 /// `q`: `[n, heads, d]`; `k`, `v`: `[kv_heads, L, d]` (the whole history, this chunk included).

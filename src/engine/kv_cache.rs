@@ -7,7 +7,7 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Tensor};
 
-use super::attention::{attend, AttnParams, MaskCache};
+use super::attention::{attend_chunk, chunk_heads, AttnParams, MaskCache};
 use super::SeqId;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -158,19 +158,13 @@ impl KvCache for ContiguousKvCache {
             let slot = s.layers.get_mut(plan_pos).ok_or_else(|| {
                 candle_core::Error::Msg(format!("kv: plan position {plan_pos} out of range"))
             })?;
-            let new_k = k
-                .narrow(0, c.offset, c.len)?
-                .transpose(0, 1)?
-                .contiguous()?;
-            let new_v = v
-                .narrow(0, c.offset, c.len)?
-                .transpose(0, 1)?
-                .contiguous()?;
-            let q = q.narrow(0, c.offset, c.len)?;
+            let (new_k, new_v) = (chunk_heads(k, c)?, chunk_heads(v, c)?);
+            let mut attend_to = |keys: &Tensor, values: &Tensor| -> candle_core::Result<Tensor> {
+                attend_chunk(q, c, keys, values, params, &mut self.masks, self.dtype)
+            };
             if c.start == 0 {
                 // A fresh prompt attends to its own keys and values as given (f32 on prefill).
-                let out = attend(&q, &new_k, &new_v, 0, params, &mut self.masks)?;
-                outs.push(out.to_dtype(self.dtype)?);
+                outs.push(attend_to(&new_k, &new_v)?);
                 *slot = Some((new_k.to_dtype(self.dtype)?, new_v.to_dtype(self.dtype)?));
                 continue;
             }
@@ -196,17 +190,9 @@ impl KvCache for ContiguousKvCache {
                     c.start
                 ),
             };
-            // A continued chunk attends to the history in the cache's dtype; a decode row's
-            // query is rounded to it too (as the paged decode kernel takes it).
-            let q = if c.len == 1 {
-                q.to_dtype(self.dtype)?
-            } else {
-                q
-            };
-            let out = attend(&q, &all_k, &all_v, c.start, params, &mut self.masks)?
-                .to_dtype(self.dtype)?;
+            // A continued chunk attends to its history in the cache's dtype.
+            outs.push(attend_to(&all_k, &all_v)?);
             *slot = Some((all_k, all_v));
-            outs.push(out);
         }
         Tensor::cat(&outs, 0)
     }

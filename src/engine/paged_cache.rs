@@ -6,7 +6,7 @@
 use candle_core::{DType, Device, IndexOp, Tensor};
 use mistralrs_paged_attn::{gather_kv_cache, paged_attention, reshape_and_cache};
 
-use super::attention::{attend, AttnParams, MaskCache};
+use super::attention::{attend_chunk, chunk_heads, AttnParams, MaskCache};
 use super::kv_cache::{ChunkRef, KvCache, KvError, KvUsage};
 use super::paged_tables::{BlockPool, StepTables};
 use super::SeqId;
@@ -249,28 +249,22 @@ impl KvCache for PagedKvCache {
             if fused && c.len == 1 {
                 continue;
             }
+            // A fresh prompt attends to its own (unrounded) keys, a continued chunk to its
+            // history gathered from the pool.
             let (keys, values) = if c.start == 0 {
-                (
-                    k.narrow(0, c.offset, c.len)?
-                        .transpose(0, 1)?
-                        .contiguous()?,
-                    v.narrow(0, c.offset, c.len)?
-                        .transpose(0, 1)?
-                        .contiguous()?,
-                )
+                (chunk_heads(k, c)?, chunk_heads(v, c)?)
             } else {
                 self.gather(c.seq, plan_pos, c.start + c.len)?
             };
-            // Decode rows attend in the cache's dtype, as on the paged_attention path; prompt
-            // chunks keep their f32 queries.
-            let q = q.narrow(0, c.offset, c.len)?;
-            let q = if c.len == 1 && c.start > 0 {
-                q.to_dtype(self.dtype)?
-            } else {
-                q
-            };
-            let out = attend(&q, &keys, &values, c.start, params, &mut self.masks)?;
-            parts.push(out.to_dtype(self.dtype)?);
+            parts.push(attend_chunk(
+                q,
+                c,
+                &keys,
+                &values,
+                params,
+                &mut self.masks,
+                self.dtype,
+            )?);
         }
         let out = if parts.len() == 1 {
             parts.remove(0)
