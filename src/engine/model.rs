@@ -85,26 +85,22 @@ fn get(vb: &VarBuilder, shape: &[usize], name: &str) -> Result<Tensor, Checkpoin
     Ok(vb.get(shape, name)?)
 }
 
-/// The weights `[rows, inp]` of projections `names`, stacked along the output dimension.
+/// Tensor `part` (`weight` `[rows, ..tail]` or `bias` `[rows]`) of the projections `names`,
+/// stacked along the output dimension.
 fn stacked(
     vb: &VarBuilder,
-    names: &[(&str, usize)],
-    inp: usize,
+    names: &[(String, usize)],
+    part: &str,
+    tail: &[usize],
 ) -> Result<Tensor, CheckpointError> {
     let parts = names
         .iter()
-        .map(|(name, rows)| get(vb, &[*rows, inp], &format!("{name}.weight")))
+        .map(|(name, rows)| {
+            let shape: Vec<usize> = std::iter::once(*rows).chain(tail.iter().copied()).collect();
+            get(vb, &shape, &format!("{name}.{part}"))
+        })
         .collect::<Result<Vec<_>, _>>()?;
     Ok(Tensor::cat(&parts, 0)?)
-}
-
-/// The biases of projections `names`, stacked, in f32.
-fn stacked_bias(vb: &VarBuilder, names: &[(&str, usize)]) -> Result<Tensor, CheckpointError> {
-    let parts = names
-        .iter()
-        .map(|(name, rows)| get(vb, &[*rows], &format!("{name}.bias")))
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(Tensor::cat(&parts, 0)?.to_dtype(DType::F32)?)
 }
 
 fn norm(vb: &VarBuilder, cfg: &ModelConfig, name: &str) -> Result<RmsNorm, CheckpointError> {
@@ -132,12 +128,10 @@ impl DecoderLayer {
             (format!("{p}.self_attn.k_proj"), nkv * hd),
             (format!("{p}.self_attn.v_proj"), nkv * hd),
         ];
-        let qkv_names: Vec<(&str, usize)> =
-            qkv_names.iter().map(|(n, r)| (n.as_str(), *r)).collect();
         let attn = Attention {
-            qkv: stacked(vb, &qkv_names, h)?,
+            qkv: stacked(vb, &qkv_names, "weight", &[h])?,
             qkv_bias: if bias {
-                Some(stacked_bias(vb, &qkv_names)?)
+                Some(stacked(vb, &qkv_names, "bias", &[])?.to_dtype(DType::F32)?)
             } else {
                 None
             },
@@ -155,9 +149,12 @@ impl DecoderLayer {
             },
         };
         let im = cfg.intermediate_size;
-        let (gate, up) = (format!("{p}.mlp.gate_proj"), format!("{p}.mlp.up_proj"));
+        let gate_up = [
+            (format!("{p}.mlp.gate_proj"), im),
+            (format!("{p}.mlp.up_proj"), im),
+        ];
         let mlp = Mlp {
-            gate_up: stacked(vb, &[(&gate, im), (&up, im)], h)?,
+            gate_up: stacked(vb, &gate_up, "weight", &[h])?,
             down: get(vb, &[h, im], &format!("{p}.mlp.down_proj.weight"))?,
             act: cfg.activation,
         };
