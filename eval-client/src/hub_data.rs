@@ -35,31 +35,121 @@ const fn split(repo: &'static str, config: &'static str, split: &'static str) ->
     }
 }
 
-/// Where a task's data lives on the hub (the datasets lm-evaluation-harness and EvalPlus use).
-pub fn sources(task: &str) -> Option<Vec<HubSplit>> {
-    let one = |s| Some(vec![s]);
+/// How a split's hub rows become the local layout.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Convert {
+    /// The hub schema is the one the loaders read: rows written as JSON lines.
+    AsIs,
+    Arc,
+    Piqa,
+    Winogrande,
+    /// Per-subject CSVs, one folder per split; the file is a marker written last.
+    Mmlu,
+}
+
+/// Where a task's data lives on the hub (the datasets lm-evaluation-harness and EvalPlus use),
+/// the `--data-dir` file it is written to, and how.
+fn source(task: &str) -> Option<(Vec<HubSplit>, &'static str, Convert)> {
+    use Convert::*;
+    let one = |repo, config, split_name, path, convert| {
+        Some((vec![split(repo, config, split_name)], path, convert))
+    };
     match task {
-        "arc_easy" => one(split("allenai/ai2_arc", "ARC-Easy", "test")),
-        "arc_challenge" => one(split("allenai/ai2_arc", "ARC-Challenge", "test")),
-        "piqa" => one(split("ybisk/piqa", "plain_text", "validation")),
-        "winogrande" => one(split("allenai/winogrande", "winogrande_xl", "validation")),
-        "openbookqa" => one(split("allenai/openbookqa", "main", "test")),
-        "hellaswag" => one(split("Rowan/hellaswag", "default", "validation")),
-        "mmlu" => Some(vec![
-            split("cais/mmlu", "all", "test"),
-            split("cais/mmlu", "all", "dev"),
-        ]),
-        "arithmetic" => one(split(
+        "arc_easy" => one(
+            "allenai/ai2_arc",
+            "ARC-Easy",
+            "test",
+            "arc/arc_easy.jsonl",
+            Arc,
+        ),
+        "arc_challenge" => one(
+            "allenai/ai2_arc",
+            "ARC-Challenge",
+            "test",
+            "arc/arc_challenge.jsonl",
+            Arc,
+        ),
+        "piqa" => one(
+            "ybisk/piqa",
+            "plain_text",
+            "validation",
+            "piqa/piqa.jsonl",
+            Piqa,
+        ),
+        "winogrande" => one(
+            "allenai/winogrande",
+            "winogrande_xl",
+            "validation",
+            "winogrande/winogrande.jsonl",
+            Winogrande,
+        ),
+        "openbookqa" => one(
+            "allenai/openbookqa",
+            "main",
+            "test",
+            "openbookqa/test.jsonl",
+            AsIs,
+        ),
+        "hellaswag" => one(
+            "Rowan/hellaswag",
+            "default",
+            "validation",
+            "hellaswag/validation.jsonl",
+            AsIs,
+        ),
+        "mmlu" => Some((
+            vec![
+                split("cais/mmlu", "all", "test"),
+                split("cais/mmlu", "all", "dev"),
+            ],
+            "mmlu/.complete",
+            Mmlu,
+        )),
+        "arithmetic" => one(
             "EleutherAI/arithmetic",
             "arithmetic_1dc",
             "validation",
-        )),
-        "gsm8k" | "gsm8k_cot" | "gsm8k_chat" => one(split("openai/gsm8k", "main", "test")),
-        "humaneval" => one(split("openai/openai_humaneval", "openai_humaneval", "test")),
-        "humanevalplus" => one(split("evalplus/humanevalplus", "default", "test")),
-        "mbpp" => one(split("google-research-datasets/mbpp", "full", "test")),
-        "mbppplus" => one(split("evalplus/mbppplus", "default", "test")),
-        "xsum" => one(split("EdinburghNLP/xsum", "default", "test")),
+            "arithmetic/single_digit_three_ops.jsonl",
+            AsIs,
+        ),
+        "gsm8k" | "gsm8k_cot" | "gsm8k_chat" => {
+            one("openai/gsm8k", "main", "test", "gsm8k/test.jsonl", AsIs)
+        }
+        "humaneval" => one(
+            "openai/openai_humaneval",
+            "openai_humaneval",
+            "test",
+            "humaneval/HumanEval.jsonl",
+            AsIs,
+        ),
+        "humanevalplus" => one(
+            "evalplus/humanevalplus",
+            "default",
+            "test",
+            "humanevalplus/test.jsonl",
+            AsIs,
+        ),
+        "mbpp" => one(
+            "google-research-datasets/mbpp",
+            "full",
+            "test",
+            "mbpp/test.jsonl",
+            AsIs,
+        ),
+        "mbppplus" => one(
+            "evalplus/mbppplus",
+            "default",
+            "test",
+            "mbppplus/test.jsonl",
+            AsIs,
+        ),
+        "xsum" => one(
+            "EdinburghNLP/xsum",
+            "default",
+            "test",
+            "xsum/test.jsonl",
+            AsIs,
+        ),
         _ => None,
     }
 }
@@ -303,31 +393,10 @@ fn write_jsonl(path: &Path, rows: &[Value]) -> Result<(), TaskError> {
     std::fs::rename(&partial, path).map_err(|e| data_err(path.display(), e))
 }
 
-/// The `--data-dir` file a task's split is written to (mmlu: a folder of CSVs).
-fn layout_path(task: &str) -> Option<&'static str> {
-    Some(match task {
-        "arc_easy" => "arc/arc_easy.jsonl",
-        "arc_challenge" => "arc/arc_challenge.jsonl",
-        "piqa" => "piqa/piqa.jsonl",
-        "winogrande" => "winogrande/winogrande.jsonl",
-        "openbookqa" => "openbookqa/test.jsonl",
-        "hellaswag" => "hellaswag/validation.jsonl",
-        "mmlu" => "mmlu/.complete",
-        "arithmetic" => "arithmetic/single_digit_three_ops.jsonl",
-        "gsm8k" | "gsm8k_cot" | "gsm8k_chat" => "gsm8k/test.jsonl",
-        "humaneval" => "humaneval/HumanEval.jsonl",
-        "humanevalplus" => "humanevalplus/test.jsonl",
-        "mbpp" => "mbpp/test.jsonl",
-        "mbppplus" => "mbppplus/test.jsonl",
-        "xsum" => "xsum/test.jsonl",
-        _ => return None,
-    })
-}
-
 /// Makes `task`'s data available under `data_dir` in the local layout, from the hub; a task
 /// already written there is not fetched again. Returns `data_dir`.
 pub fn materialize(task: &str, data_dir: &Path) -> Result<PathBuf, TaskError> {
-    let (Some(splits), Some(rel)) = (sources(task), layout_path(task)) else {
+    let Some((splits, rel, convert)) = source(task) else {
         return Err(TaskError::Unknown(task.to_string()));
     };
     let target = data_dir.join(rel);
@@ -336,15 +405,15 @@ pub fn materialize(task: &str, data_dir: &Path) -> Result<PathBuf, TaskError> {
     }
     for s in &splits {
         let rows = read_rows(&fetch_split(s)?)?;
-        match task {
-            "mmlu" => write_mmlu(data_dir, s.split, &rows)?,
-            "arc_easy" | "arc_challenge" => write_jsonl(&target, &arc_rows(&rows, task)?)?,
-            "piqa" => write_jsonl(&target, &piqa_rows(&rows, task)?)?,
-            "winogrande" => write_jsonl(&target, &winogrande_rows(&rows, task)?)?,
-            _ => write_jsonl(&target, &rows)?,
+        match convert {
+            Convert::Mmlu => write_mmlu(data_dir, s.split, &rows)?,
+            Convert::Arc => write_jsonl(&target, &arc_rows(&rows, task)?)?,
+            Convert::Piqa => write_jsonl(&target, &piqa_rows(&rows, task)?)?,
+            Convert::Winogrande => write_jsonl(&target, &winogrande_rows(&rows, task)?)?,
+            Convert::AsIs => write_jsonl(&target, &rows)?,
         }
     }
-    if task == "mmlu" {
+    if convert == Convert::Mmlu {
         std::fs::write(&target, "").map_err(|e| data_err(target.display(), e))?;
     }
     Ok(data_dir.to_path_buf())
