@@ -138,6 +138,15 @@ fn greedy_chat_and_tokenizer_endpoints() {
     assert_eq!(d["prompt"], "Hello world");
 }
 
+/// Waits up to 20 s for `num_requests_running` to read `want`; fails with `why` otherwise.
+fn wait_for_running(s: &ServerProc, want: f64, why: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while s.metric("pruneserve:num_requests_running").unwrap_or(-1.0) != want {
+        assert!(Instant::now() < deadline, "{why}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 #[test]
 fn a_disconnected_stream_frees_its_sequence() {
     let s = start();
@@ -153,25 +162,10 @@ fn a_disconnected_stream_frees_its_sequence() {
         .unwrap()
         .unwrap();
     assert!(first.contains("text_completion"));
-    let running = |s: &ServerProc| s.metric("pruneserve:num_requests_running").unwrap_or(-1.0);
     // The loop publishes its figures after sending the step's tokens: wait for them.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while running(&s) != 1.0 {
-        assert!(
-            Instant::now() < deadline,
-            "the streamed request is not running"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_running(&s, 1.0, "the streamed request is not running");
     drop(lines);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while running(&s) != 0.0 {
-        assert!(
-            Instant::now() < deadline,
-            "the sequence kept running after the client left"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_for_running(&s, 0.0, "the sequence kept running after the client left");
     // 2000 tokens take minutes on CPU: stopping within the deadline means it was cancelled.
     assert_eq!(s.metric("pruneserve:kv_cache_usage_perc").unwrap(), 0.0);
 }
@@ -180,7 +174,6 @@ fn a_disconnected_stream_frees_its_sequence() {
 fn a_client_that_times_out_on_a_non_streaming_request_frees_its_sequence() {
     let s = start();
     let body = json!({"model": "rev25", "prompt": "Once upon a time", "max_tokens": 2000, "ignore_eos": true, "temperature": 0});
-    let running = |s: &ServerProc| s.metric("pruneserve:num_requests_running").unwrap_or(-1.0);
     let url = s.url("/v1/completions");
     let request = std::thread::spawn(move || {
         let client = reqwest::blocking::Client::builder()
@@ -189,21 +182,14 @@ fn a_client_that_times_out_on_a_non_streaming_request_frees_its_sequence() {
             .unwrap();
         client.post(url).json(&body).send().unwrap_err()
     });
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while running(&s) != 1.0 {
-        assert!(Instant::now() < deadline, "the request never ran");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for_running(&s, 1.0, "the request never ran");
     let err = request.join().unwrap();
     assert!(err.is_timeout(), "{err}");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while running(&s) != 0.0 {
-        assert!(
-            Instant::now() < deadline,
-            "the request kept running after its client closed the connection"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_for_running(
+        &s,
+        0.0,
+        "the request kept running after its client closed the connection",
+    );
     // 2000 tokens take minutes on CPU: stopping within the deadline means it was cancelled.
     assert_eq!(s.metric("pruneserve:kv_cache_usage_perc").unwrap(), 0.0);
 }
