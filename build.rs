@@ -1,6 +1,7 @@
-//! With the `cuda` feature, compiles the fused decoder kernels (src/engine/kernels/fused.cu) to
-//! PTX with nvcc (`$NVCC`, `$CUDA_HOME/bin/nvcc` or `nvcc` on PATH) for `compute_$CUDA_COMPUTE_CAP`
-//! (default 80, JIT-compiled by the driver for newer GPUs). Without the feature it does nothing.
+//! With the `cuda` feature, compiles the engine's kernels (src/engine/kernels/*.cu: the fused
+//! decoder ops, attention, greedy picks) to PTX with nvcc (`$NVCC`, `$CUDA_HOME/bin/nvcc` or
+//! `nvcc` on PATH) for `compute_$CUDA_COMPUTE_CAP` (default 80, JIT-compiled by the driver for
+//! newer GPUs). Without the feature it does nothing.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -10,8 +11,6 @@ fn main() {
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
         return;
     }
-    let src = "src/engine/kernels/fused.cu";
-    println!("cargo:rerun-if-changed={src}");
     println!("cargo:rerun-if-env-changed=NVCC");
     println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
     let nvcc = std::env::var("NVCC").unwrap_or_else(|_| match std::env::var("CUDA_HOME") {
@@ -19,12 +18,16 @@ fn main() {
         Err(_) => "nvcc".into(),
     });
     let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "80".into());
-    let out =
-        PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR")).join("fused.ptx");
-    let status = Command::new(&nvcc)
-        .args(["--ptx", "-O3", &format!("-arch=compute_{cap}"), src, "-o"])
-        .arg(&out)
-        .status()
-        .unwrap_or_else(|e| panic!("cannot run {nvcc} for the cuda feature: {e}"));
-    assert!(status.success(), "{nvcc} failed on {src}");
+    let out_dir = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
+    for name in ["fused", "attention", "sampling"] {
+        let src = format!("src/engine/kernels/{name}.cu");
+        println!("cargo:rerun-if-changed={src}");
+        let out = out_dir.join(format!("{name}.ptx"));
+        let status = Command::new(&nvcc)
+            .args(["--ptx", "-O3", &format!("-arch=compute_{cap}"), &src, "-o"])
+            .arg(&out)
+            .status()
+            .unwrap_or_else(|e| panic!("cannot run {nvcc} for the cuda feature: {e}"));
+        assert!(status.success(), "{nvcc} failed on {src}");
+    }
 }

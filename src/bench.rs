@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use crate::engine::batch::{Batcher, GenRequest};
 use crate::engine::model::DecoderModel;
+use crate::engine::phase_times;
 use crate::engine::sampler::SamplingParams;
 use crate::engine::{Engine, EngineError, EngineOptions};
 use crate::plan::{LayerPlan, PlanSpec};
@@ -44,15 +45,29 @@ fn requests(
 /// Each figure is the best of this many runs.
 const REPEATS: usize = 2;
 
+/// The work of one measurement: `prompt_len`-token prompts, `gen` generated tokens each, at most
+/// `step_tokens` tokens per engine step.
+#[derive(Debug, Clone, Copy)]
+pub struct Shape {
+    pub prompt_len: usize,
+    pub gen: usize,
+    pub step_tokens: usize,
+}
+
 /// Times prefill alone (`max_tokens = 0`), then prefill + `gen` decode steps; decode throughput is
-/// the difference.
+/// the difference. With phase times on (see [`crate::engine::phase_times`]) each row's phases
+/// are printed as it completes.
 pub fn run(
     model: Arc<DecoderModel>,
     batches: &[usize],
-    prompt_len: usize,
-    gen: usize,
+    shape: Shape,
     reverse: f64,
 ) -> Result<Vec<BenchRow>, EngineError> {
+    let Shape {
+        prompt_len,
+        gen,
+        step_tokens,
+    } = shape;
     let layers = model.config().num_hidden_layers;
     let vocab = model.config().vocab_size;
     let pruned = PlanSpec::Reverse(reverse)
@@ -66,8 +81,8 @@ pub fn run(
     for (name, plan) in &plans {
         for &batch in batches {
             let mut batcher = Batcher::new(
-                Engine::with_contiguous_cache(model.clone(), &EngineOptions::default()),
-                4096,
+                Engine::for_device(model.clone(), &EngineOptions::default())?,
+                step_tokens,
             );
             // Warm-up.
             batcher
@@ -86,8 +101,12 @@ pub fn run(
                 }
                 Ok(best)
             };
+            phase_times::take_report();
             let prefill = timed(0)?;
             let decode = (timed(gen)? - prefill).max(1e-9);
+            for line in phase_times::take_report() {
+                println!("{name} batch {batch}: {line}");
+            }
             rows.push(BenchRow {
                 plan: name.clone(),
                 batch,

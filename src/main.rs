@@ -160,10 +160,17 @@ enum Command {
         #[arg(long)]
         keep_dir: Option<PathBuf>,
     },
-    /// CPU throughput: prefill and decode tok/s at several batch sizes, full vs reverse-pruned plan.
+    /// Engine throughput without HTTP: prefill and decode tok/s at several batch sizes, full vs
+    /// reverse-pruned plan (CPU f32, or CUDA bf16 with the paged cache). With
+    /// PRUNESERVE_PHASE_TIMES=1 each figure is followed by where the step time went.
     Bench {
         #[arg(long)]
         model: Option<String>,
+        #[arg(long, value_enum, default_value_t = DeviceKind::Cpu)]
+        device: DeviceKind,
+        /// Most tokens one engine step runs (prefill chunks and decode rows).
+        #[arg(long, default_value_t = 4096)]
+        step_tokens: usize,
         #[arg(long, value_delimiter = ',', default_values_t = vec![1, 8])]
         batches: Vec<usize>,
         #[arg(long, default_value_t = 128)]
@@ -343,16 +350,26 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Bench {
             model,
+            device,
+            step_tokens,
             batches,
             prompt_len,
             gen,
             reverse,
         } => {
             let model_id = model_or_default(model)?;
-            let loaded = LoadedModel::load(&model_id, &candle_core::Device::Cpu, DType::F32)?;
-            let rows =
-                pruneserve::bench::run(loaded.model.clone(), &batches, prompt_len, gen, reverse)?;
-            println!("model {model_id}, prompt {prompt_len} tokens, {gen} generated, CPU f32, {} threads", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+            let (dev, dtype) = device.open()?;
+            let loaded = LoadedModel::load(&model_id, &dev, dtype)?;
+            let shape = pruneserve::bench::Shape {
+                prompt_len,
+                gen,
+                step_tokens,
+            };
+            let rows = pruneserve::bench::run(loaded.model.clone(), &batches, shape, reverse)?;
+            println!(
+                "model {model_id}, prompt {prompt_len} tokens, {gen} generated, {device:?} {dtype:?}, {} CPU threads",
+                std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+            );
             println!("{}", pruneserve::bench::report(&rows));
             Ok(())
         }

@@ -173,11 +173,13 @@ fn tiny(root: &std::path::Path, arch: &str) -> Result<ModelDir, SelftestError> {
         "architectures": [arch],
         "model_type": if arch == "Gemma2ForCausalLM" { "gemma2" } else { "llama" }, "hidden_size": 256, "intermediate_size": 512,
         "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
-        "head_dim": 64, "vocab_size": 512, "max_position_embeddings": 1024,
+        "head_dim": 64, "vocab_size": 512, "max_position_embeddings": 2048,
         "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": false,
     });
     if arch == "Gemma2ForCausalLM" {
-        cfg["query_pre_attn_scalar"] = json!(64);
+        // Gemma2-2B's head size: the attention kernels' 256-wide path.
+        cfg["head_dim"] = json!(256);
+        cfg["query_pre_attn_scalar"] = json!(256);
         cfg["attn_logit_softcapping"] = json!(2.0);
         cfg["final_logit_softcapping"] = json!(5.0);
         cfg["sliding_window"] = json!(24);
@@ -218,7 +220,8 @@ pub fn run_all(
     // 1. Tiny random models: CUDA bf16 (paged) vs CPU f32, and CUDA f32 paged vs CPU f32.
     for arch in ["LlamaForCausalLM", "Gemma2ForCausalLM"] {
         let dir = tiny(root, arch)?;
-        let prompts = pseudo_prompts(512, &[5, 37, 64, 100]);
+        // 1100 tokens: decode attention over three 512-token partitions.
+        let prompts = pseudo_prompts(512, &[5, 37, 64, 100, 1100]);
         if keep_dir.is_some() {
             let path = root.join("prompts.json");
             std::fs::write(&path, json!(prompts).to_string())
@@ -227,9 +230,10 @@ pub fn run_all(
         let cpu_model = Arc::new(DecoderModel::load(&dir, &cpu, DType::F32)?);
         let want = run(&cpu_model, CacheKind::Contiguous, &prompts, 24, 64)?;
         // bf16: the scoring (prompt) logprobs of prompts prefilled in one step (every prompt
-        // up to --max-step-tokens) are held to the limit; generated ones compound bf16
-        // rounding over the decode and are reported. Prompts prefilled in 64-token chunks
-        // attend to a bf16 KV history: reported. f32: everything is held to the limit.
+        // up to --max-step-tokens; compensated activations, only the weights are bf16) are held
+        // to the limit; generated ones come from decode steps with bf16 activations and are
+        // reported. Prompts prefilled in 64-token chunks attend to a bf16 KV history: reported.
+        // f32: everything is held to the limit.
         let runs = [
             (DType::BF16, 2e-2f32, 4096, false),
             (DType::BF16, 2e-2, 64, true),

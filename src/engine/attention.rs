@@ -81,7 +81,7 @@ pub fn chunk_heads(x: &Tensor, c: &ChunkRef) -> Result<Tensor> {
 /// Attention of chunk `c`'s rows of the packed queries against `k`, `v` (`[kv_heads, L, d]`),
 /// by the KV caches' precision rule: a decode row (one token continuing a sequence) has its query
 /// rounded to the cache's `dtype`, as the paged decode kernel takes it; prompt chunks keep their
-/// queries as given (f32 on prefill steps). Returns `[c.len, heads * d]` in `dtype`.
+/// queries as given (f32 on prefill steps). Returns `[c.len, heads * d]` in `q`'s dtype.
 pub fn attend_chunk(
     q: &Tensor,
     c: &ChunkRef,
@@ -91,13 +91,14 @@ pub fn attend_chunk(
     masks: &mut MaskCache,
     dtype: DType,
 ) -> Result<Tensor> {
+    let out = q.dtype();
     let q = q.narrow(0, c.offset, c.len)?;
     let q = if c.len == 1 && c.start > 0 {
         q.to_dtype(dtype)?
     } else {
         q
     };
-    attend(&q, k, v, c.start, p, masks)?.to_dtype(dtype)
+    attend(&q, k, v, c.start, p, masks)?.to_dtype(out)
 }
 
 /// `q`: `[n, heads, d]`; `k`, `v`: `[kv_heads, L, d]` (the whole history, this chunk included).

@@ -57,7 +57,8 @@ pub trait KvCache: Send {
         Ok(())
     }
     /// Appends this step's keys/values (`[T, kv_heads, d]`, packed over `chunks`) at `plan_pos` and
-    /// returns attention outputs `[T, heads * d]` for the packed queries `[T, heads, d]`.
+    /// returns attention outputs `[T, heads * d]` for the packed queries `[T, heads, d]`, in the
+    /// queries' dtype.
     fn attend(
         &mut self,
         plan_pos: usize,

@@ -3,6 +3,8 @@
 //! steps and may run different layer plans of the same base.
 
 pub mod attention;
+#[cfg(feature = "cuda")]
+pub mod attention_cuda;
 pub mod batch;
 pub mod fused;
 pub mod kv_cache;
@@ -10,6 +12,7 @@ pub mod model;
 #[cfg(feature = "cuda")]
 pub mod paged_cache;
 pub mod paged_tables;
+pub mod phase_times;
 pub mod rope;
 pub mod sampler;
 pub mod scoring;
@@ -24,6 +27,7 @@ use candle_core::Tensor;
 use crate::plan::LayerPlan;
 use kv_cache::{ChunkRef, KvCache, KvError, KvUsage};
 use model::DecoderModel;
+use phase_times::phase;
 use sampler::Sampled;
 use scoring::TokenScore;
 use taps::LayerTap;
@@ -356,14 +360,20 @@ impl Engine {
         let mut greedy = match (&logits, greedy_rows.is_empty()) {
             (Some(l), false) => {
                 let idx = Tensor::new(greedy_rows.as_slice(), l.device())?;
-                scoring::greedy_rows(&l.index_select(&idx, 0)?, greedy_k)?.into_iter()
+                phase(l.device(), "pick tokens", || {
+                    scoring::greedy_rows(&l.index_select(&idx, 0)?, greedy_k)
+                })?
+                .into_iter()
             }
             _ => Vec::new().into_iter(),
         };
         let mut full = match (&logits, full_rows.is_empty()) {
             (Some(l), false) => {
                 let idx = Tensor::new(full_rows.as_slice(), l.device())?;
-                l.index_select(&idx, 0)?.to_vec2::<f32>()?.into_iter()
+                phase(l.device(), "logits to host", || {
+                    l.index_select(&idx, 0)?.to_vec2::<f32>()
+                })?
+                .into_iter()
             }
             _ => Vec::new().into_iter(),
         };
@@ -378,11 +388,9 @@ impl Engine {
             };
             if let (Some(s), Some(l)) = (&it.score, &logits) {
                 if !s.targets.is_empty() {
-                    out.scores = scoring::score_rows(
-                        &l.narrow(0, at, s.targets.len())?,
-                        &s.targets,
-                        s.top_k,
-                    )?;
+                    out.scores = phase(l.device(), "score rows", || {
+                        scoring::score_rows(&l.narrow(0, at, s.targets.len())?, &s.targets, s.top_k)
+                    })?;
                 }
             }
             if it.want_logits {

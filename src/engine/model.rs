@@ -8,6 +8,7 @@ use candle_nn::VarBuilder;
 use super::attention::AttnParams;
 use super::fused::{act_mul, linear_f32, rms_norm_to, rope_heads};
 use super::kv_cache::{ChunkRef, KvCache};
+use super::phase_times::{self, phase};
 use super::rope::RopeTables;
 use super::taps::LayerTap;
 use crate::checkpoint::config::Activation;
@@ -45,11 +46,12 @@ struct Mlp {
 }
 
 impl Mlp {
-    /// f32 rows in, f32 rows out; the activation product is rounded once to the weights' dtype.
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let gate_up = linear_f32(x, &self.gate_up, None)?;
-        let m = act_mul(&gate_up, self.act, self.down.dtype())?;
-        linear_f32(&m, &self.down, None)
+    /// Normed rows in (`act` dtype), f32 rows out; the activation product is written in `act`.
+    fn forward(&self, x: &Tensor, act: DType) -> candle_core::Result<Tensor> {
+        let dev = x.device();
+        let gate_up = phase(dev, "gate_up gemm", || linear_f32(x, &self.gate_up, None))?;
+        let m = phase(dev, "act_mul", || act_mul(&gate_up, self.act, act))?;
+        phase(dev, "down gemm", || linear_f32(&m, &self.down, None))
     }
 }
 
@@ -181,47 +183,63 @@ impl DecoderLayer {
         })
     }
 
+    /// One layer over the residual rows `x` (f32) whose activations (norm outputs, q/k/v,
+    /// attention output, MLP product) are written in `act` (see [`activation_dtype`]).
     #[allow(clippy::too_many_arguments)]
     fn forward(
         &self,
         x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
+        (cos, sin): (&Tensor, &Tensor),
         chunks: &[ChunkRef],
         cache: &mut dyn KvCache,
         plan_pos: usize,
+        act: DType,
     ) -> candle_core::Result<Tensor> {
-        // The residual stream `x` is f32; norms and rotary embedding compute in f32 and round
-        // once to the weights' dtype; projections accumulate and return f32. On CPU f32 every
-        // rounding is a no-op.
         let p = &self.attn.params;
-        let dt = self.attn.qkv.dtype();
         let (nh, nkv, hd) = (p.num_heads, p.num_kv_heads, p.head_dim);
-        let h = self.attn_in_norm.forward(x, dt)?;
-        let qkv = linear_f32(&h, &self.attn.qkv, self.attn.qkv_bias.as_ref())?;
-        // Steps with prefill rows keep q/k/v in f32 (a fresh prompt attends to its own
-        // unrounded keys; the cache rounds what it stores); decode-only steps round them here.
-        let qkv_dt = if chunks.iter().all(|c| c.len == 1) {
-            dt
-        } else {
-            DType::F32
-        };
-        let q = rope_heads(&qkv, (cos, sin), (0, nh, hd), true, qkv_dt)?;
-        let k = rope_heads(&qkv, (cos, sin), (nh * hd, nkv, hd), true, qkv_dt)?;
-        let v = rope_heads(&qkv, (cos, sin), ((nh + nkv) * hd, nkv, hd), false, qkv_dt)?;
-        let a = cache.attend(plan_pos, chunks, &q, &k, &v, p)?;
-        let a = linear_f32(&a, &self.attn.o, None)?;
-        let a = match &self.attn_out_norm {
-            Some(n) => n.forward(&a, DType::F32)?,
-            None => a,
-        };
-        let x = (x + a)?;
-        let m = self.mlp.forward(&self.mlp_in_norm.forward(&x, dt)?)?;
-        let m = match &self.mlp_out_norm {
-            Some(n) => n.forward(&m, DType::F32)?,
-            None => m,
-        };
-        x + m
+        let dev = x.device();
+        let h = phase(dev, "norms", || self.attn_in_norm.forward(x, act))?;
+        let qkv = phase(dev, "qkv gemm", || {
+            linear_f32(&h, &self.attn.qkv, self.attn.qkv_bias.as_ref())
+        })?;
+        // A fresh prompt attends to its own keys in `act`; the cache rounds what it stores.
+        let (q, k, v) = phase(dev, "rope", || {
+            Ok((
+                rope_heads(&qkv, (cos, sin), (0, nh, hd), true, act)?,
+                rope_heads(&qkv, (cos, sin), (nh * hd, nkv, hd), true, act)?,
+                rope_heads(&qkv, (cos, sin), ((nh + nkv) * hd, nkv, hd), false, act)?,
+            ))
+        })?;
+        let a = phase(dev, "attention", || {
+            cache.attend(plan_pos, chunks, &q, &k, &v, p)
+        })?;
+        let a = phase(dev, "o gemm", || linear_f32(&a, &self.attn.o, None))?;
+        let x = phase(dev, "norms", || match &self.attn_out_norm {
+            Some(n) => x + n.forward(&a, DType::F32)?,
+            None => x + a,
+        })?;
+        let h = phase(dev, "norms", || self.mlp_in_norm.forward(&x, act))?;
+        let m = self.mlp.forward(&h, act)?;
+        phase(dev, "norms", || match &self.mlp_out_norm {
+            Some(n) => x + n.forward(&m, DType::F32)?,
+            None => x + m,
+        })
+    }
+}
+
+/// The precision of a step's activations, the inputs of every projection. The residual stream
+/// is f32 throughout and projections accumulate in f32; with bf16 weights:
+/// - steps with prompt rows keep activations in f32 and every projection takes them compensated
+///   (two bf16 terms, [`linear_f32`]), so prompt logprobs carry no bf16 rounding of activations;
+/// - decode-only steps round them once to bf16 (one GEMM each, the memory-bound fast path), as
+///   the paged decode kernel takes its queries.
+///
+/// With f32 weights everything is f32.
+pub fn activation_dtype(weights: DType, chunks: &[ChunkRef]) -> DType {
+    if chunks.iter().all(|c| c.len == 1) {
+        weights
+    } else {
+        DType::F32
     }
 }
 
@@ -292,7 +310,7 @@ impl DecoderModel {
     }
 
     /// Runs `plan` over the packed rows of `chunks` (tokens concatenated in chunk order) and
-    /// returns the final-normed hidden states `[T, hidden]` in f32.
+    /// returns the final-normed hidden states `[T, hidden]` in the step's activation dtype.
     pub fn forward_hidden<'t>(
         &self,
         plan: &LayerPlan,
@@ -311,20 +329,31 @@ impl DecoderModel {
         if let Some(s) = self.embed_scale {
             x = (x * s)?;
         }
-        cache.begin_step(chunks, plan.layers().len())?;
+        let act = activation_dtype(self.dtype, chunks);
+        phase_times::set_step_kind(if chunks.iter().all(|c| c.len == 1) {
+            "decode"
+        } else {
+            "prefill"
+        });
+        phase(&self.device, "begin_step", || {
+            cache.begin_step(chunks, plan.layers().len())
+        })?;
         for (plan_pos, &layer) in plan.layers().iter().enumerate() {
-            let y = self.layers[layer].forward(&x, &cos, &sin, chunks, cache, plan_pos)?;
+            let y = self.layers[layer].forward(&x, (&cos, &sin), chunks, cache, plan_pos, act)?;
             if let Some(tap) = tap.as_deref_mut() {
                 tap.observe(layer, &x, &y)?;
             }
             x = y;
         }
-        self.final_norm.forward(&x, DType::F32)
+        phase(&self.device, "norms", || self.final_norm.forward(&x, act))
     }
 
-    /// Logits `[rows, vocab]` in f32 for final-normed hidden rows.
+    /// Logits `[rows, vocab]` in f32 for final-normed hidden rows (bf16 rows in one GEMM, f32
+    /// rows compensated, see [`linear_f32`]).
     pub fn logits(&self, hidden: &Tensor) -> candle_core::Result<Tensor> {
-        let logits = linear_f32(hidden, &self.lm_head, None)?;
+        let logits = phase(&self.device, "lm_head gemm", || {
+            linear_f32(hidden, &self.lm_head, None)
+        })?;
         match self.cfg.final_logit_softcapping {
             Some(cap) => (logits / cap)?.tanh()? * cap,
             None => Ok(logits),

@@ -1,12 +1,14 @@
 //! The CUDA paged KV cache: one pool of layer-blocks per base (every plan over it draws from the
-//! same pool), written with `reshape_and_cache` and read on decode by `paged_attention`
-//! (mistralrs-paged-attn kernels). Prefill chunks attend with candle ops: a fresh prompt against
-//! its own keys/values, a continued one against its history gathered from the pool.
+//! same pool), written with mistralrs-paged-attn's `reshape_and_cache` and read on decode by our
+//! grouped-query kernel; fresh prompt chunks attend to their own keys/values in one kernel launch
+//! per layer ([`super::attention_cuda`]), continued ones with candle ops against their history
+//! gathered from the pool.
 
 use candle_core::{DType, Device, IndexOp, Tensor};
-use mistralrs_paged_attn::{gather_kv_cache, paged_attention, reshape_and_cache};
+use mistralrs_paged_attn::{gather_kv_cache, reshape_and_cache};
 
 use super::attention::{attend_chunk, chunk_heads, AttnParams, MaskCache};
+use super::attention_cuda::{paged_decode, prefill_attention, FreshChunk, BLOCK_SIZE};
 use super::kv_cache::{ChunkRef, KvCache, KvError, KvUsage};
 use super::paged_tables::{BlockPool, StepTables};
 use super::SeqId;
@@ -68,6 +70,11 @@ impl PagedKvCache {
         kv_heads: usize,
         head_dim: usize,
     ) -> candle_core::Result<Self> {
+        if block_size != BLOCK_SIZE {
+            candle_core::bail!(
+                "the CUDA paged cache uses blocks of {BLOCK_SIZE} tokens, not {block_size}"
+            );
+        }
         let x = 16 / dtype.size_in_bytes();
         let key_cache = Tensor::zeros(
             (num_blocks, kv_heads, head_dim / x, block_size, x),
@@ -171,8 +178,8 @@ impl KvCache for PagedKvCache {
             }
             let mut next = n_dec as u32;
             for c in chunks.iter().filter(|c| c.len != 1) {
-                for r in c.offset..c.offset + c.len {
-                    position[r] = next;
+                for p in &mut position[c.offset..c.offset + c.len] {
+                    *p = next;
                     next += 1;
                 }
             }
@@ -203,7 +210,8 @@ impl KvCache for PagedKvCache {
             .ok_or_else(|| candle_core::Error::Msg("kv: attend before begin_step".into()))?;
         let slots = fresh(&step.slots.i(plan_pos)?)?;
         // q/k/v arrive in f32 on steps with prefill rows: the cache stores its dtype, fresh
-        // prompts attend to their own unrounded keys, everything else in the cache's dtype.
+        // prompts attend to their own unrounded keys, everything else in the cache's dtype;
+        // the attention output is in q's dtype.
         reshape_and_cache(
             &fresh(&k.to_dtype(self.dtype)?)?,
             &fresh(&v.to_dtype(self.dtype)?)?,
@@ -215,12 +223,7 @@ impl KvCache for PagedKvCache {
         )?;
         let width = params.num_heads * params.head_dim;
         let n_dec = step.tables.decode_chunks.len();
-        // paged_attention has no sliding window: windowed layers past their window take the
-        // gather path for every chunk.
-        let windowed = params
-            .window
-            .is_some_and(|w| step.tables.decode_max_context > w);
-        let decode = step.decode.as_ref().filter(|_| !windowed);
+        let decode = step.decode.as_ref();
         let fused = decode.is_some();
         let mut parts = Vec::new();
         if let Some(dec) = decode {
@@ -229,28 +232,50 @@ impl KvCache for PagedKvCache {
             } else {
                 q.index_select(&dec.rows, 0)?.to_dtype(self.dtype)?
             };
-            let out = paged_attention(
+            let out = paged_decode(
                 &q_dec,
-                None,
-                None,
-                &self.key_cache,
-                &self.value_cache,
+                (&self.key_cache, &self.value_cache),
                 &dec.tables.i(plan_pos)?,
                 &dec.context_lens,
-                None,
                 step.tables.decode_max_context,
-                params.scale as f32,
-                params.softcap.unwrap_or(1.0) as f32,
-                None,
+                params,
             )?;
-            parts.push(out.reshape((n_dec, width))?);
+            // The output is in q's dtype, f32 on steps with prompt rows.
+            parts.push(out.reshape((n_dec, width))?.to_dtype(q.dtype())?);
         }
+        // Fresh prompt chunks (f32 on prefill steps) attend to their own unrounded keys, all in
+        // one kernel launch; continued chunks to their history gathered from the pool.
+        let is_fresh = |c: &ChunkRef| c.len > 1 && c.start == 0 && q.dtype() == DType::F32;
+        let mut fresh = Vec::new();
+        let mut fresh_rows = 0;
+        for c in chunks.iter().filter(|c| is_fresh(c)) {
+            fresh.push(FreshChunk {
+                row0: c.offset,
+                len: c.len,
+                out0: fresh_rows,
+            });
+            fresh_rows += c.len;
+        }
+        let fresh_out = if fresh.is_empty() {
+            None
+        } else {
+            let out = prefill_attention((q, k, v), &fresh, fresh_rows, params)?;
+            if fresh.len() == chunks.len() {
+                // Every chunk is a fresh prompt: the rows are already in packed order.
+                return Ok(out);
+            }
+            Some(out)
+        };
+        let mut next_fresh = 0;
         for c in chunks {
             if fused && c.len == 1 {
                 continue;
             }
-            // A fresh prompt attends to its own (unrounded) keys, a continued chunk to its
-            // history gathered from the pool.
+            if let (Some(out), true) = (&fresh_out, is_fresh(c)) {
+                parts.push(out.narrow(0, next_fresh, c.len)?);
+                next_fresh += c.len;
+                continue;
+            }
             let (keys, values) = if c.start == 0 {
                 (chunk_heads(k, c)?, chunk_heads(v, c)?)
             } else {

@@ -44,6 +44,10 @@ pub fn score_rows(
 /// Greedy picks for logits rows: the argmax token of each row, its log-softmax value and the
 /// top-`k` log-softmax entries, computed on the logits' device.
 pub fn greedy_rows(logits: &Tensor, k: usize) -> candle_core::Result<Vec<Sampled>> {
+    #[cfg(feature = "cuda")]
+    if k <= 1 && logits.device().is_cuda() {
+        return cuda::greedy_pick(logits, k);
+    }
     let lsm = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?;
     let top = top_k_rows(&lsm, k.max(1))?;
     Ok(top
@@ -80,6 +84,80 @@ pub fn top_k_rows(values: &Tensor, k: usize) -> candle_core::Result<Vec<Vec<(u32
         }
     }
     Ok(out)
+}
+
+/// One-kernel greedy picks on CUDA (kernels/sampling.cu) for up to one reported logprob: the
+/// argmax and its log-softmax value without the `[rows, vocab]` log-softmax in memory.
+#[cfg(feature = "cuda")]
+mod cuda {
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::{CudaStorage, WrapErr};
+    use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+
+    use crate::engine::attention_cuda::storage_view;
+    use crate::engine::sampler::Sampled;
+
+    const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/sampling.ptx"));
+
+    struct GreedyPick;
+
+    impl CustomOp1 for GreedyPick {
+        fn name(&self) -> &'static str {
+            "greedy-pick"
+        }
+
+        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+            candle_core::bail!("greedy-pick runs on CUDA only")
+        }
+
+        fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+            let (rows, vocab) = l.shape().dims2()?;
+            let dev = s.device().clone();
+            let logits = storage_view::<f32>(s, l, "logits")?;
+            // SAFETY: the kernel writes both values of every row.
+            let out = unsafe { dev.alloc::<f32>(rows * 2)? };
+            let func =
+                dev.get_or_load_custom_func("greedy_pick_f32", "pruneserve_sampling", PTX)?;
+            let vocab_i = vocab as i32;
+            let mut b = func.builder();
+            b.arg(&logits).arg(&out).arg(&vocab_i);
+            let cfg = LaunchConfig {
+                grid_dim: (rows as u32, 1, 1),
+                block_dim: (1024, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: the arguments match `greedy_pick_f32` in sampling.cu.
+            unsafe { b.launch(cfg) }.w()?;
+            Ok((
+                CudaStorage::wrap_cuda_slice(out, dev),
+                Shape::from((rows, 2)),
+            ))
+        }
+    }
+
+    pub fn greedy_pick(logits: &Tensor, k: usize) -> Result<Vec<Sampled>> {
+        let picks = logits
+            .to_dtype(candle_core::DType::F32)?
+            .contiguous()?
+            .apply_op1_no_bwd(&GreedyPick)?;
+        Ok(picks
+            .to_vec2::<f32>()?
+            .into_iter()
+            .map(|p| {
+                let (token, logprob) = (p[0] as u32, p[1]);
+                Sampled {
+                    token,
+                    logprob,
+                    top: if k == 1 {
+                        vec![(token, logprob)]
+                    } else {
+                        Vec::new()
+                    },
+                }
+            })
+            .collect())
+    }
 }
 
 #[cfg(test)]

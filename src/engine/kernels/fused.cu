@@ -32,22 +32,25 @@ __device__ void rms_norm_to(const float *x, const float *alpha, T *out, int cols
 
 // Rotary embedding ("rotate half") of `heads` heads taken from f32 rows of `src_cols` columns
 // starting at column `col0`; `rotate == 0` copies (the values). cos/sin are [rows, hd/2].
-// Grid: (rows, heads); block: hd/2 threads.
+// Grid: (rows); the block's threads stride over the row's heads * hd/2 pairs.
 template <typename T>
 __device__ void rope_heads(const float *src, const float *cos, const float *sin, T *out,
                            int src_cols, int col0, int heads, int hd, int rotate) {
-  int r = blockIdx.x, h = blockIdx.y, i = threadIdx.x, half = hd / 2;
-  if (i >= half) return;
-  const float *x = src + (size_t)r * src_cols + col0 + (size_t)h * hd;
-  T *y = out + ((size_t)r * heads + h) * hd;
-  float x1 = x[i], x2 = x[i + half];
-  if (rotate) {
-    float c = cos[(size_t)r * half + i], s = sin[(size_t)r * half + i];
-    store(y + i, x1 * c - x2 * s);
-    store(y + i + half, x2 * c + x1 * s);
-  } else {
-    store(y + i, x1);
-    store(y + i + half, x2);
+  const int r = blockIdx.x, half = hd / 2;
+  const float *row = src + (size_t)r * src_cols + col0;
+  T *dst = out + (size_t)r * heads * hd;
+  for (int p = threadIdx.x; p < heads * half; p += blockDim.x) {
+    const int h = p / half, i = p % half;
+    const float x1 = row[h * hd + i], x2 = row[h * hd + i + half];
+    T *y = dst + h * hd;
+    if (rotate) {
+      const float c = cos[(size_t)r * half + i], s = sin[(size_t)r * half + i];
+      store(y + i, x1 * c - x2 * s);
+      store(y + i + half, x2 * c + x1 * s);
+    } else {
+      store(y + i, x1);
+      store(y + i + half, x2);
+    }
   }
 }
 
@@ -57,14 +60,16 @@ __device__ __forceinline__ float gelu_tanh(float x) {
 }
 
 // act(gate) * up for f32 rows laid out [gate (n) | up (n)]; out is [rows, n].
+// Grid: (rows, column blocks of ACT_COLS); each thread takes ACT_COLS / blockDim.x columns.
+#define ACT_COLS 1024
 template <typename T>
 __device__ void act_mul(const float *gu, T *out, int rows, int n, int act) {
-  size_t total = (size_t)rows * n;
-  for (size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x; idx < total;
-       idx += (size_t)gridDim.x * blockDim.x) {
-    size_t r = idx / n, c = idx % n;
-    float g = gu[r * 2 * n + c], u = gu[r * 2 * n + n + c];
-    store(out + idx, (act == 0 ? silu(g) : gelu_tanh(g)) * u);
+  const int r = blockIdx.x;
+  const float *g = gu + (size_t)r * 2 * n, *u = g + n;
+  T *dst = out + (size_t)r * n;
+  const int end = min(n, (int)(blockIdx.y + 1) * ACT_COLS);
+  for (int c = blockIdx.y * ACT_COLS + threadIdx.x; c < end; c += blockDim.x) {
+    store(dst + c, (act == 0 ? silu(g[c]) : gelu_tanh(g[c])) * u[c]);
   }
 }
 
@@ -85,3 +90,14 @@ __device__ void act_mul(const float *gu, T *out, int rows, int n, int act) {
 
 INSTANTIATE(f32, float)
 INSTANTIATE(bf16, __nv_bfloat16)
+
+// Splits f32 values into two bf16 terms, x ~ hi + lo (16 significant bits): hi = bf16(x),
+// lo = bf16(x - hi). `out` holds the n hi values, then the n lo values.
+extern "C" __global__ void split_bf16(const float *x, __nv_bfloat16 *out, size_t n) {
+  for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+       i += (size_t)gridDim.x * blockDim.x) {
+    __nv_bfloat16 hi = __float2bfloat16_rn(x[i]);
+    out[i] = hi;
+    out[n + i] = __float2bfloat16_rn(x[i] - __bfloat162float(hi));
+  }
+}

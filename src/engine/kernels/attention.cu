@@ -1,0 +1,368 @@
+// Attention kernels for pruneserve (see src/engine/attention_cuda.rs for how they are called and
+// src/engine/attention.rs for the semantics they share with the candle-ops path).
+//
+// paged_decode: one query token per sequence against its paged KV history, grouped-query aware:
+// a thread block serves one (kv head, sequence, partition of PART tokens) and every query head
+// of that kv head's group (its warps split the partition's KV blocks), so each key and value is read from memory once per group instead of
+// once per query head. Scores, softmax and sums are f32. The caches have vLLM's layout:
+//   keys   [blocks, kv_heads, head_dim / X, block_size, X]   (X = 16 bytes of elements)
+//   values [blocks, kv_heads, head_dim, block_size]
+// A sequence longer than one partition is split over blocks whose partial results
+// (unnormalized sums, max, sum of exponentials) are merged by paged_decode_combine.
+#include <cuda_bf16.h>
+#include <stdint.h>
+
+#define PART 128
+#define THREADS 128
+// Tokens per KV-cache block (the engine's block size).
+#define BS 16
+
+__device__ __forceinline__ float to_f(float v) { return v; }
+__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ void put(float *p, float v) { *p = v; }
+__device__ __forceinline__ void put(__nv_bfloat16 *p, float v) { *p = __float2bfloat16_rn(v); }
+
+__device__ __forceinline__ float warp_max(float v) {
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, o));
+  return v;
+}
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
+  return v;
+}
+
+// q [seqs, heads, hd]; out [seqs, heads, hd] (single partition) or the partial buffers
+// part_out [seqs, heads, parts, hd], part_max / part_sum [seqs, heads, parts].
+// Grid (kv_heads, seqs, parts), THREADS threads. `window` 0: none; `softcap` 0: none.
+// MAX_G: query heads per kv head (4 or 8), MAX_HD: head_dim bound (64, 128 or 256); the
+// instantiations are sized for them so that small groups and heads keep occupancy high.
+template <typename T, int MAX_G, int MAX_HD>
+__device__ void paged_decode(const T *q, const T *kc, const T *vc, const uint32_t *tables,
+                             const uint32_t *ctx_lens, T *out, float *part_out,
+                             float *part_max, float *part_sum, int heads, int kv_heads, int hd,
+                             int max_blocks, int window, float scale, float softcap) {
+  constexpr int X = 16 / sizeof(T);
+  const int kvh = blockIdx.x, seq = blockIdx.y, part = blockIdx.z, parts = gridDim.z;
+  const int G = heads / kv_heads;
+  const int ctx = ctx_lens[seq];
+  const int first = window > 0 ? max(0, ctx - window) : 0;
+  const int p_start = part * PART;
+  const int p_end = min(ctx, p_start + PART);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, nwarps = THREADS / 32;
+  __shared__ float q_s[MAX_G * MAX_HD];
+  __shared__ float s_s[MAX_G * PART];
+  __shared__ float m_s[MAX_G], l_s[MAX_G];
+  const size_t head0 = (size_t)seq * heads + (size_t)kvh * G;
+  if (p_start >= p_end || p_end <= first) {
+    // Nothing of this sequence in this partition: an empty partial result (a single partition
+    // always holds the query's own token, so this is never the final output).
+    if (parts == 1) return;
+    for (int i = threadIdx.x; i < G * hd; i += THREADS) {
+      int g = i / hd, d = i % hd;
+      part_out[((head0 + g) * parts + part) * hd + d] = 0.f;
+    }
+    if (threadIdx.x < G) {
+      part_max[(head0 + threadIdx.x) * parts + part] = -INFINITY;
+      part_sum[(head0 + threadIdx.x) * parts + part] = 0.f;
+    }
+    return;
+  }
+  for (int i = threadIdx.x; i < G * hd; i += THREADS) q_s[i] = to_f(q[head0 * hd + i]);
+  __syncthreads();
+
+  // Scores: a warp takes a whole KV block; lane reads 16-byte vectors i = lane + 32k, which
+  // hold X dims (slab i / BS) of token i % BS = lane % BS.
+  const int vecs = (hd / X) * BS;
+  const size_t block_stride = (size_t)kv_heads * hd * BS;
+  for (int blk = p_start / BS + warp; blk * BS < p_end; blk += nwarps) {
+    const size_t phys = tables[(size_t)seq * max_blocks + blk];
+    const T *kb = kc + phys * block_stride + (size_t)kvh * hd * BS;
+    float acc[MAX_G];
+#pragma unroll
+    for (int g = 0; g < MAX_G; g++) acc[g] = 0.f;
+    for (int i = lane; i < vecs; i += 32) {
+      const int slab = i / BS;
+      T k[X];
+      *reinterpret_cast<int4 *>(k) = *reinterpret_cast<const int4 *>(kb + (size_t)i * X);
+#pragma unroll
+      for (int e = 0; e < X; e++) {
+        const float kv = to_f(k[e]);
+#pragma unroll
+        for (int g = 0; g < MAX_G; g++)
+          if (g < G) acc[g] += q_s[g * hd + slab * X + e] * kv;
+      }
+    }
+    for (int o = BS; o < 32; o <<= 1) {
+#pragma unroll
+      for (int g = 0; g < MAX_G; g++) acc[g] += __shfl_xor_sync(0xffffffff, acc[g], o);
+    }
+    if (lane < BS) {
+      const int t = blk * BS + lane;
+      if (t < p_end) {
+        for (int g = 0; g < G; g++) {
+          float s = acc[g] * scale;
+          if (softcap > 0.f) s = softcap * tanhf(s / softcap);
+          s_s[g * PART + (t - p_start)] = t >= first ? s : -INFINITY;
+        }
+      }
+    }
+  }
+  __syncthreads();
+
+  // Softmax pieces per query head: max, then exp in place, then the sum.
+  const int n = p_end - p_start;
+  for (int g = warp; g < G; g += nwarps) {
+    float m = -INFINITY;
+    for (int t = lane; t < n; t += 32) m = fmaxf(m, s_s[g * PART + t]);
+    m = warp_max(m);
+    float l = 0.f;
+    for (int t = lane; t < n; t += 32) {
+      float p = m == -INFINITY ? 0.f : __expf(s_s[g * PART + t] - m);
+      s_s[g * PART + t] = p;
+      l += p;
+    }
+    l = warp_sum(l);
+    if (lane == 0) {
+      m_s[g] = m;
+      l_s[g] = l;
+    }
+  }
+  __syncthreads();
+
+  // Values: warp w takes the partition's KV blocks w, w + nwarps, ...; lane owns dims
+  // d = lane + 32k, whose BS values in a block are contiguous. Warps' sums meet in o_s.
+  __shared__ float o_s[THREADS / 32][MAX_G * MAX_HD];
+  {
+    float acc[MAX_G][MAX_HD / 32];
+#pragma unroll
+    for (int g = 0; g < MAX_G; g++)
+#pragma unroll
+      for (int k = 0; k < MAX_HD / 32; k++) acc[g][k] = 0.f;
+    for (int blk = p_start / BS + warp; blk * BS < p_end; blk += nwarps) {
+      const size_t phys = tables[(size_t)seq * max_blocks + blk];
+      const T *vbase = vc + phys * block_stride + (size_t)kvh * hd * BS;
+      const int t0 = blk * BS;
+#pragma unroll
+      for (int k = 0; k < MAX_HD / 32; k++) {
+        const int d = lane + 32 * k;
+        if (d >= hd) break;
+        const int4 *vb = reinterpret_cast<const int4 *>(vbase + (size_t)d * BS);
+        T vals[BS];
+#pragma unroll
+        for (int c = 0; c < BS * (int)sizeof(T) / 16; c++)
+          reinterpret_cast<int4 *>(vals)[c] = vb[c];
+#pragma unroll
+        for (int b = 0; b < BS; b++) {
+          const int t = t0 + b;
+          if (t >= p_end) break;
+          const float v = to_f(vals[b]);
+#pragma unroll
+          for (int g = 0; g < MAX_G; g++)
+            if (g < G) acc[g][k] += s_s[g * PART + (t - p_start)] * v;
+        }
+      }
+    }
+#pragma unroll
+    for (int g = 0; g < MAX_G; g++)
+#pragma unroll
+      for (int k = 0; k < MAX_HD / 32; k++) {
+        const int d = lane + 32 * k;
+        if (g < G && d < hd) o_s[warp][g * hd + d] = acc[g][k];
+      }
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < G * hd; i += THREADS) {
+    const int g = i / hd, d = i % hd;
+    float acc = 0.f;
+    for (int w = 0; w < nwarps; w++) acc += o_s[w][i];
+    if (parts == 1) {
+      put(out + (head0 + g) * hd + d, l_s[g] > 0.f ? acc / l_s[g] : 0.f);
+    } else {
+      part_out[((head0 + g) * parts + part) * hd + d] = acc;
+    }
+  }
+  if (parts > 1 && threadIdx.x < G) {
+    part_max[(head0 + threadIdx.x) * parts + part] = m_s[threadIdx.x];
+    part_sum[(head0 + threadIdx.x) * parts + part] = l_s[threadIdx.x];
+  }
+}
+
+// Merges the partitions of paged_decode. Grid (heads, seqs), THREADS threads.
+template <typename T>
+__device__ void paged_decode_combine(const float *part_out, const float *part_max,
+                                     const float *part_sum, T *out, int heads, int hd,
+                                     int parts) {
+  const size_t head = (size_t)blockIdx.y * heads + blockIdx.x;
+  float m = -INFINITY;
+  for (int p = 0; p < parts; p++) m = fmaxf(m, part_max[head * parts + p]);
+  float l = 0.f;
+  for (int p = 0; p < parts; p++) {
+    float mp = part_max[head * parts + p];
+    if (mp != -INFINITY) l += part_sum[head * parts + p] * __expf(mp - m);
+  }
+  for (int d = threadIdx.x; d < hd; d += THREADS) {
+    float acc = 0.f;
+    for (int p = 0; p < parts; p++) {
+      float mp = part_max[head * parts + p];
+      if (mp != -INFINITY) acc += part_out[(head * parts + p) * hd + d] * __expf(mp - m);
+    }
+    put(out + head * hd + d, l > 0.f ? acc / l : 0.f);
+  }
+}
+
+#define DECODE(SUFFIX, T, G, HD)                                                                \
+  extern "C" __global__ void __launch_bounds__(THREADS) paged_decode_##SUFFIX##_g##G##_d##HD(  \
+      const T *q, const T *kc, const T *vc, const uint32_t *tables, const uint32_t *ctx_lens,  \
+      T *out, float *part_out, float *part_max, float *part_sum, int heads, int kv_heads,      \
+      int hd, int max_blocks, int window, float scale, float softcap) {                        \
+    paged_decode<T, G, HD>(q, kc, vc, tables, ctx_lens, out, part_out, part_max, part_sum,    \
+                           heads, kv_heads, hd, max_blocks, window, scale, softcap);           \
+  }
+
+#define INSTANTIATE(SUFFIX, T)                                                                  \
+  DECODE(SUFFIX, T, 4, 64)                                                                      \
+  DECODE(SUFFIX, T, 4, 128)                                                                     \
+  DECODE(SUFFIX, T, 4, 256)                                                                     \
+  DECODE(SUFFIX, T, 8, 64)                                                                      \
+  DECODE(SUFFIX, T, 8, 128)                                                                     \
+  DECODE(SUFFIX, T, 8, 256)                                                                     \
+  extern "C" __global__ void __launch_bounds__(THREADS) paged_decode_combine_##SUFFIX(        \
+      const float *part_out, const float *part_max, const float *part_sum, T *out, int heads, \
+      int hd, int parts) {                                                                      \
+    paged_decode_combine<T>(part_out, part_max, part_sum, out, heads, hd, parts);              \
+  }
+
+INSTANTIATE(f32, float)
+INSTANTIATE(bf16, __nv_bfloat16)
+
+// prefill_attention: fresh prompt chunks (no history: each attends causally to its own rows)
+// of one step in one launch, f32 throughout (flash-attention style online softmax over key
+// tiles, so no [len, len] score matrix is written). q [T, heads, hd], k/v [T, kv_heads, hd]
+// are the step's packed rows; chunk c has q/k/v rows [row0, row0 + len) and writes output rows
+// [out0, out0 + len) of out [*, heads * hd]. chunks: [n, 3] u32 (row0, len, out0).
+// Grid (tiles of R rows, heads, chunks), PREFILL_THREADS threads; R = 32 rows for hd <= 128,
+// else 16 (hd <= 256, a multiple of 16).
+#define PREFILL_THREADS 256
+
+template <int R>
+__device__ void prefill_attention(const float *q, const float *k, const float *v, float *out,
+                                  const uint32_t *chunks, int heads, int kv_heads, int hd,
+                                  int window, float scale, float softcap, float *q_s,
+                                  float *kv_s, float *s_s) {
+  const int tile = blockIdx.x, h = blockIdx.y, c = blockIdx.z;
+  const int row0 = chunks[3 * c], len = chunks[3 * c + 1], out0 = chunks[3 * c + 2];
+  const int q0 = tile * R;
+  if (q0 >= len) return;
+  const int kvh = h / (heads / kv_heads);
+  const int ld = hd + 1;  // padded row stride in shared memory (no bank conflicts)
+  const int tid = threadIdx.x;
+  const int qn = min(R, len - q0);
+  for (int i = tid; i < R * hd; i += PREFILL_THREADS) {
+    int r = i / hd, d = i % hd;
+    q_s[r * ld + d] = r < qn ? q[((size_t)(row0 + q0 + r) * heads + h) * hd + d] : 0.f;
+  }
+  // Score tile: thread owns rows si.. and cols sj.. (T x T with T = R / 16).
+  constexpr int T = R / 16;
+  const int si = (tid / 16) * T, sj = (tid % 16) * T;
+  // Output: thread owns row `orow` and dims od + tpr * n.
+  constexpr int tpr = PREFILL_THREADS / R;
+  const int orow = tid / tpr, od = tid % tpr;
+  const int per = hd / tpr;
+  float o[16];
+#pragma unroll
+  for (int n = 0; n < 16; n++) o[n] = 0.f;
+  float m = -INFINITY, l = 0.f;
+  const int q_last = q0 + qn - 1;
+  for (int k0 = 0; k0 <= q_last; k0 += R) {
+    if (window > 0 && k0 + R - 1 < q0 - window + 1) continue;  // the whole tile is too far back
+    const int kn = min(R, len - k0);
+    __syncthreads();
+    for (int i = tid; i < R * hd; i += PREFILL_THREADS) {
+      int r = i / hd, d = i % hd;
+      kv_s[r * ld + d] = r < kn ? k[((size_t)(row0 + k0 + r) * kv_heads + kvh) * hd + d] : 0.f;
+    }
+    __syncthreads();
+    float acc[T][T];
+#pragma unroll
+    for (int a = 0; a < T; a++)
+#pragma unroll
+      for (int b = 0; b < T; b++) acc[a][b] = 0.f;
+    for (int d = 0; d < hd; d++) {
+      float qa[T], kb[T];
+#pragma unroll
+      for (int a = 0; a < T; a++) qa[a] = q_s[(si + a) * ld + d];
+#pragma unroll
+      for (int b = 0; b < T; b++) kb[b] = kv_s[(sj + b) * ld + d];
+#pragma unroll
+      for (int a = 0; a < T; a++)
+#pragma unroll
+        for (int b = 0; b < T; b++) acc[a][b] += qa[a] * kb[b];
+    }
+#pragma unroll
+    for (int a = 0; a < T; a++) {
+#pragma unroll
+      for (int b = 0; b < T; b++) {
+        const int qp = q0 + si + a, kp = k0 + sj + b;
+        float s = acc[a][b] * scale;
+        if (softcap > 0.f) s = softcap * tanhf(s / softcap);
+        const bool seen = kp <= qp && kp < len && (window <= 0 || qp - kp < window);
+        s_s[(si + a) * 33 + sj + b] = seen ? s : -INFINITY;
+      }
+    }
+    __syncthreads();
+    // Online softmax of row `orow` by its tpr threads (consecutive lanes).
+    float mx = -INFINITY;
+    for (int j = od; j < R; j += tpr) mx = fmaxf(mx, s_s[orow * 33 + j]);
+    for (int off = tpr / 2; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, off));
+    const float m_new = fmaxf(m, mx);
+    const float alpha = m_new == -INFINITY ? 1.f : __expf(m - m_new);
+    float sum = 0.f;
+    // Each thread exponentiates its own columns; the row's threads then read all of them.
+    for (int j = od; j < R; j += tpr) {
+      float p = m_new == -INFINITY ? 0.f : __expf(s_s[orow * 33 + j] - m_new);
+      s_s[orow * 33 + j] = p;
+      sum += p;
+    }
+    for (int off = tpr / 2; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffff, sum, off);
+    l = l * alpha + sum;
+    m = m_new;
+#pragma unroll
+    for (int n = 0; n < 16; n++) o[n] *= alpha;
+    __syncthreads();
+    for (int i = tid; i < R * hd; i += PREFILL_THREADS) {
+      int r = i / hd, d = i % hd;
+      kv_s[r * ld + d] = r < kn ? v[((size_t)(row0 + k0 + r) * kv_heads + kvh) * hd + d] : 0.f;
+    }
+    __syncthreads();
+#pragma unroll 8
+    for (int j = 0; j < R; j++) {
+      const float p = s_s[orow * 33 + j];
+#pragma unroll
+      for (int n = 0; n < 16; n++)
+        if (n < per) o[n] += p * kv_s[j * ld + od + tpr * n];
+    }
+  }
+  if (orow < qn) {
+    float *dst = out + ((size_t)(out0 + q0 + orow) * heads + h) * hd;
+#pragma unroll
+    for (int n = 0; n < 16; n++)
+      if (n < per) dst[od + tpr * n] = l > 0.f ? o[n] / l : 0.f;
+  }
+}
+
+extern "C" __global__ void __launch_bounds__(PREFILL_THREADS)
+    prefill_attention_f32(const float *q, const float *k, const float *v, float *out,
+                          const uint32_t *chunks, int heads, int kv_heads, int hd, int window,
+                          float scale, float softcap) {
+  // Row tiles padded by one float: 32 * (128 + 1) also holds 16 * (256 + 1).
+  __shared__ float q_s[32 * (128 + 1)];
+  __shared__ float kv_s[32 * (128 + 1)];
+  __shared__ float s_s[32 * 33];
+  if (hd <= 128) {
+    prefill_attention<32>(q, k, v, out, chunks, heads, kv_heads, hd, window, scale, softcap, q_s,
+                          kv_s, s_s);
+  } else {
+    prefill_attention<16>(q, k, v, out, chunks, heads, kv_heads, hd, window, scale, softcap, q_s,
+                          kv_s, s_s);
+  }
+}
