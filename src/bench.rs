@@ -16,7 +16,9 @@ pub struct BenchRow {
     pub plan: String,
     pub batch: usize,
     pub prefill_tok_s: f64,
-    pub decode_tok_s: f64,
+    /// `None` when the generating run took no longer than the prefill-only one (decode time
+    /// lost in the noise, e.g. with very few generated tokens).
+    pub decode_tok_s: Option<f64>,
 }
 
 fn requests(
@@ -103,7 +105,7 @@ pub fn run(
             };
             phase_times::take_report();
             let prefill = timed(0)?;
-            let decode = (timed(gen)? - prefill).max(1e-9);
+            let decode = timed(gen)? - prefill;
             for line in phase_times::take_report() {
                 println!("{name} batch {batch}: {line}");
             }
@@ -111,7 +113,7 @@ pub fn run(
                 plan: name.clone(),
                 batch,
                 prefill_tok_s: (batch * prompt_len) as f64 / prefill,
-                decode_tok_s: (batch * gen) as f64 / decode,
+                decode_tok_s: (decode > 0.0).then(|| (batch * gen) as f64 / decode),
             });
         }
     }
@@ -124,21 +126,51 @@ pub fn report(rows: &[BenchRow]) -> String {
         String::from("| plan | batch | prefill tok/s | decode tok/s |\n|---|---|---|---|\n");
     for r in rows {
         s += &format!(
-            "| {} | {} | {:.0} | {:.1} |\n",
-            r.plan, r.batch, r.prefill_tok_s, r.decode_tok_s
+            "| {} | {} | {:.0} | {} |\n",
+            r.plan,
+            r.batch,
+            r.prefill_tok_s,
+            r.decode_tok_s
+                .map_or("n/a (within the prefill run's noise)".into(), |d| format!(
+                    "{d:.1}"
+                ))
         );
     }
     let full: Vec<&BenchRow> = rows.iter().filter(|r| r.plan == "full").collect();
     for r in rows.iter().filter(|r| r.plan != "full") {
         if let Some(f) = full.iter().find(|f| f.batch == r.batch) {
+            let decode = match (r.decode_tok_s, f.decode_tok_s) {
+                (Some(a), Some(b)) => format!("{:.2}x", a / b),
+                _ => "n/a".into(),
+            };
             s += &format!(
-                "\n{} / full at batch {}: prefill {:.2}x, decode {:.2}x",
+                "\n{} / full at batch {}: prefill {:.2}x, decode {decode}",
                 r.plan,
                 r.batch,
                 r.prefill_tok_s / f.prefill_tok_s,
-                r.decode_tok_s / f.decode_tok_s
             );
         }
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn report_marks_unmeasurable_decode_instead_of_dividing_by_noise() {
+        let row = |plan: &str, decode| BenchRow {
+            plan: plan.into(),
+            batch: 4,
+            prefill_tok_s: 100.0,
+            decode_tok_s: decode,
+        };
+        let s = report(&[row("full", Some(10.0)), row("reverse 0.25", None)]);
+        assert!(s.contains("| full | 4 | 100 | 10.0 |"), "{s}");
+        assert!(s.contains("| reverse 0.25 | 4 | 100 | n/a"), "{s}");
+        assert!(s.contains("prefill 1.00x, decode n/a"), "{s}");
+        let s = report(&[row("full", Some(10.0)), row("reverse 0.25", Some(13.0))]);
+        assert!(s.contains("decode 1.30x"), "{s}");
+    }
 }
