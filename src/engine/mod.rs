@@ -7,6 +7,7 @@ pub mod attention;
 pub mod attention_cuda;
 pub mod batch;
 pub mod fused;
+pub mod gemm;
 pub mod kv_cache;
 pub mod model;
 #[cfg(feature = "cuda")]

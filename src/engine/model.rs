@@ -6,7 +6,8 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
 use super::attention::AttnParams;
-use super::fused::{act_mul, linear_f32, rms_norm_to, rope_heads};
+use super::fused::{act_mul, rms_norm_to, rope_heads};
+use super::gemm::linear_f32;
 use super::kv_cache::{ChunkRef, KvCache};
 use super::phase_times::{self, phase};
 use super::rope::RopeTables;

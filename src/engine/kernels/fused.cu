@@ -1,6 +1,7 @@
-// Fused decoder kernels for pruneserve (see src/engine/fused.rs for the CPU definitions they
-// must match). Inputs are f32 (residual stream, f32-output projections); outputs are f32 or
-// bf16 (`_f32` / `_bf16` suffix), rounded once. Compiled to PTX by build.rs with nvcc.
+// Fused decoder kernels for pruneserve (see src/engine/fused.rs and gemm.rs for the CPU
+// definitions they must match). Inputs are f32 (residual stream, f32-output projections);
+// outputs are f32 or bf16 (`_f32` / `_bf16` suffix), rounded once. Compiled to PTX by build.rs
+// with nvcc.
 #include <cuda_bf16.h>
 #include <stdint.h>
 
