@@ -220,7 +220,7 @@ pub fn run_all(
     // 1. Tiny random models: CUDA bf16 (paged) vs CPU f32, and CUDA f32 paged vs CPU f32.
     for arch in ["LlamaForCausalLM", "Gemma2ForCausalLM"] {
         let dir = tiny(root, arch)?;
-        // 1100 tokens: decode attention over three 512-token partitions.
+        // 1100 tokens: decode attention over nine 128-token partitions, merged.
         let prompts = pseudo_prompts(512, &[5, 37, 64, 100, 1100]);
         if keep_dir.is_some() {
             let path = root.join("prompts.json");

@@ -198,8 +198,9 @@ fn capacity_errors_fail_one_request_and_spare_the_rest() {
 }
 
 /// The bf16 path of the CUDA engine (f32 residual, f32 activations into compensated GEMMs on
-/// steps with prompt rows, bf16 ones on decode-only steps, a bf16 KV cache), run on CPU: prompts prefilled in chunks that share steps with other
-/// requests' decodes must give the scores of one-step prefill and stay near the f32 model.
+/// steps with prompt rows, bf16 ones on decode-only steps, a bf16 KV cache), run on CPU: prompts
+/// prefilled in chunks that share steps with other requests' decodes must give the scores of
+/// one-step prefill and stay near the f32 model.
 #[test]
 fn bf16_weights_mixed_prefill_and_decode_steps_match_one_step_prefill() {
     let dir = smollm2_dir();

@@ -237,11 +237,16 @@ impl DecoderLayer {
 ///
 /// With f32 weights everything is f32.
 pub fn activation_dtype(weights: DType, chunks: &[ChunkRef]) -> DType {
-    if chunks.iter().all(|c| c.len == 1) {
+    if decode_only(chunks) {
         weights
     } else {
         DType::F32
     }
+}
+
+/// A step of one-token chunks only (no prompt rows).
+fn decode_only(chunks: &[ChunkRef]) -> bool {
+    chunks.iter().all(|c| c.len == 1)
 }
 
 impl DecoderModel {
@@ -331,7 +336,7 @@ impl DecoderModel {
             x = (x * s)?;
         }
         let act = activation_dtype(self.dtype, chunks);
-        phase_times::set_step_kind(if chunks.iter().all(|c| c.len == 1) {
+        phase_times::set_step_kind(if decode_only(chunks) {
             "decode"
         } else {
             "prefill"
