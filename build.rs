@@ -1,5 +1,5 @@
-//! With the `cuda` feature, compiles the engine's kernels (src/engine/kernels/*.cu: the fused
-//! decoder ops, attention, greedy picks) to PTX with nvcc (`$NVCC`, `$CUDA_HOME/bin/nvcc` or
+//! With the `cuda` feature, compiles the engine's kernels (each `.cu` beside the Rust that launches
+//! it: engine/ops/fused.cu, engine/attention/attention.cu, engine/sample/sampling.cu) to PTX with nvcc (`$NVCC`, `$CUDA_HOME/bin/nvcc` or
 //! `nvcc` on PATH) for `compute_$CUDA_COMPUTE_CAP` (default 80, JIT-compiled by the driver for
 //! newer GPUs). Without the feature it does nothing.
 
@@ -19,12 +19,15 @@ fn main() {
     });
     let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "80".into());
     let out_dir = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
-    for name in ["fused", "attention", "sampling"] {
-        let src = format!("src/engine/kernels/{name}.cu");
+    for (name, src) in [
+        ("fused", "src/engine/ops/fused.cu"),
+        ("attention", "src/engine/attention/attention.cu"),
+        ("sampling", "src/engine/sample/sampling.cu"),
+    ] {
         println!("cargo:rerun-if-changed={src}");
         let out = out_dir.join(format!("{name}.ptx"));
         let status = Command::new(&nvcc)
-            .args(["--ptx", "-O3", &format!("-arch=compute_{cap}"), &src, "-o"])
+            .args(["--ptx", "-O3", &format!("-arch=compute_{cap}"), src, "-o"])
             .arg(&out)
             .status()
             .unwrap_or_else(|e| panic!("cannot run {nvcc} for the cuda feature: {e}"));

@@ -5,9 +5,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::engine::batch::{Batcher, GenRequest};
+use crate::engine::instrument::phase_times;
 use crate::engine::model::DecoderModel;
-use crate::engine::phase_times;
-use crate::engine::sampler::SamplingParams;
+use crate::engine::sample::sampler::SamplingParams;
 use crate::engine::{Engine, EngineError, EngineOptions};
 use crate::plan::{LayerPlan, PlanSpec};
 
@@ -57,7 +57,7 @@ pub struct Shape {
 }
 
 /// Times prefill alone (`max_tokens = 0`), then prefill + `gen` decode steps; decode throughput is
-/// the difference. With phase times on (see [`crate::engine::phase_times`]) each row's phases
+/// the difference. With phase times on (see [`crate::engine::instrument::phase_times`]) each row's phases
 /// are printed as it completes.
 pub fn run(
     model: Arc<DecoderModel>,
@@ -72,9 +72,7 @@ pub fn run(
     } = shape;
     let layers = model.config().num_hidden_layers;
     let vocab = model.config().vocab_size;
-    let pruned = PlanSpec::Reverse(reverse)
-        .resolve(layers)
-        .map_err(|e| EngineError::Internal(e.0))?;
+    let pruned = PlanSpec::Reverse(reverse).resolve(layers)?;
     let plans = [
         ("full".to_string(), Arc::new(LayerPlan::full(layers))),
         (format!("reverse {reverse}"), Arc::new(pruned)),

@@ -11,7 +11,7 @@ pub struct ChatMessage {
 
 #[derive(Debug, thiserror::Error)]
 #[error("chat template: {0}")]
-pub struct TemplateError(String);
+pub struct TemplateError(#[from] Error);
 
 /// A compiled chat template with the tokenizer's special tokens.
 pub struct ChatTemplate {
@@ -33,8 +33,7 @@ impl ChatTemplate {
         let mut env = Environment::new();
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", raise_exception);
-        env.add_template_owned("chat", source.to_string())
-            .map_err(|e| TemplateError(e.to_string()))?;
+        env.add_template_owned("chat", source.to_string())?;
         Ok(Self {
             env,
             bos_token: bos_token.unwrap_or_default().into(),
@@ -48,16 +47,12 @@ impl ChatTemplate {
         messages: &[ChatMessage],
         add_generation_prompt: bool,
     ) -> Result<String, TemplateError> {
-        let tmpl = self
-            .env
-            .get_template("chat")
-            .map_err(|e| TemplateError(e.to_string()))?;
-        tmpl.render(context! {
+        let tmpl = self.env.get_template("chat")?;
+        Ok(tmpl.render(context! {
             messages => messages,
             add_generation_prompt => add_generation_prompt,
             bos_token => self.bos_token,
             eos_token => self.eos_token,
-        })
-        .map_err(|e| TemplateError(e.to_string()))
+        })?)
     }
 }

@@ -24,9 +24,14 @@ impl DeviceKind {
     }
 }
 
+/// A tokenizer failure on some input.
+#[derive(Debug, thiserror::Error)]
+#[error("tokenizer: {0}")]
+pub struct TokenizeError(#[source] tokenizers::Error);
+
 pub struct LoadedModel {
     pub dir: ModelDir,
-    pub tokenizer: tokenizers::Tokenizer,
+    pub tokenizer: Arc<tokenizers::Tokenizer>,
     pub chat_template: Option<ChatTemplate>,
     pub model: Arc<DecoderModel>,
 }
@@ -45,7 +50,7 @@ impl LoadedModel {
         let model = Arc::new(DecoderModel::load(&dir, device, dtype)?);
         Ok(Self {
             dir,
-            tokenizer,
+            tokenizer: Arc::new(tokenizer),
             chat_template,
             model,
         })
@@ -53,11 +58,22 @@ impl LoadedModel {
 
     /// Token ids of `text` (special tokens in the text are recognised; no BOS is added unless the
     /// tokenizer's post-processor adds one).
-    pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, String> {
+    pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, TokenizeError> {
         self.tokenizer
             .encode(text, add_special_tokens)
             .map(|e| e.get_ids().to_vec())
-            .map_err(|e| e.to_string())
+            .map_err(TokenizeError)
+    }
+
+    /// Bytes of the longest vocabulary entry (added tokens included), as the tokenizer spells
+    /// it; no token covers more bytes of a text than this.
+    pub fn max_token_bytes(&self) -> usize {
+        self.tokenizer
+            .get_vocab(true)
+            .keys()
+            .map(String::len)
+            .max()
+            .unwrap_or(1)
     }
 
     pub fn decode(&self, ids: &[u32]) -> String {

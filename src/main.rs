@@ -6,10 +6,11 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use candle_core::DType;
 use clap::{Parser, Subcommand, ValueEnum};
-use pruneserve::api::metrics::Metrics;
+use pruneserve::api::validation::Validator;
 use pruneserve::api::{self, AppState};
 use pruneserve::checkpoint::{self, ModelDir};
 use pruneserve::loaded::{DeviceKind, LoadedModel};
+use pruneserve::metrics::Metrics;
 use pruneserve::plan::{parse_layer_list, PlanSpec};
 use pruneserve::serve;
 
@@ -228,26 +229,20 @@ fn run(cli: Cli) -> Result<()> {
                 max_in_flight,
                 max_model_len,
                 kv_cache_gb,
+                restart_policy: Default::default(),
             };
             let registry = Arc::new(serve::build_registry(&entries, &settings)?);
+            let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
             let state = Arc::new(AppState {
                 registry,
-                metrics: Metrics::new()?,
+                metrics: Arc::new(Metrics::new()?),
                 api_key,
+                validator: Validator::new(workers),
             });
-            let rt = tokio::runtime::Runtime::new()?;
-            rt.block_on(async move {
-                let listener = tokio::net::TcpListener::bind((host.as_str(), port))
-                    .await
-                    .with_context(|| format!("bind {host}:{port}"))?;
-                tracing::info!("serving on http://{}", listener.local_addr()?);
-                axum::serve(listener, api::router(state, max_body_bytes))
-                    .with_graceful_shutdown(async {
-                        let _ = tokio::signal::ctrl_c().await;
-                    })
-                    .await?;
-                Ok(())
-            })
+            let listener = std::net::TcpListener::bind((host.as_str(), port))
+                .with_context(|| format!("bind {host}:{port}"))?;
+            serve::run_http(listener, api::router(state, max_body_bytes))?;
+            Ok(())
         }
         Command::ImportGguf {
             file,

@@ -89,12 +89,12 @@ impl VariantEntry {
             )),
             (None, 1) => {
                 let spec = match (&self.drop, &self.keep, self.reverse) {
-                    (Some(d), _, _) => {
-                        PlanSpec::Drop(parse_layer_list(d).map_err(|e: PlanError| err(e.0))?)
-                    }
-                    (_, Some(k), _) => {
-                        PlanSpec::Keep(parse_layer_list(k).map_err(|e: PlanError| err(e.0))?)
-                    }
+                    (Some(d), _, _) => PlanSpec::Drop(
+                        parse_layer_list(d).map_err(|e: PlanError| err(e.to_string()))?,
+                    ),
+                    (_, Some(k), _) => PlanSpec::Keep(
+                        parse_layer_list(k).map_err(|e: PlanError| err(e.to_string()))?,
+                    ),
                     (_, _, Some(r)) => PlanSpec::Reverse(r),
                     _ => return Err(err("give exactly one of drop, keep, reverse".into())),
                 };
@@ -104,7 +104,7 @@ impl VariantEntry {
                 })
             }
             (None, 0) if self.adapter.is_some() => Ok(VariantKind::Plan {
-                spec: PlanSpec::Drop(Vec::new()),
+                spec: PlanSpec::Drop(Vec::new().into()),
                 adapter: self.adapter.clone(),
             }),
             _ => Err(err(
@@ -132,7 +132,7 @@ impl Manifest {
                 if let (Some(layers), VariantKind::Plan { spec, .. }) = (base.layers, &kind) {
                     spec.resolve(layers).map_err(|e| ManifestError::Variant {
                         variant: v.name.clone(),
-                        message: e.0,
+                        message: e.to_string(),
                     })?;
                 }
             }

@@ -1,14 +1,25 @@
 //! The served names: base models (weights loaded once, one engine loop each) and their variants
-//! (layer plans over a base, or separate checkpoints). Plan variants can be added and removed at
-//! runtime, and any request may name an ad-hoc plan as `<base>@drop=<list>` or `<base>@keep=<list>`.
+//! (layer plans over a base). Plan variants can be added and removed at runtime, and any request
+//! may name an ad-hoc plan over a served name as `<name>@drop=<list>` or `<name>@keep=<list>`.
+//!
+//! Contract:
+//! - Names are `[A-Za-z0-9._:-]{1,128}`, not `.` or `..` (base names may also hold `/`, as hub ids
+//!   do); no name contains `@`.
+//! - A variant name is unique per base and never a base's name. Two bases may each have a variant
+//!   of the same name: `<base>/<variant>` always names one; the bare name names it only when one
+//!   base has it (otherwise the request is refused, naming both qualified forms).
+//! - An ad-hoc plan composes with the plan it is written on (`rev25@drop=3` drops layer 3 from
+//!   rev25's plan; indices are always base-layer indices, and each must be in that plan), and
+//!   every spelling of one plan resolves to one canonical name (sorted, compact layer list).
 
 use std::sync::{Arc, RwLock};
 
 use serde::Serialize;
 
 use crate::checkpoint::Lineage;
+use crate::limits::{Limits, MAX_NAME_CHARS};
 use crate::loaded::LoadedModel;
-use crate::plan::{parse_layer_list, LayerPlan, PlanSpec};
+use crate::plan::{LayerList, LayerPlan, PlanError, PlanSpec};
 use crate::scheduler::SchedulerHandle;
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -19,18 +30,27 @@ pub enum RegistryError {
     Exists(String),
     #[error("`{0}` is a base model and cannot be removed")]
     IsBase(String),
-    #[error("invalid layer plan for `{model}`: {message}")]
-    Plan { model: String, message: String },
-    #[error("invalid model name `{0}`: use letters, digits, '.', '_', '-' and no '@'")]
-    BadName(String),
+    #[error("invalid layer plan for `{model}`: {source}")]
+    Plan { model: String, source: PlanError },
+    #[error("`{model}`: a plan suffix is `@drop=<list>` or `@keep=<list>`, e.g. `@drop=3,22-29`")]
+    PlanSuffix { model: String },
+    #[error("invalid model name `{name}`: {reason}")]
+    BadName { name: String, reason: &'static str },
+    #[error("`{name}` is a variant of several bases: name one of {}", .candidates.join(", "))]
+    Ambiguous {
+        name: String,
+        candidates: Vec<String>,
+    },
 }
 
-/// A loaded base model and the engine loop that serves it and all its plan variants.
+/// A loaded base model, the engine loop that serves it and all its plan variants, and the limits
+/// every request to it is held to.
 pub struct Base {
     pub name: String,
     pub source: String,
     pub model: LoadedModel,
     pub scheduler: SchedulerHandle,
+    pub limits: Limits,
 }
 
 /// A served name that is not a base.
@@ -48,6 +68,10 @@ pub struct VariantEntry {
 pub struct Resolved {
     pub base: Arc<Base>,
     pub plan: Arc<LayerPlan>,
+    /// The one spelling of what was asked for: a served id, or `<id>@drop=<sorted list>`.
+    pub name: String,
+    /// An ad-hoc plan suffix changed the plan of the served name it was written on.
+    pub ad_hoc: bool,
 }
 
 /// One row of `GET /v1/models`.
@@ -73,19 +97,44 @@ pub struct Registry {
     variants: RwLock<Vec<VariantEntry>>,
 }
 
-fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "._-/".contains(c))
+/// Checks a served name; `slash` allows `/` (base names, which may be hub ids).
+pub fn check_name(name: &str, slash: bool) -> Result<(), RegistryError> {
+    let bad = |reason| {
+        Err(RegistryError::BadName {
+            name: name.chars().take(MAX_NAME_CHARS).collect(),
+            reason,
+        })
+    };
+    if name.is_empty() || name.chars().count() > MAX_NAME_CHARS {
+        return bad("names are 1 to 128 characters");
+    }
+    if name == "." || name == ".." {
+        return bad("`.` and `..` are not names");
+    }
+    let allowed = |c: char| c.is_ascii_alphanumeric() || "._:-".contains(c) || (slash && c == '/');
+    if !name.chars().all(allowed) {
+        return bad(if slash {
+            "use letters, digits, '.', '_', ':', '-' and '/'"
+        } else {
+            "use letters, digits, '.', '_', ':' and '-'"
+        });
+    }
+    Ok(())
 }
 
 impl Registry {
-    pub fn new(bases: Vec<Arc<Base>>) -> Self {
-        Self {
+    /// A registry of `bases`, whose names must be valid and distinct.
+    pub fn new(bases: Vec<Arc<Base>>) -> Result<Self, RegistryError> {
+        for (i, b) in bases.iter().enumerate() {
+            check_name(&b.name, true)?;
+            if bases[..i].iter().any(|o| o.name == b.name) {
+                return Err(RegistryError::Exists(b.name.clone()));
+            }
+        }
+        Ok(Self {
             bases,
             variants: RwLock::new(Vec::new()),
-        }
+        })
     }
 
     pub fn bases(&self) -> &[Arc<Base>] {
@@ -109,19 +158,22 @@ impl Registry {
         adapter: Option<String>,
         runtime: bool,
     ) -> Result<ModelCard, RegistryError> {
-        if !valid_name(name) {
-            return Err(RegistryError::BadName(name.to_string()));
-        }
+        check_name(name, false)?;
         let b = self
             .base(base)
             .ok_or_else(|| RegistryError::UnknownModel(base.to_string()))?;
-        let layers = b.model.dir.config.num_hidden_layers;
-        let plan = spec.resolve(layers).map_err(|e| RegistryError::Plan {
-            model: name.to_string(),
-            message: e.0,
-        })?;
+        let plan = spec
+            .resolve(b.model.dir.config.num_hidden_layers)
+            .map_err(|source| RegistryError::Plan {
+                model: name.to_string(),
+                source,
+            })?;
+        let qualified = format!("{base}/{name}");
         let mut variants = self.variants.write().unwrap_or_else(|e| e.into_inner());
-        if self.base(name).is_some() || variants.iter().any(|v| v.name == name) {
+        if self.base(name).is_some()
+            || self.base(&qualified).is_some()
+            || variants.iter().any(|v| v.name == name && v.base == base)
+        {
             return Err(RegistryError::Exists(name.to_string()));
         }
         let entry = VariantEntry {
@@ -131,84 +183,72 @@ impl Registry {
             adapter,
             runtime,
         };
-        let card = self.card_of_variant(b, &entry);
         variants.push(entry);
-        Ok(card)
+        let entry = &variants[variants.len() - 1];
+        Ok(self.card_of_variant(b, entry, &variants))
     }
 
-    /// Removes a variant; bases stay.
+    /// Removes a variant (bare or `<base>/<variant>`); bases stay.
     pub fn remove_variant(&self, name: &str) -> Result<(), RegistryError> {
         if self.base(name).is_some() {
             return Err(RegistryError::IsBase(name.to_string()));
         }
         let mut variants = self.variants.write().unwrap_or_else(|e| e.into_inner());
-        let before = variants.len();
-        variants.retain(|v| v.name != name);
-        if variants.len() == before {
-            return Err(RegistryError::UnknownModel(name.to_string()));
-        }
+        let i = find_variant(&variants, name)?;
+        variants.remove(i);
         Ok(())
     }
 
-    /// Resolves a request's `model`: a base, a variant, or `<base-or-variant>@drop=..|@keep=..`.
+    /// Resolves a request's `model`: a base, a variant, or `<served name>@drop=..|@keep=..`.
     pub fn resolve(&self, model: &str) -> Result<Resolved, RegistryError> {
-        if let Some((name, plan_text)) = model.split_once('@') {
-            let (kind, list) = plan_text
-                .split_once('=')
-                .ok_or_else(|| RegistryError::Plan {
-                    model: model.into(),
-                    message: "expected @drop=<list> or @keep=<list>".into(),
-                })?;
-            let layers = parse_layer_list(list).map_err(|e| RegistryError::Plan {
-                model: model.into(),
-                message: e.0,
+        let Some((name, suffix)) = model.split_once('@') else {
+            return self.resolve_served(model);
+        };
+        let parent = self.resolve_served(name)?;
+        let spec = parse_plan_suffix(model, suffix)?;
+        let plan = spec
+            .resolve_on(&parent.plan, &parent.name)
+            .map_err(|source| RegistryError::Plan {
+                model: model.to_string(),
+                source,
             })?;
-            let base = self.resolve(name)?.base;
-            let spec = match kind {
-                "drop" => PlanSpec::Drop(layers),
-                "keep" => PlanSpec::Keep(layers),
-                other => {
-                    return Err(RegistryError::Plan {
-                        model: model.into(),
-                        message: format!("unknown plan kind `{other}`"),
-                    })
-                }
-            };
-            let plan = spec
-                .resolve(base.model.dir.config.num_hidden_layers)
-                .map_err(|e| RegistryError::Plan {
-                    model: model.into(),
-                    message: e.0,
-                })?;
-            return Ok(Resolved {
-                base,
-                plan: Arc::new(plan),
-            });
+        if plan == *parent.plan {
+            return Ok(parent);
         }
-        if let Some(b) = self.base(model) {
-            let plan = Arc::new(LayerPlan::full(b.model.dir.config.num_hidden_layers));
+        Ok(Resolved {
+            name: format!("{}@{}", parent.name, plan.canonical_suffix(&parent.plan)),
+            base: parent.base,
+            plan: Arc::new(plan),
+            ad_hoc: true,
+        })
+    }
+
+    /// A base or a variant by its served name (bare or qualified).
+    fn resolve_served(&self, name: &str) -> Result<Resolved, RegistryError> {
+        if let Some(b) = self.base(name) {
             return Ok(Resolved {
                 base: b.clone(),
-                plan,
+                plan: Arc::new(LayerPlan::full(b.model.dir.config.num_hidden_layers)),
+                name: b.name.clone(),
+                ad_hoc: false,
             });
         }
         let variants = self.read_variants();
-        let v = variants
-            .iter()
-            .find(|v| v.name == model)
-            .ok_or_else(|| RegistryError::UnknownModel(model.to_string()))?;
+        let v = &variants[find_variant(&variants, name)?];
         let base = self
             .base(&v.base)
             .ok_or_else(|| RegistryError::UnknownModel(v.base.clone()))?;
         Ok(Resolved {
             base: base.clone(),
             plan: v.plan.clone(),
+            name: display_id(v, &variants),
+            ad_hoc: false,
         })
     }
 
-    fn card_of_variant(&self, b: &Base, v: &VariantEntry) -> ModelCard {
+    fn card_of_variant(&self, b: &Base, v: &VariantEntry, all: &[VariantEntry]) -> ModelCard {
         ModelCard {
-            id: v.name.clone(),
+            id: display_id(v, all),
             parent: Some(b.name.clone()),
             kept_layers: v.plan.layers().to_vec(),
             dropped_layers: v.plan.dropped(),
@@ -227,7 +267,7 @@ impl Registry {
             owned_by: "pruneserve",
             root: b.source.clone(),
             parent: lineage.as_ref().map(|l| l.base_model.clone()),
-            max_model_len: cfg.max_position_embeddings,
+            max_model_len: b.limits.max_model_len,
             base_num_layers: cfg.num_hidden_layers,
             kept_layers: (0..cfg.num_hidden_layers).collect(),
             dropped_layers: Vec::new(),
@@ -247,9 +287,113 @@ impl Registry {
                 variants
                     .iter()
                     .filter(|v| v.base == b.name)
-                    .map(|v| self.card_of_variant(b, v)),
+                    .map(|v| self.card_of_variant(b, v, &variants)),
             );
         }
         out
+    }
+}
+
+/// The id a variant is listed and reported under: its bare name when no other base has a variant
+/// of that name, else `<base>/<name>`.
+fn display_id(v: &VariantEntry, all: &[VariantEntry]) -> String {
+    if all.iter().any(|o| o.name == v.name && o.base != v.base) {
+        format!("{}/{}", v.base, v.name)
+    } else {
+        v.name.clone()
+    }
+}
+
+/// The index of the variant a bare or qualified name denotes.
+fn find_variant(variants: &[VariantEntry], name: &str) -> Result<usize, RegistryError> {
+    let bare: Vec<usize> = (0..variants.len())
+        .filter(|&i| variants[i].name == name)
+        .collect();
+    match bare.as_slice() {
+        [i] => return Ok(*i),
+        [] => {}
+        many => {
+            return Err(RegistryError::Ambiguous {
+                name: name.to_string(),
+                candidates: many
+                    .iter()
+                    .map(|&i| format!("{}/{}", variants[i].base, name))
+                    .collect(),
+            })
+        }
+    }
+    name.rsplit_once('/')
+        .and_then(|(base, v)| variants.iter().position(|e| e.base == base && e.name == v))
+        .ok_or_else(|| RegistryError::UnknownModel(name.to_string()))
+}
+
+/// `drop=<list>` or `keep=<list>` after a model's `@`.
+fn parse_plan_suffix(model: &str, suffix: &str) -> Result<PlanSpec, RegistryError> {
+    let (kind, list) = suffix
+        .split_once('=')
+        .ok_or_else(|| RegistryError::PlanSuffix {
+            model: model.to_string(),
+        })?;
+    let list: LayerList = list.parse().map_err(|source| RegistryError::Plan {
+        model: model.to_string(),
+        source,
+    })?;
+    match kind {
+        "drop" => Ok(PlanSpec::Drop(list)),
+        "keep" => Ok(PlanSpec::Keep(list)),
+        _ => Err(RegistryError::PlanSuffix {
+            model: model.to_string(),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_the_rule() {
+        for ok in [
+            "rev25",
+            "a.b_c:d-e",
+            "ft:smollm2:x:ftjob-1",
+            &"x".repeat(128),
+        ] {
+            assert!(check_name(ok, false).is_ok(), "{ok}");
+        }
+        for bad in [".", "..", "a/b", "", "a b", "a@b", &"x".repeat(129), "é"] {
+            assert!(check_name(bad, false).is_err(), "{bad:?}");
+        }
+        assert!(check_name("HuggingFaceTB/SmolLM2", true).is_ok());
+    }
+
+    fn entry(base: &str, name: &str) -> VariantEntry {
+        VariantEntry {
+            name: name.into(),
+            base: base.into(),
+            plan: Arc::new(LayerPlan::full(4)),
+            adapter: None,
+            runtime: false,
+        }
+    }
+
+    #[test]
+    fn shared_variant_names_are_qualified_by_base() {
+        let all = vec![
+            entry("llama", "bi"),
+            entry("qwen", "bi"),
+            entry("qwen", "x"),
+        ];
+        assert!(matches!(
+            find_variant(&all, "bi"),
+            Err(RegistryError::Ambiguous { .. })
+        ));
+        assert_eq!(find_variant(&all, "qwen/bi").unwrap(), 1);
+        assert_eq!(find_variant(&all, "llama/bi").unwrap(), 0);
+        assert_eq!(find_variant(&all, "x").unwrap(), 2);
+        assert_eq!(find_variant(&all, "qwen/x").unwrap(), 2);
+        assert!(find_variant(&all, "llama/x").is_err());
+        assert_eq!(display_id(&all[0], &all), "llama/bi");
+        assert_eq!(display_id(&all[2], &all), "x");
     }
 }

@@ -6,11 +6,12 @@ use std::sync::Arc;
 
 use crate::checkpoint::CheckpointError;
 use crate::engine::batch::Batcher;
-use crate::engine::{Engine, EngineOptions};
+use crate::engine::{Engine, EngineError, EngineOptions};
+use crate::limits::Limits;
 use crate::loaded::{DeviceKind, LoadedModel};
 use crate::manifest::{BaseEntry, Manifest, ManifestError, VariantEntry, VariantKind};
 use crate::registry::{Base, Registry, RegistryError};
-use crate::scheduler::SchedulerHandle;
+use crate::scheduler::{BatchLoop, EngineFactory, RestartPolicy, SchedulerHandle};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -20,6 +21,8 @@ pub enum ServeError {
     Checkpoint(#[from] CheckpointError),
     #[error(transparent)]
     Registry(#[from] RegistryError),
+    #[error("base `{name}`: {source}")]
+    Engine { name: String, source: EngineError },
     #[error("{0}")]
     Usage(String),
 }
@@ -34,7 +37,12 @@ pub struct EngineSettings {
     pub max_model_len: Option<usize>,
     /// CUDA: GiB of the paged KV pool per base (default: `kv_blocks` at full depth).
     pub kv_cache_gb: Option<f64>,
+    /// When a failing engine loop gives up.
+    pub restart_policy: RestartPolicy,
 }
+
+/// Wraps each engine a base's loop builds (tests inject faults through it).
+pub type EngineWrapper = Arc<dyn Fn(Box<dyn BatchLoop>) -> Box<dyn BatchLoop> + Send + Sync>;
 
 /// Where `scripts/fetch-default-model.sh` puts the imported SmolLM2-135M-Instruct.
 pub fn default_model_dir() -> PathBuf {
@@ -95,25 +103,78 @@ fn start_base(name: &str, source: &str, s: &EngineSettings) -> Result<Arc<Base>,
     let path = resolve_source(source)?;
     let (device, dtype) = s.device.open()?;
     let model = LoadedModel::load(&path, &device, dtype)?;
+    tracing::info!(model = name, source = %path, "weights loaded");
+    start_loaded(name, source, model, s, None)
+}
+
+/// Starts the engine loop of a loaded model and fixes its limits.
+pub fn start_loaded(
+    name: &str,
+    source: &str,
+    model: LoadedModel,
+    s: &EngineSettings,
+    wrap: Option<EngineWrapper>,
+) -> Result<Arc<Base>, ServeError> {
+    let cfg = &model.dir.config;
+    let max_model_len = Limits::context_length(s.max_model_len, cfg.max_position_embeddings);
     let opts = EngineOptions {
         kv_blocks: s.kv_blocks,
-        max_model_len: s.max_model_len,
+        max_model_len: Some(max_model_len),
         kv_cache_bytes: s
             .kv_cache_gb
             .map(|gb| (gb * f64::from(1u32 << 30)) as usize),
         ..EngineOptions::default()
     };
-    let engine = Engine::for_device(model.model.clone(), &opts)
-        .map_err(|e| ServeError::Usage(format!("base `{name}`: {e}")))?;
-    let scheduler =
-        SchedulerHandle::spawn(Batcher::new(engine, s.max_step_tokens), s.max_in_flight);
-    tracing::info!(model = name, source = %path, "base loaded");
+    let decoder = model.model.clone();
+    let step_tokens = s.max_step_tokens;
+    let factory: EngineFactory = Box::new(move || {
+        let engine = Engine::for_device(decoder.clone(), &opts)?;
+        let batcher: Box<dyn BatchLoop> = Box::new(Batcher::new(engine, step_tokens));
+        Ok(match &wrap {
+            Some(w) => w(batcher),
+            None => batcher,
+        })
+    });
+    let scheduler = SchedulerHandle::spawn(
+        factory,
+        model.tokenizer.clone(),
+        s.max_in_flight,
+        s.restart_policy,
+    )
+    .map_err(|source| ServeError::Engine {
+        name: name.to_string(),
+        source,
+    })?;
+    let limits = Limits {
+        max_model_len,
+        max_sequences: s.max_in_flight,
+        vocab_size: cfg.vocab_size,
+        max_token_bytes: model.max_token_bytes(),
+        kv: scheduler.capacity(),
+    };
+    tracing::info!(model = name, ?limits, "base serving");
     Ok(Arc::new(Base {
         name: name.to_string(),
         source: source.to_string(),
         model,
         scheduler,
+        limits,
     }))
+}
+
+/// Serves `router` on `listener` until Ctrl-C (blocking; builds its own runtime).
+pub fn run_http(listener: std::net::TcpListener, router: axum::Router) -> std::io::Result<()> {
+    listener.set_nonblocking(true)?;
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::from_std(listener)?;
+        tracing::info!("serving on http://{}", listener.local_addr()?);
+        axum::serve(listener, router)
+            .with_graceful_shutdown(async {
+                let _ = tokio::signal::ctrl_c().await;
+            })
+            .await
+    })
 }
 
 /// Loads every base (and checkpoint variant) and registers the plan variants.
@@ -135,7 +196,7 @@ pub fn build_registry(entries: &[BaseEntry], s: &EngineSettings) -> Result<Regis
             }
         }
     }
-    let registry = Registry::new(bases);
+    let registry = Registry::new(bases)?;
     for (base, name, spec) in plans {
         registry.add_variant(&base, &name, &spec, None, false)?;
     }

@@ -64,7 +64,7 @@ fn runtime_variants_serve_at_once_and_share_the_weights() {
     assert!((growth as f64) < 0.05 * weights as f64);
 
     let model = load_cpu(&dir);
-    let plan = Arc::new(PlanSpec::Drop(vec![3, 7]).resolve(30).unwrap());
+    let plan = Arc::new(PlanSpec::Drop(vec![3, 7].into()).resolve(30).unwrap());
     assert_eq!(
         served,
         score_all(&model, &plan, std::slice::from_ref(&prompt))[0]

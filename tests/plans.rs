@@ -7,7 +7,7 @@ use std::sync::Arc;
 use common::*;
 use pruneserve::checkpoint::prune::prune_checkpoint;
 use pruneserve::checkpoint::ModelDir;
-use pruneserve::engine::taps::{BlockInfluence, LayerTap};
+use pruneserve::engine::instrument::taps::{BlockInfluence, LayerTap};
 use pruneserve::engine::{Engine, EngineOptions, StepItem};
 use pruneserve::plan::{LayerPlan, PlanSpec};
 use serde_json::json;
@@ -38,7 +38,7 @@ fn a_plan_equals_the_pruned_checkpoint() {
         let base = ModelDir::open(&base_dir).unwrap();
         // Dropping layer 1 keeps Gemma2 layers 0,2,3,4,5: sliding, sliding, full, sliding, full,
         // not the first-5 pattern, so the checkpoint must carry `layer_types`.
-        let spec = PlanSpec::Drop(vec![1]);
+        let spec = PlanSpec::Drop(vec![1].into());
         let out = tmp.path().join(format!("{arch}-pruned"));
         let kept = prune_checkpoint(&base, "tiny-base", &spec, &out).unwrap();
         assert_eq!(kept, vec![0, 2, 3, 4, 5]);
@@ -76,7 +76,7 @@ fn gemma2_prune_writes_layer_types_of_kept_layers() {
     let base_dir = write_tiny(tmp.path(), "g", tiny_config("Gemma2ForCausalLM"), 1);
     let base = ModelDir::open(&base_dir).unwrap();
     let out = tmp.path().join("g-pruned");
-    prune_checkpoint(&base, "g", &PlanSpec::Keep(vec![1, 2, 3]), &out).unwrap();
+    prune_checkpoint(&base, "g", &PlanSpec::Keep(vec![1, 2, 3].into()), &out).unwrap();
     let cfg: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
     assert_eq!(

@@ -12,7 +12,7 @@ use common::*;
 use pruneserve::checkpoint::random_init::init_random;
 use pruneserve::checkpoint::ModelDir;
 use pruneserve::engine::model::DecoderModel;
-use pruneserve::engine::sampler::SamplingParams;
+use pruneserve::engine::sample::sampler::SamplingParams;
 use pruneserve::plan::LayerPlan;
 
 #[test]

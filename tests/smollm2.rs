@@ -8,7 +8,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device};
 use common::*;
 use pruneserve::chat_template::ChatMessage;
-use pruneserve::engine::sampler::SamplingParams;
+use pruneserve::engine::sample::sampler::SamplingParams;
 use pruneserve::loaded::LoadedModel;
 use pruneserve::plan::LayerPlan;
 use serde_json::json;

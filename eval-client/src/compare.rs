@@ -189,8 +189,12 @@ pub fn markdown(base_model: &str, rows: &[Comparison]) -> String {
             r.mcnemar_p.map_or("-".to_string(), |p| format!("{p:.2e}"))
         );
     }
-    let mut variants: Vec<&str> = rows.iter().map(|r| r.variant.as_str()).collect();
-    variants.dedup();
+    let mut variants: Vec<&str> = Vec::new();
+    for r in rows {
+        if !variants.contains(&r.variant.as_str()) {
+            variants.push(&r.variant);
+        }
+    }
     for v in variants {
         for (generative, kind) in [(false, "classification"), (true, "generative")] {
             let ret: Vec<f64> = rows
@@ -210,9 +214,62 @@ pub fn markdown(base_model: &str, rows: &[Comparison]) -> String {
     s
 }
 
+/// The report files of a comparison against `base`: `compare-<base>.{md,json,png}`, the base's
+/// name kept whole (dots included) with `/` made `_`.
+pub fn report_paths(out_dir: &std::path::Path, base: &str) -> [std::path::PathBuf; 3] {
+    let stem = format!("compare-{}", base.replace(['/', '\\'], "_"));
+    ["md", "json", "png"].map(|ext| out_dir.join(format!("{stem}.{ext}")))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn row(task: &str, variant: &str, generative: bool) -> Comparison {
+        Comparison {
+            task: task.into(),
+            variant: variant.into(),
+            n: 4,
+            base_score: 0.5,
+            variant_score: 0.25,
+            retention: 0.5,
+            retention_ci: (0.25, 0.75),
+            difference: -0.25,
+            difference_ci: (-0.5, 0.0),
+            mcnemar_p: Some(0.5),
+            generative,
+        }
+    }
+
+    #[test]
+    fn summary_lines_appear_once_per_variant_and_kind() {
+        // Two tasks × two variants, rows task by task: the variants alternate.
+        let rows = vec![
+            row("arc", "rev25", false),
+            row("arc", "bi", false),
+            row("gsm8k", "rev25", true),
+            row("gsm8k", "bi", true),
+        ];
+        let md = markdown("llama", &rows);
+        let summaries: Vec<&str> = md.lines().filter(|l| l.starts_with("mean ")).collect();
+        assert_eq!(summaries.len(), 4, "{md}");
+        let unique: std::collections::BTreeSet<&&str> = summaries.iter().collect();
+        assert_eq!(unique.len(), 4, "{md}");
+    }
+
+    #[test]
+    fn report_files_keep_the_whole_base_name() {
+        let dir = std::path::Path::new("/r");
+        let a = report_paths(dir, "llama-3.1-8b-instruct");
+        let b = report_paths(dir, "llama-3.2-1b-instruct");
+        assert_eq!(a[0], dir.join("compare-llama-3.1-8b-instruct.md"));
+        assert_eq!(a[2], dir.join("compare-llama-3.1-8b-instruct.png"));
+        assert!(a.iter().all(|p| !b.contains(p)));
+        assert_eq!(
+            report_paths(dir, "org/model")[1],
+            dir.join("compare-org_model.json")
+        );
+    }
 
     #[test]
     fn mcnemar_matches_hand_computation() {

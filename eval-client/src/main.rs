@@ -258,16 +258,11 @@ fn run(cli: Cli) -> Result<()> {
             }
             let table = compare::markdown(&base, &rows);
             println!("{table}");
-            let stem = out_dir.join(format!("compare-{}", base.replace('/', "_")));
-            let (md, json, png) = (
-                stem.with_extension("md"),
-                stem.with_extension("json"),
-                stem.with_extension("png"),
-            );
+            let [md, json, png] = compare::report_paths(&out_dir, &base);
             std::fs::write(&md, &table).with_context(|| format!("write {}", md.display()))?;
             std::fs::write(&json, serde_json::to_string_pretty(&rows)?)
                 .with_context(|| format!("write {}", json.display()))?;
-            plot::retention_chart(&png, &base, &rows).map_err(anyhow::Error::msg)?;
+            plot::retention_chart(&png, &base, &rows)?;
             println!(
                 "\nwrote {}, {} and {}",
                 md.display(),

@@ -1,7 +1,10 @@
 //! The comparison's PNG: retention (variant / base) per task as bars with their 95 % bootstrap
 //! intervals, one colour per variant, and the no-loss line at 1.0 (plotters, bitmap backend).
+//!
+//! Layout: the title spans the whole canvas (which is widened to hold it), the bars fill the plot
+//! area below it, and the legend has a column of its own to the right, so it never covers a bar.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use plotters::prelude::*;
 use plotters::style::{register_font, FontStyle};
@@ -14,33 +17,92 @@ const FONTS: [&str; 3] = [
     "/usr/share/fonts/dejavu/DejaVuSans.ttf",
     "/usr/share/fonts/TTF/DejaVuSans.ttf",
 ];
+const TITLE_SIZE: u32 = 22;
+const LABEL_SIZE: u32 = 16;
+const HEIGHT: u32 = 520;
+const MARGIN: u32 = 20;
 
-fn register_sans() -> Result<(), String> {
+#[derive(Debug, thiserror::Error)]
+pub enum ChartError {
+    #[error("no font for the chart: install DejaVu Sans (Debian: fonts-dejavu-core); looked in {}", FONTS.join(", "))]
+    NoFont,
+    #[error("the DejaVu Sans font could not be read")]
+    BadFont,
+    #[error("chart {path}: {message}")]
+    Draw { path: PathBuf, message: String },
+}
+
+fn register_sans() -> Result<(), ChartError> {
     let bytes = FONTS
         .iter()
         .find_map(|p| std::fs::read(p).ok())
-        .ok_or_else(|| {
-            format!(
-                "no font for the chart: install DejaVu Sans (Debian: fonts-dejavu-core); looked in {}",
-                FONTS.join(", ")
-            )
-        })?;
+        .ok_or(ChartError::NoFont)?;
     register_font(
         "sans-serif",
         FontStyle::Normal,
         Box::leak(bytes.into_boxed_slice()),
     )
-    .map_err(|_| "the DejaVu Sans font could not be read".to_string())
+    .map_err(|_| ChartError::BadFont)
 }
 
-/// Writes the retention chart of `rows` to `path`.
-pub fn retention_chart(path: &Path, base: &str, rows: &[Comparison]) -> Result<(), String> {
+/// Where the parts of a chart go, in pixels: `[start, end)` columns of the plot and the legend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChartLayout {
+    pub width: u32,
+    pub height: u32,
+    pub plot: (u32, u32),
+    pub legend: (u32, u32),
+}
+
+fn text_width(text: &str, size: u32) -> u32 {
+    ("sans-serif", size)
+        .into_font()
+        .box_size(text)
+        .map_or(text.len() as u32 * size, |(w, _)| w)
+}
+
+/// The layout for `tasks` task groups, these legend labels and this title.
+fn layout(tasks: usize, labels: &[&str], title: &str) -> ChartLayout {
+    let legend_width = labels
+        .iter()
+        .map(|l| text_width(l, LABEL_SIZE))
+        .max()
+        .unwrap_or(0)
+        + 40
+        + MARGIN;
+    let bars = 160 * tasks as u32 + 120;
+    let width = (bars + legend_width).max(text_width(title, TITLE_SIZE) + 2 * MARGIN);
+    let plot_end = width - legend_width;
+    ChartLayout {
+        width,
+        height: HEIGHT,
+        plot: (0, plot_end),
+        legend: (plot_end, width),
+    }
+}
+
+/// Distinct values in the order first seen.
+fn distinct<'a>(items: impl Iterator<Item = &'a str>) -> Vec<&'a str> {
+    let mut out: Vec<&str> = Vec::new();
+    for i in items {
+        if !out.contains(&i) {
+            out.push(i);
+        }
+    }
+    out
+}
+
+/// Writes the retention chart of `rows` to `path` and returns its layout.
+pub fn retention_chart(
+    path: &Path,
+    base: &str,
+    rows: &[Comparison],
+) -> Result<ChartLayout, ChartError> {
     register_sans()?;
-    let mut tasks: Vec<&str> = rows.iter().map(|r| r.task.as_str()).collect();
-    tasks.dedup();
-    let mut variants: Vec<&str> = rows.iter().map(|r| r.variant.as_str()).collect();
-    variants.sort();
-    variants.dedup();
+    let tasks = distinct(rows.iter().map(|r| r.task.as_str()));
+    let variants = distinct(rows.iter().map(|r| r.variant.as_str()));
+    let title = format!("Retention vs {base} (95% paired bootstrap CI)");
+    let lay = layout(tasks.len(), &variants, &title);
     let top = rows
         .iter()
         .flat_map(|r| [r.retention, r.retention_ci.1])
@@ -48,14 +110,13 @@ pub fn retention_chart(path: &Path, base: &str, rows: &[Comparison]) -> Result<(
         .fold(1.2f64, f64::max)
         * 1.1;
     let draw = || -> Result<(), Box<dyn std::error::Error>> {
-        let root =
-            BitMapBackend::new(path, (160 * tasks.len() as u32 + 200, 520)).into_drawing_area();
+        let root = BitMapBackend::new(path, (lay.width, lay.height)).into_drawing_area();
         root.fill(&WHITE)?;
-        let mut chart = ChartBuilder::on(&root)
-            .caption(
-                format!("Retention vs {base} (95% paired bootstrap CI)"),
-                ("sans-serif", 22),
-            )
+        let body = root
+            .margin(8, 0, 0, 0)
+            .titled(&title, ("sans-serif", TITLE_SIZE))?;
+        let (plot_area, legend_area) = body.split_horizontally(lay.plot.1);
+        let mut chart = ChartBuilder::on(&plot_area)
             .margin(12)
             .x_label_area_size(40)
             .y_label_area_size(50)
@@ -66,7 +127,7 @@ pub fn retention_chart(path: &Path, base: &str, rows: &[Comparison]) -> Result<(
             .x_labels(0)
             .y_desc("retention")
             .draw()?;
-        let width = 0.8 / variants.len() as f64;
+        let width = 0.8 / variants.len().max(1) as f64;
         for (vi, v) in variants.iter().enumerate() {
             let color = Palette99::pick(vi).to_rgba();
             let bars: Vec<(f64, &Comparison)> = rows
@@ -77,14 +138,9 @@ pub fn retention_chart(path: &Path, base: &str, rows: &[Comparison]) -> Result<(
                     Some((t as f64 + 0.1 + vi as f64 * width, r))
                 })
                 .collect();
-            chart
-                .draw_series(bars.iter().map(|(x, r)| {
-                    Rectangle::new([(*x, 0.0), (x + width * 0.9, r.retention)], color.filled())
-                }))?
-                .label(*v)
-                .legend(move |(x, y)| {
-                    Rectangle::new([(x, y - 5), (x + 10, y + 5)], color.filled())
-                });
+            chart.draw_series(bars.iter().map(|(x, r)| {
+                Rectangle::new([(*x, 0.0), (x + width * 0.9, r.retention)], color.filled())
+            }))?;
             chart.draw_series(
                 bars.iter()
                     .filter(|(_, r)| r.retention_ci.0.is_finite())
@@ -96,6 +152,13 @@ pub fn retention_chart(path: &Path, base: &str, rows: &[Comparison]) -> Result<(
                         )
                     }),
             )?;
+            let y = 40 + vi as i32 * 24;
+            legend_area.draw(&Rectangle::new([(8, y), (22, y + 14)], color.filled()))?;
+            legend_area.draw(&Text::new(
+                v.to_string(),
+                (30, y - 1),
+                ("sans-serif", LABEL_SIZE),
+            ))?;
         }
         // Task names above each group (plotters' numeric x labels cannot name categories).
         chart.draw_series(tasks.iter().enumerate().map(|(i, t)| {
@@ -108,21 +171,73 @@ pub fn retention_chart(path: &Path, base: &str, rows: &[Comparison]) -> Result<(
             Text::new(
                 t.to_string(),
                 (i as f64 + 0.1, (peak + top * 0.04).min(top * 0.97)),
-                ("sans-serif", 16),
+                ("sans-serif", LABEL_SIZE),
             )
         }))?;
         chart.draw_series(std::iter::once(PathElement::new(
             vec![(0.0, 1.0), (tasks.len() as f64, 1.0)],
             RED.stroke_width(1),
         )))?;
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::LowerRight)
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .draw()?;
         root.present()?;
         Ok(())
     };
-    draw().map_err(|e| format!("chart {}: {e}", path.display()))
+    draw().map_err(|e| ChartError::Draw {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    Ok(lay)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::compare::Comparison;
+
+    fn row(task: &str, variant: &str, retention: f64) -> Comparison {
+        Comparison {
+            task: task.into(),
+            variant: variant.into(),
+            n: 10,
+            base_score: 0.5,
+            variant_score: 0.5 * retention,
+            retention,
+            retention_ci: (retention - 0.1, retention + 0.1),
+            difference: 0.0,
+            difference_ci: (0.0, 0.0),
+            mcnemar_p: None,
+            generative: false,
+        }
+    }
+
+    #[test]
+    fn the_title_fits_and_the_legend_keeps_off_the_bars() {
+        let dir = tempfile::tempdir().unwrap();
+        let png = dir.path().join("chart.png");
+        let rows = vec![
+            row("arithmetic", "llama-3.1-8b-instruct@drop=22-29", 0.4),
+            row("arithmetic", "llama-3.1-8b-instruct-recovered-sgr", 0.9),
+        ];
+        let base = "llama-3.1-8b-instruct-a-rather-long-base-name";
+        let lay = retention_chart(&png, base, &rows).unwrap();
+        assert!(lay.legend.0 >= lay.plot.1, "{lay:?}");
+        let img = image::open(&png).unwrap().to_rgb8();
+        assert_eq!((img.width(), img.height()), (lay.width, lay.height));
+        // No title pixel touches either side of the canvas: nothing is clipped.
+        let title_band = 0..30;
+        for x in (0..6).chain(img.width() - 6..img.width()) {
+            for y in title_band.clone() {
+                assert_eq!(
+                    img.get_pixel(x, y).0,
+                    [255, 255, 255],
+                    "title at ({x}, {y})"
+                );
+            }
+        }
+        // The title is drawn at all.
+        let dark = (0..img.width())
+            .flat_map(|x| title_band.clone().map(move |y| (x, y)))
+            .filter(|&(x, y)| img.get_pixel(x, y).0[0] < 128)
+            .count();
+        assert!(dark > 100, "{dark} dark title pixels");
+    }
 }

@@ -12,14 +12,15 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use tracing::Instrument;
+
 use super::error::ApiError;
-use super::generation::{
-    check_prompt, finish_stream, run_all, run_choice, submit, unix_now, usage, SamplingFields,
-};
+use super::generation::{finish_stream, run_all, run_choice, submit, unix_now, usage};
 use super::sse::{sse_response, SseSender};
+use super::validation::{self, Generation, MaxTokens, SamplingFields, ValidationError};
 use super::AppState;
 use crate::chat_template::ChatMessage;
-use crate::engine::sampler::Sampled;
+use crate::engine::sample::sampler::Sampled;
 use crate::loaded::LoadedModel;
 
 #[derive(Debug, Deserialize)]
@@ -61,28 +62,25 @@ fn yes() -> bool {
     true
 }
 
-pub(super) fn messages(raw: &[Message]) -> Result<Vec<ChatMessage>, ApiError> {
-    if raw.is_empty() {
-        return Err(ApiError::bad_request(
-            "messages must not be empty",
-            Some("messages"),
-        ));
-    }
-    raw.iter()
-        .map(|m| {
-            let content = match &m.content {
+/// The messages' text contents (content parts of type `text` joined); roles are checked by
+/// validation.
+pub(super) fn messages(raw: Vec<Message>) -> Result<Vec<ChatMessage>, ValidationError> {
+    raw.into_iter()
+        .enumerate()
+        .map(|(index, m)| {
+            let content = match m.content {
                 None => String::new(),
-                Some(Content::Text(t)) => t.clone(),
+                Some(Content::Text(t)) => t,
                 Some(Content::Parts(parts)) => {
                     let mut s = String::new();
                     for p in parts {
-                        match (p.kind.as_str(), &p.text) {
-                            ("text", Some(t)) => s.push_str(t),
+                        match (p.kind.as_str(), p.text) {
+                            ("text", Some(t)) => s.push_str(&t),
                             (kind, _) => {
-                                return Err(ApiError::bad_request(
-                                    format!("content part type `{kind}` is not supported"),
-                                    Some("messages"),
-                                ))
+                                return Err(ValidationError::ContentPart {
+                                    index,
+                                    kind: kind.chars().take(64).collect(),
+                                })
                             }
                         }
                     }
@@ -90,28 +88,11 @@ pub(super) fn messages(raw: &[Message]) -> Result<Vec<ChatMessage>, ApiError> {
                 }
             };
             Ok(ChatMessage {
-                role: m.role.clone(),
+                role: m.role,
                 content,
             })
         })
         .collect()
-}
-
-/// Renders and tokenizes the conversation (no extra special tokens: the template has them).
-pub(super) fn chat_prompt(
-    model: &LoadedModel,
-    msgs: &[ChatMessage],
-    add_generation_prompt: bool,
-) -> Result<Vec<u32>, ApiError> {
-    let template = model.chat_template.as_ref().ok_or_else(|| {
-        ApiError::bad_request("this model has no chat template", Some("messages"))
-    })?;
-    let text = template
-        .render(msgs, add_generation_prompt)
-        .map_err(|e| ApiError::bad_request(e.to_string(), Some("messages")))?;
-    model
-        .encode(&text, false)
-        .map_err(|e| ApiError::bad_request(e, Some("messages")))
 }
 
 fn token_entry(model: &LoadedModel, id: u32, logprob: f32) -> Value {
@@ -142,67 +123,45 @@ pub(super) async fn create(
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
     let req: ChatRequest = ApiError::parse_body(body)?;
+    validation::check_model_field(&req.model)?;
     let span = tracing::info_span!("chat", model = %req.model);
-    let _guard = span.enter();
+    respond(state, req, started).instrument(span).await
+}
+
+async fn respond(
+    state: Arc<AppState>,
+    req: ChatRequest,
+    started: Instant,
+) -> Result<Response, ApiError> {
     let target = state.registry.resolve(&req.model)?;
-    let model = &target.base.model;
-    let prompt = chat_prompt(model, &messages(&req.messages)?, req.add_generation_prompt)?;
-    let n = req.sampling.n()?;
-    let stops = req.sampling.stops()?;
-    let top = if req.logprobs {
-        req.top_logprobs.unwrap_or(0)
-    } else {
-        0
-    };
-    if top > 20 {
-        return Err(ApiError::bad_request(
-            "top_logprobs must be at most 20",
-            Some("top_logprobs"),
-        ));
-    }
-    let params = req.sampling.params(top)?;
-    let max_tokens = match req.max_completion_tokens.or(req.max_tokens) {
-        Some(0) => {
-            return Err(ApiError::bad_request(
-                "max_tokens must be at least 1",
-                Some("max_tokens"),
-            ))
-        }
-        Some(m) => m,
-        None => model
-            .dir
-            .config
-            .max_position_embeddings
-            .saturating_sub(prompt.len())
-            .clamp(1, 4096),
-    };
-    check_prompt(model, &prompt, max_tokens)?;
-    state.metrics.count_prompt(&req.model, prompt.len());
-    let streams = (0..n)
-        .map(|i| {
-            submit(
-                &target,
-                req.sampling
-                    .request(&target, prompt.clone(), max_tokens, &params, None, i),
-            )
-        })
-        .collect::<Result<Vec<_>, _>>()?;
+    let top = validation::chat_top_logprobs(req.logprobs, req.top_logprobs)?;
+    let max_tokens = MaxTokens::chat(req.max_completion_tokens, req.max_tokens)?;
+    let prompt = state
+        .validator
+        .encode_chat(
+            &target.base,
+            messages(req.messages)?,
+            req.add_generation_prompt,
+        )
+        .await?;
+    let generation = Generation::new(&target, vec![prompt], &req.sampling, max_tokens, top, None)?;
+    let streams = submit(&state, &target, &generation, started)?;
     let id = format!("chatcmpl-{:x}", rand::random::<u64>());
     let created = unix_now();
-    let prompt_tokens = prompt.len();
+    let prompt_tokens = generation.prompts[0].len();
+    let name = target.name.clone();
+    let logprobs = req.logprobs;
     if req.sampling.stream {
         let include_usage = req.sampling.include_usage();
-        let state2 = state.clone();
         return Ok(sse_response(move |tx: SseSender| async move {
             let model = &target.base.model;
-            let name = req.model.as_str();
             let chunk = |index: usize, delta: Value, logprobs: Value, finish: Value| {
                 json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": name,
                        "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]})
             };
             let runs = streams.into_iter().enumerate().map(|(index, stream)| {
                 let tx = tx.clone();
-                let (chunk, stops, metrics) = (&chunk, &stops, &state2.metrics);
+                let chunk = &chunk;
                 async move {
                     if !tx.send(&chunk(
                         index,
@@ -212,8 +171,8 @@ pub(super) async fn create(
                     )) {
                         return Err(ApiError::internal("client went away"));
                     }
-                    let res = run_choice(stream, model, stops, metrics, name, started, |d| {
-                        let lp = if req.logprobs {
+                    let res = run_choice(stream, |d| {
+                        let lp = if logprobs {
                             chat_logprobs(model, &d.tokens)
                         } else {
                             Value::Null
@@ -221,7 +180,6 @@ pub(super) async fn create(
                         tx.send(&chunk(index, json!({"content": d.text}), lp, Value::Null))
                     })
                     .await?;
-                    metrics.count_finished(name, res.finish_reason);
                     tx.send(&chunk(
                         index,
                         json!({}),
@@ -238,19 +196,20 @@ pub(super) async fn create(
             finish_stream(&tx, runs.collect(), usage_chunk).await;
         }));
     }
-    let results = run_all(streams, model, &stops, &state.metrics, &req.model, started).await?;
+    let results = run_all(streams).await?;
+    let model = &target.base.model;
     let completion_tokens: usize = results.iter().map(|r| r.tokens.len()).sum();
     let choices: Vec<Value> = results
         .iter()
         .enumerate()
         .map(|(index, r)| {
             json!({"index": index, "message": {"role": "assistant", "content": r.text},
-                   "logprobs": if req.logprobs { chat_logprobs(model, &r.tokens) } else { Value::Null },
+                   "logprobs": if logprobs { chat_logprobs(model, &r.tokens) } else { Value::Null },
                    "finish_reason": r.finish_reason})
         })
         .collect();
     Ok(Json(json!({
-        "id": id, "object": "chat.completion", "created": created, "model": req.model, "choices": choices,
+        "id": id, "object": "chat.completion", "created": created, "model": name, "choices": choices,
         "usage": usage(prompt_tokens, completion_tokens),
     }))
     .into_response())

@@ -14,12 +14,14 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use tracing::Instrument;
+
 use super::error::ApiError;
 use super::generation::{
-    check_prompt, finish_stream, run_all, run_choice, submit, unix_now, usage, ChoiceResult,
-    SamplingFields,
+    finish_stream, run_all, run_choice, submit, unix_now, usage, ChoiceResult,
 };
 use super::sse::{sse_response, SseSender};
+use super::validation::{self, Generation, MaxTokens, SamplingFields};
 use super::AppState;
 use crate::loaded::LoadedModel;
 
@@ -50,58 +52,62 @@ pub(super) async fn create(
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
     let req: CompletionRequest = ApiError::parse_body(body)?;
+    validation::check_model_field(&req.model)?;
     let span = tracing::info_span!("completion", model = %req.model);
-    let _guard = span.enter();
+    respond(state, req, started).instrument(span).await
+}
+
+async fn respond(
+    state: Arc<AppState>,
+    req: CompletionRequest,
+    started: Instant,
+) -> Result<Response, ApiError> {
     let target = state.registry.resolve(&req.model)?;
-    let model = &target.base.model;
-    let prompts = tokenize_prompts(model, &req.prompt)?;
-    let n = req.sampling.n()?;
-    let stops = req.sampling.stops()?;
-    let top = req.logprobs.unwrap_or(0);
-    if top > 20 {
+    let top = validation::check_logprobs("logprobs", req.logprobs.unwrap_or(0))?;
+    let max_tokens = MaxTokens::completion(req.max_tokens, req.echo)?;
+    let prompts = match req.prompt {
+        PromptInput::Text(t) => {
+            state
+                .validator
+                .encode(&target.base, vec![t], true, "prompt")
+                .await?
+        }
+        PromptInput::Texts(ts) => {
+            state
+                .validator
+                .encode(&target.base, ts, true, "prompt")
+                .await?
+        }
+        PromptInput::Ids(ids) => vec![ids],
+        PromptInput::IdLists(l) => l,
+    };
+    if prompts.is_empty() {
         return Err(ApiError::bad_request(
-            "logprobs must be at most 20",
-            Some("logprobs"),
+            "prompt must not be empty",
+            Some("prompt"),
         ));
-    }
-    let params = req.sampling.params(top)?;
-    let max_tokens = req.max_tokens.unwrap_or(16);
-    if max_tokens == 0 && !req.echo {
-        return Err(ApiError::bad_request(
-            "max_tokens 0 needs echo (prompt scoring)",
-            Some("max_tokens"),
-        ));
-    }
-    for p in &prompts {
-        check_prompt(model, p, max_tokens)?;
     }
     let prompt_logprobs = (req.echo && req.logprobs.is_some()).then_some(top);
-    let mut streams = Vec::new();
-    for prompt in &prompts {
-        state.metrics.count_prompt(&req.model, prompt.len());
-        for i in 0..n {
-            streams.push(submit(
-                &target,
-                req.sampling.request(
-                    &target,
-                    prompt.clone(),
-                    max_tokens,
-                    &params,
-                    prompt_logprobs,
-                    i,
-                ),
-            )?);
-        }
-    }
+    let generation = Generation::new(
+        &target,
+        prompts,
+        &req.sampling,
+        max_tokens,
+        top,
+        prompt_logprobs,
+    )?;
+    let streams = submit(&state, &target, &generation, started)?;
     let id = format!("cmpl-{:x}", rand::random::<u64>());
     let created = unix_now();
+    let name = target.name.clone();
+    let n = generation.n;
+    let prompts = generation.prompts;
+    let prompt_tokens: usize = prompts.iter().map(Vec::len).sum();
     if req.sampling.stream {
         let include_usage = req.sampling.include_usage();
-        let prompt_tokens: usize = prompts.iter().map(Vec::len).sum();
-        let state2 = state.clone();
+        let (echo, logprobs) = (req.echo, req.logprobs.is_some());
         return Ok(sse_response(move |tx: SseSender| async move {
             let model = &target.base.model;
-            let name = req.model.as_str();
             let chunk = |index: usize, text: String, logprobs: Value, finish: Value| {
                 json!({"id": id, "object": "text_completion", "created": created, "model": name,
                        "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}]})
@@ -110,10 +116,8 @@ pub(super) async fn create(
                 let tx = tx.clone();
                 let prompt = &prompts[index / n];
                 let chunk = &chunk;
-                let stops = &stops;
-                let metrics = &state2.metrics;
                 async move {
-                    if req.echo
+                    if echo
                         && !tx.send(&chunk(
                             index,
                             model.decode(prompt),
@@ -123,8 +127,8 @@ pub(super) async fn create(
                     {
                         return Err(ApiError::internal("client went away"));
                     }
-                    let res = run_choice(stream, model, stops, metrics, name, started, |d| {
-                        let lp = if req.logprobs.is_some() {
+                    let res = run_choice(stream, |d| {
+                        let lp = if logprobs {
                             legacy_logprobs(model, &[], &d.tokens, 0)
                         } else {
                             Value::Null
@@ -132,7 +136,6 @@ pub(super) async fn create(
                         tx.send(&chunk(index, d.text, lp, Value::Null))
                     })
                     .await?;
-                    metrics.count_finished(name, res.finish_reason);
                     tx.send(&chunk(
                         index,
                         String::new(),
@@ -149,9 +152,9 @@ pub(super) async fn create(
             finish_stream(&tx, runs.collect(), usage_chunk).await;
         }));
     }
-    let results = run_all(streams, model, &stops, &state.metrics, &req.model, started).await?;
+    let results = run_all(streams).await?;
+    let model = &target.base.model;
     let mut choices = Vec::new();
-    let prompt_tokens: usize = prompts.iter().map(Vec::len).sum();
     let mut completion_tokens = 0;
     for (index, res) in results.iter().enumerate() {
         completion_tokens += res.tokens.len();
@@ -168,32 +171,11 @@ pub(super) async fn create(
         "id": id,
         "object": "text_completion",
         "created": created,
-        "model": req.model,
+        "model": name,
         "choices": choices,
         "usage": usage(prompt_tokens, completion_tokens),
     }))
     .into_response())
-}
-
-fn tokenize_prompts(model: &LoadedModel, prompt: &PromptInput) -> Result<Vec<Vec<u32>>, ApiError> {
-    let encode = |t: &str| {
-        model
-            .encode(t, true)
-            .map_err(|e| ApiError::bad_request(e, Some("prompt")))
-    };
-    let prompts = match prompt {
-        PromptInput::Text(t) => vec![encode(t)?],
-        PromptInput::Texts(ts) => ts.iter().map(|t| encode(t)).collect::<Result<_, _>>()?,
-        PromptInput::Ids(ids) => vec![ids.clone()],
-        PromptInput::IdLists(l) => l.clone(),
-    };
-    if prompts.is_empty() {
-        return Err(ApiError::bad_request(
-            "prompt must not be empty",
-            Some("prompt"),
-        ));
-    }
-    Ok(prompts)
 }
 
 /// A token with its logprob and top alternatives; `None` for the unscored first prompt token.
@@ -212,7 +194,7 @@ fn top_dict(model: &LoadedModel, top: &[(u32, f32)], actual: (u32, f32)) -> Valu
 fn legacy_logprobs(
     model: &LoadedModel,
     prompt: &[ScoredToken],
-    sampled: &[crate::engine::sampler::Sampled],
+    sampled: &[crate::engine::sample::sampler::Sampled],
     offset0: usize,
 ) -> Value {
     let mut tokens = Vec::new();

@@ -6,9 +6,10 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
 
-use crate::engine::kv_cache::KvError;
+use crate::engine::kv::KvError;
 use crate::engine::EngineError;
 use crate::registry::RegistryError;
+use crate::scheduler::SubmitError;
 
 #[derive(Debug)]
 pub struct ApiError {
@@ -50,17 +51,36 @@ impl ApiError {
 
 impl From<EngineError> for ApiError {
     fn from(e: EngineError) -> Self {
+        use EngineError as E;
         let status = match &e {
-            EngineError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
-            EngineError::Kv(KvError::OutOfBlocks { needed, total, .. }) if needed <= total => {
+            E::Kv(KvError::OutOfBlocks { needed, total, .. }) if needed <= total => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
-            _ => StatusCode::BAD_REQUEST,
+            E::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            E::ContextTooLong { .. }
+            | E::TokenOutOfRange { .. }
+            | E::EmptyInput(_)
+            | E::Plan(_)
+            | E::PlanMismatch { .. }
+            | E::Kv(KvError::OutOfBlocks { .. }) => StatusCode::BAD_REQUEST,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
         Self {
             status,
             message: e.to_string(),
             param: None,
+        }
+    }
+}
+
+impl From<SubmitError> for ApiError {
+    fn from(e: SubmitError) -> Self {
+        match e {
+            SubmitError::QueueFull { .. } | SubmitError::Unhealthy(_) => {
+                ApiError::overloaded(e.to_string())
+            }
+            SubmitError::NeverFits { .. } => ApiError::bad_request(e.to_string(), Some("n")),
+            SubmitError::Stopped => ApiError::internal(e.to_string()),
         }
     }
 }
@@ -80,18 +100,24 @@ impl From<RegistryError> for ApiError {
     }
 }
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
+impl ApiError {
+    /// The OpenAI error object, as both plain responses and error events in a stream carry it.
+    pub fn body(&self) -> serde_json::Value {
         let kind = match self.status.as_u16() {
-            400 | 409 | 413 | 422 => "invalid_request_error",
+            400 | 405 | 409 | 413 | 422 => "invalid_request_error",
             401 => "authentication_error",
             404 => "not_found_error",
             429 => "rate_limit_error",
             503 => "overloaded_error",
             _ => "server_error",
         };
-        let body = json!({"error": {"message": self.message, "type": kind, "param": self.param, "code": self.status.as_u16()}});
-        let mut resp = (self.status, Json(body)).into_response();
+        json!({"error": {"message": self.message, "type": kind, "param": self.param, "code": self.status.as_u16()}})
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut resp = (self.status, Json(self.body())).into_response();
         if matches!(self.status.as_u16(), 429 | 503) {
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));

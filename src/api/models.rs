@@ -13,26 +13,27 @@ use serde_json::{json, Value};
 
 use super::error::ApiError;
 use super::AppState;
-use crate::plan::{parse_layer_list, PlanSpec};
+use crate::plan::{LayerList, PlanError, PlanSpec};
 
 pub(super) async fn list(State(state): State<Arc<AppState>>) -> Json<Value> {
     Json(json!({"object": "list", "data": state.registry.cards()}))
 }
 
+/// A layer list as text (`"3,22-29"`) or as indices; expanded only once checked against the base.
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
-enum LayerList {
+enum LayerField {
     Text(String),
     Indices(Vec<usize>),
 }
 
-impl LayerList {
-    fn indices(&self, param: &str) -> Result<Vec<usize>, ApiError> {
+impl LayerField {
+    fn list(self, param: &str) -> Result<LayerList, ApiError> {
         match self {
-            LayerList::Text(t) => {
-                parse_layer_list(t).map_err(|e| ApiError::bad_request(e.0, Some(param)))
-            }
-            LayerList::Indices(v) => Ok(v.clone()),
+            LayerField::Text(t) => t
+                .parse()
+                .map_err(|e: PlanError| ApiError::bad_request(e.to_string(), Some(param))),
+            LayerField::Indices(v) => Ok(v.into()),
         }
     }
 }
@@ -42,8 +43,8 @@ impl LayerList {
 pub(super) struct CreateVariant {
     base: String,
     name: String,
-    drop: Option<LayerList>,
-    keep: Option<LayerList>,
+    drop: Option<LayerField>,
+    keep: Option<LayerField>,
     reverse: Option<f64>,
 }
 
@@ -52,9 +53,9 @@ pub(super) async fn create(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let req: CreateVariant = ApiError::parse_body(body)?;
-    let spec = match (&req.drop, &req.keep, req.reverse) {
-        (Some(d), None, None) => PlanSpec::Drop(d.indices("drop")?),
-        (None, Some(k), None) => PlanSpec::Keep(k.indices("keep")?),
+    let spec = match (req.drop, req.keep, req.reverse) {
+        (Some(d), None, None) => PlanSpec::Drop(d.list("drop")?),
+        (None, Some(k), None) => PlanSpec::Keep(k.list("keep")?),
         (None, None, Some(r)) => PlanSpec::Reverse(r),
         _ => {
             return Err(ApiError::bad_request(

@@ -6,7 +6,7 @@ use std::future::Future;
 
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use serde_json::{json, Value};
+use serde_json::Value;
 use tokio::sync::mpsc;
 
 use super::error::ApiError;
@@ -24,10 +24,9 @@ impl SseSender {
             .is_ok()
     }
 
-    /// Reports an error mid-stream in the OpenAI error shape.
+    /// Reports an error mid-stream in the OpenAI error shape (its type follows its status).
     pub fn send_error(&self, e: ApiError) {
-        let body = json!({"error": {"message": e.message, "type": "server_error", "param": e.param, "code": e.status.as_u16()}});
-        self.send(&body);
+        self.send(&e.body());
     }
 }
 
@@ -50,4 +49,24 @@ where
     Sse::new(stream)
         .keep_alive(KeepAlive::default())
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_error_event_carries_the_type_of_its_status() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let sender = SseSender { tx };
+        sender.send_error(ApiError::bad_request("n must be at most 128", Some("n")));
+        sender.send_error(ApiError::overloaded("full"));
+        sender.send_error(ApiError::internal("broken"));
+        let shown: Vec<String> = std::iter::from_fn(|| rx.try_recv().ok())
+            .map(|e| format!("{e:?}"))
+            .collect();
+        assert!(shown[0].contains("invalid_request_error"), "{}", shown[0]);
+        assert!(shown[1].contains("overloaded_error"), "{}", shown[1]);
+        assert!(shown[2].contains("server_error"), "{}", shown[2]);
+    }
 }

@@ -10,9 +10,9 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::chat::{chat_prompt, messages, Message};
+use super::chat::{messages, Message};
 use super::error::ApiError;
-use super::generation::check_token_ids;
+use super::validation::{self, ValidationError};
 use super::AppState;
 use crate::registry::Base;
 
@@ -45,7 +45,10 @@ pub(super) struct InfoQuery {
 /// The named model's base, or the first base when no model is named.
 fn base_for(state: &AppState, model: Option<&str>) -> Result<Arc<Base>, ApiError> {
     match model {
-        Some(m) => Ok(state.registry.resolve(m)?.base),
+        Some(m) => {
+            validation::check_model_field(m)?;
+            Ok(state.registry.resolve(m)?.base)
+        }
         None => state
             .registry
             .bases()
@@ -61,21 +64,22 @@ pub(super) async fn tokenize(
 ) -> Result<Json<Value>, ApiError> {
     let req: TokenizeRequest = ApiError::parse_body(body)?;
     let base = base_for(&state, req.model.as_deref())?;
-    let model = &base.model;
-    let tokens = match (&req.prompt, &req.messages) {
-        (Some(p), None) => model
-            .encode(p, req.add_special_tokens)
-            .map_err(|e| ApiError::bad_request(e, Some("prompt")))?,
-        (None, Some(m)) => chat_prompt(model, &messages(m)?, req.add_generation_prompt)?,
-        _ => {
-            return Err(ApiError::bad_request(
-                "give exactly one of prompt or messages",
-                Some("prompt"),
-            ))
+    let tokens = match (req.prompt, req.messages) {
+        (Some(p), None) => state
+            .validator
+            .encode(&base, vec![p], req.add_special_tokens, "prompt")
+            .await?
+            .swap_remove(0),
+        (None, Some(m)) => {
+            state
+                .validator
+                .encode_chat(&base, messages(m)?, req.add_generation_prompt)
+                .await?
         }
+        _ => return Err(ValidationError::PromptOrMessages.into()),
     };
     Ok(Json(
-        json!({"count": tokens.len(), "max_model_len": model.dir.config.max_position_embeddings, "tokens": tokens, "token_strs": null}),
+        json!({"count": tokens.len(), "max_model_len": base.limits.max_model_len, "tokens": tokens, "token_strs": null}),
     ))
 }
 
@@ -85,8 +89,8 @@ pub(super) async fn detokenize(
 ) -> Result<Json<Value>, ApiError> {
     let req: DetokenizeRequest = ApiError::parse_body(body)?;
     let base = base_for(&state, req.model.as_deref())?;
-    check_token_ids(&base.model, &req.tokens, "tokens")?;
-    Ok(Json(json!({"prompt": base.model.decode(&req.tokens)})))
+    let prompt = state.validator.decode(&base, req.tokens).await?;
+    Ok(Json(json!({ "prompt": prompt })))
 }
 
 pub(super) async fn tokenizer_info(
@@ -107,7 +111,7 @@ pub(super) async fn tokenizer_info(
         "bos_token": dir.bos_token,
         "pad_token": eos,
         "chat_template": dir.chat_template,
-        "model_max_length": dir.config.max_position_embeddings,
+        "model_max_length": base.limits.max_model_len,
         "vocab_size": dir.config.vocab_size,
     })))
 }

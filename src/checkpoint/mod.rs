@@ -1,7 +1,6 @@
 //! Checkpoint I/O, apart from the engine: reading HF model directories (local or from the hub),
 //! and the writers behind `import-gguf`, `prune` and `init-random`.
 
-pub mod config;
 pub mod gguf_import;
 pub mod gguf_tokenizer;
 pub mod lineage;
@@ -14,15 +13,15 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-pub use config::{Family, LayerAttention, ModelConfig};
+pub use crate::engine::model::config::{self, Family, LayerAttention, ModelConfig};
 pub use lineage::Lineage;
 
 /// Everything that can go wrong reading or writing a checkpoint.
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
-    #[error("unknown architecture `{0}` (supported: LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM, Gemma2ForCausalLM)")]
-    UnknownArchitecture(String),
     #[error("config.json: {0}")]
+    ModelConfig(#[from] config::ConfigError),
+    #[error("{0}")]
     Config(String),
     #[error("missing tensor `{0}`")]
     MissingTensor(String),
@@ -31,7 +30,7 @@ pub enum CheckpointError {
     #[error("gguf: {0}")]
     Gguf(String),
     #[error("invalid layer list: {0}")]
-    LayerList(String),
+    LayerList(#[from] crate::plan::PlanError),
     #[error("hub: {0}")]
     Hub(String),
     #[error("tokenizer: {0}")]
@@ -120,7 +119,11 @@ impl ModelDir {
                 .map(str::to_string),
         };
         let gen_cfg = read_json_opt(&dir.join("generation_config.json"))?.unwrap_or(Value::Null);
-        let mut eos: BTreeSet<u32> = config::id_list(gen_cfg.get("eos_token_id"))
+        let mut eos: BTreeSet<u32> = gen_cfg
+            .get("eos_token_id")
+            .and_then(|v| serde_json::from_value::<config::TokenIds>(v.clone()).ok())
+            .map(|t| t.ids())
+            .unwrap_or_default()
             .into_iter()
             .collect();
         eos.extend(config.eos_token_ids.iter().copied());

@@ -33,7 +33,7 @@ pub fn prune_checkpoint(
     let cfg = &base.config;
     let plan = spec
         .resolve(cfg.num_hidden_layers)
-        .map_err(|e| CheckpointError::LayerList(e.0))?;
+        .map_err(CheckpointError::LayerList)?;
     let kept = plan.layers().to_vec();
     // SAFETY: read-only mapping of the base weights for the duration of the copy.
     let st = unsafe { MmapedSafetensors::multi(&base.weight_files)? };

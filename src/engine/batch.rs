@@ -7,9 +7,9 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
-use super::kv_cache::KvError;
-use super::sampler::{Sampled, Sampler, SamplingParams};
-use super::scoring::TokenScore;
+use super::kv::KvError;
+use super::sample::sampler::{Sampled, Sampler, SamplingParams};
+use super::sample::scoring::TokenScore;
 use super::{Engine, EngineError, ScoreSpec, SeqId, StepItem};
 use crate::plan::LayerPlan;
 
@@ -35,9 +35,20 @@ pub enum FinishReason {
     Length,
 }
 
+impl FinishReason {
+    /// The API's `finish_reason`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct GenOutput {
-    /// `prompt.len() - 1` entries when prompt logprobs were asked for.
+    /// `prompt.len() - 1` entries when prompt logprobs were asked for ([`Batcher::run_all`] fills
+    /// them in; a stepping caller gets them as [`BatchEvent::PromptScored`]).
     pub prompt_scores: Vec<TokenScore>,
     /// Generated tokens; a stop/eos token that ended generation is not included.
     pub tokens: Vec<Sampled>,
@@ -49,9 +60,23 @@ pub struct GenOutput {
 /// What a step produced for one request.
 #[derive(Debug)]
 pub enum BatchEvent {
-    Token { id: SeqId, token: Sampled },
-    Finished { id: SeqId, output: GenOutput },
-    Failed { id: SeqId, error: EngineError },
+    /// The whole prompt was run; its logprobs, when they were asked for.
+    PromptScored {
+        id: SeqId,
+        scores: Vec<TokenScore>,
+    },
+    Token {
+        id: SeqId,
+        token: Sampled,
+    },
+    Finished {
+        id: SeqId,
+        output: GenOutput,
+    },
+    Failed {
+        id: SeqId,
+        error: EngineError,
+    },
 }
 
 struct Active {
@@ -71,7 +96,7 @@ pub struct Batcher {
     order: Vec<SeqId>,
     next_id: SeqId,
     max_step_tokens: usize,
-    stats: super::step_stats::StepStats,
+    stats: super::instrument::step_stats::StepStats,
 }
 
 impl Batcher {
@@ -105,9 +130,20 @@ impl Batcher {
         self.active.is_empty() && self.waiting.is_empty()
     }
 
-    /// Admits a request; fails at once if it can never run (empty prompt, too long, bad plan).
+    /// Admits a request under the next free id; fails at once if it can never run (empty
+    /// prompt, too long, bad plan).
     pub fn submit(&mut self, req: GenRequest) -> Result<SeqId, EngineError> {
         let id = self.next_id;
+        self.submit_as(id, req)?;
+        Ok(id)
+    }
+
+    /// Admits a request under the caller's id (ids must not repeat; [`Batcher::submit`] and
+    /// this are not mixed on one batcher).
+    pub fn submit_as(&mut self, id: SeqId, req: GenRequest) -> Result<(), EngineError> {
+        if self.active.contains_key(&id) || self.waiting.iter().any(|(w, _)| *w == id) {
+            return Err(KvError::DuplicateSequence(id).into());
+        }
         if req.prompt.is_empty() {
             return Err(EngineError::EmptyInput(id));
         }
@@ -128,9 +164,9 @@ impl Batcher {
                 model: self.engine.model().config().num_hidden_layers,
             });
         }
-        self.next_id += 1;
+        self.next_id = self.next_id.max(id + 1);
         self.waiting.push_back((id, req));
-        Ok(id)
+        Ok(())
     }
 
     /// Moves waiting requests into the running set while their whole KV need (prompt +
@@ -255,6 +291,10 @@ impl Batcher {
             if a.pending.take().is_none() {
                 a.fed += item.tokens.len();
                 a.out.prompt_scores.extend(out.scores);
+                if a.fed == a.req.prompt.len() && a.req.prompt_logprobs.is_some() {
+                    let scores = std::mem::take(&mut a.out.prompt_scores);
+                    events.push(BatchEvent::PromptScored { id, scores });
+                }
             }
             let picked = match (out.greedy, out.logits) {
                 (Some(g), _) => Some(g),
@@ -316,10 +356,15 @@ impl Batcher {
             ids.push(self.submit(r));
         }
         let mut done: HashMap<SeqId, Result<GenOutput, EngineError>> = HashMap::new();
+        let mut scores: HashMap<SeqId, Vec<TokenScore>> = HashMap::new();
         while !self.is_idle() {
             for ev in self.step() {
                 match ev {
-                    BatchEvent::Finished { id, output } => {
+                    BatchEvent::PromptScored { id, scores: s } => {
+                        scores.insert(id, s);
+                    }
+                    BatchEvent::Finished { id, mut output } => {
+                        output.prompt_scores = scores.remove(&id).unwrap_or_default();
                         done.insert(id, Ok(output));
                     }
                     BatchEvent::Failed { id, error } => {
@@ -330,12 +375,7 @@ impl Batcher {
             }
         }
         ids.into_iter()
-            .map(|r| {
-                r.and_then(|id| {
-                    done.remove(&id)
-                        .unwrap_or_else(|| Err(EngineError::Internal("lost request".into())))
-                })
-            })
+            .map(|r| r.and_then(|id| done.remove(&id).unwrap_or(Err(EngineError::Lost(id)))))
             .collect()
     }
 }

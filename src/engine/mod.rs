@@ -3,22 +3,12 @@
 //! steps and may run different layer plans of the same base.
 
 pub mod attention;
-#[cfg(feature = "cuda")]
-pub mod attention_cuda;
 pub mod batch;
-pub mod fused;
-pub mod gemm;
-pub mod kv_cache;
+pub mod instrument;
+pub mod kv;
 pub mod model;
-#[cfg(feature = "cuda")]
-pub mod paged_cache;
-pub mod paged_tables;
-pub mod phase_times;
-pub mod rope;
-pub mod sampler;
-pub mod scoring;
-pub mod step_stats;
-pub mod taps;
+pub mod ops;
+pub mod sample;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -26,17 +16,17 @@ use std::sync::Arc;
 use candle_core::Tensor;
 
 use crate::plan::LayerPlan;
-use kv_cache::{ChunkRef, KvCache, KvError, KvUsage};
+use instrument::phase_times::phase;
+use instrument::taps::LayerTap;
+use kv::{ChunkRef, KvCache, KvError, KvUsage};
 use model::DecoderModel;
-use phase_times::phase;
-use sampler::Sampled;
-use scoring::TokenScore;
-use taps::LayerTap;
+use sample::sampler::Sampled;
+use sample::scoring::TokenScore;
 
 /// Identifies a sequence inside one engine.
 pub type SeqId = u64;
 
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum EngineError {
     #[error(transparent)]
     Kv(#[from] KvError),
@@ -48,13 +38,33 @@ pub enum EngineError {
     PlanMismatch { plan: usize, model: usize },
     #[error("empty input for sequence {0}")]
     EmptyInput(SeqId),
-    #[error("internal engine error: {0}")]
-    Internal(String),
+    #[error("sequence {seq}: {targets} score targets for {tokens} tokens")]
+    ScoreTargets {
+        seq: SeqId,
+        targets: usize,
+        tokens: usize,
+    },
+    #[error(transparent)]
+    Plan(#[from] crate::plan::PlanError),
+    #[error("tensor computation failed: {0}")]
+    Compute(#[source] Arc<candle_core::Error>),
+    #[error("sequence {0} was not run")]
+    NotRun(SeqId),
+    #[error("sequence {0} was lost")]
+    Lost(SeqId),
+    /// A panic in the engine loop failed the sequences in flight; the loop was restarted.
+    #[error("the engine failed while running this request and was restarted: {0}")]
+    Crashed(String),
+    /// The base's engine is not running (see `/health`).
+    #[error("the engine is unavailable: {0}")]
+    Unavailable(String),
+    #[error("cannot start an engine thread: {0}")]
+    Thread(#[source] Arc<std::io::Error>),
 }
 
 impl From<candle_core::Error> for EngineError {
     fn from(e: candle_core::Error) -> Self {
-        EngineError::Internal(e.to_string())
+        EngineError::Compute(Arc::new(e))
     }
 }
 
@@ -135,7 +145,7 @@ impl Engine {
 
     /// An engine with the CPU KV cache.
     pub fn with_contiguous_cache(model: Arc<DecoderModel>, opts: &EngineOptions) -> Self {
-        let cache = Box::new(kv_cache::ContiguousKvCache::new(
+        let cache = Box::new(kv::ContiguousKvCache::new(
             opts.kv_blocks,
             opts.block_size,
             model.dtype(),
@@ -150,7 +160,7 @@ impl Engine {
             let cfg = model.config();
             let (kv_heads, head_dim) = (cfg.num_key_value_heads, cfg.head_dim);
             let blocks = match opts.kv_cache_bytes {
-                Some(bytes) => paged_cache::PagedKvCache::blocks_for_bytes(
+                Some(bytes) => kv::paged::PagedKvCache::blocks_for_bytes(
                     bytes,
                     opts.block_size,
                     kv_heads,
@@ -159,7 +169,7 @@ impl Engine {
                 ),
                 None => opts.kv_blocks * cfg.num_hidden_layers,
             };
-            let cache = paged_cache::PagedKvCache::new(
+            let cache = kv::paged::PagedKvCache::new(
                 model.device(),
                 model.dtype(),
                 blocks,
@@ -182,6 +192,10 @@ impl Engine {
 
     pub fn kv_usage(&self) -> KvUsage {
         self.cache.usage()
+    }
+
+    pub fn kv_capacity(&self) -> kv::KvCapacity {
+        self.cache.capacity()
     }
 
     /// Reserves KV room for `total_len` tokens of `seq` up front (admission control), or fails
@@ -225,9 +239,11 @@ impl Engine {
         }
         if let Some(s) = &item.score {
             if s.targets.len() > item.tokens.len() {
-                return Err(EngineError::Internal(
-                    "more score targets than tokens".into(),
-                ));
+                return Err(EngineError::ScoreTargets {
+                    seq: item.seq,
+                    targets: s.targets.len(),
+                    tokens: item.tokens.len(),
+                });
             }
             if let Some(&id) = s.targets.iter().find(|&&t| t as usize >= vocab) {
                 return Err(EngineError::TokenOutOfRange { id, vocab });
@@ -293,7 +309,8 @@ impl Engine {
         }
         results
             .into_iter()
-            .map(|r| r.unwrap_or_else(|| Err(EngineError::Internal("item not run".into()))))
+            .zip(items)
+            .map(|(r, it)| r.unwrap_or(Err(EngineError::NotRun(it.seq))))
             .collect()
     }
 
@@ -362,7 +379,7 @@ impl Engine {
             (Some(l), false) => {
                 let idx = Tensor::new(greedy_rows.as_slice(), l.device())?;
                 phase(l.device(), "pick tokens", || {
-                    scoring::greedy_rows(&l.index_select(&idx, 0)?, greedy_k)
+                    sample::scoring::greedy_rows(&l.index_select(&idx, 0)?, greedy_k)
                 })?
                 .into_iter()
             }
@@ -390,7 +407,11 @@ impl Engine {
             if let (Some(s), Some(l)) = (&it.score, &logits) {
                 if !s.targets.is_empty() {
                     out.scores = phase(l.device(), "score rows", || {
-                        scoring::score_rows(&l.narrow(0, at, s.targets.len())?, &s.targets, s.top_k)
+                        sample::scoring::score_rows(
+                            &l.narrow(0, at, s.targets.len())?,
+                            &s.targets,
+                            s.top_k,
+                        )
                     })?;
                 }
             }

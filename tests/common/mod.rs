@@ -14,7 +14,7 @@ use pruneserve::checkpoint::random_init::init_random;
 use pruneserve::checkpoint::ModelDir;
 use pruneserve::engine::batch::{Batcher, GenOutput, GenRequest};
 use pruneserve::engine::model::DecoderModel;
-use pruneserve::engine::sampler::SamplingParams;
+use pruneserve::engine::sample::sampler::SamplingParams;
 use pruneserve::engine::{Engine, EngineOptions};
 use pruneserve::plan::LayerPlan;
 use serde_json::{json, Value};

@@ -5,8 +5,8 @@
 
 use std::collections::HashMap;
 
-use super::kv_cache::{ChunkRef, KvError, KvUsage};
-use super::SeqId;
+use crate::engine::kv::{ChunkRef, KvError, KvUsage};
+use crate::engine::SeqId;
 
 struct SeqBlocks {
     /// `tables[plan_pos][i]` holds tokens `i*block_size .. (i+1)*block_size` of that layer.

@@ -1,5 +1,5 @@
 //! The CUDA attention kernels (kernels/attention.cu), with the semantics of
-//! [`super::attention::attend`] (sliding windows, score soft-capping) and checked against it by
+//! [`crate::engine::attention::attend`] (sliding windows, score soft-capping) and checked against it by
 //! `pruneserve selftest --device cuda`:
 //! - [`paged_decode`]: one query token per sequence against its paged KV history, grouped-query
 //!   aware (a thread block per kv head serves its whole group of query heads, so each cached key
@@ -12,7 +12,7 @@ use candle_core::cuda_backend::cudarc::driver::{CudaView, LaunchConfig, PushKern
 use candle_core::cuda_backend::{CudaDevice, CudaStorage, WrapErr};
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Storage, Tensor};
 
-use super::attention::AttnParams;
+use crate::engine::attention::AttnParams;
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/attention.ptx"));
 /// Tokens per decode partition (PART in the kernel).

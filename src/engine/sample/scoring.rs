@@ -4,7 +4,7 @@
 use candle_core::{DType, Tensor, D};
 use serde::Serialize;
 
-use super::sampler::Sampled;
+use crate::engine::sample::sampler::Sampled;
 
 /// The logprob of one position's target token and the best alternatives (descending).
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -95,8 +95,8 @@ mod cuda {
     use candle_core::cuda_backend::{CudaStorage, WrapErr};
     use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 
-    use crate::engine::attention_cuda::storage_view;
-    use crate::engine::sampler::Sampled;
+    use crate::engine::attention::cuda::storage_view;
+    use crate::engine::sample::sampler::Sampled;
 
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/sampling.ptx"));
 

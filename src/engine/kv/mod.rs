@@ -3,12 +3,16 @@
 //! accounted in blocks of `block_size` tokens (full plan depth), as a paged CUDA cache will hold
 //! them, so limits surface the same way on every backend.
 
+#[cfg(feature = "cuda")]
+pub mod paged;
+pub mod tables;
+
 use std::collections::HashMap;
 
 use candle_core::{DType, Tensor};
 
-use super::attention::{attend_chunk, chunk_heads, AttnParams, MaskCache};
-use super::SeqId;
+use crate::engine::attention::{attend_chunk, chunk_heads, AttnParams, MaskCache};
+use crate::engine::SeqId;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum KvError {
@@ -33,6 +37,27 @@ pub struct KvUsage {
     pub used_blocks: usize,
     pub total_blocks: usize,
     pub block_size: usize,
+}
+
+/// How much one sequence can ever hold: blocks of `block_size` tokens, counted per sequence at full
+/// plan depth (`per_layer == false`, the contiguous cache) or per plan layer (the paged pool).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvCapacity {
+    pub total_blocks: usize,
+    pub block_size: usize,
+    pub per_layer: bool,
+}
+
+impl KvCapacity {
+    /// Tokens one sequence of a `plan_len`-layer plan fits into an empty pool.
+    pub fn max_tokens(&self, plan_len: usize) -> usize {
+        let blocks = if self.per_layer {
+            self.total_blocks / plan_len.max(1)
+        } else {
+            self.total_blocks
+        };
+        blocks.saturating_mul(self.block_size)
+    }
 }
 
 /// One sequence's rows inside a packed batch: rows `offset..offset+len` belong to `seq`, whose
@@ -70,6 +95,7 @@ pub trait KvCache: Send {
     ) -> candle_core::Result<Tensor>;
     fn release(&mut self, seq: SeqId);
     fn usage(&self) -> KvUsage;
+    fn capacity(&self) -> KvCapacity;
 }
 
 struct SeqKv {
@@ -209,6 +235,14 @@ impl KvCache for ContiguousKvCache {
             used_blocks: self.used_blocks,
             total_blocks: self.total_blocks,
             block_size: self.block_size,
+        }
+    }
+
+    fn capacity(&self) -> KvCapacity {
+        KvCapacity {
+            total_blocks: self.total_blocks,
+            block_size: self.block_size,
+            per_layer: false,
         }
     }
 }

@@ -2,19 +2,22 @@
 //! weights, and a plain packed forward over a [`LayerPlan`]. Rows of many sequences are packed
 //! into one `[T, hidden]` matrix for the projections; attention runs per sequence via the cache.
 
+pub mod config;
+pub mod rope;
+
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
-use super::attention::AttnParams;
-use super::fused::{act_mul, rms_norm_to, rope_heads};
-use super::gemm::linear_f32;
-use super::kv_cache::{ChunkRef, KvCache};
-use super::phase_times::{self, phase};
-use super::rope::RopeTables;
-use super::taps::LayerTap;
-use crate::checkpoint::config::Activation;
 use crate::checkpoint::{CheckpointError, Family, LayerAttention, ModelConfig, ModelDir};
+use crate::engine::attention::AttnParams;
+use crate::engine::instrument::phase_times::{self, phase};
+use crate::engine::instrument::taps::LayerTap;
+use crate::engine::kv::{ChunkRef, KvCache};
+use crate::engine::model::rope::RopeTables;
+use crate::engine::ops::fused::{act_mul, rms_norm_to, rope_heads};
+use crate::engine::ops::gemm::linear_f32;
 use crate::plan::LayerPlan;
+use config::Activation;
 
 /// RMSNorm of f32 rows with its effective scale (Gemma's `1 + w` folded in at load time),
 /// computed in f32 and written in the dtype asked for.

@@ -1,17 +1,17 @@
 //! The CUDA paged KV cache: one pool of layer-blocks per base (every plan over it draws from the
 //! same pool), written with mistralrs-paged-attn's `reshape_and_cache` and read on decode by our
 //! grouped-query kernel; fresh prompt chunks attend to their own keys/values in one kernel launch
-//! per layer ([`super::attention_cuda`]), continued ones with candle ops against their history
+//! per layer ([`crate::engine::attention::cuda`]), continued ones with candle ops against their history
 //! gathered from the pool.
 
 use candle_core::{DType, Device, IndexOp, Tensor};
 use mistralrs_paged_attn::{gather_kv_cache, reshape_and_cache};
 
-use super::attention::{attend_chunk, chunk_heads, AttnParams, MaskCache};
-use super::attention_cuda::{paged_decode, prefill_attention, FreshChunk, BLOCK_SIZE};
-use super::kv_cache::{ChunkRef, KvCache, KvError, KvUsage};
-use super::paged_tables::{BlockPool, StepTables};
-use super::SeqId;
+use crate::engine::attention::cuda::{paged_decode, prefill_attention, FreshChunk, BLOCK_SIZE};
+use crate::engine::attention::{attend_chunk, chunk_heads, AttnParams, MaskCache};
+use crate::engine::kv::tables::{BlockPool, StepTables};
+use crate::engine::kv::{ChunkRef, KvCache, KvCapacity, KvError, KvUsage};
+use crate::engine::SeqId;
 
 struct DecodeIndex {
     /// Packed row of each decode chunk, `[decode]` u32.
@@ -308,5 +308,14 @@ impl KvCache for PagedKvCache {
 
     fn usage(&self) -> KvUsage {
         self.pool.usage()
+    }
+
+    fn capacity(&self) -> KvCapacity {
+        let u = self.pool.usage();
+        KvCapacity {
+            total_blocks: u.total_blocks,
+            block_size: u.block_size,
+            per_layer: true,
+        }
     }
 }

@@ -1,14 +1,14 @@
 //! Fused decoder steps over the f32 residual stream, one kernel launch each on CUDA:
 //! RMSNorm straight to the projections' dtype, rotary embedding of the heads of a packed
 //! q|k|v projection and `act(gate) * up` from a packed gate|up projection (the projections
-//! themselves are [`super::gemm`]). Every value is rounded to the output dtype once. The CPU implementations here define what
+//! themselves are [`crate::engine::ops::gemm`]). Every value is rounded to the output dtype once. The CPU implementations here define what
 //! the CUDA kernels (`kernels/fused.cu`) compute; the CPU tests run them.
 
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor,
 };
 
-use crate::checkpoint::config::Activation;
+use crate::engine::model::config::Activation;
 
 fn contiguous<'a, T>(s: &'a [T], l: &Layout, what: &str) -> Result<&'a [T]> {
     match l.contiguous_offsets() {
@@ -268,14 +268,14 @@ pub(crate) mod cuda {
     use candle_core::cuda_backend::{CudaStorage, WrapErr};
     use candle_core::{DType, Layout, Result};
 
-    /// The kernels of fused.cu (the hi/lo split of [`crate::engine::gemm`] included).
+    /// The kernels of fused.cu (the hi/lo split of [`crate::engine::ops::gemm`] included).
     pub(crate) const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fused.ptx"));
 
     fn view<'a>(
         s: &'a CudaStorage,
         l: &Layout,
     ) -> Result<candle_core::cuda_backend::cudarc::driver::CudaView<'a, f32>> {
-        crate::engine::attention_cuda::storage_view(s, l, "fused op input")
+        crate::engine::attention::cuda::storage_view(s, l, "fused op input")
     }
 
     /// Launches `{name}_{f32|bf16}` with the f32 inputs, then the int and float scalars.

@@ -75,7 +75,7 @@ mod cuda {
     use candle_core::cuda_backend::{CudaStorage, WrapErr};
     use candle_core::{DType, Layout, Result, Shape};
 
-    use crate::engine::fused::cuda::PTX;
+    use crate::engine::ops::fused::cuda::PTX;
 
     /// `y[T, n] = x[T, k] · w[n, k]ᵀ` with bf16 weights, f32 compute and output; a bf16 `x` in
     /// one GemmEx, an f32 `x` split into bf16 hi and lo terms accumulated by two.
@@ -177,7 +177,7 @@ mod cuda {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::fused::tests::{max_diff, randn};
+    use crate::engine::ops::fused::tests::{max_diff, randn};
 
     #[test]
     fn linear_f32_keeps_the_precision_of_its_input() {

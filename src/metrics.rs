@@ -1,12 +1,19 @@
 //! Prometheus metrics under vLLM's names with a `pruneserve:` prefix and a `model_name` label.
+//!
+//! Contract: the label is a request's canonical model name (one series per plan, however it was
+//! spelled), and at most [`MAX_AD_HOC_METRIC_SERIES`] ad-hoc plans get their own series; later
+//! ones share `<base>@other`, so no client can grow the exposition without bound.
 
-use std::time::Duration;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use prometheus::{
     Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, TextEncoder,
 };
 
-use crate::registry::Registry;
+use crate::limits::MAX_AD_HOC_METRIC_SERIES;
+use crate::registry::{Registry, Resolved};
 
 pub struct Metrics {
     registry: prometheus::Registry,
@@ -19,6 +26,8 @@ pub struct Metrics {
     ttft: HistogramVec,
     itl: HistogramVec,
     e2e: HistogramVec,
+    engine_restarts: IntCounterVec,
+    ad_hoc_seen: Mutex<HashSet<String>>,
 }
 
 const LATENCY_BUCKETS: [f64; 14] = [
@@ -71,6 +80,14 @@ impl Metrics {
                 "pruneserve:e2e_request_latency_seconds",
                 "End-to-end request latency.",
             )?,
+            engine_restarts: IntCounterVec::new(
+                Opts::new(
+                    "pruneserve:engine_restarts_total",
+                    "Engine loops restarted after a failure.",
+                ),
+                label,
+            )?,
+            ad_hoc_seen: Mutex::new(HashSet::new()),
             registry,
         };
         m.registry.register(Box::new(m.running.clone()))?;
@@ -82,7 +99,22 @@ impl Metrics {
         m.registry.register(Box::new(m.ttft.clone()))?;
         m.registry.register(Box::new(m.itl.clone()))?;
         m.registry.register(Box::new(m.e2e.clone()))?;
+        m.registry.register(Box::new(m.engine_restarts.clone()))?;
         Ok(m)
+    }
+
+    /// The `model_name` label of a resolved request.
+    pub fn label(&self, target: &Resolved) -> String {
+        if !target.ad_hoc {
+            return target.name.clone();
+        }
+        let mut seen = self.ad_hoc_seen.lock().unwrap_or_else(|e| e.into_inner());
+        if seen.contains(&target.name) || seen.len() < MAX_AD_HOC_METRIC_SERIES {
+            seen.insert(target.name.clone());
+            target.name.clone()
+        } else {
+            format!("{}@other", target.base.name)
+        }
     }
 
     pub fn count_prompt(&self, model: &str, tokens: usize) {
@@ -130,11 +162,49 @@ impl Metrics {
                 kv.used_blocks as f64 / kv.total_blocks.max(1) as f64
             });
             self.kv_usage.with_label_values(&[&base.name]).set(usage);
+            let restarts = self.engine_restarts.with_label_values(&[&base.name]);
+            restarts.inc_by(s.restarts.saturating_sub(restarts.get()));
         }
         let mut buf = Vec::new();
         if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
             tracing::error!("metrics encoding failed: {e}");
         }
         String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+/// Times and counts one request's generation, from the engine side's output step.
+pub struct RequestObserver {
+    metrics: Arc<Metrics>,
+    label: String,
+    started: Instant,
+    last_token: Option<Instant>,
+}
+
+impl RequestObserver {
+    pub fn new(metrics: Arc<Metrics>, label: String, started: Instant) -> Self {
+        Self {
+            metrics,
+            label,
+            started,
+            last_token: None,
+        }
+    }
+
+    /// A token was generated now (time to first token, then inter-token latency).
+    pub fn token(&mut self) {
+        let now = Instant::now();
+        match self.last_token {
+            None => self.metrics.observe_ttft(&self.label, now - self.started),
+            Some(t) => self.metrics.observe_itl(&self.label, now - t),
+        }
+        self.last_token = Some(now);
+    }
+
+    /// The request finished with `tokens` generated.
+    pub fn finished(&self, tokens: usize, reason: &str) {
+        self.metrics
+            .count_generated(&self.label, tokens, self.started.elapsed());
+        self.metrics.count_finished(&self.label, reason);
     }
 }

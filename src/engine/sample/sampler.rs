@@ -48,7 +48,6 @@ impl SamplingParams {
         }
     }
 
-    /// Names the first invalid setting, with the API parameter name.
     /// `Some(top_logprobs)` when the next token is plain argmax of the raw logits (temperature 0,
     /// no penalties), so the engine can pick it on the device.
     pub fn device_greedy_top(&self) -> Option<usize> {
@@ -57,50 +56,6 @@ impl SamplingParams {
             && self.frequency_penalty == 0.0
             && self.presence_penalty == 0.0;
         plain.then_some(self.top_logprobs)
-    }
-
-    pub fn validate(&self) -> Result<(), (&'static str, String)> {
-        let finite = |name: &'static str, v: f32| {
-            if v.is_finite() {
-                Ok(())
-            } else {
-                Err((name, format!("{name} must be a finite number")))
-            }
-        };
-        finite("temperature", self.temperature)?;
-        finite("top_p", self.top_p)?;
-        finite("min_p", self.min_p)?;
-        finite("repetition_penalty", self.repetition_penalty)?;
-        finite("frequency_penalty", self.frequency_penalty)?;
-        finite("presence_penalty", self.presence_penalty)?;
-        if self.temperature < 0.0 {
-            return Err(("temperature", "temperature must be >= 0".into()));
-        }
-        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return Err(("top_p", "top_p must be in (0, 1]".into()));
-        }
-        if !(0.0..=1.0).contains(&self.min_p) {
-            return Err(("min_p", "min_p must be in [0, 1]".into()));
-        }
-        if self.repetition_penalty <= 0.0 {
-            return Err((
-                "repetition_penalty",
-                "repetition_penalty must be > 0".into(),
-            ));
-        }
-        if !(-2.0..=2.0).contains(&self.frequency_penalty) {
-            return Err((
-                "frequency_penalty",
-                "frequency_penalty must be in [-2, 2]".into(),
-            ));
-        }
-        if !(-2.0..=2.0).contains(&self.presence_penalty) {
-            return Err((
-                "presence_penalty",
-                "presence_penalty must be in [-2, 2]".into(),
-            ));
-        }
-        Ok(())
     }
 }
 

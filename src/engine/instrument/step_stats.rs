@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use super::StepItem;
+use crate::engine::StepItem;
 
 #[derive(Default)]
 struct Totals {

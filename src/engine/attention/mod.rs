@@ -1,11 +1,14 @@
 //! Causal (optionally sliding-window, optionally soft-capped) grouped-query attention of one
 //! sequence chunk against its full key/value history. Device-agnostic candle ops.
 
+#[cfg(feature = "cuda")]
+pub mod cuda;
+
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Result, Tensor};
 
-use super::kv_cache::ChunkRef;
+use crate::engine::kv::ChunkRef;
 
 /// Per-layer attention settings.
 #[derive(Debug, Clone, Copy)]

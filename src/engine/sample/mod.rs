@@ -1,0 +1,5 @@
+//! Turning logits into tokens and scores: per-request sampling ([`sampler`]) and log-softmax
+//! scoring with device-side greedy picks ([`scoring`], kernel in `sampling.cu`).
+
+pub mod sampler;
+pub mod scoring;
