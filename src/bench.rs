@@ -31,6 +31,8 @@ fn requests(
     (0..batch)
         .map(|b| GenRequest {
             plan: plan.clone(),
+            overlay: None,
+            lora: None,
             prompt: (0..prompt_len)
                 .map(|i| ((i * 7919 + b * 104_729 + 13) % vocab) as u32)
                 .collect(),

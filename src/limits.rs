@@ -42,6 +42,10 @@ pub struct Limits {
     pub max_token_bytes: usize,
     /// Room in the KV pool: one sequence (prompt + `max_tokens`) must fit an empty pool.
     pub kv: KvCapacity,
+    /// LoRA adapters loaded at once (`--max-loras`); a batch may mix all of them.
+    pub max_loras: usize,
+    /// Highest adapter rank accepted (`--max-lora-rank`).
+    pub max_lora_rank: usize,
 }
 
 impl Limits {

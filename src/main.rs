@@ -75,7 +75,8 @@ enum Command {
         /// Name the base is served under (default: the directory name).
         #[arg(long)]
         served_model_name: Option<String>,
-        /// Variants: `NAME=drop:22-29`, `NAME=keep:0-21`, `NAME=reverse:0.25`, `NAME=checkpoint:DIR`.
+        /// Variants: `NAME=drop:22-29`, `NAME=keep:0-21`, `NAME=reverse:0.25`, `NAME=checkpoint:DIR`;
+        /// a plan (or none) may be followed by `+adapter:DIR` (PEFT LoRA) and `+overlay:DIR`.
         #[arg(long = "variant")]
         variants: Vec<String>,
         /// Model manifests (TOML, see models/); instead of --model/--variant.
@@ -99,9 +100,16 @@ enum Command {
         /// Longest sequence accepted (default: the model's max_position_embeddings).
         #[arg(long)]
         max_model_len: Option<usize>,
-        /// Requests accepted per base at once; beyond it requests get 503 + Retry-After.
+        /// Sequences (prompts × n) accepted per base at once; beyond it requests get 503 +
+        /// Retry-After, and one request needing more gets 400.
         #[arg(long, default_value_t = 1024)]
         max_in_flight: usize,
+        /// LoRA adapters loaded at once per base (a batch may mix all of them).
+        #[arg(long, default_value_t = 16)]
+        max_loras: usize,
+        /// Highest LoRA rank accepted.
+        #[arg(long, default_value_t = 64)]
+        max_lora_rank: usize,
         #[arg(long, default_value_t = 32 << 20)]
         max_body_bytes: usize,
         /// Require `Authorization: Bearer KEY` on /v1/*.
@@ -121,6 +129,15 @@ enum Command {
         model: String,
         #[command(flatten)]
         layers: LayerSelection,
+        out_dir: PathBuf,
+    },
+    /// Write a checkpoint with a PEFT LoRA adapter merged into its weights (W + scale·B·A).
+    Merge {
+        /// The model the adapter was trained on (a pruned checkpoint), or its base.
+        #[arg(long)]
+        model: String,
+        #[arg(long)]
+        adapter: PathBuf,
         out_dir: PathBuf,
     },
     /// Write a random-weight checkpoint shaped like a config.json, with overrides.
@@ -150,6 +167,27 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
+    /// Write a seeded random PEFT LoRA adapter shaped for a model (tests and GPU benchmarks).
+    InitLora {
+        /// The model directory (or hub id) whose shapes the adapter takes.
+        #[arg(long)]
+        like: String,
+        out_dir: PathBuf,
+        #[arg(long, default_value_t = 64)]
+        rank: usize,
+        #[arg(long, default_value_t = 16.0)]
+        alpha: f64,
+        /// Comma-separated projections, or `all` (the seven).
+        #[arg(long, default_value = "all")]
+        targets: String,
+        /// Standard deviation of the entries of A and B.
+        #[arg(long, default_value_t = 0.02)]
+        std: f32,
+        #[arg(long, value_enum, default_value_t = WeightDtype::F32)]
+        dtype: WeightDtype,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
     /// Check the CUDA engine on this machine against the CPU one (tiny random models and SmolLM2).
     Selftest {
         #[arg(long, value_enum, default_value_t = DeviceKind::Cuda)]
@@ -157,6 +195,9 @@ enum Command {
         /// The SmolLM2 directory (default: the imported default model).
         #[arg(long)]
         model: Option<String>,
+        /// Run only the tiny-model checks; the SmolLM2 checks are reported as skipped.
+        #[arg(long, conflicts_with = "model")]
+        skip_smollm2: bool,
         /// Keep the tiny models and their prompts here (e.g. for bench/hf_bf16_error.py).
         #[arg(long)]
         keep_dir: Option<PathBuf>,
@@ -217,6 +258,8 @@ fn run(cli: Cli) -> Result<()> {
             kv_cache_gb,
             max_model_len,
             max_in_flight,
+            max_loras,
+            max_lora_rank,
             max_body_bytes,
             api_key,
         } => {
@@ -230,6 +273,8 @@ fn run(cli: Cli) -> Result<()> {
                 max_model_len,
                 kv_cache_gb,
                 restart_policy: Default::default(),
+                max_loras,
+                max_lora_rank,
             };
             let registry = Arc::new(serve::build_registry(&entries, &settings)?);
             let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -267,6 +312,16 @@ fn run(cli: Cli) -> Result<()> {
                 kept.len(),
                 base.config.num_hidden_layers
             );
+            Ok(())
+        }
+        Command::Merge {
+            model,
+            adapter,
+            out_dir,
+        } => {
+            let dir = ModelDir::resolve(&serve::resolve_source(&model)?)?;
+            let merged = checkpoint::merge::merge_adapter(&dir, &adapter, &out_dir)?;
+            println!("wrote {} with {merged} weights merged", out_dir.display());
             Ok(())
         }
         Command::InitRandom {
@@ -318,21 +373,67 @@ fn run(cli: Cli) -> Result<()> {
             println!("wrote {}", out_dir.display());
             Ok(())
         }
+        Command::InitLora {
+            like,
+            out_dir,
+            rank,
+            alpha,
+            targets,
+            std,
+            dtype,
+            seed,
+        } => {
+            let dir = ModelDir::resolve(&serve::resolve_source(&like)?)?;
+            const ALL: [&str; 7] = [
+                "q_proj",
+                "k_proj",
+                "v_proj",
+                "o_proj",
+                "gate_proj",
+                "up_proj",
+                "down_proj",
+            ];
+            let targets: Vec<&str> = match targets.as_str() {
+                "all" => ALL.to_vec(),
+                list => list.split(',').map(str::trim).collect(),
+            };
+            let init = checkpoint::random_init::AdapterInit {
+                rank,
+                alpha,
+                targets: &targets,
+                std,
+                dtype: dtype.into(),
+                seed,
+            };
+            checkpoint::random_init::init_random_adapter(&dir.config, &init, &out_dir)?;
+            println!("wrote {}", out_dir.display());
+            Ok(())
+        }
         Command::Selftest {
             device,
             model,
+            skip_smollm2,
             keep_dir,
         } => {
-            let smollm2 = model_or_default(model)?;
-            let checks =
-                pruneserve::selftest::run_all(device, &smollm2, keep_dir.as_deref(), |c| {
+            let smollm2 = if skip_smollm2 {
+                println!("SKIP SmolLM2 checks (--skip-smollm2)");
+                None
+            } else {
+                Some(model_or_default(model)?)
+            };
+            let checks = pruneserve::selftest::run_all(
+                device,
+                smollm2.as_deref(),
+                keep_dir.as_deref(),
+                |c| {
                     let mark = match (c.informational, c.passed) {
                         (true, _) => "INFO",
                         (false, true) => "PASS",
                         (false, false) => "FAIL",
                     };
                     println!("{mark} {}: {}", c.name, c.detail);
-                })?;
+                },
+            )?;
             let failed = checks.iter().filter(|c| !c.passed).count();
             println!(
                 "selftest: {} passed, {failed} failed",

@@ -9,7 +9,8 @@
 //! [[model.variant]]
 //! name = "rev25"
 //! reverse = 0.25               # or drop = "22-29", or keep = "0-21"
-//! adapter = "path/to/peft"     # optional PEFT LoRA adapter (not served yet: refused at start)
+//! adapter = "path/to/peft"     # optional PEFT LoRA adapter on the plan (or on the base alone)
+//! overlay = "path/to/tensors"  # optional replacement tensors (safetensors, HF names)
 //!
 //! [[model.variant]]
 //! name = "pruned-on-disk"
@@ -55,16 +56,18 @@ pub struct VariantEntry {
     pub keep: Option<String>,
     pub reverse: Option<f64>,
     pub adapter: Option<String>,
+    pub overlay: Option<String>,
     pub checkpoint: Option<String>,
 }
 
 /// What a variant is made of.
 #[derive(Debug, Clone, PartialEq)]
 pub enum VariantKind {
-    /// A layer plan over the base weights, optionally with a LoRA adapter.
+    /// A layer plan over the base weights, optionally with a LoRA adapter and an overlay.
     Plan {
         spec: PlanSpec,
         adapter: Option<String>,
+        overlay: Option<String>,
     },
     /// A separate checkpoint directory (e.g. written by `prune`).
     Checkpoint(String),
@@ -83,9 +86,11 @@ impl VariantEntry {
         ];
         let n = plan_given.iter().filter(|x| **x).count();
         match (&self.checkpoint, n) {
-            (Some(c), 0) if self.adapter.is_none() => Ok(VariantKind::Checkpoint(c.clone())),
+            (Some(c), 0) if self.adapter.is_none() && self.overlay.is_none() => {
+                Ok(VariantKind::Checkpoint(c.clone()))
+            }
             (Some(_), _) => Err(err(
-                "`checkpoint` cannot be combined with drop/keep/reverse/adapter".into(),
+                "`checkpoint` cannot be combined with drop/keep/reverse/adapter/overlay".into(),
             )),
             (None, 1) => {
                 let spec = match (&self.drop, &self.keep, self.reverse) {
@@ -101,12 +106,16 @@ impl VariantEntry {
                 Ok(VariantKind::Plan {
                     spec,
                     adapter: self.adapter.clone(),
+                    overlay: self.overlay.clone(),
                 })
             }
-            (None, 0) if self.adapter.is_some() => Ok(VariantKind::Plan {
-                spec: PlanSpec::Drop(Vec::new().into()),
-                adapter: self.adapter.clone(),
-            }),
+            (None, 0) if self.adapter.is_some() || self.overlay.is_some() => {
+                Ok(VariantKind::Plan {
+                    spec: PlanSpec::Drop(Vec::new().into()),
+                    adapter: self.adapter.clone(),
+                    overlay: self.overlay.clone(),
+                })
+            }
             _ => Err(err(
                 "give exactly one of drop, keep, reverse (or checkpoint)".into(),
             )),

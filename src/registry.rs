@@ -11,18 +11,24 @@
 //! - An ad-hoc plan composes with the plan it is written on (`rev25@drop=3` drops layer 3 from
 //!   rev25's plan; indices are always base-layer indices, and each must be in that plan), and
 //!   every spelling of one plan resolves to one canonical name (sorted, compact layer list).
+//! - A recovered variant is a plan plus a LoRA adapter and/or an overlay over the base's weights;
+//!   only their own tensors take memory. At most `max_loras` adapters are loaded per base; one
+//!   that is removed keeps serving the requests that already hold it.
 
+use std::path::Path;
 use std::sync::{Arc, RwLock};
 
 use serde::Serialize;
 
 use crate::checkpoint::Lineage;
+use crate::engine::adapters::{AdapterError, AdapterInfo, LoraAdapter};
+use crate::engine::model::overlay::{ModelOverlay, OverlayError, OverlayInfo};
 use crate::limits::{Limits, MAX_NAME_CHARS};
 use crate::loaded::LoadedModel;
 use crate::plan::{LayerList, LayerPlan, PlanError, PlanSpec};
 use crate::scheduler::SchedulerHandle;
 
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
     #[error("model `{0}` does not exist")]
     UnknownModel(String),
@@ -41,6 +47,20 @@ pub enum RegistryError {
         name: String,
         candidates: Vec<String>,
     },
+    #[error("adapter `{name}`: {source}")]
+    Adapter {
+        name: String,
+        source: Box<AdapterError>,
+    },
+    #[error("overlay `{name}`: {source}")]
+    Overlay {
+        name: String,
+        source: Box<OverlayError>,
+    },
+    #[error("`{base}` already holds {max} LoRA adapters (--max-loras); unload one first")]
+    TooManyAdapters { base: String, max: usize },
+    #[error("`{0}` is not a LoRA adapter")]
+    NotAnAdapter(String),
 }
 
 /// A loaded base model, the engine loop that serves it and all its plan variants, and the limits
@@ -53,14 +73,30 @@ pub struct Base {
     pub limits: Limits,
 }
 
+/// What a variant adds to its plan.
+#[derive(Debug, Clone, Default)]
+pub struct Extras {
+    pub lora: Option<Arc<LoraAdapter>>,
+    pub overlay: Option<Arc<ModelOverlay>>,
+}
+
+/// Where a variant's adapter and overlay are read from.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ExtraDirs<'a> {
+    pub adapter: Option<&'a Path>,
+    pub overlay: Option<&'a Path>,
+}
+
 /// A served name that is not a base.
 #[derive(Debug, Clone)]
 pub struct VariantEntry {
     pub name: String,
     /// Name of the base whose weights and engine it uses.
     pub base: String,
+    /// The served name it was made from (its base, or a plan variant for an adapter).
+    pub parent: String,
     pub plan: Arc<LayerPlan>,
-    pub adapter: Option<String>,
+    pub extras: Extras,
     pub runtime: bool,
 }
 
@@ -68,6 +104,8 @@ pub struct VariantEntry {
 pub struct Resolved {
     pub base: Arc<Base>,
     pub plan: Arc<LayerPlan>,
+    pub lora: Option<Arc<LoraAdapter>>,
+    pub overlay: Option<Arc<ModelOverlay>>,
     /// The one spelling of what was asked for: a served id, or `<id>@drop=<sorted list>`.
     pub name: String,
     /// An ad-hoc plan suffix changed the plan of the served name it was written on.
@@ -86,7 +124,10 @@ pub struct ModelCard {
     pub base_num_layers: usize,
     pub kept_layers: Vec<usize>,
     pub dropped_layers: Vec<usize>,
-    pub adapter: Option<String>,
+    /// A LoRA adapter's rank, alpha, targets, layers and memory.
+    pub adapter: Option<AdapterInfo>,
+    /// An overlay's replaced tensors and memory.
+    pub overlay: Option<OverlayInfo>,
     /// Where a checkpoint on disk came from (the `prune` sidecar), if it did.
     pub lineage: Option<Lineage>,
     pub created_at_runtime: bool,
@@ -149,16 +190,16 @@ impl Registry {
         self.variants.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Adds a plan variant of `base` (startup or `POST /v1/variants`).
+    /// Adds a variant of `base` running `spec`, with a LoRA adapter and/or an overlay read from
+    /// `dirs` (startup, `POST /v1/variants`; blocking when it reads files).
     pub fn add_variant(
         &self,
         base: &str,
         name: &str,
         spec: &PlanSpec,
-        adapter: Option<String>,
+        dirs: ExtraDirs<'_>,
         runtime: bool,
     ) -> Result<ModelCard, RegistryError> {
-        check_name(name, false)?;
         let b = self
             .base(base)
             .ok_or_else(|| RegistryError::UnknownModel(base.to_string()))?;
@@ -168,35 +209,133 @@ impl Registry {
                 model: name.to_string(),
                 source,
             })?;
-        let qualified = format!("{base}/{name}");
-        let mut variants = self.variants.write().unwrap_or_else(|e| e.into_inner());
-        if self.base(name).is_some()
-            || self.base(&qualified).is_some()
-            || variants.iter().any(|v| v.name == name && v.base == base)
-        {
-            return Err(RegistryError::Exists(name.to_string()));
-        }
-        let entry = VariantEntry {
-            name: name.to_string(),
-            base: base.to_string(),
+        let target = Resolved {
+            base: b.clone(),
             plan: Arc::new(plan),
-            adapter,
-            runtime,
+            lora: None,
+            overlay: None,
+            name: base.to_string(),
+            ad_hoc: false,
         };
+        self.attach(name, target, dirs, runtime)
+    }
+
+    /// Adds a recovered variant: what `on` names (a base, a variant or an ad-hoc plan) with the
+    /// LoRA adapter and/or overlay of `dirs` (`POST /v1/load_lora_adapter`; blocking).
+    pub fn add_recovered(
+        &self,
+        name: &str,
+        on: &str,
+        dirs: ExtraDirs<'_>,
+        runtime: bool,
+    ) -> Result<ModelCard, RegistryError> {
+        check_name(name, false)?;
+        let target = self.resolve(on)?;
+        self.attach(name, target, dirs, runtime)
+    }
+
+    /// Loads the extras of `dirs` onto `target` and registers the result as `name`.
+    fn attach(
+        &self,
+        name: &str,
+        target: Resolved,
+        dirs: ExtraDirs<'_>,
+        runtime: bool,
+    ) -> Result<ModelCard, RegistryError> {
+        check_name(name, false)?;
+        let model = &target.base.model.model;
+        let overlay = match dirs.overlay {
+            Some(dir) => Some(Arc::new(model.load_overlay(dir).map_err(|source| {
+                RegistryError::Overlay {
+                    name: name.to_string(),
+                    source: Box::new(source),
+                }
+            })?)),
+            None => target.overlay.clone(),
+        };
+        let lora = match dirs.adapter {
+            Some(dir) => {
+                let adapter_err = |source| RegistryError::Adapter {
+                    name: name.to_string(),
+                    source: Box::new(source),
+                };
+                let lora = LoraAdapter::load(
+                    dir,
+                    model.config(),
+                    model.device(),
+                    model.dtype(),
+                    target.base.limits.max_lora_rank,
+                )
+                .map_err(adapter_err)?;
+                lora.check_plan(&target.plan).map_err(adapter_err)?;
+                Some(Arc::new(lora))
+            }
+            None => target.lora.clone(),
+        };
+        self.insert(VariantEntry {
+            name: name.to_string(),
+            base: target.base.name.clone(),
+            parent: target.name,
+            plan: target.plan,
+            extras: Extras { lora, overlay },
+            runtime,
+        })
+    }
+
+    /// Registers a variant whose name is checked here and free on its base.
+    fn insert(&self, entry: VariantEntry) -> Result<ModelCard, RegistryError> {
+        check_name(&entry.name, false)?;
+        let b = self
+            .base(&entry.base)
+            .ok_or_else(|| RegistryError::UnknownModel(entry.base.clone()))?;
+        let qualified = format!("{}/{}", entry.base, entry.name);
+        let mut variants = self.variants.write().unwrap_or_else(|e| e.into_inner());
+        if self.base(&entry.name).is_some()
+            || self.base(&qualified).is_some()
+            || variants
+                .iter()
+                .any(|v| v.name == entry.name && v.base == entry.base)
+        {
+            return Err(RegistryError::Exists(entry.name));
+        }
+        if entry.extras.lora.is_some() {
+            let loaded = variants
+                .iter()
+                .filter(|v| v.base == entry.base && v.extras.lora.is_some())
+                .count();
+            if loaded >= b.limits.max_loras {
+                return Err(RegistryError::TooManyAdapters {
+                    base: entry.base,
+                    max: b.limits.max_loras,
+                });
+            }
+        }
         variants.push(entry);
         let entry = &variants[variants.len() - 1];
         Ok(self.card_of_variant(b, entry, &variants))
     }
 
-    /// Removes a variant (bare or `<base>/<variant>`); bases stay.
-    pub fn remove_variant(&self, name: &str) -> Result<(), RegistryError> {
+    /// Removes a variant (bare or `<base>/<variant>`); bases stay. With `adapters_only`, only a
+    /// variant holding a LoRA adapter is removed. Requests already holding it finish on it.
+    pub fn remove_variant(&self, name: &str, adapters_only: bool) -> Result<(), RegistryError> {
         if self.base(name).is_some() {
             return Err(RegistryError::IsBase(name.to_string()));
         }
         let mut variants = self.variants.write().unwrap_or_else(|e| e.into_inner());
         let i = find_variant(&variants, name)?;
+        if adapters_only && variants[i].extras.lora.is_none() {
+            return Err(RegistryError::NotAnAdapter(name.to_string()));
+        }
         variants.remove(i);
         Ok(())
+    }
+
+    /// The cards of every variant holding a LoRA adapter.
+    pub fn adapter_cards(&self) -> Vec<ModelCard> {
+        self.cards()
+            .into_iter()
+            .filter(|c| c.adapter.is_some())
+            .collect()
     }
 
     /// Resolves a request's `model`: a base, a variant, or `<served name>@drop=..|@keep=..`.
@@ -215,10 +354,19 @@ impl Registry {
         if plan == *parent.plan {
             return Ok(parent);
         }
+        if let Some(lora) = &parent.lora {
+            lora.check_plan(&plan)
+                .map_err(|source| RegistryError::Adapter {
+                    name: parent.name.clone(),
+                    source: Box::new(source),
+                })?;
+        }
         Ok(Resolved {
             name: format!("{}@{}", parent.name, plan.canonical_suffix(&parent.plan)),
             base: parent.base,
             plan: Arc::new(plan),
+            lora: parent.lora,
+            overlay: parent.overlay,
             ad_hoc: true,
         })
     }
@@ -229,6 +377,8 @@ impl Registry {
             return Ok(Resolved {
                 base: b.clone(),
                 plan: Arc::new(LayerPlan::full(b.model.dir.config.num_hidden_layers)),
+                lora: None,
+                overlay: None,
                 name: b.name.clone(),
                 ad_hoc: false,
             });
@@ -241,20 +391,29 @@ impl Registry {
         Ok(Resolved {
             base: base.clone(),
             plan: v.plan.clone(),
+            lora: v.extras.lora.clone(),
+            overlay: v.extras.overlay.clone(),
             name: display_id(v, &variants),
             ad_hoc: false,
         })
     }
 
     fn card_of_variant(&self, b: &Base, v: &VariantEntry, all: &[VariantEntry]) -> ModelCard {
+        let lora = v.extras.lora.as_ref().map(|l| l.info.clone());
+        let base_card = self.card_of_base(b);
         ModelCard {
             id: display_id(v, all),
-            parent: Some(b.name.clone()),
+            // vLLM's convention: an adapter's root is its path, its parent what it was loaded on.
+            root: lora
+                .as_ref()
+                .map_or(base_card.root.clone(), |l| l.path.clone()),
+            parent: Some(v.parent.clone()),
             kept_layers: v.plan.layers().to_vec(),
             dropped_layers: v.plan.dropped(),
-            adapter: v.adapter.clone(),
+            adapter: lora,
+            overlay: v.extras.overlay.as_ref().map(|o| o.info.clone()),
             created_at_runtime: v.runtime,
-            ..self.card_of_base(b)
+            ..base_card
         }
     }
 
@@ -272,6 +431,7 @@ impl Registry {
             kept_layers: (0..cfg.num_hidden_layers).collect(),
             dropped_layers: Vec::new(),
             adapter: None,
+            overlay: None,
             lineage,
             created_at_runtime: false,
         }
@@ -371,8 +531,9 @@ mod tests {
         VariantEntry {
             name: name.into(),
             base: base.into(),
+            parent: base.into(),
             plan: Arc::new(LayerPlan::full(4)),
-            adapter: None,
+            extras: Extras::default(),
             runtime: false,
         }
     }

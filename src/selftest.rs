@@ -7,8 +7,9 @@ use std::sync::Arc;
 use candle_core::{DType, Device};
 use serde_json::json;
 
-use crate::checkpoint::random_init::init_random;
+use crate::checkpoint::random_init::{init_random, init_random_adapter, AdapterInit};
 use crate::checkpoint::{CheckpointError, ModelDir};
+use crate::engine::adapters::LoraAdapter;
 use crate::engine::batch::{Batcher, GenOutput, GenRequest};
 use crate::engine::kv::ContiguousKvCache;
 use crate::engine::model::DecoderModel;
@@ -57,6 +58,18 @@ fn run(
     max_tokens: usize,
     step_tokens: usize,
 ) -> Result<RunOut, SelftestError> {
+    run_with(model, cache, prompts, max_tokens, step_tokens, None)
+}
+
+/// [`run`], with `lora` on every other request (a batch mixing the adapter and none).
+fn run_with(
+    model: &Arc<DecoderModel>,
+    cache: CacheKind,
+    prompts: &[Vec<u32>],
+    max_tokens: usize,
+    step_tokens: usize,
+    lora: Option<&Arc<LoraAdapter>>,
+) -> Result<RunOut, SelftestError> {
     let opts = EngineOptions::default();
     let engine = match cache {
         CacheKind::Paged => Engine::for_device(model.clone(), &opts)?,
@@ -73,8 +86,11 @@ fn run(
     let plan = Arc::new(LayerPlan::full(model.config().num_hidden_layers));
     let reqs = prompts
         .iter()
-        .map(|p| GenRequest {
+        .enumerate()
+        .map(|(i, p)| GenRequest {
             plan: plan.clone(),
+            overlay: None,
+            lora: lora.filter(|_| i % 2 == 0).cloned(),
             prompt: p.clone(),
             max_tokens,
             sampling: SamplingParams::greedy(),
@@ -191,17 +207,89 @@ fn tiny(root: &std::path::Path, arch: &str) -> Result<ModelDir, SelftestError> {
     Ok(ModelDir::open(&dir)?)
 }
 
+fn adapter_checks(
+    root: &std::path::Path,
+    cuda: &Device,
+    checks: &mut Vec<Check>,
+    report: &mut impl FnMut(&Check),
+) -> Result<(), SelftestError> {
+    let arch = "LlamaForCausalLM";
+    let dir = ModelDir::open(&root.join(arch))?;
+    let adapter_dir = root.join("lora-r16");
+    if !adapter_dir.exists() {
+        let init = AdapterInit {
+            rank: 16,
+            // alpha = r: scale 1, so the bf16 B the device holds is the file's exactly.
+            alpha: 16.0,
+            targets: &[
+                "q_proj",
+                "k_proj",
+                "v_proj",
+                "o_proj",
+                "gate_proj",
+                "up_proj",
+                "down_proj",
+            ],
+            std: 0.05,
+            dtype: DType::BF16,
+            seed: 16,
+        };
+        init_random_adapter(&dir.config, &init, &adapter_dir)?;
+    }
+    let prompts = pseudo_prompts(512, &[7, 40, 90, 300]);
+    let load = |device: &Device, dtype: DType| -> Result<_, SelftestError> {
+        let model = Arc::new(DecoderModel::load(&dir, device, dtype)?);
+        let lora = LoraAdapter::load(&adapter_dir, &dir.config, device, dtype, 64)
+            .map_err(|e| SelftestError::Usage(format!("adapter: {e}")))?;
+        Ok((model, Arc::new(lora)))
+    };
+    let (cpu_model, cpu_lora) = load(&Device::Cpu, DType::F32)?;
+    let want = run_with(
+        &cpu_model,
+        CacheKind::Contiguous,
+        &prompts,
+        24,
+        4096,
+        Some(&cpu_lora),
+    )?;
+    let plain = run(&cpu_model, CacheKind::Contiguous, &prompts, 24, 4096)?;
+    let moved = compare(&want, &plain).prompt;
+    for (dtype, limit) in [(DType::BF16, 2e-2f32), (DType::F32, 1e-3)] {
+        let (m, lora) = load(cuda, dtype)?;
+        let got = run_with(&m, CacheKind::Paged, &prompts, 24, 4096, Some(&lora))?;
+        let d = compare(&got, &want);
+        let (held, tokens_ok) = match dtype {
+            DType::BF16 => (d.prompt, true),
+            _ => (d.max(), d.diverge.iter().all(Option::is_none)),
+        };
+        push(
+            checks,
+            report,
+            Check {
+                name: format!(
+                    "tiny {arch} + LoRA r16 on every other request: CUDA {dtype:?} vs CPU f32 (within {limit:.0e}; the adapter moves prompt logprobs by {moved:.2e})"
+                ),
+                passed: held <= limit && tokens_ok && moved > 10.0 * limit,
+                informational: false,
+                detail: d.describe(24),
+            },
+        );
+    }
+    Ok(())
+}
+
 fn push(checks: &mut Vec<Check>, report: &mut impl FnMut(&Check), c: Check) {
     report(&c);
     checks.push(c);
 }
 
-/// Runs every check; `smollm2` is the default model's directory.
+/// Runs every check; `smollm2` is the default model's directory (`None`: its checks are left
+/// out, and the caller says so).
 /// Each check is handed to `report` as soon as it is done. With `keep_dir`, the tiny models and
 /// their prompts (`prompts.json`) are written there and kept, for outside comparisons.
 pub fn run_all(
     device: DeviceKind,
-    smollm2: &str,
+    smollm2: Option<&str>,
     keep_dir: Option<&std::path::Path>,
     mut report: impl FnMut(&Check),
 ) -> Result<Vec<Check>, SelftestError> {
@@ -273,7 +361,14 @@ pub fn run_all(
         }
     }
 
-    // 2. SmolLM2: greedy CPU f32 vs CUDA bf16; the first 16 steps must agree.
+    // 2. A LoRA adapter (rank 16, all seven projections) on every other request of a batch:
+    //    the grouped shrink/expand on the device against the CPU engine.
+    adapter_checks(root, &cuda, &mut checks, &mut report)?;
+
+    // 3. SmolLM2: greedy CPU f32 vs CUDA bf16; the first 16 steps must agree.
+    let Some(smollm2) = smollm2 else {
+        return Ok(checks);
+    };
     let mut md = ModelDir::resolve(smollm2)?;
     let tok = md.load_tokenizer()?;
     let questions = [
@@ -308,7 +403,7 @@ pub fn run_all(
         },
     );
 
-    // 3. Paged vs contiguous on the device, with chunked prefill mixed into decode steps
+    // 4. Paged vs contiguous on the device, with chunked prefill mixed into decode steps
     //    (a 24-token step budget) so history gathers and fused decode rows are exercised.
     let f32_model = Arc::new(DecoderModel::load(&md, &cuda, DType::F32)?);
     //    In f32 both must agree to float rounding; in bf16 the paged kernel and candle's

@@ -1,7 +1,7 @@
 //! Builds what `pruneserve serve` runs: base models from a manifest or flags, each with its engine
 //! loop, and their variants in one [`Registry`].
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::checkpoint::CheckpointError;
@@ -10,7 +10,7 @@ use crate::engine::{Engine, EngineError, EngineOptions};
 use crate::limits::Limits;
 use crate::loaded::{DeviceKind, LoadedModel};
 use crate::manifest::{BaseEntry, Manifest, ManifestError, VariantEntry, VariantKind};
-use crate::registry::{Base, Registry, RegistryError};
+use crate::registry::{Base, ExtraDirs, Registry, RegistryError};
 use crate::scheduler::{BatchLoop, EngineFactory, RestartPolicy, SchedulerHandle};
 
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +39,9 @@ pub struct EngineSettings {
     pub kv_cache_gb: Option<f64>,
     /// When a failing engine loop gives up.
     pub restart_policy: RestartPolicy,
+    /// LoRA adapters loaded at once per base, and the highest rank accepted.
+    pub max_loras: usize,
+    pub max_lora_rank: usize,
 }
 
 /// Wraps each engine a base's loop builds (tests inject faults through it).
@@ -71,29 +74,40 @@ pub fn resolve_source(source: &str) -> Result<String, ServeError> {
     Ok(source.to_string())
 }
 
-/// `NAME=drop:22-29`, `NAME=keep:0-21`, `NAME=reverse:0.25` or `NAME=checkpoint:DIR`.
+/// `NAME=drop:22-29`, `NAME=keep:0-21`, `NAME=reverse:0.25` or `NAME=checkpoint:DIR`, where a
+/// plan (or nothing: the base) may be followed by `+adapter:DIR` and/or `+overlay:DIR`
+/// (`NAME=reverse:0.25+adapter:DIR`, `NAME=adapter:DIR`).
 pub fn parse_variant_flag(text: &str) -> Result<VariantEntry, ServeError> {
     let usage = || {
         ServeError::Usage(format!(
-            "variant `{text}` must look like NAME=drop:22-29 (drop, keep, reverse or checkpoint)"
+            "variant `{text}` must look like NAME=drop:22-29 (drop, keep, reverse or checkpoint), optionally followed by +adapter:DIR and +overlay:DIR"
         ))
     };
     let (name, spec) = text.split_once('=').ok_or_else(usage)?;
-    let (kind, arg) = spec.split_once(':').ok_or_else(usage)?;
     let mut v = VariantEntry {
         name: name.into(),
         drop: None,
         keep: None,
         reverse: None,
         adapter: None,
+        overlay: None,
         checkpoint: None,
     };
-    match kind {
-        "drop" => v.drop = Some(arg.into()),
-        "keep" => v.keep = Some(arg.into()),
-        "reverse" => v.reverse = Some(arg.parse().map_err(|_| usage())?),
-        "checkpoint" => v.checkpoint = Some(arg.into()),
-        _ => return Err(usage()),
+    for part in spec.split('+') {
+        let (kind, arg) = part.split_once(':').ok_or_else(usage)?;
+        let slot = match kind {
+            "drop" => &mut v.drop,
+            "keep" => &mut v.keep,
+            "checkpoint" => &mut v.checkpoint,
+            "adapter" => &mut v.adapter,
+            "overlay" => &mut v.overlay,
+            "reverse" => {
+                v.reverse = Some(arg.parse().map_err(|_| usage())?);
+                continue;
+            }
+            _ => return Err(usage()),
+        };
+        *slot = Some(arg.into());
     }
     v.kind()?;
     Ok(v)
@@ -151,6 +165,8 @@ pub fn start_loaded(
         vocab_size: cfg.vocab_size,
         max_token_bytes: model.max_token_bytes(),
         kv: scheduler.capacity(),
+        max_loras: s.max_loras,
+        max_lora_rank: s.max_lora_rank,
     };
     tracing::info!(model = name, ?limits, "base serving");
     Ok(Arc::new(Base {
@@ -177,7 +193,8 @@ pub fn run_http(listener: std::net::TcpListener, router: axum::Router) -> std::i
     })
 }
 
-/// Loads every base (and checkpoint variant) and registers the plan variants.
+/// Loads every base (and checkpoint variant) and registers the plan, adapter and overlay
+/// variants.
 pub fn build_registry(entries: &[BaseEntry], s: &EngineSettings) -> Result<Registry, ServeError> {
     let mut bases = Vec::new();
     let mut plans = Vec::new();
@@ -186,19 +203,25 @@ pub fn build_registry(entries: &[BaseEntry], s: &EngineSettings) -> Result<Regis
         for v in &entry.variants {
             match v.kind()? {
                 VariantKind::Checkpoint(dir) => bases.push(start_base(&v.name, &dir, s)?),
-                VariantKind::Plan { adapter: Some(a), .. } => {
-                    return Err(ServeError::Usage(format!(
-                        "variant `{}`: LoRA adapters ({a}) are not served yet; serve the merged checkpoint with `checkpoint = ...`",
-                        v.name
-                    )))
-                }
-                VariantKind::Plan { spec, adapter: None } => plans.push((entry.name.clone(), v.name.clone(), spec)),
+                VariantKind::Plan {
+                    spec,
+                    adapter,
+                    overlay,
+                } => plans.push((entry.name.clone(), v.name.clone(), spec, adapter, overlay)),
             }
         }
     }
     let registry = Registry::new(bases)?;
-    for (base, name, spec) in plans {
-        registry.add_variant(&base, &name, &spec, None, false)?;
+    for (base, name, spec, adapter, overlay) in plans {
+        let (adapter, overlay) = (
+            adapter.map(|a| resolve_source(&a)).transpose()?,
+            overlay.map(|o| resolve_source(&o)).transpose()?,
+        );
+        let dirs = ExtraDirs {
+            adapter: adapter.as_deref().map(Path::new),
+            overlay: overlay.as_deref().map(Path::new),
+        };
+        registry.add_variant(&base, &name, &spec, dirs, false)?;
     }
     Ok(registry)
 }

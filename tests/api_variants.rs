@@ -10,19 +10,6 @@ use common::*;
 use pruneserve::plan::{LayerPlan, PlanSpec};
 use serde_json::{json, Value};
 
-fn echo_logprobs(s: &ServerProc, model: &str, prompt: &[u32]) -> Vec<f32> {
-    let body =
-        json!({"model": model, "prompt": [prompt], "echo": true, "max_tokens": 0, "logprobs": 0});
-    let (status, r) = s.post("/v1/completions", &body.to_string());
-    assert_eq!(status, 200, "{r}");
-    r["choices"][0]["logprobs"]["token_logprobs"]
-        .as_array()
-        .unwrap()[1..]
-        .iter()
-        .map(|v| v.as_f64().unwrap() as f32)
-        .collect()
-}
-
 #[test]
 fn runtime_variants_serve_at_once_and_share_the_weights() {
     let dir = smollm2_dir();
@@ -42,7 +29,7 @@ fn runtime_variants_serve_at_once_and_share_the_weights() {
     assert_eq!(cards[0]["max_model_len"], 8192);
 
     let prompt = pseudo_tokens(24, 49152, 9);
-    echo_logprobs(&s, "smollm2-135m", &prompt);
+    s.echo_logprobs("smollm2-135m", &prompt);
     let before = rss_bytes(s.pid());
     let (status, card) = s.post(
         "/v1/variants",
@@ -51,7 +38,7 @@ fn runtime_variants_serve_at_once_and_share_the_weights() {
     assert_eq!(status, 201, "{card}");
     assert_eq!(card["dropped_layers"], json!([3, 7]));
     assert_eq!(card["created_at_runtime"], true);
-    let served = echo_logprobs(&s, "no-3-7", &prompt);
+    let served = s.echo_logprobs("no-3-7", &prompt);
     let after = rss_bytes(s.pid());
     let weights = std::fs::metadata(dir.join("model.safetensors"))
         .unwrap()
@@ -70,10 +57,10 @@ fn runtime_variants_serve_at_once_and_share_the_weights() {
         score_all(&model, &plan, std::slice::from_ref(&prompt))[0]
     );
     // An ad-hoc plan needs no setup and gives the same numbers.
-    assert_eq!(echo_logprobs(&s, "smollm2-135m@drop=3,7", &prompt), served);
+    assert_eq!(s.echo_logprobs("smollm2-135m@drop=3,7", &prompt), served);
     let keep = Arc::new(LayerPlan::new((0..20).collect(), 30).unwrap());
     assert_eq!(
-        echo_logprobs(&s, "smollm2-135m@keep=0-19", &prompt),
+        s.echo_logprobs("smollm2-135m@keep=0-19", &prompt),
         score_all(&model, &keep, std::slice::from_ref(&prompt))[0]
     );
 
@@ -170,7 +157,8 @@ fn shipped_manifests_parse_and_their_layer_lists_fit() {
         bi,
         pruneserve::manifest::VariantKind::Plan {
             spec: PlanSpec::Drop((22..30).collect()),
-            adapter: None
+            adapter: None,
+            overlay: None
         }
     );
 }

@@ -322,27 +322,14 @@ fn metric_series_are_canonical_and_bounded() {
     assert!(after.len() < 600_000, "{} bytes", after.len());
 }
 
-fn echo_logprobs(s: &ServerProc, model: &str, prompt: &[u32]) -> Vec<f64> {
-    let body =
-        json!({"model": model, "prompt": [prompt], "echo": true, "max_tokens": 0, "logprobs": 0});
-    let (status, r) = s.post("/v1/completions", &body.to_string());
-    assert_eq!(status, 200, "{model}: {r}");
-    r["choices"][0]["logprobs"]["token_logprobs"]
-        .as_array()
-        .unwrap()[1..]
-        .iter()
-        .map(|v| v.as_f64().unwrap())
-        .collect()
-}
-
 /// Defect 6: a plan suffix on a variant composes with the variant's plan.
 #[test]
 fn plan_suffixes_compose_with_variants() {
     let s = ServerProc::start_default(&[]);
     let prompt = pseudo_tokens(20, 49152, 4);
-    let composed = echo_logprobs(&s, "rev25@drop=3", &prompt);
-    let spelled_out = echo_logprobs(&s, "smollm2-135m@drop=3,22-29", &prompt);
-    let base_only = echo_logprobs(&s, "smollm2-135m@drop=3", &prompt);
+    let composed = s.echo_logprobs("rev25@drop=3", &prompt);
+    let spelled_out = s.echo_logprobs("smollm2-135m@drop=3,22-29", &prompt);
+    let base_only = s.echo_logprobs("smollm2-135m@drop=3", &prompt);
     assert_eq!(composed, spelled_out);
     assert_ne!(composed, base_only);
     let (status, r) = s.post(

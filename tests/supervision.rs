@@ -81,6 +81,8 @@ fn start_faulty_server(root: &std::path::Path) -> String {
             max_restarts: 1,
             window: Duration::from_secs(60),
         },
+        max_loras: 4,
+        max_lora_rank: 16,
     };
     let wrap: EngineWrapper = Arc::new(|inner| {
         Box::new(Faulty {

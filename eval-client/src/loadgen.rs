@@ -155,10 +155,11 @@ impl LoadGen {
         })
     }
 
-    /// `requests` streamed completions from `concurrency` workers.
+    /// `requests` streamed completions from `concurrency` workers; request `i` goes to
+    /// `models[i % models.len()]` (one model, or a mix of them in the same batches).
     pub fn generation_level(
         &self,
-        model: &str,
+        models: &[String],
         concurrency: usize,
         requests: usize,
         prompt_len: usize,
@@ -170,7 +171,7 @@ impl LoadGen {
             concurrency,
             |i| {
                 let prompt = token_prompt(prompt_len, i as u64, 1000, 100_000);
-                self.stream_one(model, &prompt, max_tokens)
+                self.stream_one(&models[i % models.len().max(1)], &prompt, max_tokens)
             },
             || LoadError::Stream("a request was not run".into()),
         )?;
@@ -184,7 +185,7 @@ impl LoadGen {
             .map(|t| (t.output_tokens - 1) as f64 / (t.total - t.ttft).as_secs_f64())
             .collect();
         Ok(LevelReport {
-            model: model.into(),
+            model: models.join("+"),
             concurrency,
             requests,
             output_tokens,

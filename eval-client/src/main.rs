@@ -89,6 +89,13 @@ enum Command {
         /// Write the figures as JSON here.
         #[arg(long)]
         json: Option<PathBuf>,
+        /// Send each level's requests round-robin over all `--models` at once (a batch mixing
+        /// them, e.g. several LoRA adapters), instead of measuring each model in turn.
+        #[arg(long)]
+        mix: bool,
+        /// Run each generation level this many times (each run is reported).
+        #[arg(long, default_value_t = 1)]
+        repeats: usize,
         #[arg(long, env = "OPENAI_API_KEY")]
         api_key: Option<String>,
     },
@@ -208,24 +215,36 @@ fn run(cli: Cli) -> Result<()> {
             output_len,
             score_prompts,
             json,
+            mix,
+            repeats,
             api_key,
         } => {
             let gen = LoadGen::new(&base_url, api_key)?;
             let mut levels = Vec::new();
             let mut scoring = Vec::new();
-            for m in &models {
-                // Warm-up: one short request so start-up costs stay out of the figures.
-                gen.generation_level(m, 1, 1, prompt_len, 8)?;
-                for &c in &concurrency {
-                    let r = gen.generation_level(m, c, c.max(4), prompt_len, output_len)?;
-                    println!(
-                        "{m} c={c}: {:.0} output tok/s, TTFT p50 {:.1} ms p99 {:.1} ms, {:.1} tok/s per request",
-                        r.output_tok_per_s, r.ttft_p50_ms, r.ttft_p99_ms, r.decode_tok_per_s_per_request
-                    );
-                    levels.push(r);
+            let groups: Vec<Vec<String>> = if mix {
+                vec![models.clone()]
+            } else {
+                models.iter().map(|m| vec![m.clone()]).collect()
+            };
+            for group in &groups {
+                let m = group.join("+");
+                // Warm-up: one short request each so start-up costs stay out of the figures.
+                for one in group {
+                    gen.generation_level(std::slice::from_ref(one), 1, 1, prompt_len, 8)?;
                 }
-                if score_prompts > 0 {
-                    let r = gen.scoring(m, score_prompts, prompt_len, 16, 16)?;
+                for &c in &concurrency {
+                    for _ in 0..repeats.max(1) {
+                        let r = gen.generation_level(group, c, c.max(4), prompt_len, output_len)?;
+                        println!(
+                            "{m} c={c}: {:.0} output tok/s, TTFT p50 {:.1} ms p99 {:.1} ms, {:.1} tok/s per request",
+                            r.output_tok_per_s, r.ttft_p50_ms, r.ttft_p99_ms, r.decode_tok_per_s_per_request
+                        );
+                        levels.push(r);
+                    }
+                }
+                if score_prompts > 0 && !mix {
+                    let r = gen.scoring(&m, score_prompts, prompt_len, 16, 16)?;
                     println!(
                         "{m} scoring: {:.0} prompt tok/s ({} prompts, {:.1} s)",
                         r.prompt_tok_per_s, r.prompts, r.wall_s

@@ -6,6 +6,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
 
+use crate::engine::adapters::AdapterError;
 use crate::engine::kv::KvError;
 use crate::engine::EngineError;
 use crate::registry::RegistryError;
@@ -90,6 +91,11 @@ impl From<RegistryError> for ApiError {
         let status = match e {
             RegistryError::UnknownModel(_) => StatusCode::NOT_FOUND,
             RegistryError::Exists(_) => StatusCode::CONFLICT,
+            RegistryError::Adapter { ref source, .. }
+                if matches!(**source, AdapterError::Compute(_)) =>
+            {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
             _ => StatusCode::BAD_REQUEST,
         };
         Self {

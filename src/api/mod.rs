@@ -94,6 +94,9 @@ pub fn router(state: Arc<AppState>, body_limit: usize) -> Router {
         .route("/v1/models", get(models::list))
         .route("/v1/variants", post(models::create))
         .route("/v1/variants/{name}", delete(models::delete))
+        .route("/v1/load_lora_adapter", post(models::load_lora))
+        .route("/v1/unload_lora_adapter", post(models::unload_lora))
+        .route("/v1/lora_adapters", get(models::list_loras))
         .route("/v1/completions", post(completions::create))
         .route("/v1/chat/completions", post(chat::create))
         // Set before the key layer, so a wrong method under /v1 still needs the key.

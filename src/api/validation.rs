@@ -397,6 +397,8 @@ impl Generation {
                 sampling.seed = self.params.seed.map(|s| s.wrapping_add(i as u64));
                 let req = GenRequest {
                     plan: target.plan.clone(),
+                    overlay: target.overlay.clone(),
+                    lora: target.lora.clone(),
                     prompt: prompt.clone(),
                     max_tokens: self.max_tokens,
                     sampling,

@@ -1,9 +1,10 @@
 //! Checkpoint I/O, apart from the engine: reading HF model directories (local or from the hub),
-//! and the writers behind `import-gguf`, `prune` and `init-random`.
+//! and the writers behind `import-gguf`, `prune`, `merge` and `init-random`.
 
 pub mod gguf_import;
 pub mod gguf_tokenizer;
 pub mod lineage;
+pub mod merge;
 pub mod prune;
 pub mod random_init;
 pub mod writer;

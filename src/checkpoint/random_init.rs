@@ -154,3 +154,59 @@ pub fn init_random(
     writer.finish()?;
     Ok(())
 }
+
+/// What `init-lora` writes: a seeded random PEFT LoRA adapter for a model shape.
+#[derive(Debug, Clone)]
+pub struct AdapterInit<'a> {
+    pub rank: usize,
+    pub alpha: f64,
+    /// HF module names (`q_proj` ... `down_proj`).
+    pub targets: &'a [&'a str],
+    /// Standard deviation of the entries of A and B.
+    pub std: f32,
+    pub dtype: DType,
+    pub seed: u64,
+}
+
+/// Writes a random adapter for `cfg` in PEFT's layout (`adapter_config.json`,
+/// `adapter_model.safetensors`) to `out_dir`, every layer adapted.
+pub fn init_random_adapter(
+    cfg: &ModelConfig,
+    init: &AdapterInit<'_>,
+    out_dir: &Path,
+) -> Result<(), CheckpointError> {
+    let (h, hd, im) = (cfg.hidden_size, cfg.head_dim, cfg.intermediate_size);
+    let (q, kv) = (cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd);
+    let mut rng = ChaCha8Rng::seed_from_u64(init.seed);
+    let mut writer = CheckpointWriter::create(out_dir)?.weights_named("adapter_model");
+    for layer in 0..cfg.num_hidden_layers {
+        for &m in init.targets {
+            let (group, out, inp) = match m {
+                "q_proj" => ("self_attn", q, h),
+                "k_proj" | "v_proj" => ("self_attn", kv, h),
+                "o_proj" => ("self_attn", h, q),
+                "gate_proj" | "up_proj" => ("mlp", im, h),
+                "down_proj" => ("mlp", h, im),
+                other => {
+                    return Err(CheckpointError::Config(format!(
+                        "`{other}` is not a projection (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)"
+                    )))
+                }
+            };
+            let prefix = format!("base_model.model.model.layers.{layer}.{group}.{m}");
+            for (part, shape) in [("lora_A", (init.rank, inp)), ("lora_B", (out, init.rank))] {
+                let values = random_values(&mut rng, shape.0 * shape.1, 0.0, init.std);
+                let t = Tensor::from_vec(values, shape, &Device::Cpu)?.to_dtype(init.dtype)?;
+                writer.add(format!("{prefix}.{part}.weight"), t)?;
+            }
+        }
+    }
+    let config = json!({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": init.rank, "lora_alpha": init.alpha,
+        "target_modules": init.targets, "lora_dropout": 0.0, "bias": "none", "use_rslora": false,
+        "use_dora": false, "modules_to_save": null, "rank_pattern": {}, "alpha_pattern": {},
+    });
+    writer.add_json("adapter_config.json", &config)?;
+    writer.finish()?;
+    Ok(())
+}

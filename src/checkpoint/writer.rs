@@ -21,6 +21,8 @@ pub struct CheckpointWriter {
     shards: Vec<(PathBuf, Vec<String>)>,
     total_bytes: usize,
     finished: bool,
+    /// The weights file's stem: `model` (`model.safetensors`), or `adapter_model` for adapters.
+    weights_stem: &'static str,
 }
 
 impl CheckpointWriter {
@@ -57,7 +59,14 @@ impl CheckpointWriter {
             shards: Vec::new(),
             total_bytes: 0,
             finished: false,
+            weights_stem: "model",
         })
+    }
+
+    /// Names the weights file `<stem>.safetensors` (PEFT adapters: `adapter_model`).
+    pub fn weights_named(mut self, stem: &'static str) -> Self {
+        self.weights_stem = stem;
+        self
     }
 
     /// Adds one tensor; shards are flushed to disk as they fill.
@@ -115,10 +124,11 @@ impl CheckpointWriter {
         let n = self.shards.len();
         let mut weight_map = serde_json::Map::new();
         for (i, (tmp, names)) in self.shards.iter().enumerate() {
+            let stem = self.weights_stem;
             let file = if n == 1 {
-                "model.safetensors".to_string()
+                format!("{stem}.safetensors")
             } else {
-                format!("model-{:05}-of-{:05}.safetensors", i + 1, n)
+                format!("{stem}-{:05}-of-{:05}.safetensors", i + 1, n)
             };
             std::fs::rename(tmp, self.staging.join(&file))
                 .map_err(|e| CheckpointError::file(tmp, e))?;
@@ -129,7 +139,10 @@ impl CheckpointWriter {
         if n > 1 {
             let index =
                 json!({"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map});
-            self.add_json("model.safetensors.index.json", &index)?;
+            self.add_json(
+                &format!("{}.safetensors.index.json", self.weights_stem),
+                &index,
+            )?;
         }
         if self.out_dir.exists() {
             std::fs::remove_dir(&self.out_dir)

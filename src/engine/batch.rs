@@ -7,9 +7,12 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
+use super::adapters::LoraAdapter;
 use super::kv::KvError;
+use super::model::overlay::ModelOverlay;
 use super::sample::sampler::{Sampled, Sampler, SamplingParams};
 use super::sample::scoring::TokenScore;
+use super::RunSpec;
 use super::{Engine, EngineError, ScoreSpec, SeqId, StepItem};
 use crate::plan::LayerPlan;
 
@@ -17,6 +20,10 @@ use crate::plan::LayerPlan;
 #[derive(Debug, Clone)]
 pub struct GenRequest {
     pub plan: Arc<LayerPlan>,
+    /// Replacement tensors of an overlay variant.
+    pub overlay: Option<Arc<ModelOverlay>>,
+    /// The LoRA adapter of an adapter variant.
+    pub lora: Option<Arc<LoraAdapter>>,
     pub prompt: Vec<u32>,
     pub max_tokens: usize,
     pub sampling: SamplingParams,
@@ -26,6 +33,17 @@ pub struct GenRequest {
     /// End-of-sequence ids that stop generation unless `ignore_eos`.
     pub eos_token_ids: Vec<u32>,
     pub ignore_eos: bool,
+}
+
+impl GenRequest {
+    /// What the request's sequence runs.
+    pub fn run_spec(&self) -> RunSpec {
+        RunSpec {
+            plan: self.plan.clone(),
+            overlay: self.overlay.clone(),
+            lora: self.lora.clone(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -139,7 +157,8 @@ impl Batcher {
     }
 
     /// Admits a request under the caller's id (ids must not repeat; [`Batcher::submit`] and
-    /// this are not mixed on one batcher).
+    /// this are not mixed on one batcher). The server's validation has checked the request
+    /// against the same limits already; these checks guard direct callers (bench, selftest).
     pub fn submit_as(&mut self, id: SeqId, req: GenRequest) -> Result<(), EngineError> {
         if self.active.contains_key(&id) || self.waiting.iter().any(|(w, _)| *w == id) {
             return Err(KvError::DuplicateSequence(id).into());
@@ -147,7 +166,7 @@ impl Batcher {
         if req.prompt.is_empty() {
             return Err(EngineError::EmptyInput(id));
         }
-        let total = req.prompt.len() + req.max_tokens;
+        let total = req.prompt.len().saturating_add(req.max_tokens);
         if total > self.engine.max_len() {
             return Err(EngineError::ContextTooLong {
                 len: total,
@@ -174,10 +193,10 @@ impl Batcher {
     /// that cannot fit even into an empty cache fails.
     fn admit_waiting(&mut self, events: &mut Vec<BatchEvent>) {
         while let Some((id, req)) = self.waiting.pop_front() {
-            let need = req.prompt.len() + req.max_tokens;
+            let need = req.prompt.len().saturating_add(req.max_tokens);
             let admitted = self
                 .engine
-                .add_sequence(id, req.plan.clone())
+                .add_sequence(id, req.run_spec())
                 .and_then(|_| self.engine.reserve(id, need));
             match admitted {
                 Ok(()) => {

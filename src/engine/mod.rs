@@ -2,6 +2,7 @@
 //! prefill chunks and decode tokens of many sequences at once; sequences join and leave between
 //! steps and may run different layer plans of the same base.
 
+pub mod adapters;
 pub mod attention;
 pub mod batch;
 pub mod instrument;
@@ -16,10 +17,13 @@ use std::sync::Arc;
 use candle_core::Tensor;
 
 use crate::plan::LayerPlan;
+use adapters::{LoraAdapter, StepLora};
 use instrument::phase_times::phase;
 use instrument::taps::LayerTap;
 use kv::{ChunkRef, KvCache, KvError, KvUsage};
+use model::overlay::ModelOverlay;
 use model::DecoderModel;
+use model::Extras;
 use sample::sampler::Sampled;
 use sample::scoring::TokenScore;
 
@@ -119,8 +123,40 @@ pub struct StepOutput {
     pub greedy: Option<Sampled>,
 }
 
+/// What a sequence runs: a plan over the base's layers, optionally through an overlay's
+/// replacement tensors and a LoRA adapter.
+#[derive(Clone)]
+pub struct RunSpec {
+    pub plan: Arc<LayerPlan>,
+    pub overlay: Option<Arc<ModelOverlay>>,
+    pub lora: Option<Arc<LoraAdapter>>,
+}
+
+impl From<Arc<LayerPlan>> for RunSpec {
+    fn from(plan: Arc<LayerPlan>) -> Self {
+        Self {
+            plan,
+            overlay: None,
+            lora: None,
+        }
+    }
+}
+
+impl RunSpec {
+    /// Sequences that can share one packed forward: the same plan and the same overlay (adapters
+    /// mix within a forward).
+    fn same_forward(&self, other: &RunSpec) -> bool {
+        let same_overlay = match (&self.overlay, &other.overlay) {
+            (None, None) => true,
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        };
+        same_overlay && (Arc::ptr_eq(&self.plan, &other.plan) || *self.plan == *other.plan)
+    }
+}
+
 struct SeqState {
-    plan: Arc<LayerPlan>,
+    spec: RunSpec,
     len: usize,
 }
 
@@ -204,17 +240,22 @@ impl Engine {
         Ok(self.cache.reserve(seq, total_len)?)
     }
 
-    /// Registers a sequence that will run `plan`.
-    pub fn add_sequence(&mut self, seq: SeqId, plan: Arc<LayerPlan>) -> Result<(), EngineError> {
+    /// Registers a sequence that will run `spec` (a plan, or a plan with extras).
+    pub fn add_sequence(
+        &mut self,
+        seq: SeqId,
+        spec: impl Into<RunSpec>,
+    ) -> Result<(), EngineError> {
+        let spec = spec.into();
         let layers = self.model.config().num_hidden_layers;
-        if plan.base_layers() != layers {
+        if spec.plan.base_layers() != layers {
             return Err(EngineError::PlanMismatch {
-                plan: plan.base_layers(),
+                plan: spec.plan.base_layers(),
                 model: layers,
             });
         }
-        self.cache.allocate(seq, plan.layers().len())?;
-        self.seqs.insert(seq, SeqState { plan, len: 0 });
+        self.cache.allocate(seq, spec.plan.layers().len())?;
+        self.seqs.insert(seq, SeqState { spec, len: 0 });
         Ok(())
     }
 
@@ -274,23 +315,20 @@ impl Engine {
             .iter()
             .map(|it| self.admit(it).err().map(Err))
             .collect();
-        // Group admitted items by plan: one packed forward per plan.
-        let mut groups: Vec<(Arc<LayerPlan>, Vec<usize>)> = Vec::new();
+        // Group admitted items by plan and overlay: one packed forward each.
+        let mut groups: Vec<(RunSpec, Vec<usize>)> = Vec::new();
         for (i, it) in items.iter().enumerate() {
             if results[i].is_some() {
                 continue;
             }
-            let plan = &self.seqs[&it.seq].plan;
-            match groups
-                .iter_mut()
-                .find(|(p, _)| Arc::ptr_eq(p, plan) || **p == **plan)
-            {
+            let spec = &self.seqs[&it.seq].spec;
+            match groups.iter_mut().find(|(s, _)| s.same_forward(spec)) {
                 Some((_, members)) => members.push(i),
-                None => groups.push((plan.clone(), vec![i])),
+                None => groups.push((spec.clone(), vec![i])),
             }
         }
-        for (plan, members) in groups {
-            let outcome = self.run_group(&plan, items, &members, tap.as_deref_mut());
+        for (spec, members) in groups {
+            let outcome = self.run_group(&spec, items, &members, tap.as_deref_mut());
             match outcome {
                 Ok(outs) => {
                     for (i, out) in members.iter().zip(outs) {
@@ -316,26 +354,38 @@ impl Engine {
 
     fn run_group<'t>(
         &mut self,
-        plan: &LayerPlan,
+        spec: &RunSpec,
         items: &[StepItem],
         members: &[usize],
         tap: Option<&mut (dyn LayerTap + 't)>,
     ) -> Result<Vec<StepOutput>, EngineError> {
         let mut tokens = Vec::new();
         let mut chunks = Vec::with_capacity(members.len());
+        let mut row_adapters = Vec::new();
         for &i in members {
             let it = &items[i];
+            let seq = &self.seqs[&it.seq];
             chunks.push(ChunkRef {
                 seq: it.seq,
                 offset: tokens.len(),
                 len: it.tokens.len(),
-                start: self.seqs[&it.seq].len,
+                start: seq.len,
             });
             tokens.extend_from_slice(&it.tokens);
+            row_adapters.extend(std::iter::repeat_n(&seq.spec.lora, it.tokens.len()).cloned());
         }
-        let hidden = self
-            .model
-            .forward_hidden(plan, &tokens, &chunks, self.cache.as_mut(), tap)?;
+        let extras = Extras {
+            overlay: spec.overlay.as_deref(),
+            lora: StepLora::new(&row_adapters, self.model.device())?,
+        };
+        let hidden = self.model.forward_hidden(
+            &spec.plan,
+            &tokens,
+            &chunks,
+            self.cache.as_mut(),
+            &extras,
+            tap,
+        )?;
         // Only rows whose logits are needed go through the LM head.
         let mut rows: Vec<u32> = Vec::new();
         for (c, &i) in chunks.iter().zip(members) {
@@ -351,7 +401,10 @@ impl Engine {
             None
         } else {
             let idx = Tensor::new(rows.as_slice(), hidden.device())?;
-            Some(self.model.logits(&hidden.index_select(&idx, 0)?)?)
+            Some(
+                self.model
+                    .logits(&hidden.index_select(&idx, 0)?, spec.overlay.as_deref())?,
+            )
         };
         // Last-position rows: greedy ones are decided on the device, the others come back whole
         // in one transfer.

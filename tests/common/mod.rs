@@ -143,6 +143,8 @@ pub fn batcher(model: &Arc<DecoderModel>) -> Batcher {
 pub fn score_request(plan: &Arc<LayerPlan>, prompt: Vec<u32>) -> GenRequest {
     GenRequest {
         plan: plan.clone(),
+        overlay: None,
+        lora: None,
         prompt,
         max_tokens: 0,
         sampling: SamplingParams::greedy(),
@@ -162,6 +164,8 @@ pub fn gen_request(
 ) -> GenRequest {
     GenRequest {
         plan: plan.clone(),
+        overlay: None,
+        lora: None,
         prompt,
         max_tokens,
         sampling,
@@ -201,5 +205,120 @@ pub fn max_abs_diff(a: &[f32], b: &[f64]) -> f64 {
 pub fn pseudo_tokens(n: usize, vocab: usize, salt: usize) -> Vec<u32> {
     (0..n)
         .map(|i| ((i * 7919 + salt * 104_729 + 17) % vocab) as u32)
+        .collect()
+}
+
+/// The output and input widths of a projection of a model config (HF module name).
+pub fn module_dims(cfg: &Value, module: &str) -> (usize, usize) {
+    let get = |k: &str| cfg[k].as_u64().map(|v| v as usize);
+    let h = get("hidden_size").unwrap();
+    let heads = get("num_attention_heads").unwrap();
+    let kv = get("num_key_value_heads").unwrap_or(heads);
+    let hd = get("head_dim").unwrap_or(h / heads);
+    let im = get("intermediate_size").unwrap();
+    match module {
+        "q_proj" => (heads * hd, h),
+        "k_proj" | "v_proj" => (kv * hd, h),
+        "o_proj" => (h, heads * hd),
+        "gate_proj" | "up_proj" => (im, h),
+        "down_proj" => (h, im),
+        other => panic!("no module {other}"),
+    }
+}
+
+pub const ALL_MODULES: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
+
+/// A random PEFT LoRA adapter to write: every layer of `layers`, the `targets` modules.
+pub struct AdapterSpec<'a> {
+    pub r: usize,
+    pub alpha: f64,
+    pub rslora: bool,
+    pub targets: &'a [&'a str],
+    /// `(module name, rank)`: PEFT `rank_pattern` entries keyed by module name.
+    pub rank_pattern: &'a [(&'a str, usize)],
+    pub alpha_pattern: &'a [(&'a str, f64)],
+    pub layers: usize,
+    /// Entries of A and B are uniform in `[-scale, scale]`.
+    pub scale: f32,
+    pub base_model: Option<&'a Path>,
+}
+
+/// Writes `adapter_config.json` and `adapter_model.safetensors` as PEFT's `save_pretrained` does.
+pub fn write_adapter(dir: &Path, model_cfg: &Value, spec: &AdapterSpec, seed: u64) {
+    use rand::{Rng, SeedableRng};
+    std::fs::create_dir_all(dir).unwrap();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let mut tensors = std::collections::HashMap::new();
+    for layer in 0..spec.layers {
+        for m in spec.targets {
+            let r = spec
+                .rank_pattern
+                .iter()
+                .find(|(k, _)| k == m)
+                .map_or(spec.r, |(_, r)| *r);
+            let (out, inp) = module_dims(model_cfg, m);
+            let group = if ["gate_proj", "up_proj", "down_proj"].contains(m) {
+                "mlp"
+            } else {
+                "self_attn"
+            };
+            let prefix = format!("base_model.model.model.layers.{layer}.{group}.{m}");
+            let mut random = |rows: usize, cols: usize| {
+                let v: Vec<f32> = (0..rows * cols)
+                    .map(|_| rng.random_range(-spec.scale..spec.scale))
+                    .collect();
+                candle_core::Tensor::from_vec(v, (rows, cols), &Device::Cpu).unwrap()
+            };
+            tensors.insert(format!("{prefix}.lora_A.weight"), random(r, inp));
+            tensors.insert(format!("{prefix}.lora_B.weight"), random(out, r));
+        }
+    }
+    candle_core::safetensors::save(&tensors, dir.join("adapter_model.safetensors")).unwrap();
+    let ranks: serde_json::Map<String, Value> = spec
+        .rank_pattern
+        .iter()
+        .map(|(k, r)| (k.to_string(), json!(r)))
+        .collect();
+    let alphas: serde_json::Map<String, Value> = spec
+        .alpha_pattern
+        .iter()
+        .map(|(k, a)| (k.to_string(), json!(a)))
+        .collect();
+    let config = json!({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": spec.r, "lora_alpha": spec.alpha,
+        "use_rslora": spec.rslora, "target_modules": spec.targets, "lora_dropout": 0.05,
+        "bias": "none", "modules_to_save": null, "fan_in_fan_out": false, "use_dora": false,
+        "rank_pattern": ranks, "alpha_pattern": alphas,
+        "base_model_name_or_path": spec.base_model.map(|p| p.to_string_lossy().into_owned()),
+    });
+    std::fs::write(dir.join("adapter_config.json"), config.to_string()).unwrap();
+}
+
+/// Prompt logprobs of each prompt under `spec` (a plan with an adapter and/or overlay).
+pub fn score_spec(
+    model: &Arc<DecoderModel>,
+    spec: &pruneserve::engine::RunSpec,
+    prompts: &[Vec<u32>],
+) -> Vec<Vec<f32>> {
+    let outs = batcher(model).run_all(
+        prompts
+            .iter()
+            .map(|p| GenRequest {
+                overlay: spec.overlay.clone(),
+                lora: spec.lora.clone(),
+                ..score_request(&spec.plan, p.clone())
+            })
+            .collect(),
+    );
+    outs.into_iter()
+        .map(|o| o.unwrap().prompt_scores.iter().map(|s| s.logprob).collect())
         .collect()
 }

@@ -83,6 +83,21 @@ impl ServerProc {
             .unwrap()
     }
 
+    /// The prompt logprobs (`echo` + `logprobs: 0`, the first token's `null` left out) of
+    /// `prompt` under `model`.
+    pub fn echo_logprobs(&self, model: &str, prompt: &[u32]) -> Vec<f32> {
+        let body = serde_json::json!({"model": model, "prompt": [prompt], "echo": true,
+                                      "max_tokens": 0, "logprobs": 0});
+        let (status, r) = self.post("/v1/completions", &body.to_string());
+        assert_eq!(status, 200, "{model}: {r}");
+        r["choices"][0]["logprobs"]["token_logprobs"]
+            .as_array()
+            .unwrap()[1..]
+            .iter()
+            .map(|v| v.as_f64().unwrap() as f32)
+            .collect()
+    }
+
     /// POSTs a streaming request and returns every `data:` payload, `[DONE]` included.
     pub fn stream(&self, path: &str, body: &Value) -> Vec<String> {
         let r = client().post(self.url(path)).json(body).send().unwrap();

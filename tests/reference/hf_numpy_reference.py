@@ -2,12 +2,20 @@
 """Independent float64 numpy forward of an HF checkpoint directory (Llama, Qwen2, Mistral, Gemma2),
 written from the HF modelling code's definitions, for checking pruneserve's decoder.
 
-stdin:  {"model": DIR, "prompts": [[ids...], ...], "overrides": {config key: value}?}
+stdin:  {"model": DIR, "prompts": [[ids...], ...], "overrides": {config key: value}?,
+         "layers": [base layers to run, in order]?, "adapter": PEFT DIR?, "overlay": DIR?,
+         "map_lineage": bool?}
 stdout: {"logprobs": [[logprob of token i+1 given tokens 0..i, ...], ...],
          "last_logits": [[vocab floats of the final position], ...]}
+
+An adapter is merged into the weights as PEFT's merge_and_unload does (W + scale * B @ A, scale
+alpha/r or alpha/sqrt(r) with rslora, rank_pattern/alpha_pattern by PEFT's get_pattern_key); an
+overlay's tensors replace the model's. With "map_lineage", layer i of an adapter or overlay
+directory that carries pruneserve_lineage.json is base layer kept_layers[i].
 """
 import json
 import math
+import re
 import struct
 import sys
 from pathlib import Path
@@ -44,6 +52,50 @@ def load(model_dir):
     return weights, json.loads((d / "config.json").read_text())
 
 
+def lineage_map(d, on):
+    f = Path(d) / "pruneserve_lineage.json"
+    if not on or not f.exists():
+        return lambda i: i
+    kept = json.loads(f.read_text())["kept_layers"]
+    return lambda i: kept[i]
+
+
+def rename_layer(name, to_base):
+    m = re.match(r"model\.layers\.(\d+)\.(.*)", name)
+    return f"model.layers.{to_base(int(m.group(1)))}.{m.group(2)}" if m else name
+
+
+def pattern_value(patterns, path, default):
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", path):
+            return value
+    return default
+
+
+def merge_adapter(w, d, map_lineage):
+    cfg = json.loads((Path(d) / "adapter_config.json").read_text())
+    t = read_safetensors(Path(d) / "adapter_model.safetensors")
+    to_base = lineage_map(d, map_lineage)
+    for name, a in t.items():
+        if ".lora_A." not in name:
+            continue
+        module = name.removeprefix("base_model.model.").split(".lora_A.")[0]
+        b = t[name.replace(".lora_A.", ".lora_B.")]
+        r = pattern_value(cfg.get("rank_pattern") or {}, module, cfg["r"])
+        alpha = pattern_value(cfg.get("alpha_pattern") or {}, module, cfg["lora_alpha"])
+        assert a.shape[0] == r, (name, a.shape, r)
+        scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+        target = rename_layer(module, to_base) + ".weight"
+        w[target] = w[target] + scale * (b @ a)
+
+
+def apply_overlay(w, d, map_lineage):
+    to_base = lineage_map(d, map_lineage)
+    for f in sorted(Path(d).glob("*.safetensors")):
+        for name, t in read_safetensors(f).items():
+            w[rename_layer(name, to_base)] = t
+
+
 def rotate_half_rope(x, positions, theta, scaling):
     # x: [T, H, D], HF layout: halves (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin).
     d = x.shape[-1]
@@ -68,7 +120,7 @@ def gelu_tanh(x):
     return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
 
 
-def forward(w, cfg, ids):
+def forward(w, cfg, ids, layers=None):
     arch = cfg["architectures"][0]
     gemma = arch == "Gemma2ForCausalLM"
     nh, hidden = cfg["num_attention_heads"], cfg["hidden_size"]
@@ -96,7 +148,7 @@ def forward(w, cfg, ids):
     if gemma:
         x = x * math.sqrt(hidden)
     scale = cfg["query_pre_attn_scalar"] ** -0.5 if gemma else hd**-0.5
-    for i in range(cfg["num_hidden_layers"]):
+    for i in layers if layers is not None else range(cfg["num_hidden_layers"]):
         p = f"model.layers.{i}."
         if types is not None:
             sliding = types[i] == "sliding_attention"
@@ -149,7 +201,11 @@ def main():
     req = json.load(sys.stdin)
     w, cfg = load(req["model"])
     cfg.update(req.get("overrides") or {})
-    results = [forward(w, cfg, p) for p in req["prompts"]]
+    if req.get("adapter"):
+        merge_adapter(w, req["adapter"], req.get("map_lineage", False))
+    if req.get("overlay"):
+        apply_overlay(w, req["overlay"], req.get("map_lineage", False))
+    results = [forward(w, cfg, p, req.get("layers")) for p in req["prompts"]]
     json.dump({"logprobs": [r[0] for r in results], "last_logits": [r[1] for r in results]}, sys.stdout)
 
 

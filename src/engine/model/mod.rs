@@ -3,12 +3,14 @@
 //! into one `[T, hidden]` matrix for the projections; attention runs per sequence via the cache.
 
 pub mod config;
+pub mod overlay;
 pub mod rope;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::checkpoint::{CheckpointError, Family, LayerAttention, ModelConfig, ModelDir};
+use crate::engine::adapters::{LayerLora, StepLora};
 use crate::engine::attention::AttnParams;
 use crate::engine::instrument::phase_times::{self, phase};
 use crate::engine::instrument::taps::LayerTap;
@@ -21,6 +23,7 @@ use config::Activation;
 
 /// RMSNorm of f32 rows with its effective scale (Gemma's `1 + w` folded in at load time),
 /// computed in f32 and written in the dtype asked for.
+#[derive(Clone)]
 struct RmsNorm {
     alpha: Tensor,
     eps: f32,
@@ -34,6 +37,7 @@ impl RmsNorm {
 
 /// Attention projections; q, k and v packed into one `[(heads + 2 kv_heads) * head_dim, hidden]`
 /// weight so that one GEMM serves all three.
+#[derive(Clone)]
 struct Attention {
     qkv: Tensor,
     /// Qwen2's q|k|v biases, f32.
@@ -43,6 +47,7 @@ struct Attention {
 }
 
 /// The MLP; gate and up packed into one `[2 * intermediate, hidden]` weight.
+#[derive(Clone)]
 struct Mlp {
     gate_up: Tensor,
     down: Tensor,
@@ -51,14 +56,27 @@ struct Mlp {
 
 impl Mlp {
     /// Normed rows in (`act` dtype), f32 rows out; the activation product is written in `act`.
-    fn forward(&self, x: &Tensor, act: DType) -> candle_core::Result<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        act: DType,
+        lora: &StepLora,
+        layer: usize,
+    ) -> candle_core::Result<Tensor> {
         let dev = x.device();
         let gate_up = phase(dev, "gate_up gemm", || linear_f32(x, &self.gate_up, None))?;
+        let gate_up = phase(dev, "lora", || {
+            lora.add(gate_up, x, layer, |l| l.gate_up.as_ref())
+        })?;
         let m = phase(dev, "act_mul", || act_mul(&gate_up, self.act, act))?;
-        phase(dev, "down gemm", || linear_f32(&m, &self.down, None))
+        let down = phase(dev, "down gemm", || linear_f32(&m, &self.down, None))?;
+        phase(dev, "lora", || {
+            lora.add(down, &m, layer, |l: &LayerLora| l.down.as_ref())
+        })
     }
 }
 
+#[derive(Clone)]
 struct DecoderLayer {
     attn_in_norm: RmsNorm,
     /// Gemma2 only: norm of the attention output before the residual add.
@@ -189,16 +207,20 @@ impl DecoderLayer {
 
     /// One layer over the residual rows `x` (f32) whose activations (norm outputs, q/k/v,
     /// attention output, MLP product) are written in `act` (see [`activation_dtype`]).
-    #[allow(clippy::too_many_arguments)]
     fn forward(
         &self,
         x: &Tensor,
         (cos, sin): (&Tensor, &Tensor),
         chunks: &[ChunkRef],
         cache: &mut dyn KvCache,
-        plan_pos: usize,
-        act: DType,
+        at: LayerAt<'_>,
     ) -> candle_core::Result<Tensor> {
+        let LayerAt {
+            plan_pos,
+            layer,
+            act,
+            lora,
+        } = at;
         let p = &self.attn.params;
         let (nh, nkv, hd) = (p.num_heads, p.num_kv_heads, p.head_dim);
         let dev = x.device();
@@ -206,6 +228,7 @@ impl DecoderLayer {
         let qkv = phase(dev, "qkv gemm", || {
             linear_f32(&h, &self.attn.qkv, self.attn.qkv_bias.as_ref())
         })?;
+        let qkv = phase(dev, "lora", || lora.add(qkv, &h, layer, |l| l.qkv.as_ref()))?;
         // A fresh prompt attends to its own keys in `act`; the cache rounds what it stores.
         let (q, k, v) = phase(dev, "rope", || {
             Ok((
@@ -217,18 +240,37 @@ impl DecoderLayer {
         let a = phase(dev, "attention", || {
             cache.attend(plan_pos, chunks, &q, &k, &v, p)
         })?;
-        let a = phase(dev, "o gemm", || linear_f32(&a, &self.attn.o, None))?;
+        let o = phase(dev, "o gemm", || linear_f32(&a, &self.attn.o, None))?;
+        let a = phase(dev, "lora", || lora.add(o, &a, layer, |l| l.o.as_ref()))?;
         let x = phase(dev, "norms", || match &self.attn_out_norm {
             Some(n) => x + n.forward(&a, DType::F32)?,
             None => x + a,
         })?;
         let h = phase(dev, "norms", || self.mlp_in_norm.forward(&x, act))?;
-        let m = self.mlp.forward(&h, act)?;
+        let m = self.mlp.forward(&h, act, lora, layer)?;
         phase(dev, "norms", || match &self.mlp_out_norm {
             Some(n) => x + n.forward(&m, DType::F32)?,
             None => x + m,
         })
     }
+}
+
+/// Where a layer runs in a forward: its position in the plan (the KV cache's index), its base
+/// index, the step's activation dtype and the step's adapters.
+#[derive(Clone, Copy)]
+struct LayerAt<'a> {
+    plan_pos: usize,
+    layer: usize,
+    act: DType,
+    lora: &'a StepLora,
+}
+
+/// What one packed forward runs beyond its plan: an overlay's replacement tensors, and the LoRA
+/// adapters of its rows.
+#[derive(Default)]
+pub struct Extras<'a> {
+    pub overlay: Option<&'a overlay::ModelOverlay>,
+    pub lora: StepLora,
 }
 
 /// The precision of a step's activations, the inputs of every projection. The residual stream
@@ -326,15 +368,20 @@ impl DecoderModel {
         tokens: &[u32],
         chunks: &[ChunkRef],
         cache: &mut dyn KvCache,
+        extras: &Extras<'_>,
         mut tap: Option<&mut (dyn LayerTap + 't)>,
     ) -> candle_core::Result<Tensor> {
+        let overlay = extras.overlay;
         let ids = Tensor::new(tokens, &self.device)?;
         let positions: Vec<u32> = chunks
             .iter()
             .flat_map(|c| (c.start..c.start + c.len).map(|p| p as u32))
             .collect();
         let (cos, sin) = self.rope.gather(&positions)?;
-        let mut x = self.embed.embedding(&ids)?.to_dtype(DType::F32)?;
+        let embed = overlay
+            .and_then(|o| o.embed.as_ref())
+            .unwrap_or(&self.embed);
+        let mut x = embed.embedding(&ids)?.to_dtype(DType::F32)?;
         if let Some(s) = self.embed_scale {
             x = (x * s)?;
         }
@@ -348,20 +395,39 @@ impl DecoderModel {
             cache.begin_step(chunks, plan.layers().len())
         })?;
         for (plan_pos, &layer) in plan.layers().iter().enumerate() {
-            let y = self.layers[layer].forward(&x, (&cos, &sin), chunks, cache, plan_pos, act)?;
+            let at = LayerAt {
+                plan_pos,
+                layer,
+                act,
+                lora: &extras.lora,
+            };
+            let weights = overlay
+                .and_then(|o| o.layer(layer))
+                .unwrap_or(&self.layers[layer]);
+            let y = weights.forward(&x, (&cos, &sin), chunks, cache, at)?;
             if let Some(tap) = tap.as_deref_mut() {
                 tap.observe(layer, &x, &y)?;
             }
             x = y;
         }
-        phase(&self.device, "norms", || self.final_norm.forward(&x, act))
+        let final_norm = overlay
+            .and_then(|o| o.final_norm.as_ref())
+            .unwrap_or(&self.final_norm);
+        phase(&self.device, "norms", || final_norm.forward(&x, act))
     }
 
     /// Logits `[rows, vocab]` in f32 for final-normed hidden rows (bf16 rows in one GEMM, f32
-    /// rows compensated, see [`linear_f32`]).
-    pub fn logits(&self, hidden: &Tensor) -> candle_core::Result<Tensor> {
+    /// rows compensated, see [`linear_f32`]), through the overlay's LM head when it has one.
+    pub fn logits(
+        &self,
+        hidden: &Tensor,
+        overlay: Option<&overlay::ModelOverlay>,
+    ) -> candle_core::Result<Tensor> {
+        let head = overlay
+            .and_then(|o| o.lm_head.as_ref())
+            .unwrap_or(&self.lm_head);
         let logits = phase(&self.device, "lm_head gemm", || {
-            linear_f32(hidden, &self.lm_head, None)
+            linear_f32(hidden, head, None)
         })?;
         match self.cfg.final_logit_softcapping {
             Some(cap) => (logits / cap)?.tanh()? * cap,

@@ -1,0 +1,42 @@
+"""Turns one bench/lora.sh run's JSON files into the markdown table of docs/benchmarks.md."""
+import json
+import statistics
+import sys
+
+out_dir, command = sys.argv[1:3]
+levels = []
+for name in ("lora-1-256", "lora-64", "lora-mix"):
+    levels += json.load(open(f"{out_dir}/{name}.json"))["generation"]
+adapters = json.load(open(f"{out_dir}/lora-adapters.json"))["data"]
+mib = adapters[0]["adapter"]["bytes"] / 2**20
+
+
+def runs(model, c):
+    return [r["output_tok_per_s"] for r in levels if r["model"] == model and r["concurrency"] == c]
+
+
+def fmt(xs):
+    if len(xs) == 1:
+        return f"{xs[0]:.0f}"
+    return f"{min(xs):.0f} / {statistics.median(xs):.0f} / {max(xs):.0f}"
+
+
+mix = "+".join(f"lora{k}" for k in range(8))
+lines = [
+    f"Command: `{command}`",
+    "",
+    f"8B shape, bf16, rank-64 adapters on all seven projections ({mib:.0f} MiB each on the device), "
+    "on the rev25 plan; 512-token prompts, 256 greedy tokens, `ignore_eos`. Output tok/s; three "
+    "runs are min / median / max.",
+    "",
+    "| concurrent streams | rev25 | rev25 + adapter | overhead | 8 adapters mixed | overhead |",
+    "|---|---|---|---|---|---|",
+]
+for c in (1, 64, 256):
+    base, one, mixed = runs("rev25", c), runs("lora0", c), runs(mix, c)
+    b = statistics.median(base)
+    over = lambda xs: f"{100 * (b / statistics.median(xs) - 1):+.1f}%" if xs else "-"
+    lines.append(
+        f"| {c} | {fmt(base)} | {fmt(one)} | {over(one)} | {fmt(mixed) if mixed else '-'} | {over(mixed)} |"
+    )
+print("\n".join(lines))
