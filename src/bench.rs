@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::engine::adapters::LoraAdapter;
 use crate::engine::batch::{Batcher, GenRequest};
 use crate::engine::instrument::phase_times;
 use crate::engine::model::DecoderModel;
@@ -22,7 +23,7 @@ pub struct BenchRow {
 }
 
 fn requests(
-    plan: &Arc<LayerPlan>,
+    plan: &(Arc<LayerPlan>, Option<Arc<LoraAdapter>>),
     batch: usize,
     prompt_len: usize,
     gen: usize,
@@ -30,9 +31,9 @@ fn requests(
 ) -> Vec<GenRequest> {
     (0..batch)
         .map(|b| GenRequest {
-            plan: plan.clone(),
+            plan: plan.0.clone(),
             overlay: None,
-            lora: None,
+            lora: plan.1.clone(),
             prompt: (0..prompt_len)
                 .map(|i| ((i * 7919 + b * 104_729 + 13) % vocab) as u32)
                 .collect(),
@@ -60,12 +61,14 @@ pub struct Shape {
 
 /// Times prefill alone (`max_tokens = 0`), then prefill + `gen` decode steps; decode throughput is
 /// the difference. With phase times on (see [`crate::engine::instrument::phase_times`]) each row's phases
-/// are printed as it completes.
+/// are printed as it completes. With `lora`, the pruned plan is measured a second time with the
+/// adapter on every request.
 pub fn run(
     model: Arc<DecoderModel>,
     batches: &[usize],
     shape: Shape,
     reverse: f64,
+    lora: Option<Arc<LoraAdapter>>,
 ) -> Result<Vec<BenchRow>, EngineError> {
     let Shape {
         prompt_len,
@@ -75,10 +78,17 @@ pub fn run(
     let layers = model.config().num_hidden_layers;
     let vocab = model.config().vocab_size;
     let pruned = PlanSpec::Reverse(reverse).resolve(layers)?;
-    let plans = [
-        ("full".to_string(), Arc::new(LayerPlan::full(layers))),
-        (format!("reverse {reverse}"), Arc::new(pruned)),
+    let pruned = Arc::new(pruned);
+    let mut plans = vec![
+        (
+            "full".to_string(),
+            (Arc::new(LayerPlan::full(layers)), None),
+        ),
+        (format!("reverse {reverse}"), (pruned.clone(), None)),
     ];
+    if let Some(l) = lora {
+        plans.push((format!("reverse {reverse} + adapter"), (pruned, Some(l))));
+    }
     let mut rows = Vec::new();
     for (name, plan) in &plans {
         for &batch in batches {

@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use pruneserve::api::validation::Validator;
 use pruneserve::api::{self, AppState};
 use pruneserve::checkpoint::{self, ModelDir};
+use pruneserve::engine::adapters::LoraAdapter;
 use pruneserve::loaded::{DeviceKind, LoadedModel};
 use pruneserve::metrics::Metrics;
 use pruneserve::plan::{parse_layer_list, PlanSpec};
@@ -221,6 +222,9 @@ enum Command {
         gen: usize,
         #[arg(long, default_value_t = 0.25)]
         reverse: f64,
+        /// Also measure the pruned plan with this PEFT LoRA adapter on every request.
+        #[arg(long)]
+        adapter: Option<PathBuf>,
     },
 }
 
@@ -452,16 +456,24 @@ fn run(cli: Cli) -> Result<()> {
             prompt_len,
             gen,
             reverse,
+            adapter,
         } => {
             let model_id = model_or_default(model)?;
             let (dev, dtype) = device.open()?;
             let loaded = LoadedModel::load(&model_id, &dev, dtype)?;
+            let lora = adapter
+                .map(|dir| {
+                    LoraAdapter::load(&dir, &loaded.dir.config, &dev, dtype, usize::MAX)
+                        .map(Arc::new)
+                })
+                .transpose()?;
             let shape = pruneserve::bench::Shape {
                 prompt_len,
                 gen,
                 step_tokens,
             };
-            let rows = pruneserve::bench::run(loaded.model.clone(), &batches, shape, reverse)?;
+            let rows =
+                pruneserve::bench::run(loaded.model.clone(), &batches, shape, reverse, lora)?;
             println!(
                 "model {model_id}, prompt {prompt_len} tokens, {gen} generated, {device:?} {dtype:?}, {} CPU threads",
                 std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)

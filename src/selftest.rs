@@ -61,14 +61,17 @@ fn run(
     run_with(model, cache, prompts, max_tokens, step_tokens, None)
 }
 
-/// [`run`], with `lora` on every other request (a batch mixing the adapter and none).
+/// An adapter and which requests (by index) run it.
+type AdapterOn<'a> = (&'a Arc<LoraAdapter>, fn(usize) -> bool);
+
+/// [`run`], with `lora` on the requests `on` picks.
 fn run_with(
     model: &Arc<DecoderModel>,
     cache: CacheKind,
     prompts: &[Vec<u32>],
     max_tokens: usize,
     step_tokens: usize,
-    lora: Option<&Arc<LoraAdapter>>,
+    lora: Option<AdapterOn<'_>>,
 ) -> Result<RunOut, SelftestError> {
     let opts = EngineOptions::default();
     let engine = match cache {
@@ -90,7 +93,7 @@ fn run_with(
         .map(|(i, p)| GenRequest {
             plan: plan.clone(),
             overlay: None,
-            lora: lora.filter(|_| i % 2 == 0).cloned(),
+            lora: lora.filter(|(_, on)| on(i)).map(|(l, _)| l.clone()),
             prompt: p.clone(),
             max_tokens,
             sampling: SamplingParams::greedy(),
@@ -236,7 +239,6 @@ fn adapter_checks(
         };
         init_random_adapter(&dir.config, &init, &adapter_dir)?;
     }
-    let prompts = pseudo_prompts(512, &[7, 40, 90, 300]);
     let load = |device: &Device, dtype: DType| -> Result<_, SelftestError> {
         let model = Arc::new(DecoderModel::load(&dir, device, dtype)?);
         let lora = LoraAdapter::load(&adapter_dir, &dir.config, device, dtype, 64)
@@ -244,36 +246,56 @@ fn adapter_checks(
         Ok((model, Arc::new(lora)))
     };
     let (cpu_model, cpu_lora) = load(&Device::Cpu, DType::F32)?;
-    let want = run_with(
-        &cpu_model,
-        CacheKind::Contiguous,
-        &prompts,
-        24,
-        4096,
-        Some(&cpu_lora),
-    )?;
-    let plain = run(&cpu_model, CacheKind::Contiguous, &prompts, 24, 4096)?;
-    let moved = compare(&want, &plain).prompt;
-    for (dtype, limit) in [(DType::BF16, 2e-2f32), (DType::F32, 1e-3)] {
-        let (m, lora) = load(cuda, dtype)?;
-        let got = run_with(&m, CacheKind::Paged, &prompts, 24, 4096, Some(&lora))?;
-        let d = compare(&got, &want);
-        let (held, tokens_ok) = match dtype {
-            DType::BF16 => (d.prompt, true),
-            _ => (d.max(), d.diverge.iter().all(Option::is_none)),
-        };
-        push(
-            checks,
-            report,
-            Check {
-                name: format!(
-                    "tiny {arch} + LoRA r16 on every other request: CUDA {dtype:?} vs CPU f32 (within {limit:.0e}; the adapter moves prompt logprobs by {moved:.2e})"
-                ),
-                passed: held <= limit && tokens_ok && moved > 10.0 * limit,
-                informational: false,
-                detail: d.describe(24),
-            },
-        );
+    // Every other request of a short batch: the device's slot-table kernels on mixed rows.
+    // Every request, with an 1100-token prompt: its prefill step runs the adapter as GEMMs.
+    // Every request of 20: decode steps of 20 rows run it as GEMMs on bf16 activations.
+    let every_other: fn(usize) -> bool = |i| i % 2 == 0;
+    let every: fn(usize) -> bool = |_| true;
+    let cases = [
+        (
+            "every other request",
+            pseudo_prompts(512, &[7, 40, 90, 300]),
+            every_other,
+        ),
+        (
+            "every request, 1100-token prompt",
+            pseudo_prompts(512, &[1100, 30]),
+            every,
+        ),
+        ("every request of 20", pseudo_prompts(512, &[9; 20]), every),
+    ];
+    for (what, prompts, on) in cases {
+        let want = run_with(
+            &cpu_model,
+            CacheKind::Contiguous,
+            &prompts,
+            24,
+            4096,
+            Some((&cpu_lora, on)),
+        )?;
+        let plain = run(&cpu_model, CacheKind::Contiguous, &prompts, 24, 4096)?;
+        let moved = compare(&want, &plain).prompt;
+        for (dtype, limit) in [(DType::BF16, 2e-2f32), (DType::F32, 1e-3)] {
+            let (m, lora) = load(cuda, dtype)?;
+            let got = run_with(&m, CacheKind::Paged, &prompts, 24, 4096, Some((&lora, on)))?;
+            let d = compare(&got, &want);
+            let (held, tokens_ok) = match dtype {
+                DType::BF16 => (d.prompt, true),
+                _ => (d.max(), d.diverge.iter().all(Option::is_none)),
+            };
+            push(
+                checks,
+                report,
+                Check {
+                    name: format!(
+                        "tiny {arch} + LoRA r16 on {what}: CUDA {dtype:?} vs CPU f32 (within {limit:.0e}; the adapter moves prompt logprobs by {moved:.2e})"
+                    ),
+                    passed: held <= limit && tokens_ok && moved > 10.0 * limit,
+                    informational: false,
+                    detail: d.describe(24),
+                },
+            );
+        }
     }
     Ok(())
 }

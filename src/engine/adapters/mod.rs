@@ -11,6 +11,8 @@
 //! - On every device the delta is computed as [`linear_f32`] computes projections (f32 output),
 //!   so an adapter's logprobs on CPU f32 equal those of the merged weights up to rounding.
 
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod peft;
 
 use std::collections::BTreeSet;
@@ -21,7 +23,7 @@ use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
 
 use crate::checkpoint::{Lineage, ModelConfig};
-use crate::engine::ops::gemm::linear_f32;
+use crate::engine::ops::gemm::{linear_f32, linear_f32_accumulate};
 use crate::plan::{format_layer_list, LayerPlan};
 use peft::{parse_tensor_name, Module, PeftConfig, TensorKey, MODULES};
 
@@ -99,10 +101,19 @@ pub struct Delta {
 }
 
 impl Delta {
+    /// The rows shrunk: `x · Aᵀ` in the dtype of `x`.
+    fn shrink(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        linear_f32(x, &self.a, None)?.to_dtype(x.dtype())
+    }
+
     /// The f32 delta `[T, out]` of rows `x` `[T, in]` (in the step's activation dtype).
     pub fn apply(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let h = linear_f32(x, &self.a, None)?.to_dtype(x.dtype())?;
-        linear_f32(&h, &self.b, None)
+        linear_f32(&self.shrink(x)?, &self.b, None)
+    }
+
+    /// `y` plus the delta of `x`, accumulated in place where the device allows it.
+    pub fn add_to(&self, y: Tensor, x: &Tensor) -> candle_core::Result<Tensor> {
+        linear_f32_accumulate(y, &self.shrink(x)?, &self.b)
     }
 }
 
@@ -113,6 +124,30 @@ pub struct LayerLora {
     pub o: Option<Delta>,
     pub gate_up: Option<Delta>,
     pub down: Option<Delta>,
+}
+
+/// The engine's packed projection groups, each with one delta per layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Group {
+    Qkv = 0,
+    O = 1,
+    GateUp = 2,
+    Down = 3,
+}
+
+pub const GROUPS: usize = 4;
+
+impl Group {
+    pub const ALL: [Group; GROUPS] = [Group::Qkv, Group::O, Group::GateUp, Group::Down];
+
+    pub fn of(self, l: &LayerLora) -> Option<&Delta> {
+        match self {
+            Group::Qkv => l.qkv.as_ref(),
+            Group::O => l.o.as_ref(),
+            Group::GateUp => l.gate_up.as_ref(),
+            Group::Down => l.down.as_ref(),
+        }
+    }
 }
 
 /// What `/v1/models` shows of an adapter.
@@ -136,6 +171,9 @@ pub struct LoraAdapter {
     pub info: AdapterInfo,
     /// Indexed by base layer.
     layers: Vec<Option<LayerLora>>,
+    /// On CUDA: each layer's slot-table entries (device pointers into `layers`), per group.
+    #[cfg(feature = "cuda")]
+    cuda_entries: Vec<[cuda::Entry; GROUPS]>,
 }
 
 /// One module's tensors as read (f32, CPU) and its scale.
@@ -247,10 +285,13 @@ fn pack(
         .iter()
         .map(|(_, _, w)| w.map_or(0, |w| w.a.dim(0).unwrap_or(0)))
         .collect();
-    let total: usize = ranks.iter().sum();
-    if total == 0 {
+    // The total is padded with zero rows/columns to a multiple of 8 (the CUDA kernels load 8
+    // values at a time); zeros add nothing.
+    let used: usize = ranks.iter().sum();
+    if used == 0 {
         return Ok(None);
     }
+    let total = used.next_multiple_of(8);
     let mut a_parts = Vec::new();
     let mut b_rows = Vec::new();
     let mut before = 0;
@@ -275,6 +316,14 @@ fn pack(
             None => b_rows.push(Tensor::zeros((*out, total), DType::F32, &Device::Cpu)?),
         }
         before += r;
+    }
+    if total > used {
+        let inp = a_parts[0].dim(1)?;
+        a_parts.push(Tensor::zeros(
+            (total - used, inp),
+            DType::F32,
+            &Device::Cpu,
+        )?);
     }
     let place = |t: Tensor| -> candle_core::Result<Tensor> {
         t.to_dtype(dtype)?.to_device(device)?.contiguous()
@@ -437,7 +486,16 @@ impl LoraAdapter {
             }
             layers.push(Some(l));
         }
+        // The slot-table kernels take bf16 weights; other dtypes run as GEMMs.
+        #[cfg(feature = "cuda")]
+        let cuda_entries = if device.is_cuda() && dtype == DType::BF16 {
+            cuda::entries(&layers)?
+        } else {
+            Vec::new()
+        };
         Ok(Self {
+            #[cfg(feature = "cuda")]
+            cuda_entries,
             info: AdapterInfo {
                 path: dir.to_string_lossy().into_owned(),
                 r: rank,
@@ -474,25 +532,59 @@ impl LoraAdapter {
     }
 }
 
-/// The adapters of one packed forward, each with the rows that use it (`None`: every row).
+/// Steps of at most this many rows use the CUDA kernels even with a single adapter (two launches
+/// per group, where launches dominate); longer ones run it as cuBLAS GEMMs accumulating into the
+/// projection's output, which measured faster from 64 rows up (docs/benchmarks.md). Steps that
+/// mix adapters always use the kernels.
+#[cfg(feature = "cuda")]
+const KERNEL_ROWS: usize = 16;
+
+/// The adapters of one packed forward, each with the rows that use it (`None`: every row); on
+/// CUDA, mixed or short steps go through one slot table instead.
 #[derive(Debug, Clone, Default)]
 pub struct StepLora {
     groups: Vec<(Arc<LoraAdapter>, Option<Tensor>)>,
+    #[cfg(feature = "cuda")]
+    table: Option<cuda::LoraTable>,
 }
 
 impl StepLora {
     /// Groups packed rows by adapter: `rows[i]` is the adapter of packed row `i`.
     pub fn new(rows: &[Option<Arc<LoraAdapter>>], device: &Device) -> candle_core::Result<Self> {
-        let mut groups: Vec<(Arc<LoraAdapter>, Vec<u32>)> = Vec::new();
+        let mut slots: Vec<Arc<LoraAdapter>> = Vec::new();
+        let mut row_slots = Vec::with_capacity(rows.len());
+        let mut members: Vec<Vec<u32>> = Vec::new();
         for (i, a) in rows.iter().enumerate() {
-            let Some(a) = a else { continue };
-            match groups.iter_mut().find(|(g, _)| Arc::ptr_eq(g, a)) {
-                Some((_, r)) => r.push(i as u32),
-                None => groups.push((a.clone(), vec![i as u32])),
+            let slot = a
+                .as_ref()
+                .map(|a| match slots.iter().position(|s| Arc::ptr_eq(s, a)) {
+                    Some(k) => k,
+                    None => {
+                        slots.push(a.clone());
+                        members.push(Vec::new());
+                        slots.len() - 1
+                    }
+                });
+            if let Some(k) = slot {
+                members[k].push(i as u32);
             }
+            row_slots.push(slot);
         }
-        let groups = groups
+        #[cfg(feature = "cuda")]
+        if device.is_cuda()
+            && !slots.is_empty()
+            && slots.iter().all(|a| !a.cuda_entries.is_empty())
+            && (rows.len() <= KERNEL_ROWS || members[0].len() < rows.len())
+        {
+            let layers = slots[0].layers.len();
+            return Ok(Self {
+                groups: Vec::new(),
+                table: Some(cuda::LoraTable::new(slots, &row_slots, layers, device)?),
+            });
+        }
+        let groups = slots
             .into_iter()
+            .zip(members)
             .map(|(a, r)| {
                 let all = r.len() == rows.len();
                 let idx = (!all)
@@ -501,28 +593,31 @@ impl StepLora {
                 Ok((a, idx))
             })
             .collect::<candle_core::Result<_>>()?;
-        Ok(Self { groups })
+        Ok(Self {
+            groups,
+            #[cfg(feature = "cuda")]
+            table: None,
+        })
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.groups.is_empty()
-    }
-
-    /// `y` plus every adapter's delta of `x` on its rows, for the delta `pick` selects in base
-    /// layer `layer`.
+    /// `y` plus every adapter's delta of `x` on its rows, for `group` of base layer `layer`.
     pub fn add(
         &self,
         mut y: Tensor,
         x: &Tensor,
         layer: usize,
-        pick: fn(&LayerLora) -> Option<&Delta>,
+        group: Group,
     ) -> candle_core::Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if let Some(table) = &self.table {
+            return table.add(y, x, layer, group);
+        }
         for (adapter, rows) in &self.groups {
-            let Some(delta) = adapter.layer(layer).and_then(pick) else {
+            let Some(delta) = adapter.layer(layer).and_then(|l| group.of(l)) else {
                 continue;
             };
             y = match rows {
-                None => (y + delta.apply(x)?)?,
+                None => delta.add_to(y, x)?,
                 Some(idx) => {
                     let d = delta.apply(&x.index_select(idx, 0)?)?;
                     y.index_add(idx, &d, 0)?

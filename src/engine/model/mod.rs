@@ -10,7 +10,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::checkpoint::{CheckpointError, Family, LayerAttention, ModelConfig, ModelDir};
-use crate::engine::adapters::{LayerLora, StepLora};
+use crate::engine::adapters::{Group, StepLora};
 use crate::engine::attention::AttnParams;
 use crate::engine::instrument::phase_times::{self, phase};
 use crate::engine::instrument::taps::LayerTap;
@@ -65,14 +65,10 @@ impl Mlp {
     ) -> candle_core::Result<Tensor> {
         let dev = x.device();
         let gate_up = phase(dev, "gate_up gemm", || linear_f32(x, &self.gate_up, None))?;
-        let gate_up = phase(dev, "lora", || {
-            lora.add(gate_up, x, layer, |l| l.gate_up.as_ref())
-        })?;
+        let gate_up = phase(dev, "lora", || lora.add(gate_up, x, layer, Group::GateUp))?;
         let m = phase(dev, "act_mul", || act_mul(&gate_up, self.act, act))?;
         let down = phase(dev, "down gemm", || linear_f32(&m, &self.down, None))?;
-        phase(dev, "lora", || {
-            lora.add(down, &m, layer, |l: &LayerLora| l.down.as_ref())
-        })
+        phase(dev, "lora", || lora.add(down, &m, layer, Group::Down))
     }
 }
 
@@ -228,7 +224,7 @@ impl DecoderLayer {
         let qkv = phase(dev, "qkv gemm", || {
             linear_f32(&h, &self.attn.qkv, self.attn.qkv_bias.as_ref())
         })?;
-        let qkv = phase(dev, "lora", || lora.add(qkv, &h, layer, |l| l.qkv.as_ref()))?;
+        let qkv = phase(dev, "lora", || lora.add(qkv, &h, layer, Group::Qkv))?;
         // A fresh prompt attends to its own keys in `act`; the cache rounds what it stores.
         let (q, k, v) = phase(dev, "rope", || {
             Ok((
@@ -241,7 +237,7 @@ impl DecoderLayer {
             cache.attend(plan_pos, chunks, &q, &k, &v, p)
         })?;
         let o = phase(dev, "o gemm", || linear_f32(&a, &self.attn.o, None))?;
-        let a = phase(dev, "lora", || lora.add(o, &a, layer, |l| l.o.as_ref()))?;
+        let a = phase(dev, "lora", || lora.add(o, &a, layer, Group::O))?;
         let x = phase(dev, "norms", || match &self.attn_out_norm {
             Some(n) => x + n.forward(&a, DType::F32)?,
             None => x + a,

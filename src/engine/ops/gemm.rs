@@ -36,6 +36,52 @@ pub fn linear_f32(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> 
     }
 }
 
+/// `y + x · wᵀ` as [`linear_f32`] computes the product, for an f32 `y` `[T, n]` that nothing
+/// else holds: on CUDA with bf16 weights the GEMMs accumulate into `y` in place (beta = 1), so no
+/// `[T, n]` temporary is made; elsewhere a plain add.
+pub fn linear_f32_accumulate(y: Tensor, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if w.device().is_cuda() && w.dtype() == DType::BF16 && y.is_contiguous() {
+        y.inplace_op3(&x.contiguous()?, w, &GemmAccumulate)?;
+        Ok(y)
+    } else {
+        y + linear_f32(x, w, None)?
+    }
+}
+
+/// `y += x · bf16ᵀ` in place with cuBLAS (CUDA only).
+struct GemmAccumulate;
+
+impl candle_core::InplaceOp3 for GemmAccumulate {
+    fn name(&self) -> &'static str {
+        "gemm-accumulate"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &mut CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<()> {
+        candle_core::bail!("gemm-accumulate runs on CUDA only")
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        ys: &mut candle_core::CudaStorage,
+        yl: &Layout,
+        xs: &candle_core::CudaStorage,
+        xl: &Layout,
+        ws: &candle_core::CudaStorage,
+        wl: &Layout,
+    ) -> Result<()> {
+        cuda::gemm_accumulate(ys, yl, (xs, xl), (ws, wl))
+    }
+}
+
 /// x · bf16ᵀ → f32 with cuBLAS (CUDA only): x bf16 in one GEMM, or f32 split in two terms.
 struct GemmF32Out;
 
@@ -85,27 +131,77 @@ mod cuda {
         ws: &CudaStorage,
         wl: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
+        let (t, k, n) = dims(xl, wl)?;
+        let dev = xs.device().clone();
+        let w = weights(ws, wl)?;
+        // SAFETY: the first GEMM writes every element (beta = 0).
+        let mut y = unsafe { dev.alloc::<f32>(t * n)? };
+        bf16_terms(xs, xl, |term, i| {
+            gemm(
+                &dev,
+                term,
+                &w,
+                &mut y,
+                (t, n, k),
+                if i == 0 { 0.0 } else { 1.0 },
+            )
+        })?;
+        Ok((CudaStorage::wrap_cuda_slice(y, dev), Shape::from((t, n))))
+    }
+
+    /// `y[T, n] += x[T, k] · w[n, k]ᵀ` in place, the product as [`gemm_bf16_f32_out`] makes it.
+    pub fn gemm_accumulate(
+        ys: &mut CudaStorage,
+        yl: &Layout,
+        (xs, xl): (&CudaStorage, &Layout),
+        (ws, wl): (&CudaStorage, &Layout),
+    ) -> Result<()> {
+        let (t, k, n) = dims(xl, wl)?;
+        if yl.dims() != [t, n] || yl.start_offset() != 0 || !yl.is_contiguous() {
+            candle_core::bail!("gemm-accumulate: the output must be [{t}, {n}], contiguous");
+        }
+        let dev = xs.device().clone();
+        let w = weights(ws, wl)?;
+        let y = ys.as_cuda_slice_mut::<f32>()?;
+        bf16_terms(xs, xl, |term, _| gemm(&dev, term, &w, y, (t, n, k), 1.0))
+    }
+
+    /// `(T, k, n)` of contiguous `x` `[T, k]` and `w` `[n, k]`.
+    fn dims(xl: &Layout, wl: &Layout) -> Result<(usize, usize, usize)> {
         let (t, k) = xl.shape().dims2()?;
         let (n, k2) = wl.shape().dims2()?;
         if k != k2 {
             candle_core::bail!("gemm-f32-out: inner dims {k} and {k2} differ");
         }
-        let (Some((xa, xb)), Some((wa, wb))) = (xl.contiguous_offsets(), wl.contiguous_offsets())
-        else {
+        if xl.contiguous_offsets().is_none() || wl.contiguous_offsets().is_none() {
+            candle_core::bail!("gemm-f32-out: inputs must be contiguous");
+        }
+        Ok((t, k, n))
+    }
+
+    fn weights<'a>(ws: &'a CudaStorage, wl: &Layout) -> Result<CudaView<'a, half::bf16>> {
+        let Some((a, b)) = wl.contiguous_offsets() else {
+            candle_core::bail!("gemm-f32-out: weights must be contiguous");
+        };
+        Ok(ws.as_cuda_slice::<half::bf16>()?.slice(a..b))
+    }
+
+    /// Calls `f` with `x` as bf16 terms whose sum is `x`: itself (bf16), or its hi and lo halves
+    /// (f32, split by `split_bf16`), with each term's index.
+    fn bf16_terms(
+        xs: &CudaStorage,
+        xl: &Layout,
+        mut f: impl FnMut(&CudaView<'_, half::bf16>, usize) -> Result<()>,
+    ) -> Result<()> {
+        let Some((xa, xb)) = xl.contiguous_offsets() else {
             candle_core::bail!("gemm-f32-out: inputs must be contiguous");
         };
         let dev = xs.device().clone();
-        let w = ws.as_cuda_slice::<half::bf16>()?.slice(wa..wb);
-        // SAFETY: the first GEMM writes every element (beta = 0).
-        let mut y = unsafe { dev.alloc::<f32>(t * n)? };
         match xs.dtype() {
-            DType::BF16 => {
-                let x = xs.as_cuda_slice::<half::bf16>()?.slice(xa..xb);
-                gemm(&dev, &x, &w, &mut y, (t, n, k), 0.0)?;
-            }
+            DType::BF16 => f(&xs.as_cuda_slice::<half::bf16>()?.slice(xa..xb), 0),
             DType::F32 => {
                 let x = xs.as_cuda_slice::<f32>()?.slice(xa..xb);
-                let len = t * k;
+                let len = xb - xa;
                 // SAFETY: the kernel writes all 2 * len values.
                 let terms = unsafe { dev.alloc::<half::bf16>(2 * len)? };
                 let func = dev.get_or_load_custom_func("split_bf16", "pruneserve_fused", PTX)?;
@@ -120,12 +216,11 @@ mod cuda {
                 b.arg(&len);
                 // SAFETY: the arguments match `split_bf16` in fused.cu.
                 unsafe { b.launch(cfg) }.w()?;
-                gemm(&dev, &terms.slice(..len), &w, &mut y, (t, n, k), 0.0)?;
-                gemm(&dev, &terms.slice(len..), &w, &mut y, (t, n, k), 1.0)?;
+                f(&terms.slice(..len), 0)?;
+                f(&terms.slice(len..), 1)
             }
             other => candle_core::bail!("gemm-f32-out: unsupported input dtype {other:?}"),
         }
-        Ok((CudaStorage::wrap_cuda_slice(y, dev), Shape::from((t, n))))
     }
 
     /// `y = x · wᵀ + beta · y` for bf16 `x` `[t, k]` and `w` `[n, k]`, f32 `y` `[t, n]`.

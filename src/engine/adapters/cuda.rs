@@ -1,0 +1,295 @@
+//! The CUDA path of [`super::StepLora`]: `lora.cu`'s shrink and expand kernels serve every row of
+//! a step with its own adapter in two launches per packed projection group (Punica's BGMV), from
+//! one table uploaded per step. The candle path in `mod.rs` defines what they compute; `selftest`
+//! compares the two.
+
+use std::sync::Arc;
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::{CudaStorage, WrapErr};
+use candle_core::{
+    CpuStorage, CustomOp2, DType, Device, InplaceOp3, Layout, Result, Shape, Storage, Tensor,
+};
+
+use super::{Delta, Group, LoraAdapter, GROUPS};
+use crate::engine::attention::cuda::storage_view;
+
+const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/lora.ptx"));
+/// Rows per block of the shrink kernel, warps (splitting `in`) per block, rows per expand block.
+const SHRINK_ROWS: usize = 4;
+const SHRINK_WARPS: usize = 8;
+const EXPAND_ROWS: usize = 8;
+const EXPAND_THREADS: usize = 256;
+/// A slot-table entry: A pointer, B pointer, R.
+pub type Entry = [u64; 3];
+
+/// The device address of a contiguous bf16 tensor's first element.
+fn device_ptr(t: &Tensor) -> Result<u64> {
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cuda(s) = &*storage else {
+        candle_core::bail!("LoRA tables hold CUDA tensors only");
+    };
+    let slice = s.as_cuda_slice::<half::bf16>()?;
+    let stream = s.device().cuda_stream();
+    let (ptr, _sync) = slice.device_ptr(&stream);
+    Ok(ptr + (layout.start_offset() * 2) as u64)
+}
+
+/// Each layer's entries per group (zeros where the adapter leaves the group alone), computed once
+/// when an adapter is loaded; the tensors they point into live as long as the adapter.
+pub fn entries(layers: &[Option<super::LayerLora>]) -> Result<Vec<[Entry; GROUPS]>> {
+    let entry = |d: Option<&Delta>| -> Result<Entry> {
+        match d {
+            Some(d) => Ok([device_ptr(&d.a)?, device_ptr(&d.b)?, d.a.dim(0)? as u64]),
+            None => Ok([0; 3]),
+        }
+    };
+    layers
+        .iter()
+        .map(|l| {
+            let mut out = [[0u64; 3]; GROUPS];
+            if let Some(l) = l {
+                for (g, e) in Group::ALL.iter().zip(out.iter_mut()) {
+                    *e = entry(g.of(l))?;
+                }
+            }
+            Ok(out)
+        })
+        .collect()
+}
+
+/// One step's rows and slots on the device.
+#[derive(Debug, Clone)]
+pub struct LoraTable {
+    /// i64 words: the row slots (`-1`: none), then `[layer][group][slot]` entries.
+    meta: Tensor,
+    rows: usize,
+    slots: usize,
+    /// Widest R per layer and group among the slots (0: no slot adapts it).
+    rmax: Vec<[usize; GROUPS]>,
+    /// Keeps the tensors the table points into alive.
+    _adapters: Vec<Arc<LoraAdapter>>,
+}
+
+impl LoraTable {
+    /// `slots[i]` is the adapter of slot `i`; `row_slots[t]` the slot of packed row `t`.
+    pub fn new(
+        slots: Vec<Arc<LoraAdapter>>,
+        row_slots: &[Option<usize>],
+        layers: usize,
+        device: &Device,
+    ) -> Result<Self> {
+        let mut meta: Vec<i64> = row_slots
+            .iter()
+            .map(|s| s.map_or(-1, |s| s as i64))
+            .collect();
+        let mut rmax = vec![[0usize; GROUPS]; layers];
+        for (layer, widest) in rmax.iter_mut().enumerate() {
+            for g in 0..GROUPS {
+                for a in &slots {
+                    let e = a.cuda_entries.get(layer).map_or([0; 3], |l| l[g]);
+                    widest[g] = widest[g].max(e[2] as usize);
+                    meta.extend(e.map(|w| w as i64));
+                }
+            }
+        }
+        let len = meta.len();
+        Ok(Self {
+            meta: Tensor::from_vec(meta, len, device)?,
+            rows: row_slots.len(),
+            slots: slots.len(),
+            rmax,
+            _adapters: slots,
+        })
+    }
+
+    /// `y` plus each row's adapter delta of `x` for `group` of base layer `layer`.
+    pub fn add(&self, y: Tensor, x: &Tensor, layer: usize, group: Group) -> Result<Tensor> {
+        let g = group as usize;
+        let rmax = self.rmax.get(layer).map_or(0, |r| r[g]);
+        if rmax == 0 {
+            return Ok(y);
+        }
+        let entries = self.rows + (layer * GROUPS + g) * self.slots * 3;
+        let x = fresh(x)?;
+        let h = x.apply_op2_no_bwd(
+            &self.meta,
+            &Shrink {
+                rows: self.rows,
+                entries,
+                rmax,
+            },
+        )?;
+        let y = fresh(&y)?;
+        y.inplace_op3(
+            &h,
+            &self.meta,
+            &Expand {
+                rows: self.rows,
+                entries,
+                rmax,
+            },
+        )?;
+        Ok(y)
+    }
+}
+
+/// A row-major copy starting at offset 0, as the kernels index raw pointers.
+fn fresh(t: &Tensor) -> Result<Tensor> {
+    if t.is_contiguous() && t.layout().start_offset() == 0 {
+        Ok(t.clone())
+    } else {
+        t.force_contiguous()
+    }
+}
+
+struct Shrink {
+    rows: usize,
+    entries: usize,
+    rmax: usize,
+}
+
+impl CustomOp2 for Shrink {
+    fn name(&self) -> &'static str {
+        "lora-shrink"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        candle_core::bail!("lora-shrink runs on CUDA only")
+    }
+
+    fn cuda_fwd(
+        &self,
+        xs: &CudaStorage,
+        xl: &Layout,
+        ms: &CudaStorage,
+        ml: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let (t, inp) = xl.shape().dims2()?;
+        if t != self.rows || !inp.is_multiple_of(8) {
+            candle_core::bail!(
+                "lora-shrink: {t} rows of width {inp} (want {} rows, width a multiple of 8)",
+                self.rows
+            );
+        }
+        let dev = xs.device().clone();
+        let meta = storage_view::<i64>(ms, ml, "LoRA table")?;
+        // SAFETY: the kernel writes every element of [rows, rmax].
+        let h = unsafe { dev.alloc::<f32>(t * self.rmax)? };
+        let (rows, entries, width, rmax) =
+            (t as i32, self.entries as i32, inp as i32, self.rmax as i32);
+        let cfg = LaunchConfig {
+            grid_dim: (t.div_ceil(SHRINK_ROWS) as u32, self.rmax as u32, 1),
+            block_dim: (32 * SHRINK_WARPS as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let xf = (xs.dtype() == DType::F32)
+            .then(|| storage_view::<f32>(xs, xl, "LoRA input"))
+            .transpose()?;
+        let xb = (xs.dtype() == DType::BF16)
+            .then(|| storage_view::<half::bf16>(xs, xl, "LoRA input"))
+            .transpose()?;
+        let name = if xf.is_some() {
+            "lora_shrink_f32"
+        } else {
+            "lora_shrink_bf16"
+        };
+        let func = dev.get_or_load_custom_func(name, "pruneserve_lora", PTX)?;
+        let mut b = func.builder();
+        match (&xf, &xb) {
+            (Some(x), _) => b.arg(x),
+            (_, Some(x)) => b.arg(x),
+            _ => candle_core::bail!("lora-shrink: unsupported input dtype {:?}", xs.dtype()),
+        };
+        b.arg(&meta)
+            .arg(&rows)
+            .arg(&entries)
+            .arg(&width)
+            .arg(&rmax)
+            .arg(&h);
+        // SAFETY: the arguments match `lora_shrink_*` in lora.cu; the table's pointers are into
+        // adapter tensors this step holds, each [R, width] with R <= rmax.
+        unsafe { b.launch(cfg) }.w()?;
+        Ok((
+            CudaStorage::wrap_cuda_slice(h, dev),
+            Shape::from((t, self.rmax)),
+        ))
+    }
+}
+
+struct Expand {
+    rows: usize,
+    entries: usize,
+    rmax: usize,
+}
+
+impl InplaceOp3 for Expand {
+    fn name(&self) -> &'static str {
+        "lora-expand"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &mut CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<()> {
+        candle_core::bail!("lora-expand runs on CUDA only")
+    }
+
+    fn cuda_fwd(
+        &self,
+        ys: &mut CudaStorage,
+        yl: &Layout,
+        hs: &CudaStorage,
+        hl: &Layout,
+        ms: &CudaStorage,
+        ml: &Layout,
+    ) -> Result<()> {
+        let (t, out) = yl.shape().dims2()?;
+        if t != self.rows || yl.start_offset() != 0 || !yl.is_contiguous() {
+            candle_core::bail!(
+                "lora-expand: the output must be [{}, n], contiguous",
+                self.rows
+            );
+        }
+        let dev = hs.device().clone();
+        let h = storage_view::<f32>(hs, hl, "shrunk rows")?;
+        let meta = storage_view::<i64>(ms, ml, "LoRA table")?;
+        let y = ys.as_cuda_slice_mut::<f32>()?;
+        let func = dev.get_or_load_custom_func("lora_expand", "pruneserve_lora", PTX)?;
+        let (rows, entries, width, rmax) =
+            (t as i32, self.entries as i32, out as i32, self.rmax as i32);
+        let mut b = func.builder();
+        b.arg(&h)
+            .arg(&meta)
+            .arg(&rows)
+            .arg(&entries)
+            .arg(&width)
+            .arg(&rmax)
+            .arg(y);
+        let cfg = LaunchConfig {
+            grid_dim: (
+                out.div_ceil(EXPAND_THREADS) as u32,
+                t.div_ceil(EXPAND_ROWS) as u32,
+                1,
+            ),
+            block_dim: (EXPAND_THREADS as u32, 1, 1),
+            shared_mem_bytes: (EXPAND_ROWS * self.rmax * 4) as u32,
+        };
+        // SAFETY: the arguments match `lora_expand` in lora.cu; each output element is written
+        // by one thread; B rows are [out, R] with R <= rmax.
+        unsafe { b.launch(cfg) }.w()?;
+        Ok(())
+    }
+}
