@@ -27,6 +27,7 @@ pub struct Metrics {
     itl: HistogramVec,
     e2e: HistogramVec,
     engine_restarts: IntCounterVec,
+    preemptions: IntCounterVec,
     ad_hoc_seen: Mutex<HashSet<String>>,
 }
 
@@ -87,6 +88,13 @@ impl Metrics {
                 ),
                 label,
             )?,
+            preemptions: IntCounterVec::new(
+                Opts::new(
+                    "pruneserve:num_preemptions_total",
+                    "Sequences preempted (KV freed, recomputed later).",
+                ),
+                label,
+            )?,
             ad_hoc_seen: Mutex::new(HashSet::new()),
             registry,
         };
@@ -100,6 +108,7 @@ impl Metrics {
         m.registry.register(Box::new(m.itl.clone()))?;
         m.registry.register(Box::new(m.e2e.clone()))?;
         m.registry.register(Box::new(m.engine_restarts.clone()))?;
+        m.registry.register(Box::new(m.preemptions.clone()))?;
         Ok(m)
     }
 
@@ -164,6 +173,8 @@ impl Metrics {
             self.kv_usage.with_label_values(&[&base.name]).set(usage);
             let restarts = self.engine_restarts.with_label_values(&[&base.name]);
             restarts.inc_by(s.restarts.saturating_sub(restarts.get()));
+            let preempted = self.preemptions.with_label_values(&[&base.name]);
+            preempted.inc_by(s.preemptions.saturating_sub(preempted.get()));
         }
         let mut buf = Vec::new();
         if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {

@@ -17,18 +17,6 @@ fn data_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data")
 }
 
-/// The workspace's `pruneval` binary, next to this test's deps directory.
-fn pruneval_bin() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let bin = exe.parent().unwrap().parent().unwrap().join("pruneval");
-    assert!(
-        bin.exists(),
-        "{} is not built (cargo test --workspace builds it)",
-        bin.display()
-    );
-    bin
-}
-
 fn eval_cmd(s: &ServerProc, out: &Path, model: &str, extra: &[&str]) -> Command {
     let mut c = Command::new(pruneval_bin());
     c.args(["eval", "--base-url", &s.url(""), "--model", model])

@@ -167,13 +167,14 @@ fn offline() -> bool {
 
 /// The parquet files of one split, local paths in the hub cache (downloaded when online).
 pub fn fetch_split(s: &HubSplit) -> Result<Vec<PathBuf>, TaskError> {
-    let prefix = format!("{}/{}/", s.config, s.split);
-    let name = format!("hub dataset {} ({prefix})", s.repo);
-    let repo = Repo::with_revision(
-        s.repo.to_string(),
-        RepoType::Dataset,
-        PARQUET_REVISION.into(),
-    );
+    fetch(s.repo, s.config, s.split)
+}
+
+/// The parquet files of split `split` of config `config` of hub dataset `repo`.
+pub fn fetch(repo: &str, config: &str, split: &str) -> Result<Vec<PathBuf>, TaskError> {
+    let prefix = format!("{config}/{split}/");
+    let name = format!("hub dataset {repo} ({prefix})");
+    let repo = Repo::with_revision(repo.to_string(), RepoType::Dataset, PARQUET_REVISION.into());
     let wanted = |f: &str| f.starts_with(&prefix) && f.ends_with(".parquet");
     let files = if offline() {
         cached_files(&hf_hub::Cache::from_env(), &repo)

@@ -3,7 +3,8 @@
 //! Data path: [`tasks`] / [`gen_tasks`] load documents (from `--data-dir`, or [`hub_data`]) → [`loglikelihood`] scores them, or
 //! [`generation`] generates and [`sandbox`] runs programs, through [`client`] → [`metrics`] →
 //! [`eval`] writes result files → [`compare`] (retention with paired bootstrap CIs, McNemar) and
-//! [`plot`]. [`loadgen`] is the HTTP load generator of `pruneval bench`.
+//! [`plot`]. [`loadgen`] is the HTTP load generator of `pruneval bench`; [`sgr`] generates
+//! Self-Generated Response training files (`pruneval sgr`).
 
 pub mod client;
 pub mod compare;
@@ -16,5 +17,6 @@ pub mod loglikelihood;
 pub mod metrics;
 pub mod plot;
 pub mod sandbox;
+pub mod sgr;
 pub mod tasks;
 pub mod workers;

@@ -188,6 +188,57 @@ pub fn retention_chart(
     Ok(lay)
 }
 
+/// A bar chart of `(label, count)` pairs, in the order given.
+pub fn histogram(
+    path: &Path,
+    title: &str,
+    x_desc: &str,
+    bars: &[(String, usize)],
+) -> Result<(), ChartError> {
+    register_sans()?;
+    let width = (60 * bars.len() as u32 + 160).max(text_width(title, TITLE_SIZE) + 2 * MARGIN);
+    let top = bars.iter().map(|(_, n)| *n).max().unwrap_or(1).max(1) as f64 * 1.15;
+    let draw = || -> Result<(), Box<dyn std::error::Error>> {
+        let root = BitMapBackend::new(path, (width, 420)).into_drawing_area();
+        root.fill(&WHITE)?;
+        let body = root
+            .margin(8, 0, 0, 0)
+            .titled(title, ("sans-serif", TITLE_SIZE))?;
+        let mut chart = ChartBuilder::on(&body)
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(50)
+            .build_cartesian_2d(0f64..bars.len().max(1) as f64, 0f64..top)?;
+        chart
+            .configure_mesh()
+            .disable_x_mesh()
+            .x_labels(0)
+            .x_desc(x_desc)
+            .y_desc("records")
+            .draw()?;
+        let color = Palette99::pick(0).to_rgba();
+        chart.draw_series(bars.iter().enumerate().map(|(i, (_, n))| {
+            Rectangle::new(
+                [(i as f64 + 0.1, 0.0), (i as f64 + 0.9, *n as f64)],
+                color.filled(),
+            )
+        }))?;
+        chart.draw_series(bars.iter().enumerate().map(|(i, (label, _))| {
+            Text::new(
+                label.clone(),
+                (i as f64 + 0.15, top * 0.02),
+                ("sans-serif", LABEL_SIZE),
+            )
+        }))?;
+        root.present()?;
+        Ok(())
+    };
+    draw().map_err(|e| ChartError::Draw {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -23,6 +23,8 @@ pub(super) struct EngineLoop {
     live: HashSet<SeqId>,
     failures: VecDeque<Instant>,
     restarts: u64,
+    /// Preemptions counted by engines dropped after a failure.
+    retired_preemptions: u64,
 }
 
 /// The text of a panic payload.
@@ -49,6 +51,7 @@ impl EngineLoop {
             live: HashSet::new(),
             failures: VecDeque::new(),
             restarts: 0,
+            retired_preemptions: 0,
         }
     }
 
@@ -147,6 +150,8 @@ impl EngineLoop {
             error: EngineError::Crashed(message.clone()),
         });
         // Drop the engine (and its KV pool) before building the next one.
+        let last = self.shared.stats.lock().map(|s| s.preemptions).unwrap_or(0);
+        self.retired_preemptions = last;
         self.engine = None;
         let now = Instant::now();
         self.failures.push_back(now);
@@ -190,6 +195,8 @@ impl EngineLoop {
     fn publish(&self) {
         let mut stats = self.engine.as_ref().map(|e| e.stats()).unwrap_or_default();
         stats.restarts = self.restarts;
+        // Preemptions of engines that were replaced after a failure still count.
+        stats.preemptions += self.retired_preemptions;
         if let Ok(mut s) = self.shared.stats.lock() {
             *s = stats;
         }

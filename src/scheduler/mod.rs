@@ -65,6 +65,7 @@ impl BatchLoop for Batcher {
             waiting: self.num_waiting(),
             kv: Some(self.engine().kv_usage()),
             restarts: 0,
+            preemptions: self.num_preemptions(),
         }
     }
 }
@@ -92,6 +93,8 @@ pub struct LoopStats {
     pub kv: Option<KvUsage>,
     /// Times the loop was restarted after a failure.
     pub restarts: u64,
+    /// Sequences preempted (KV freed, recomputed later) since start.
+    pub preemptions: u64,
 }
 
 /// Whether a base's engine serves.

@@ -322,3 +322,15 @@ pub fn score_spec(
         .map(|o| o.unwrap().prompt_scores.iter().map(|s| s.logprob).collect())
         .collect()
 }
+
+/// The workspace's `pruneval` binary, next to this test's deps directory.
+pub fn pruneval_bin() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe.parent().unwrap().parent().unwrap().join("pruneval");
+    assert!(
+        bin.exists(),
+        "{} is not built (cargo test --workspace builds it)",
+        bin.display()
+    );
+    bin
+}

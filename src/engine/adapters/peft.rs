@@ -308,9 +308,13 @@ mod tests {
 
     #[test]
     fn patterns_follow_peft_in_file_order() {
-        let c = config(serde_json::json!({"r": 8, "lora_alpha": 16,
-            "rank_pattern": {"q_proj": 4, "layers.1.self_attn.q_proj": 2},
-            "alpha_pattern": {"down_proj": 8}, "target_modules": ["q_proj", "down_proj"]}));
+        // From text: a `json!` value would sort the pattern keys and lose the file's order.
+        let c: PeftConfig = serde_json::from_str(
+            r#"{"r": 8, "lora_alpha": 16,
+                "rank_pattern": {"q_proj": 4, "layers.1.self_attn.q_proj": 2},
+                "alpha_pattern": {"down_proj": 8}, "target_modules": ["q_proj", "down_proj"]}"#,
+        )
+        .unwrap();
         c.check().unwrap();
         assert_eq!(c.rank_and_scale(Module::Q, 1).unwrap(), (4, 4.0));
         assert_eq!(c.rank_and_scale(Module::K, 1).unwrap(), (8, 2.0));

@@ -1,6 +1,13 @@
 //! Continuous batching of generation and scoring requests over one [`Engine`]: requests join and
 //! leave between steps; each step feeds every decoding sequence one token and fills the rest of the
 //! token budget with prefill chunks.
+//!
+//! KV on demand: a request is admitted when the KV its context needs now fits (not its whole
+//! `max_tokens`), and sequences grow block by block. When the pool runs out, the most recently
+//! admitted sequences are preempted (vLLM's recompute policy): their KV is freed and they resume
+//! later with the same output, sampler state and prompt logprobs.
+
+mod sequence;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -10,11 +17,12 @@ use serde::Serialize;
 use super::adapters::LoraAdapter;
 use super::kv::KvError;
 use super::model::overlay::ModelOverlay;
-use super::sample::sampler::{Sampled, Sampler, SamplingParams};
+use super::sample::sampler::{Sampled, SamplingParams};
 use super::sample::scoring::TokenScore;
 use super::RunSpec;
-use super::{Engine, EngineError, ScoreSpec, SeqId, StepItem};
+use super::{Engine, EngineError, SeqId, StepItem};
 use crate::plan::LayerPlan;
+use sequence::Sequence;
 
 /// A request: score its prompt and/or generate up to `max_tokens`.
 #[derive(Debug, Clone)]
@@ -97,23 +105,17 @@ pub enum BatchEvent {
     },
 }
 
-struct Active {
-    req: GenRequest,
-    sampler: Sampler,
-    fed: usize,
-    pending: Option<u32>,
-    out: GenOutput,
-}
-
 pub struct Batcher {
     engine: Engine,
-    /// Accepted requests not yet holding KV room, first come first served.
-    waiting: VecDeque<(SeqId, GenRequest)>,
-    active: HashMap<SeqId, Active>,
-    /// Admission order, so prefill is first come, first served.
+    /// Accepted requests not holding KV room (new, or preempted: those go first), in order.
+    waiting: VecDeque<(SeqId, Sequence)>,
+    active: HashMap<SeqId, Sequence>,
+    /// Admission order, so prefill is first come, first served and the latest admitted is
+    /// preempted first.
     order: Vec<SeqId>,
     next_id: SeqId,
     max_step_tokens: usize,
+    preemptions: u64,
     stats: super::instrument::step_stats::StepStats,
 }
 
@@ -126,8 +128,14 @@ impl Batcher {
             order: Vec::new(),
             next_id: 1,
             max_step_tokens: max_step_tokens.max(1),
+            preemptions: 0,
             stats: Default::default(),
         }
+    }
+
+    /// Sequences preempted so far (their KV freed, to be recomputed).
+    pub fn num_preemptions(&self) -> u64 {
+        self.preemptions
     }
 
     pub fn engine(&self) -> &Engine {
@@ -184,39 +192,22 @@ impl Batcher {
             });
         }
         self.next_id = self.next_id.max(id + 1);
-        self.waiting.push_back((id, req));
+        self.waiting.push_back((id, Sequence::new(req)));
         Ok(())
     }
 
-    /// Moves waiting requests into the running set while their whole KV need (prompt +
-    /// `max_tokens`) can be reserved, so a running request never runs out of blocks. A request
-    /// that cannot fit even into an empty cache fails.
+    /// Moves waiting requests into the running set while the KV their context needs now (not
+    /// their whole `max_tokens`) can be reserved; a request that cannot fit even into an empty
+    /// cache fails. Sequences grow their KV step by step ([`Batcher::reserve_or_preempt`]).
     fn admit_waiting(&mut self, events: &mut Vec<BatchEvent>) {
-        while let Some((id, req)) = self.waiting.pop_front() {
-            let need = req.prompt.len().saturating_add(req.max_tokens);
+        while let Some((id, seq)) = self.waiting.pop_front() {
             let admitted = self
                 .engine
-                .add_sequence(id, req.run_spec())
-                .and_then(|_| self.engine.reserve(id, need));
+                .add_sequence(id, seq.req.run_spec())
+                .and_then(|_| self.engine.reserve(id, seq.admission_need()));
             match admitted {
                 Ok(()) => {
-                    let out = GenOutput {
-                        prompt_scores: Vec::new(),
-                        tokens: Vec::new(),
-                        finish: FinishReason::Length,
-                        stop_token: None,
-                    };
-                    let sampler = Sampler::new(req.sampling.clone());
-                    self.active.insert(
-                        id,
-                        Active {
-                            req,
-                            sampler,
-                            fed: 0,
-                            pending: None,
-                            out,
-                        },
-                    );
+                    self.active.insert(id, seq);
                     self.order.push(id);
                 }
                 Err(error) => {
@@ -225,7 +216,7 @@ impl Batcher {
                     if never_fits || self.active.is_empty() {
                         events.push(BatchEvent::Failed { id, error });
                     } else {
-                        self.waiting.push_front((id, req));
+                        self.waiting.push_front((id, seq));
                         return;
                     }
                 }
@@ -242,53 +233,79 @@ impl Batcher {
         }
     }
 
+    /// Decode rows first (one token each), then prefill chunks, within the step budget; both in
+    /// admission order.
     fn plan_step(&self) -> Vec<StepItem> {
-        let mut items = Vec::new();
-        let mut budget = self.max_step_tokens;
+        let mut items: Vec<StepItem> = self
+            .order
+            .iter()
+            .filter_map(|id| self.active[id].decode_item(*id))
+            .collect();
+        let mut budget = self.max_step_tokens.saturating_sub(items.len());
         for id in &self.order {
-            let a = &self.active[id];
-            if let Some(t) = a.pending {
-                items.push(StepItem {
-                    seq: *id,
-                    tokens: vec![t],
-                    score: None,
-                    want_logits: true,
-                    greedy_top: a.sampler.params().device_greedy_top(),
-                });
-                budget = budget.saturating_sub(1);
+            if let Some(item) = self.active[id].prefill_item(*id, budget) {
+                budget -= item.tokens.len();
+                items.push(item);
             }
-        }
-        for id in &self.order {
-            let a = &self.active[id];
-            let remaining = a.req.prompt.len() - a.fed;
-            if a.pending.is_some() || remaining == 0 || budget == 0 {
-                continue;
-            }
-            let n = remaining.min(budget);
-            budget -= n;
-            let end = a.fed + n;
-            let score = a.req.prompt_logprobs.map(|top_k| ScoreSpec {
-                targets: a.req.prompt[a.fed + 1..(end + 1).min(a.req.prompt.len())].to_vec(),
-                top_k,
-            });
-            items.push(StepItem {
-                seq: *id,
-                tokens: a.req.prompt[a.fed..end].to_vec(),
-                score,
-                want_logits: end == a.req.prompt.len() && a.req.max_tokens > 0,
-                greedy_top: a.sampler.params().device_greedy_top(),
-            });
         }
         items
+    }
+
+    /// Reserves the KV each planned item needs, in plan order. When the pool runs out, the most
+    /// recently admitted running sequence is preempted (its KV freed; it waits at the front of
+    /// the queue and recomputes it later), down to the sequence asking, which then sits this step
+    /// out itself.
+    fn reserve_or_preempt(&mut self, items: Vec<StepItem>) -> Vec<StepItem> {
+        let mut planned: Vec<StepItem> = Vec::with_capacity(items.len());
+        let mut dropped: Vec<SeqId> = Vec::new();
+        for item in items {
+            if dropped.contains(&item.seq) {
+                continue;
+            }
+            loop {
+                let need = self.active[&item.seq].kv_after(&item);
+                match self.engine.reserve(item.seq, need) {
+                    Ok(()) => {
+                        planned.push(item);
+                        break;
+                    }
+                    Err(_) => {
+                        let Some(&victim) = self.order.last() else {
+                            break;
+                        };
+                        self.preempt(victim);
+                        dropped.push(victim);
+                        planned.retain(|p| p.seq != victim);
+                        if victim == item.seq {
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        planned
+    }
+
+    fn preempt(&mut self, id: SeqId) {
+        if let Some(mut seq) = self.active.remove(&id) {
+            self.order.retain(|&x| x != id);
+            self.engine.release(id);
+            seq.preempt();
+            self.preemptions += 1;
+            self.waiting.push_front((id, seq));
+        }
     }
 
     /// Runs one engine step and reports tokens, finished and failed requests.
     pub fn step(&mut self) -> Vec<BatchEvent> {
         let mut events = Vec::new();
         self.admit_waiting(&mut events);
-        let items = self.plan_step();
+        let planned = self.plan_step();
+        let items = self.reserve_or_preempt(planned);
         if items.is_empty() {
-            events.extend(self.finish_idle());
+            if self.waiting.is_empty() {
+                events.extend(self.finish_idle());
+            }
             return events;
         }
         let started = std::time::Instant::now();
@@ -307,13 +324,8 @@ impl Batcher {
             let Some(a) = self.active.get_mut(&id) else {
                 continue;
             };
-            if a.pending.take().is_none() {
-                a.fed += item.tokens.len();
-                a.out.prompt_scores.extend(out.scores);
-                if a.fed == a.req.prompt.len() && a.req.prompt_logprobs.is_some() {
-                    let scores = std::mem::take(&mut a.out.prompt_scores);
-                    events.push(BatchEvent::PromptScored { id, scores });
-                }
+            if let Some(scores) = a.ran(item, out.scores) {
+                events.push(BatchEvent::PromptScored { id, scores });
             }
             let picked = match (out.greedy, out.logits) {
                 (Some(g), _) => Some(g),
@@ -325,23 +337,13 @@ impl Batcher {
             };
             let done = match picked {
                 Some(s) => {
-                    let stops = a.req.stop_token_ids.contains(&s.token)
-                        || (!a.req.ignore_eos && a.req.eos_token_ids.contains(&s.token));
-                    if stops {
-                        a.out.finish = FinishReason::Stop;
-                        a.out.stop_token = Some(s.token);
-                        true
-                    } else {
-                        a.out.tokens.push(s.clone());
-                        events.push(BatchEvent::Token {
-                            id,
-                            token: s.clone(),
-                        });
-                        a.pending = Some(s.token);
-                        a.out.tokens.len() >= a.req.max_tokens
+                    let finished = a.picked(&s);
+                    if a.out.stop_token.is_none() {
+                        events.push(BatchEvent::Token { id, token: s });
                     }
+                    finished
                 }
-                None => a.fed == a.req.prompt.len(),
+                None => a.context_done() && a.req.max_tokens == 0,
             };
             if done {
                 self.finish(id, &mut events);
