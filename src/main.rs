@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use pruneserve::api::validation::Validator;
 use pruneserve::api::{self, AppState};
 use pruneserve::checkpoint::{self, ModelDir};
+use pruneserve::engine::adapters::peft::PROJECTION_NAMES;
 use pruneserve::engine::adapters::LoraAdapter;
 use pruneserve::loaded::{DeviceKind, LoadedModel};
 use pruneserve::metrics::Metrics;
@@ -388,17 +389,8 @@ fn run(cli: Cli) -> Result<()> {
             seed,
         } => {
             let dir = ModelDir::resolve(&serve::resolve_source(&like)?)?;
-            const ALL: [&str; 7] = [
-                "q_proj",
-                "k_proj",
-                "v_proj",
-                "o_proj",
-                "gate_proj",
-                "up_proj",
-                "down_proj",
-            ];
             let targets: Vec<&str> = match targets.as_str() {
-                "all" => ALL.to_vec(),
+                "all" => PROJECTION_NAMES.to_vec(),
                 list => list.split(',').map(str::trim).collect(),
             };
             let init = checkpoint::random_init::AdapterInit {

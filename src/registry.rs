@@ -36,8 +36,8 @@ pub enum RegistryError {
     Exists(String),
     #[error("`{0}` is a base model and cannot be removed")]
     IsBase(String),
-    #[error("invalid layer plan for `{model}`: {source}")]
-    Plan { model: String, source: PlanError },
+    #[error("invalid layer plan for `{model}`: {error}")]
+    Plan { model: String, error: PlanError },
     #[error("`{model}`: a plan suffix is `@drop=<list>` or `@keep=<list>`, e.g. `@drop=3,22-29`")]
     PlanSuffix { model: String },
     #[error("invalid model name `{name}`: {reason}")]
@@ -47,15 +47,15 @@ pub enum RegistryError {
         name: String,
         candidates: Vec<String>,
     },
-    #[error("adapter `{name}`: {source}")]
+    #[error("adapter `{name}`: {error}")]
     Adapter {
         name: String,
-        source: Box<AdapterError>,
+        error: Box<AdapterError>,
     },
-    #[error("overlay `{name}`: {source}")]
+    #[error("overlay `{name}`: {error}")]
     Overlay {
         name: String,
-        source: Box<OverlayError>,
+        error: Box<OverlayError>,
     },
     #[error("`{base}` already holds {max} LoRA adapters (--max-loras); unload one first")]
     TooManyAdapters { base: String, max: usize },
@@ -205,9 +205,9 @@ impl Registry {
             .ok_or_else(|| RegistryError::UnknownModel(base.to_string()))?;
         let plan = spec
             .resolve(b.model.dir.config.num_hidden_layers)
-            .map_err(|source| RegistryError::Plan {
+            .map_err(|error| RegistryError::Plan {
                 model: name.to_string(),
-                source,
+                error,
             })?;
         let target = Resolved {
             base: b.clone(),
@@ -245,19 +245,19 @@ impl Registry {
         check_name(name, false)?;
         let model = &target.base.model.model;
         let overlay = match dirs.overlay {
-            Some(dir) => Some(Arc::new(model.load_overlay(dir).map_err(|source| {
+            Some(dir) => Some(Arc::new(model.load_overlay(dir).map_err(|error| {
                 RegistryError::Overlay {
                     name: name.to_string(),
-                    source: Box::new(source),
+                    error: Box::new(error),
                 }
             })?)),
             None => target.overlay.clone(),
         };
         let lora = match dirs.adapter {
             Some(dir) => {
-                let adapter_err = |source| RegistryError::Adapter {
+                let adapter_err = |error| RegistryError::Adapter {
                     name: name.to_string(),
-                    source: Box::new(source),
+                    error: Box::new(error),
                 };
                 let lora = LoraAdapter::load(
                     dir,
@@ -347,18 +347,18 @@ impl Registry {
         let spec = parse_plan_suffix(model, suffix)?;
         let plan = spec
             .resolve_on(&parent.plan, &parent.name)
-            .map_err(|source| RegistryError::Plan {
+            .map_err(|error| RegistryError::Plan {
                 model: model.to_string(),
-                source,
+                error,
             })?;
         if plan == *parent.plan {
             return Ok(parent);
         }
         if let Some(lora) = &parent.lora {
             lora.check_plan(&plan)
-                .map_err(|source| RegistryError::Adapter {
+                .map_err(|error| RegistryError::Adapter {
                     name: parent.name.clone(),
-                    source: Box::new(source),
+                    error: Box::new(error),
                 })?;
         }
         Ok(Resolved {
@@ -494,9 +494,9 @@ fn parse_plan_suffix(model: &str, suffix: &str) -> Result<PlanSpec, RegistryErro
         .ok_or_else(|| RegistryError::PlanSuffix {
             model: model.to_string(),
         })?;
-    let list: LayerList = list.parse().map_err(|source| RegistryError::Plan {
+    let list: LayerList = list.parse().map_err(|error| RegistryError::Plan {
         model: model.to_string(),
-        source,
+        error,
     })?;
     match kind {
         "drop" => Ok(PlanSpec::Drop(list)),

@@ -9,6 +9,7 @@ use serde_json::json;
 
 use crate::checkpoint::random_init::{init_random, init_random_adapter, AdapterInit};
 use crate::checkpoint::{CheckpointError, ModelDir};
+use crate::engine::adapters::peft::PROJECTION_NAMES;
 use crate::engine::adapters::LoraAdapter;
 use crate::engine::batch::{Batcher, GenOutput, GenRequest};
 use crate::engine::kv::ContiguousKvCache;
@@ -224,15 +225,7 @@ fn adapter_checks(
             rank: 16,
             // alpha = r: scale 1, so the bf16 B the device holds is the file's exactly.
             alpha: 16.0,
-            targets: &[
-                "q_proj",
-                "k_proj",
-                "v_proj",
-                "o_proj",
-                "gate_proj",
-                "up_proj",
-                "down_proj",
-            ],
+            targets: &PROJECTION_NAMES,
             std: 0.05,
             dtype: DType::BF16,
             seed: 16,

@@ -21,8 +21,8 @@ pub enum ServeError {
     Checkpoint(#[from] CheckpointError),
     #[error(transparent)]
     Registry(#[from] RegistryError),
-    #[error("base `{name}`: {source}")]
-    Engine { name: String, source: EngineError },
+    #[error("base `{name}`: {error}")]
+    Engine { name: String, error: EngineError },
     #[error("{0}")]
     Usage(String),
 }
@@ -155,9 +155,9 @@ pub fn start_loaded(
         s.max_in_flight,
         s.restart_policy,
     )
-    .map_err(|source| ServeError::Engine {
+    .map_err(|error| ServeError::Engine {
         name: name.to_string(),
-        source,
+        error,
     })?;
     let limits = Limits {
         max_model_len,

@@ -229,7 +229,7 @@ fn bad_serve_arguments_fail_in_one_line() {
         (vec!["--manifest", typo.to_str().unwrap()], "sorce"),
         (
             vec!["--manifest", adapter.to_str().unwrap()],
-            "LoRA adapters",
+            "adapter `v`: lora: not a directory",
         ),
         (vec!["--variant", "v=drop:50"], "out of range"),
         (vec!["--variant", "nonsense"], "must look like"),
@@ -249,4 +249,12 @@ fn bad_serve_arguments_fail_in_one_line() {
         assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: {err}");
         assert!(err.contains(needle), "{args:?}: {err}");
     }
+    // The cause is said once, not repeated by the error chain.
+    let out = Command::new(env!("CARGO_BIN_EXE_pruneserve"))
+        .args(["serve", "--manifest", adapter.to_str().unwrap()])
+        .env("RUST_LOG", "off")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.matches("not a directory").count(), 1, "{err}");
 }

@@ -102,56 +102,7 @@ enum Command {
     /// Self-Generated Responses: the model answers a seeded shuffle of a dataset's user prompts
     /// (the paper's settings by default); writes an OpenAI chat-format training file, a
     /// provenance file and a summary. Interrupted runs resume exactly where they stopped.
-    Sgr {
-        /// Servers to spread requests over (repeat the flag).
-        #[arg(long = "base-url", required = true)]
-        base_urls: Vec<String>,
-        #[arg(long)]
-        model: String,
-        /// A .jsonl, .json or .parquet file, or hub:org/name[:config[:split]].
-        #[arg(long)]
-        data: String,
-        /// The rows' shape (default: detected from the first row that has one).
-        #[arg(long, value_enum)]
-        format: Option<pruneval::sgr::source::Shape>,
-        #[arg(long)]
-        out: PathBuf,
-        /// Prompts to answer (after the shuffle and the length filter).
-        #[arg(long, default_value_t = 100_000)]
-        limit: usize,
-        #[arg(long, default_value_t = 42)]
-        seed: u64,
-        /// Answers per prompt.
-        #[arg(long, default_value_t = 1)]
-        n: usize,
-        /// Longest chat-templated prompt kept, counted by the server's /tokenize.
-        #[arg(long, default_value_t = 8000)]
-        max_prompt_tokens: usize,
-        /// System message ("" for none).
-        #[arg(long, default_value = "You are a helpful assistant.")]
-        system: String,
-        #[arg(long, default_value_t = 0.9)]
-        temperature: f64,
-        #[arg(long, default_value_t = 0.95)]
-        top_p: f64,
-        /// Capped at the room the server's context leaves after the prompt.
-        #[arg(long, default_value_t = 8192)]
-        max_tokens: usize,
-        /// Extra stop strings (the server stops at the model's own end-of-turn ids).
-        #[arg(long)]
-        stop: Vec<String>,
-        /// Extra stop token ids.
-        #[arg(long, value_delimiter = ',')]
-        stop_token_ids: Vec<u32>,
-        /// Keep answers that stopped on length (dropped and counted by default).
-        #[arg(long)]
-        keep_length: bool,
-        /// Requests in flight per server.
-        #[arg(long, default_value_t = 64)]
-        concurrency: usize,
-        #[arg(long, env = "OPENAI_API_KEY")]
-        api_key: Option<String>,
-    },
+    Sgr(pruneval::sgr::SgrSettings),
     /// Retention of variants against a base from result files, with CIs and McNemar tests.
     Compare {
         #[arg(long)]
@@ -313,47 +264,8 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Sgr {
-            base_urls,
-            model,
-            data,
-            format,
-            out,
-            limit,
-            seed,
-            n,
-            max_prompt_tokens,
-            system,
-            temperature,
-            top_p,
-            max_tokens,
-            stop,
-            stop_token_ids,
-            keep_length,
-            concurrency,
-            api_key,
-        } => {
-            let settings = pruneval::sgr::SgrSettings {
-                base_urls,
-                model,
-                data,
-                shape: format,
-                out,
-                limit,
-                seed,
-                n: n.max(1),
-                max_prompt_tokens,
-                system,
-                temperature,
-                top_p,
-                max_tokens,
-                stop,
-                stop_token_ids,
-                keep_length,
-                concurrency,
-                api_key,
-                progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
-            };
+        Command::Sgr(mut settings) => {
+            settings.progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
             let s = pruneval::sgr::run(&settings)?;
             println!(
                 "records {:?}; skipped rows {:?}; {} completion tokens in {:.1} s (client CPU {:.2} %)",

@@ -91,8 +91,8 @@ impl From<RegistryError> for ApiError {
         let status = match e {
             RegistryError::UnknownModel(_) => StatusCode::NOT_FOUND,
             RegistryError::Exists(_) => StatusCode::CONFLICT,
-            RegistryError::Adapter { ref source, .. }
-                if matches!(**source, AdapterError::Compute(_)) =>
+            RegistryError::Adapter { ref error, .. }
+                if matches!(**error, AdapterError::Compute(_)) =>
             {
                 StatusCode::INTERNAL_SERVER_ERROR
             }

@@ -226,15 +226,8 @@ pub fn module_dims(cfg: &Value, module: &str) -> (usize, usize) {
     }
 }
 
-pub const ALL_MODULES: [&str; 7] = [
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-];
+#[allow(unused_imports)]
+pub use pruneserve::engine::adapters::peft::PROJECTION_NAMES as ALL_MODULES;
 
 /// A random PEFT LoRA adapter to write: every layer of `layers`, the `targets` modules.
 pub struct AdapterSpec<'a> {

@@ -55,29 +55,68 @@ impl SgrError {
     }
 }
 
-/// Everything `pruneval sgr` is told.
-#[derive(Debug, Clone)]
+/// Everything `pruneval sgr` is told (its command-line arguments).
+#[derive(Debug, Clone, clap::Args)]
 pub struct SgrSettings {
+    /// Servers to spread requests over (repeat the flag).
+    #[arg(long = "base-url", required = true)]
     pub base_urls: Vec<String>,
+    #[arg(long)]
     pub model: String,
+    /// A .jsonl, .json or .parquet file, or hub:org/name[:config[:split]].
+    #[arg(long)]
     pub data: String,
+    /// The rows' shape (default: detected from the first row that has one).
+    #[arg(long = "format", value_enum)]
     pub shape: Option<Shape>,
+    #[arg(long)]
     pub out: PathBuf,
+    /// Prompts to answer (after the shuffle and the length filter).
+    #[arg(long, default_value_t = 100_000)]
     pub limit: usize,
+    #[arg(long, default_value_t = 42)]
     pub seed: u64,
+    /// Answers per prompt.
+    #[arg(long, default_value_t = 1, value_parser = at_least_one)]
     pub n: usize,
+    /// Longest chat-templated prompt kept, counted by the server's /tokenize.
+    #[arg(long, default_value_t = 8000)]
     pub max_prompt_tokens: usize,
+    /// System message ("" for none).
+    #[arg(long, default_value = "You are a helpful assistant.")]
     pub system: String,
+    #[arg(long, default_value_t = 0.9)]
     pub temperature: f64,
+    #[arg(long, default_value_t = 0.95)]
     pub top_p: f64,
+    /// Capped at the room the server's context leaves after the prompt.
+    #[arg(long, default_value_t = 8192)]
     pub max_tokens: usize,
+    /// Extra stop strings (the server stops at the model's own end-of-turn ids).
+    #[arg(long)]
     pub stop: Vec<String>,
+    /// Extra stop token ids.
+    #[arg(long, value_delimiter = ',')]
     pub stop_token_ids: Vec<u32>,
+    /// Keep answers that stopped on length (dropped and counted by default).
+    #[arg(long)]
     pub keep_length: bool,
     /// Requests in flight per server.
+    #[arg(long, default_value_t = 64)]
     pub concurrency: usize,
+    #[arg(long, env = "OPENAI_API_KEY")]
     pub api_key: Option<String>,
+    /// Draw a progress bar (set when stderr is a terminal).
+    #[arg(skip)]
     pub progress: bool,
+}
+
+/// `--n`: a positive count.
+fn at_least_one(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err(format!("`{text}` is not a positive count")),
+    }
 }
 
 /// A prompt that passed the length filter.

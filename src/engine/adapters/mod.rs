@@ -33,10 +33,10 @@ pub enum AdapterError {
     NotADirectory(PathBuf),
     #[error("{0}: missing")]
     Missing(PathBuf),
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     Read {
         path: PathBuf,
-        source: candle_core::Error,
+        error: candle_core::Error,
     },
     #[error("adapter_config.json: {0}")]
     Config(#[source] serde_json::Error),
@@ -378,10 +378,10 @@ fn read_modules(
     if !file.is_file() {
         return Err(AdapterError::Missing(file));
     }
-    let tensors = candle_core::safetensors::load(&file, &Device::Cpu).map_err(|source| {
+    let tensors = candle_core::safetensors::load(&file, &Device::Cpu).map_err(|error| {
         AdapterError::Read {
             path: file.clone(),
-            source,
+            error,
         }
     })?;
     let mut pairs: std::collections::BTreeMap<(usize, Module), (Option<Tensor>, Option<Tensor>)> =

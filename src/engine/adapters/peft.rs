@@ -15,6 +15,17 @@ use serde::Deserialize;
 
 use super::AdapterError;
 
+/// The HF names of the seven projections (`q_proj` ... `down_proj`).
+pub const PROJECTION_NAMES: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
+
 /// The seven projections an adapter may target, in the engine's packing order.
 pub const MODULES: [Module; 7] = [
     Module::Q,

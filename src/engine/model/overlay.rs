@@ -22,10 +22,10 @@ pub enum OverlayError {
     NotADirectory(PathBuf),
     #[error("{0}: no *.safetensors files")]
     Empty(PathBuf),
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     Read {
         path: PathBuf,
-        source: candle_core::Error,
+        error: candle_core::Error,
     },
     #[error("tensor `{0}` is not a tensor of this model")]
     Unknown(String),
@@ -107,7 +107,7 @@ impl DecoderModel {
         let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
             .map_err(|e| OverlayError::Read {
                 path: dir.to_path_buf(),
-                source: e.into(),
+                error: e.into(),
             })?
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
@@ -119,10 +119,10 @@ impl DecoderModel {
         let lineage = Lineage::read(dir)?;
         let mut tensors = BTreeMap::new();
         for f in &files {
-            let read = candle_core::safetensors::load(f, &Device::Cpu).map_err(|source| {
+            let read = candle_core::safetensors::load(f, &Device::Cpu).map_err(|error| {
                 OverlayError::Read {
                     path: f.clone(),
-                    source,
+                    error,
                 }
             })?;
             for (name, t) in read {
