@@ -27,6 +27,12 @@ pub const MAX_NAME_CHARS: usize = 128;
 /// share `<base>@other`.
 pub const MAX_AD_HOC_METRIC_SERIES: usize = 64;
 
+/// Layer importance (`POST /v1/layer_importance`): calibration prompts, and their tokens in all,
+/// per request (the paper's set is 100 prompts, 22,660 Llama-3 tokens). Each prompt must also fit
+/// `max_model_len`; at most `scheduler::MAX_ENGINE_TASKS` runs wait per base.
+pub const MAX_CALIBRATION_PROMPTS: usize = 1000;
+pub const MAX_CALIBRATION_TOKENS: usize = 262_144;
+
 /// The limits of one base and every variant served over it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {

@@ -1,4 +1,5 @@
-//! `pruneserve` command line: serve, import-gguf, prune, init-random, bench.
+//! `pruneserve` command line: serve, import-gguf, prune, merge, init-random, init-lora, selftest,
+//! influence, bench.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -11,9 +12,10 @@ use pruneserve::api::{self, AppState};
 use pruneserve::checkpoint::{self, ModelDir};
 use pruneserve::engine::adapters::peft::PROJECTION_NAMES;
 use pruneserve::engine::adapters::LoraAdapter;
+use pruneserve::importance::{self, Metric};
 use pruneserve::loaded::{DeviceKind, LoadedModel};
 use pruneserve::metrics::Metrics;
-use pruneserve::plan::{parse_layer_list, PlanSpec};
+use pruneserve::plan::{parse_layer_list, LayerPlan, PlanSpec};
 use pruneserve::serve;
 
 #[derive(Parser)]
@@ -204,6 +206,32 @@ enum Command {
         #[arg(long)]
         keep_dir: Option<PathBuf>,
     },
+    /// Score layers for pruning (Block Influence, angular distance) over a calibration set and
+    /// suggest a drop set; the server offers the same as POST /v1/layer_importance.
+    Influence {
+        #[arg(long)]
+        model: Option<String>,
+        /// Score a plan of the model instead of all its layers: `drop=LIST` or `keep=LIST`.
+        #[arg(long)]
+        plan: Option<String>,
+        /// `gsm8k-cot` (the first 100 GSM8K test items as chain-of-thought text) or a JSONL
+        /// file of {"text"} or {"question", "answer"} rows.
+        #[arg(long, default_value = importance::calibration::GSM8K_COT)]
+        calibration: String,
+        /// Use only the first N calibration prompts.
+        #[arg(long)]
+        limit: Option<usize>,
+        #[arg(long, value_enum, default_value_t = Metric::Bi)]
+        metric: Metric,
+        /// Layers to drop, K (the block size for --metric angular); default a quarter.
+        #[arg(long)]
+        drop: Option<usize>,
+        #[arg(long, value_enum, default_value_t = DeviceKind::Cpu)]
+        device: DeviceKind,
+        /// Also write the report as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Engine throughput without HTTP: prefill and decode tok/s at several batch sizes, full vs
     /// reverse-pruned plan (CPU f32, or CUDA bf16 with the paged cache). With
     /// PRUNESERVE_PHASE_TIMES=1 each figure is followed by where the step time went.
@@ -227,6 +255,26 @@ enum Command {
         #[arg(long)]
         adapter: Option<PathBuf>,
     },
+}
+
+/// `drop=LIST` or `keep=LIST`, as after a model name's `@`.
+fn plan_argument(text: &str) -> Result<PlanSpec> {
+    match text.split_once('=') {
+        Some(("drop", list)) => Ok(PlanSpec::Drop(parse_layer_list(list)?)),
+        Some(("keep", list)) => Ok(PlanSpec::Keep(parse_layer_list(list)?)),
+        _ => bail!("--plan must be drop=LIST or keep=LIST, e.g. drop=22-29"),
+    }
+}
+
+/// Loads a model (the default one without `--model`) on a device.
+fn load_on(
+    model: Option<String>,
+    device: DeviceKind,
+) -> Result<(String, LoadedModel, candle_core::Device, DType)> {
+    let model_id = model_or_default(model)?;
+    let (dev, dtype) = device.open()?;
+    let loaded = LoadedModel::load(&model_id, &dev, dtype)?;
+    Ok((model_id, loaded, dev, dtype))
 }
 
 fn model_or_default(model: Option<String>) -> Result<String> {
@@ -440,6 +488,44 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Command::Influence {
+            model,
+            plan,
+            calibration,
+            limit,
+            metric,
+            drop,
+            device,
+            json,
+        } => {
+            let (model_id, loaded, _, dtype) = load_on(model, device)?;
+            let layers = loaded.dir.config.num_hidden_layers;
+            let plan = match plan {
+                Some(p) => plan_argument(&p)?.resolve(layers)?,
+                None => LayerPlan::full(layers),
+            };
+            let mut texts = importance::calibration::load(&calibration)?;
+            texts.truncate(limit.unwrap_or(usize::MAX));
+            importance::calibration::check_texts(&texts)?;
+            let bos = loaded.model.config().bos_token_id;
+            let prompts =
+                importance::calibration::tokenize(&texts, bos, |t| loaded.encode(t, true))?;
+            let drop = drop.unwrap_or_else(|| importance::default_drop(plan.layers().len()));
+            let report = importance::run_to_end(
+                loaded.model.clone(),
+                Arc::new(plan),
+                prompts,
+                metric,
+                drop,
+            )?;
+            println!("model {model_id}, calibration {calibration}, {device:?} {dtype:?}");
+            println!("{}", report.table());
+            if let Some(path) = json {
+                std::fs::write(&path, serde_json::to_string_pretty(&report)?)
+                    .with_context(|| format!("writing {}", path.display()))?;
+            }
+            Ok(())
+        }
         Command::Bench {
             model,
             device,
@@ -450,9 +536,7 @@ fn run(cli: Cli) -> Result<()> {
             reverse,
             adapter,
         } => {
-            let model_id = model_or_default(model)?;
-            let (dev, dtype) = device.open()?;
-            let loaded = LoadedModel::load(&model_id, &dev, dtype)?;
+            let (model_id, loaded, dev, dtype) = load_on(model, device)?;
             let lora = adapter
                 .map(|dir| {
                     LoraAdapter::load(&dir, &loaded.dir.config, &dev, dtype, usize::MAX)

@@ -93,7 +93,7 @@ impl Client {
                 }
             }
         }
-        let v = self.send(path, &text)?;
+        let v = self.send(path, Some(&text))?;
         if let Some(f) = &cache_file {
             let cache_err = |e: std::io::Error| ClientError::Cache {
                 path: f.display().to_string(),
@@ -102,24 +102,35 @@ impl Client {
             if let Some(dir) = f.parent() {
                 std::fs::create_dir_all(dir).map_err(cache_err)?;
             }
-            let tmp = f.with_extension(format!("tmp{}", std::process::id()));
+            // Unique per write: two threads may answer the same request at once.
+            static WRITES: AtomicUsize = AtomicUsize::new(0);
+            let n = WRITES.fetch_add(1, Ordering::Relaxed);
+            let tmp = f.with_extension(format!("tmp{}-{n}", std::process::id()));
             std::fs::write(&tmp, v.to_string()).map_err(cache_err)?;
             std::fs::rename(&tmp, f).map_err(cache_err)?;
         }
         Ok(v)
     }
 
-    fn send(&self, path: &str, body: &str) -> Result<Value, ClientError> {
+    /// GETs JSON (never cached: listings such as `/v1/models` change).
+    pub fn get(&self, path: &str) -> Result<Value, ClientError> {
+        self.send(path, None)
+    }
+
+    fn send(&self, path: &str, body: Option<&str>) -> Result<Value, ClientError> {
         let url = format!("{}{path}", self.base_url);
         let mut delay = Duration::from_millis(250);
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let mut req = self
-                .http
-                .post(&url)
-                .header("content-type", "application/json")
-                .body(body.to_string());
+            let mut req = match body {
+                Some(body) => self
+                    .http
+                    .post(&url)
+                    .header("content-type", "application/json")
+                    .body(body.to_string()),
+                None => self.http.get(&url),
+            };
             if let Some(k) = &self.api_key {
                 req = req.bearer_auth(k);
             }

@@ -17,6 +17,12 @@ pub struct TaskResult {
     pub acc: f64,
     pub acc_norm: f64,
     pub items: Vec<ItemResult>,
+    /// Generative tasks: degeneration of the responses.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub degeneration: Option<crate::analysis::Degeneration>,
+    /// Program tasks: every sample's failure class, counted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failures: Option<Vec<crate::analysis::FailureCount>>,
 }
 
 /// What was asked and answered, for reading a result file.

@@ -5,6 +5,9 @@
 use std::path::{Path, PathBuf};
 
 use indicatif::{ProgressBar, ProgressStyle};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
 
 use crate::client::{Client, ClientError};
 use crate::compare::{ItemResult, Record, TaskResult};
@@ -13,7 +16,81 @@ use crate::generation::{generate_all, GenSettings};
 use crate::loglikelihood::score_pairs;
 use crate::metrics::predictions;
 use crate::sandbox::{self, Isolation, Limits, Outcome};
-use crate::tasks::Doc;
+use crate::shared_choice;
+use crate::tasks::{self, Doc, TaskError};
+
+/// A task's documents, by kind.
+pub enum Loaded {
+    Choice(Vec<Doc>),
+    Generative(Vec<GenDoc>),
+}
+
+impl Loaded {
+    pub fn len(&self) -> usize {
+        match self {
+            Loaded::Choice(d) => d.len(),
+            Loaded::Generative(d) => d.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Where a task's items come from and which of them run.
+#[derive(Debug, Clone, Default)]
+pub struct TaskSelection {
+    /// Task files in the layout of ../shared/data/README.md; `None`: the hub, cached under
+    /// `hub_cache`.
+    pub data_dir: Option<PathBuf>,
+    pub hub_cache: PathBuf,
+    /// A count or a fraction of the items (see [`tasks::apply_limit`]).
+    pub limit: Option<f64>,
+    pub num_fewshot: Option<usize>,
+    /// Take the items in the order of a seeded shuffle (the limit then samples them).
+    pub sample_seed: Option<u64>,
+}
+
+/// The items of `task` in `order` (a seeded shuffle, or as published), cut to the limit.
+fn select<T>(mut docs: Vec<T>, sel: &TaskSelection) -> Vec<T> {
+    if let Some(seed) = sel.sample_seed {
+        docs.shuffle(&mut ChaCha8Rng::seed_from_u64(seed));
+    }
+    let n = tasks::apply_limit(docs.len(), sel.limit);
+    docs.truncate(n);
+    docs
+}
+
+/// Loads a task's documents: from the data directory, or the hub when there is none.
+pub fn load_task(task: &str, sel: &TaskSelection) -> Result<Loaded, TaskError> {
+    let data_dir = match &sel.data_dir {
+        Some(dir) => dir.clone(),
+        None => crate::hub_data::materialize(task, &sel.hub_cache)?,
+    };
+    Ok(match gen_tasks::load(task, &data_dir) {
+        Some(docs) => Loaded::Generative(select(docs?, sel)),
+        None => Loaded::Choice(select(
+            tasks::load_with_shots(task, &data_dir, sel.num_fewshot)?,
+            sel,
+        )),
+    })
+}
+
+/// Runs a loaded task against `model`.
+pub fn run_loaded(
+    client: &Client,
+    model: &str,
+    task: &str,
+    docs: &Loaded,
+    settings: &GenSettings,
+    concurrency: usize,
+) -> Result<TaskResult, ClientError> {
+    match docs {
+        Loaded::Choice(d) => run_task(client, model, task, d, concurrency),
+        Loaded::Generative(d) => run_gen_task(client, model, task, d, settings, concurrency),
+    }
+}
 
 /// A progress bar with items/s and ETA on stderr (hidden when stderr is not a terminal).
 pub fn progress(task: &str, len: usize) -> ProgressBar {
@@ -29,7 +106,8 @@ pub fn progress(task: &str, len: usize) -> ProgressBar {
 
 use crate::metrics::average as mean;
 
-/// Scores every choice of every doc and derives `acc` / `acc_norm`.
+/// Scores every choice of every doc (in one forward per doc where [`shared_choice`] applies) and
+/// derives `acc` / `acc_norm`.
 pub fn run_task(
     client: &Client,
     model: &str,
@@ -37,28 +115,38 @@ pub fn run_task(
     docs: &[Doc],
     concurrency: usize,
 ) -> Result<TaskResult, ClientError> {
+    let choices: usize = docs.iter().map(|d| d.continuations.len()).sum();
+    let bar = progress(task, choices);
+    let shared =
+        shared_choice::score_docs(client, model, docs, concurrency, &|n| bar.inc(n as u64))?;
     let pairs: Vec<(String, String)> = docs
         .iter()
-        .flat_map(|d| {
+        .zip(&shared)
+        .filter(|(_, s)| s.is_none())
+        .flat_map(|(d, _)| {
             d.contexts
                 .iter()
                 .cloned()
                 .zip(d.continuations.iter().cloned())
         })
         .collect();
-    let bar = progress(task, pairs.len());
     let scores = score_pairs(client, model, &pairs, 16, concurrency, &|n| {
         bar.inc(n as u64)
     })?;
     bar.finish_and_clear();
     let mut items = Vec::with_capacity(docs.len());
     let mut at = 0;
-    for (i, d) in docs.iter().enumerate() {
-        let lls: Vec<f64> = scores[at..at + d.continuations.len()]
-            .iter()
-            .map(|s| s.loglikelihood)
-            .collect();
-        at += d.continuations.len();
+    for (i, (d, shared)) in docs.iter().zip(shared).enumerate() {
+        let lls: Vec<f64> = match shared {
+            Some(lls) => lls,
+            None => {
+                at += d.continuations.len();
+                scores[at - d.continuations.len()..at]
+                    .iter()
+                    .map(|s| s.loglikelihood)
+                    .collect()
+            }
+        };
         let (pred, pred_norm) = predictions(&lls, &d.continuations);
         items.push(ItemResult {
             id: i.to_string(),
@@ -84,6 +172,8 @@ pub fn run_task(
         acc: mean(&items.iter().map(|i| i.value).collect::<Vec<_>>()),
         acc_norm: mean(&items.iter().map(|i| i.value_norm).collect::<Vec<_>>()),
         items,
+        degeneration: None,
+        failures: None,
     })
 }
 
@@ -115,6 +205,7 @@ pub fn run_gen_task(
     let limits = Limits::default();
     let parallel = std::thread::available_parallelism().map_or(2, |n| n.get());
     let mut items = Vec::with_capacity(docs.len());
+    let mut executions = Vec::new();
     let mut metrics = ["exact_match".to_string(), "exact_match".to_string()];
     for (doc, texts) in docs.iter().zip(responses) {
         let (value, value_norm, extracted, target) = match &doc.check {
@@ -146,6 +237,7 @@ pub fn run_gen_task(
                         )
                     })
                     .collect();
+                executions.extend(runs);
                 (passed, passed, outcomes, String::new())
             }
             Check::Rouge(reference) => {
@@ -175,6 +267,11 @@ pub fn run_gen_task(
             },
         });
     }
+    let degeneration = crate::analysis::degeneration(
+        items
+            .iter()
+            .flat_map(|i| i.record.responses.iter().map(String::as_str)),
+    );
     Ok(TaskResult {
         task: task.to_string(),
         model: model.to_string(),
@@ -183,6 +280,8 @@ pub fn run_gen_task(
         acc: mean(&items.iter().map(|i| i.value).collect::<Vec<_>>()),
         acc_norm: mean(&items.iter().map(|i| i.value_norm).collect::<Vec<_>>()),
         items,
+        degeneration: Some(degeneration),
+        failures: (!executions.is_empty()).then(|| crate::analysis::failures::count(&executions)),
     })
 }
 

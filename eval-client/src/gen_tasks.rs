@@ -40,8 +40,9 @@ pub struct GenDoc {
     pub check: Check,
 }
 
-pub const GEN_TASKS: [&str; 8] = [
+pub const GEN_TASKS: [&str; 9] = [
     "gsm8k",
+    "gsm8k_train",
     "gsm8k_chat",
     "humaneval",
     "humanevalplus",
@@ -124,8 +125,8 @@ pub fn score_numbers(responses: &[String], target: &str) -> (f64, f64, Vec<Strin
     (strict / n, flexible / n, shown)
 }
 
-fn gsm8k(data_dir: &Path, chat: bool) -> Result<Vec<GenDoc>, TaskError> {
-    let rows: Vec<Gsm8kRow> = read_jsonl(&data_dir.join("gsm8k/test.jsonl"))?;
+fn gsm8k(data_dir: &Path, split: &str, chat: bool) -> Result<Vec<GenDoc>, TaskError> {
+    let rows: Vec<Gsm8kRow> = read_jsonl(&data_dir.join(format!("gsm8k/{split}.jsonl")))?;
     Ok(rows
         .into_iter()
         .enumerate()
@@ -147,7 +148,10 @@ fn gsm8k(data_dir: &Path, chat: bool) -> Result<Vec<GenDoc>, TaskError> {
                 Prompt::Completion(text)
             };
             GenDoc {
-                id: format!("gsm8k/{i}"),
+                id: match split {
+                    "test" => format!("gsm8k/{i}"),
+                    _ => format!("gsm8k/{split}/{i}"),
+                },
                 prompt,
                 stop: vec!["Q:".into(), "</s>".into(), "<|im_end|>".into()],
                 max_tokens: 256,
@@ -307,8 +311,9 @@ fn xsum(data_dir: &Path) -> Result<Vec<GenDoc>, TaskError> {
 /// Loads a generative task, or `None` if `task` is not one.
 pub fn load(task: &str, data_dir: &Path) -> Option<Result<Vec<GenDoc>, TaskError>> {
     Some(match task {
-        "gsm8k" | "gsm8k_cot" => gsm8k(data_dir, false),
-        "gsm8k_chat" => gsm8k(data_dir, true),
+        "gsm8k" | "gsm8k_cot" => gsm8k(data_dir, "test", false),
+        "gsm8k_train" => gsm8k(data_dir, "train", false),
+        "gsm8k_chat" => gsm8k(data_dir, "test", true),
         "humaneval" => humaneval(data_dir, false),
         "humanevalplus" => humaneval(data_dir, true),
         "mbpp" => mbpp(data_dir, false),

@@ -15,6 +15,9 @@ pub struct GenSettings {
     pub max_tokens: Option<usize>,
     pub seed: Option<u64>,
     pub samples: usize,
+    /// Nucleus and top-k sampling (`None`: the server's default, off).
+    pub top_p: Option<f64>,
+    pub top_k: Option<u32>,
 }
 
 /// The request body for one item.
@@ -28,6 +31,12 @@ pub fn request_body(model: &str, doc: &GenDoc, s: &GenSettings) -> (&'static str
     });
     if let Some(seed) = s.seed {
         body["seed"] = json!(seed);
+    }
+    if let Some(p) = s.top_p {
+        body["top_p"] = json!(p);
+    }
+    if let Some(k) = s.top_k {
+        body["top_k"] = json!(k);
     }
     match &doc.prompt {
         Prompt::Completion(text) => {

@@ -115,6 +115,7 @@ fn source(task: &str) -> Option<(Vec<HubSplit>, &'static str, Convert)> {
         "gsm8k" | "gsm8k_cot" | "gsm8k_chat" => {
             one("openai/gsm8k", "main", "test", "gsm8k/test.jsonl", AsIs)
         }
+        "gsm8k_train" => one("openai/gsm8k", "main", "train", "gsm8k/train.jsonl", AsIs),
         "humaneval" => one(
             "openai/openai_humaneval",
             "openai_humaneval",

@@ -4,8 +4,11 @@
 //! [`generation`] generates and [`sandbox`] runs programs, through [`client`] → [`metrics`] →
 //! [`eval`] writes result files → [`compare`] (retention with paired bootstrap CIs, McNemar) and
 //! [`plot`]. [`loadgen`] is the HTTP load generator of `pruneval bench`; [`sgr`] generates
-//! Self-Generated Response training files (`pruneval sgr`).
+//! Self-Generated Response training files (`pruneval sgr`); [`ablate`] runs layer ablation
+//! sweeps and greedy pruning over a server's ad-hoc plans (`pruneval ablate`).
 
+pub mod ablate;
+pub mod analysis;
 pub mod client;
 pub mod compare;
 pub mod eval;
@@ -18,5 +21,6 @@ pub mod metrics;
 pub mod plot;
 pub mod sandbox;
 pub mod sgr;
+pub mod shared_choice;
 pub mod tasks;
 pub mod workers;

@@ -34,7 +34,7 @@ pub struct Score {
     pub is_greedy: bool,
 }
 
-fn tokenize(client: &Client, model: &str, text: &str) -> Result<Vec<u32>, ClientError> {
+pub(crate) fn tokenize(client: &Client, model: &str, text: &str) -> Result<Vec<u32>, ClientError> {
     let v = client.post(
         "/tokenize",
         &json!({"model": model, "prompt": text, "add_special_tokens": false}),

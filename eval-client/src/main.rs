@@ -7,13 +7,7 @@ use clap::{Parser, Subcommand};
 use pruneval::client::Client;
 use pruneval::generation::GenSettings;
 use pruneval::loadgen::LoadGen;
-use pruneval::{compare, eval, gen_tasks, hub_data, plot, tasks};
-
-/// A task's documents, by kind.
-enum Loaded {
-    Choice(Vec<tasks::Doc>),
-    Generative(Vec<gen_tasks::GenDoc>),
-}
+use pruneval::{compare, eval, plot, tasks};
 
 #[derive(Parser)]
 #[command(
@@ -40,6 +34,9 @@ enum Command {
         /// A count (50) or a fraction (0.2) of each task's items.
         #[arg(long)]
         limit: Option<f64>,
+        /// Take items in the order of this seeded shuffle (with --limit: a seeded sample).
+        #[arg(long)]
+        sample_seed: Option<u64>,
         /// Task files in the layout of ../shared/data/README.md. Without it, each task's split
         /// comes from the Hugging Face hub (hf-hub cache; HF_HUB_OFFLINE=1 reads only the
         /// cache) and is written once under <cache-dir>/hub-data.
@@ -103,6 +100,10 @@ enum Command {
     /// (the paper's settings by default); writes an OpenAI chat-format training file, a
     /// provenance file and a summary. Interrupted runs resume exactly where they stopped.
     Sgr(pruneval::sgr::SgrSettings),
+    /// Layer ablations through ad-hoc plans: the single-layer sweep (every layer but the first
+    /// dropped alone) and, with --iterations N, the paper's greedy pruning; writes a table, a
+    /// JSON file, a sweep plot and a layer × iteration heatmap.
+    Ablate(pruneval::ablate::AblateSettings),
     /// Retention of variants against a base from result files, with CIs and McNemar tests.
     Compare {
         #[arg(long)]
@@ -133,6 +134,7 @@ fn run(cli: Cli) -> Result<()> {
             model,
             tasks: names,
             limit,
+            sample_seed,
             data_dir,
             out_dir,
             cache_dir,
@@ -151,27 +153,20 @@ fn run(cli: Cli) -> Result<()> {
                 anyhow::bail!("--temperature must be >= 0 and --samples-per-item >= 1");
             }
             // Every task loads before the first request, so a bad name or file costs nothing.
+            let selection = eval::TaskSelection {
+                data_dir,
+                hub_cache: cache_dir.join("hub-data"),
+                limit,
+                num_fewshot,
+                sample_seed,
+            };
             let mut loaded = Vec::new();
             for t in &names {
-                let data_dir = match &data_dir {
-                    Some(dir) => dir.clone(),
-                    None => hub_data::materialize(t, &cache_dir.join("hub-data")).with_context(
-                        || format!("task {t} (no --data-dir, so from the Hugging Face hub)"),
-                    )?,
-                };
-                let take = |n: usize| tasks::apply_limit(n, limit);
-                let docs = match gen_tasks::load(t, &data_dir) {
-                    Some(docs) => {
-                        let docs = docs?;
-                        let n = take(docs.len());
-                        Loaded::Generative(docs.into_iter().take(n).collect())
-                    }
-                    None => {
-                        let docs = tasks::load_with_shots(t, &data_dir, num_fewshot)?;
-                        let n = take(docs.len());
-                        Loaded::Choice(docs.into_iter().take(n).collect())
-                    }
-                };
+                let docs =
+                    eval::load_task(t, &selection).with_context(|| match selection.data_dir {
+                        Some(_) => format!("task {t}"),
+                        None => format!("task {t} (no --data-dir, so from the Hugging Face hub)"),
+                    })?;
                 loaded.push((t.clone(), docs));
             }
             let client = Client::new(&base_url, api_key, Some(cache_dir));
@@ -180,17 +175,13 @@ fn run(cli: Cli) -> Result<()> {
                 max_tokens,
                 seed,
                 samples: samples_per_item,
+                ..GenSettings::default()
             };
             for (task, docs) in loaded {
                 let started = std::time::Instant::now();
                 let waited = client.waiting_seconds();
-                let r = match &docs {
-                    Loaded::Choice(d) => eval::run_task(&client, &model, &task, d, concurrency),
-                    Loaded::Generative(d) => {
-                        eval::run_gen_task(&client, &model, &task, d, &settings, concurrency)
-                    }
-                }
-                .with_context(|| format!("task {task}"))?;
+                let r = eval::run_loaded(&client, &model, &task, &docs, &settings, concurrency)
+                    .with_context(|| format!("task {task}"))?;
                 let path = eval::write_result(&out_dir, &r)?;
                 println!(
                     "{task}: {} {:.4} {} {:.4} (n={}) -> {}",
@@ -277,6 +268,16 @@ fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
+        Command::Ablate(settings) => {
+            let a = pruneval::ablate::run(&settings)?;
+            let files = pruneval::ablate::write_reports(&settings.out_dir, &a)?;
+            println!("{}", pruneval::ablate::report::markdown(&a));
+            for f in files {
+                println!("wrote {}", f.display());
+            }
+            println!("requests sent: {}", a.requests_sent);
+            Ok(())
+        }
         Command::Compare {
             base,
             variants,
@@ -285,14 +286,27 @@ fn run(cli: Cli) -> Result<()> {
             norm,
         } => {
             let mut rows = Vec::new();
-            for task in &names {
+            let mut results = Vec::new();
+            let mut tasks_shown = names.clone();
+            // The arithmetic probe sits beside the task scores whenever every model has it.
+            let probe = "arithmetic".to_string();
+            let has_probe = std::iter::once(&base)
+                .chain(&variants)
+                .all(|m| eval::result_path(&out_dir, m, &probe).exists());
+            if has_probe && !tasks_shown.contains(&probe) {
+                tasks_shown.push(probe);
+            }
+            for task in &tasks_shown {
                 let b = eval::read_result(&out_dir, &base, task)?;
                 for v in &variants {
                     let r = eval::read_result(&out_dir, v, task)?;
                     rows.push(compare::compare(&b, &r, norm).map_err(anyhow::Error::msg)?);
+                    results.push(r);
                 }
+                results.insert(results.len() - variants.len(), b);
             }
-            let table = compare::markdown(&base, &rows);
+            let table =
+                compare::markdown(&base, &rows) + &pruneval::analysis::report::markdown(&results);
             println!("{table}");
             let [md, json, png] = compare::report_paths(&out_dir, &base);
             std::fs::write(&md, &table).with_context(|| format!("write {}", md.display()))?;
@@ -305,6 +319,15 @@ fn run(cli: Cli) -> Result<()> {
                 json.display(),
                 png.display()
             );
+            let failures = png.with_file_name(format!(
+                "{}-failures.png",
+                png.file_stem()
+                    .and_then(|s| s.to_str())
+                    .unwrap_or("compare")
+            ));
+            if pruneval::analysis::report::failure_chart(&failures, &results)? {
+                println!("wrote {}", failures.display());
+            }
             Ok(())
         }
     }

@@ -17,10 +17,10 @@ const FONTS: [&str; 3] = [
     "/usr/share/fonts/dejavu/DejaVuSans.ttf",
     "/usr/share/fonts/TTF/DejaVuSans.ttf",
 ];
-const TITLE_SIZE: u32 = 22;
-const LABEL_SIZE: u32 = 16;
+pub(crate) const TITLE_SIZE: u32 = 22;
+pub(crate) const LABEL_SIZE: u32 = 16;
 const HEIGHT: u32 = 520;
-const MARGIN: u32 = 20;
+pub(crate) const MARGIN: u32 = 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ChartError {
@@ -32,7 +32,7 @@ pub enum ChartError {
     Draw { path: PathBuf, message: String },
 }
 
-fn register_sans() -> Result<(), ChartError> {
+pub(crate) fn register_sans() -> Result<(), ChartError> {
     let bytes = FONTS
         .iter()
         .find_map(|p| std::fs::read(p).ok())
@@ -45,6 +45,35 @@ fn register_sans() -> Result<(), ChartError> {
     .map_err(|_| ChartError::BadFont)
 }
 
+/// A drawing area of a PNG chart.
+pub(crate) type Area<'a> = DrawingArea<BitMapBackend<'a>, plotters::coord::Shift>;
+
+/// A white canvas of `size` with `title` across its top: the canvas (to present) and the area
+/// below the title.
+pub(crate) fn titled_canvas<'a>(
+    path: &'a Path,
+    size: (u32, u32),
+    title: &str,
+) -> Result<(Area<'a>, Area<'a>), Box<dyn std::error::Error>> {
+    let root = BitMapBackend::new(path, size).into_drawing_area();
+    root.fill(&WHITE)?;
+    let body = root
+        .margin(8, 0, 0, 0)
+        .titled(title, ("sans-serif", TITLE_SIZE))?;
+    Ok((root, body))
+}
+
+/// Runs a chart's drawing, naming the file in its error.
+pub(crate) fn render(
+    path: &Path,
+    draw: impl FnOnce() -> Result<(), Box<dyn std::error::Error>>,
+) -> Result<(), ChartError> {
+    draw().map_err(|e| ChartError::Draw {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })
+}
+
 /// Where the parts of a chart go, in pixels: `[start, end)` columns of the plot and the legend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ChartLayout {
@@ -54,7 +83,7 @@ pub struct ChartLayout {
     pub legend: (u32, u32),
 }
 
-fn text_width(text: &str, size: u32) -> u32 {
+pub(crate) fn text_width(text: &str, size: u32) -> u32 {
     ("sans-serif", size)
         .into_font()
         .box_size(text)
@@ -110,11 +139,7 @@ pub fn retention_chart(
         .fold(1.2f64, f64::max)
         * 1.1;
     let draw = || -> Result<(), Box<dyn std::error::Error>> {
-        let root = BitMapBackend::new(path, (lay.width, lay.height)).into_drawing_area();
-        root.fill(&WHITE)?;
-        let body = root
-            .margin(8, 0, 0, 0)
-            .titled(&title, ("sans-serif", TITLE_SIZE))?;
+        let (root, body) = titled_canvas(path, (lay.width, lay.height), &title)?;
         let (plot_area, legend_area) = body.split_horizontally(lay.plot.1);
         let mut chart = ChartBuilder::on(&plot_area)
             .margin(12)
@@ -181,10 +206,7 @@ pub fn retention_chart(
         root.present()?;
         Ok(())
     };
-    draw().map_err(|e| ChartError::Draw {
-        path: path.to_path_buf(),
-        message: e.to_string(),
-    })?;
+    render(path, draw)?;
     Ok(lay)
 }
 
@@ -199,11 +221,7 @@ pub fn histogram(
     let width = (60 * bars.len() as u32 + 160).max(text_width(title, TITLE_SIZE) + 2 * MARGIN);
     let top = bars.iter().map(|(_, n)| *n).max().unwrap_or(1).max(1) as f64 * 1.15;
     let draw = || -> Result<(), Box<dyn std::error::Error>> {
-        let root = BitMapBackend::new(path, (width, 420)).into_drawing_area();
-        root.fill(&WHITE)?;
-        let body = root
-            .margin(8, 0, 0, 0)
-            .titled(title, ("sans-serif", TITLE_SIZE))?;
+        let (root, body) = titled_canvas(path, (width, 420), title)?;
         let mut chart = ChartBuilder::on(&body)
             .margin(12)
             .x_label_area_size(40)
@@ -233,10 +251,7 @@ pub fn histogram(
         root.present()?;
         Ok(())
     };
-    draw().map_err(|e| ChartError::Draw {
-        path: path.to_path_buf(),
-        message: e.to_string(),
-    })
+    render(path, draw)
 }
 
 #[cfg(test)]

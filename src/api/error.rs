@@ -77,9 +77,9 @@ impl From<EngineError> for ApiError {
 impl From<SubmitError> for ApiError {
     fn from(e: SubmitError) -> Self {
         match e {
-            SubmitError::QueueFull { .. } | SubmitError::Unhealthy(_) => {
-                ApiError::overloaded(e.to_string())
-            }
+            SubmitError::QueueFull { .. }
+            | SubmitError::Unhealthy(_)
+            | SubmitError::TasksBusy { .. } => ApiError::overloaded(e.to_string()),
             SubmitError::NeverFits { .. } => ApiError::bad_request(e.to_string(), Some("n")),
             SubmitError::Stopped => ApiError::internal(e.to_string()),
         }

@@ -7,6 +7,7 @@ mod chat;
 mod completions;
 pub mod error;
 mod generation;
+mod importance;
 mod models;
 mod sse;
 mod tokenize;
@@ -99,6 +100,7 @@ pub fn router(state: Arc<AppState>, body_limit: usize) -> Router {
         .route("/v1/lora_adapters", get(models::list_loras))
         .route("/v1/completions", post(completions::create))
         .route("/v1/chat/completions", post(chat::create))
+        .route("/v1/layer_importance", post(importance::create))
         // Set before the key layer, so a wrong method under /v1 still needs the key.
         .method_not_allowed_fallback(method_not_allowed)
         .route_layer(axum::middleware::from_fn_with_state(

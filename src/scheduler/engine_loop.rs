@@ -1,7 +1,9 @@
 //! The supervised engine loop: takes submissions and cancellations between steps, runs steps while
 //! there is work, and hands every step's events to the output thread. A panic anywhere in an
 //! iteration fails the sequences in flight, drops the engine (and its KV pool) and builds a fresh
-//! one; more than the policy's failures within its window marks the base unhealthy.
+//! one; more than the policy's failures within its window marks the base unhealthy. Engine tasks
+//! take turns with steps, one piece each; a task that panics is dropped without touching the
+//! engine.
 
 use std::collections::{HashSet, VecDeque};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -10,7 +12,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::output::OutputMsg;
-use super::{BatchLoop, Command, EngineFactory, Job, RestartPolicy, Shared};
+use super::{BatchLoop, Command, EngineFactory, Job, QueuedTask, RestartPolicy, Shared};
 use crate::engine::batch::BatchEvent;
 use crate::engine::{EngineError, SeqId};
 
@@ -25,6 +27,8 @@ pub(super) struct EngineLoop {
     restarts: u64,
     /// Preemptions counted by engines dropped after a failure.
     retired_preemptions: u64,
+    /// Engine tasks in arrival order; the first advances each turn.
+    tasks: VecDeque<QueuedTask>,
 }
 
 /// The text of a panic payload.
@@ -52,13 +56,14 @@ impl EngineLoop {
             failures: VecDeque::new(),
             restarts: 0,
             retired_preemptions: 0,
+            tasks: VecDeque::new(),
         }
     }
 
     pub(super) fn run(mut self, rx: Receiver<Command>, out: Sender<OutputMsg>) {
         loop {
             // Block only when idle; otherwise take whatever has arrived and keep stepping.
-            let busy = self.engine.as_ref().is_some_and(|e| !e.is_idle());
+            let busy = !self.tasks.is_empty() || self.engine.as_ref().is_some_and(|e| !e.is_idle());
             let first = if busy {
                 match rx.try_recv() {
                     Ok(c) => Some(c),
@@ -90,8 +95,10 @@ impl EngineLoop {
                         }
                     }
                 }
+                Command::Task(task) => self.tasks.push_back(task),
             }
         }
+        self.advance_task();
         let Some(engine) = self.engine.as_mut() else {
             return;
         };
@@ -105,6 +112,21 @@ impl EngineLoop {
             }
         }
         let _ = out.send(OutputMsg::Events(events));
+    }
+
+    /// One piece of the first task; a finished, panicking or abandoned task leaves the queue.
+    fn advance_task(&mut self) {
+        self.tasks.retain(|t| !t.task.is_abandoned());
+        let Some(front) = self.tasks.front_mut() else {
+            return;
+        };
+        let done = catch_unwind(AssertUnwindSafe(|| front.task.advance())).unwrap_or_else(|p| {
+            tracing::error!(error = %panic_message(p.as_ref()), "an engine task panicked; dropped");
+            true
+        });
+        if done {
+            self.tasks.pop_front();
+        }
     }
 
     fn admit(&mut self, job: Box<Job>, out: &Sender<OutputMsg>) {

@@ -6,6 +6,9 @@
 //! Contract:
 //! - At most `max_in_flight` sequences are in the system; a group (a request's prompts × `n`) is
 //!   admitted whole or not at all.
+//! - Other work on the engine's device ([`EngineTask`], e.g. a layer-importance run) goes through
+//!   the same thread, a piece per turn between steps; at most [`MAX_ENGINE_TASKS`] wait at once
+//!   and a task that panics is dropped alone.
 //! - A panic inside the engine fails the requests in flight with [`EngineError::Crashed`] and the
 //!   loop restarts on a fresh engine; after too many failures in a short time the base is marked
 //!   unhealthy ([`Health::Failed`]) and new requests are refused at once.
@@ -70,6 +73,19 @@ impl BatchLoop for Batcher {
     }
 }
 
+/// Work that must run on the engine's thread (it shares the device with the steps): advanced one
+/// piece per loop turn, between steps, until it says it is done.
+pub trait EngineTask: Send {
+    /// Runs the next piece; `true` once nothing is left (finished, failed or abandoned).
+    fn advance(&mut self) -> bool;
+
+    /// Whoever waits for the result has gone: the task leaves the queue without running further.
+    fn is_abandoned(&self) -> bool;
+}
+
+/// Engine tasks queued or running per base at once.
+pub const MAX_ENGINE_TASKS: usize = 2;
+
 /// Builds a fresh engine for the loop, at start and after a failure.
 pub type EngineFactory = Box<dyn FnMut() -> Result<Box<dyn BatchLoop>, EngineError> + Send>;
 
@@ -83,6 +99,8 @@ pub enum SubmitError {
     Unhealthy(String),
     #[error("engine loop has stopped")]
     Stopped,
+    #[error("{max} engine tasks (e.g. layer-importance runs) are already queued on this base; retry later")]
+    TasksBusy { max: usize },
 }
 
 /// Live figures for metrics and health.
@@ -131,6 +149,13 @@ struct Shared {
 enum Command {
     Submit(Box<Job>),
     Cancel(SeqId),
+    Task(QueuedTask),
+}
+
+/// A task and the count it holds a place in.
+struct QueuedTask {
+    task: Box<dyn EngineTask>,
+    _slot: InFlight,
 }
 
 struct Job {
@@ -167,6 +192,7 @@ pub struct SchedulerHandle {
     tx: Sender<Command>,
     next_id: Arc<AtomicU64>,
     in_flight: Arc<AtomicUsize>,
+    tasks: Arc<AtomicUsize>,
     max_in_flight: usize,
     capacity: KvCapacity,
     shared: Arc<Shared>,
@@ -204,6 +230,7 @@ impl SchedulerHandle {
             tx,
             next_id: Arc::new(AtomicU64::new(1)),
             in_flight: Arc::new(AtomicUsize::new(0)),
+            tasks: Arc::new(AtomicUsize::new(0)),
             max_in_flight,
             capacity,
             shared,
@@ -251,6 +278,23 @@ impl SchedulerHandle {
             });
         }
         Ok(streams)
+    }
+
+    /// Queues work for the engine's thread, unless [`MAX_ENGINE_TASKS`] are already queued.
+    pub fn submit_task(&self, task: Box<dyn EngineTask>) -> Result<(), SubmitError> {
+        if let Health::Failed(reason) = self.health() {
+            return Err(SubmitError::Unhealthy(reason));
+        }
+        let before = self.tasks.fetch_add(1, Ordering::SeqCst);
+        let slot = InFlight(self.tasks.clone());
+        if before >= MAX_ENGINE_TASKS {
+            return Err(SubmitError::TasksBusy {
+                max: MAX_ENGINE_TASKS,
+            });
+        }
+        self.tx
+            .send(Command::Task(QueuedTask { task, _slot: slot }))
+            .map_err(|_| SubmitError::Stopped)
     }
 
     pub fn stats(&self) -> LoopStats {

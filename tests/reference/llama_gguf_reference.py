@@ -3,8 +3,12 @@
 (dequantized) tensors, using llama.cpp's conventions — interleaved rope on its permuted q/k rows —
 so it checks pruneserve's GGUF import (un-permutation, tokenizer-free) and its decoder at once.
 
-stdin:  {"gguf": PATH, "prompts": [[ids...], ...]}
+stdin:  {"gguf": PATH, "prompts": [[ids...], ...], "layers": [plan's layers]?, "block": n?,
+        "logprobs": true?}
 stdout: {"logprobs": [[logprob of token i+1 given tokens 0..i, ...], ...]}  (natural log)
+        with "block": also {"bi": [per plan layer], "angular": [per block start]}: Block Influence
+        (1 - cos(layer input, layer output), mean over each prompt's tokens, then over prompts) and
+        arccos(cos(h_l, h_{l+n})) / pi at each prompt's final token, averaged over prompts.
 """
 import json
 import sys
@@ -54,14 +58,20 @@ def rope_interleaved(x, theta):
     return out
 
 
-def forward(weights, cfg, ids):
+def cosines(a, b):
+    return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+
+
+def forward(weights, cfg, ids, layers, taps):
     emb = weights["token_embd.weight"]
     x = emb[np.array(ids)]
     t = len(ids)
     nh, nkv = cfg["heads"], cfg["kv_heads"]
     d = x.shape[1] // nh
     mask = np.triu(np.full((t, t), -np.inf), 1)
-    for i in range(cfg["layers"]):
+    taps["finals"].append(x[-1].copy())
+    for i in layers:
+        x_in = x
         p = f"blk.{i}."
         h = rms_norm(x, weights[p + "attn_norm.weight"], cfg["eps"])
         q = rope_interleaved((h @ weights[p + "attn_q.weight"].T).reshape(t, nh, d), cfg["theta"])
@@ -79,6 +89,10 @@ def forward(weights, cfg, ids):
         g = h @ weights[p + "ffn_gate.weight"].T
         u = h @ weights[p + "ffn_up.weight"].T
         x = x + ((g / (1 + np.exp(-g))) * u) @ weights[p + "ffn_down.weight"].T
+        taps["bi"].append(float((1 - cosines(x_in, x)).mean()))
+        taps["finals"].append(x[-1].copy())
+    if not taps["logprobs"]:
+        return []
     x = rms_norm(x, weights["output_norm.weight"], cfg["eps"])
     head = weights.get("output.weight", emb)
     logits = x @ head.T
@@ -90,7 +104,23 @@ def forward(weights, cfg, ids):
 def main():
     req = json.load(sys.stdin)
     weights, cfg = load(req["gguf"])
-    json.dump({"logprobs": [forward(weights, cfg, p) for p in req["prompts"]]}, sys.stdout)
+    layers = req.get("layers", list(range(cfg["layers"])))
+    out = {"logprobs": []}
+    bi, finals = [], []
+    for p in req["prompts"]:
+        taps = {"bi": [], "finals": [], "logprobs": req.get("logprobs", True)}
+        out["logprobs"].append(forward(weights, cfg, p, layers, taps))
+        bi.append(taps["bi"])
+        finals.append(np.array(taps["finals"]))
+    if "block" in req:
+        n = req["block"]
+        out["bi"] = np.mean(bi, axis=0).tolist()
+        angular = []
+        for start in range(len(layers) - n + 1):
+            cos = [cosines(f[start], f[start + n]) for f in finals]
+            angular.append(float(np.mean(np.arccos(np.clip(cos, -1, 1)) / np.pi)))
+        out["angular"] = angular
+    json.dump(out, sys.stdout)
 
 
 if __name__ == "__main__":

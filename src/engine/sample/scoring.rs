@@ -60,9 +60,22 @@ pub fn greedy_rows(logits: &Tensor, k: usize) -> candle_core::Result<Vec<Sampled
         .collect())
 }
 
-/// The `k` largest entries of each row, by repeated argmax with masking (no full sort, so it
-/// works for any vocabulary size on any device).
+/// The `k` largest entries of each row, largest first (the lower index first on ties): on the
+/// host by partial selection for CPU tensors, by repeated argmax with masking on a device (no
+/// full sort, so it works for any vocabulary size there).
 pub fn top_k_rows(values: &Tensor, k: usize) -> candle_core::Result<Vec<Vec<(u32, f32)>>> {
+    if values.device().is_cpu() {
+        return Ok(values
+            .to_vec2::<f32>()?
+            .iter()
+            .map(|row| top_k_of_row(row, k))
+            .collect());
+    }
+    top_k_masked(values, k)
+}
+
+/// Repeated argmax with masking, on the tensor's device.
+fn top_k_masked(values: &Tensor, k: usize) -> candle_core::Result<Vec<Vec<(u32, f32)>>> {
     let (rows, vocab) = values.dims2()?;
     let mut out = vec![Vec::with_capacity(k); rows];
     if k == 0 {
@@ -84,6 +97,22 @@ pub fn top_k_rows(values: &Tensor, k: usize) -> candle_core::Result<Vec<Vec<(u32
         }
     }
     Ok(out)
+}
+
+/// The `k` largest entries of one row, largest first, ties to the lower index.
+fn top_k_of_row(row: &[f32], k: usize) -> Vec<(u32, f32)> {
+    let k = k.min(row.len());
+    if k == 0 {
+        return Vec::new();
+    }
+    let by_value = |a: &u32, b: &u32| row[*b as usize].total_cmp(&row[*a as usize]).then(a.cmp(b));
+    let mut idx: Vec<u32> = (0..row.len() as u32).collect();
+    if k < idx.len() {
+        idx.select_nth_unstable_by(k - 1, by_value);
+        idx.truncate(k);
+    }
+    idx.sort_by(by_value);
+    idx.into_iter().map(|i| (i, row[i as usize])).collect()
 }
 
 /// One-kernel greedy picks on CUDA (kernels/sampling.cu) for up to one reported logprob: the
@@ -181,6 +210,22 @@ mod tests {
                 assert_eq!(*id as usize, sorted[j].0);
                 assert!((*lp as f64 - sorted[j].1).abs() < 1e-6);
             }
+        }
+    }
+
+    #[test]
+    fn host_selection_equals_masked_argmax_with_ties() {
+        // Values with many exact ties.
+        let data: Vec<f32> = (0..3 * 500)
+            .map(|i| ((i * 7919) % 23) as f32 * 0.5)
+            .collect();
+        let t = Tensor::from_vec(data, (3, 500), &candle_core::Device::Cpu).unwrap();
+        for k in [1, 5, 20, 500, 600] {
+            assert_eq!(
+                top_k_rows(&t, k).unwrap(),
+                top_k_masked(&t, k.min(500)).unwrap(),
+                "k {k}"
+            );
         }
     }
 }
