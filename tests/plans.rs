@@ -148,6 +148,7 @@ fn taps_see_the_plan_in_order_and_block_influence_is_bounded() {
         .pop()
         .unwrap()
         .unwrap();
+    bi.end_prompt();
     for s in bi.scores() {
         let s = s.unwrap();
         assert!(s > 0.0 && s < 2.0, "BI {s}");
