@@ -87,7 +87,8 @@ impl TokenTexts {
     }
 }
 
-/// Each choice's loglikelihood (`f64::MIN` below the top 20), or `None` when no choice is in it.
+/// Each choice's loglikelihood (`f64::MIN` below the top 20), or `None` when no choice is in it
+/// or the server gave no alternatives for the next position.
 pub fn score(
     client: &Client,
     model: &str,
@@ -95,7 +96,7 @@ pub fn score(
     texts: &TokenTexts,
 ) -> Result<Option<Vec<f64>>, ClientError> {
     let body = json!({"model": model, "prompt": [shape.prompt], "echo": true,
-        "max_tokens": 1, "logprobs": TOP, "temperature": 0});
+        "max_tokens": 1, "logprobs": TOP, "temperature": 0, "ignore_eos": true});
     let v = client.post("/v1/completions", &body)?;
     let invalid = |message: &str| ClientError::Invalid {
         url: "/v1/completions".into(),
@@ -109,10 +110,14 @@ pub fn score(
         .map(|i| token_logprobs.get(i).and_then(Value::as_f64))
         .sum::<Option<f64>>()
         .ok_or_else(|| invalid("missing prefix logprobs"))?;
-    let next = lp["top_logprobs"]
+    // A greedy end of sequence may come back without its position (servers that do not honour
+    // `ignore_eos`): that item is scored in full.
+    let Some(next) = lp["top_logprobs"]
         .get(shape.prompt.len())
         .and_then(Value::as_object)
-        .ok_or_else(|| invalid("no top_logprobs for the next token"))?;
+    else {
+        return Ok(None);
+    };
     let mut lls = Vec::with_capacity(shape.last.len());
     for &t in &shape.last {
         let text = texts.get(client, model, t)?;
