@@ -9,6 +9,7 @@ pub mod bench;
 pub mod chat_template;
 pub mod checkpoint;
 pub mod engine;
+pub mod finetune;
 pub mod importance;
 pub mod limits;
 pub mod loaded;

@@ -12,6 +12,7 @@ use pruneserve::api::{self, AppState};
 use pruneserve::checkpoint::{self, ModelDir};
 use pruneserve::engine::adapters::peft::PROJECTION_NAMES;
 use pruneserve::engine::adapters::LoraAdapter;
+use pruneserve::finetune::{FineTuning, FinetuneArgs};
 use pruneserve::importance::{self, Metric};
 use pruneserve::loaded::{DeviceKind, LoadedModel};
 use pruneserve::metrics::Metrics;
@@ -119,6 +120,8 @@ enum Command {
         /// Require `Authorization: Bearer KEY` on /v1/*.
         #[arg(long, env = "PRUNESERVE_API_KEY")]
         api_key: Option<String>,
+        #[command(flatten)]
+        finetune: FinetuneArgs,
     },
     /// Write an HF model directory from a GGUF file.
     ImportGguf {
@@ -315,6 +318,7 @@ fn run(cli: Cli) -> Result<()> {
             max_lora_rank,
             max_body_bytes,
             api_key,
+            finetune,
         } => {
             let entries =
                 serve::entries_from_args(&manifests, model, served_model_name, &variants)?;
@@ -331,11 +335,13 @@ fn run(cli: Cli) -> Result<()> {
             };
             let registry = Arc::new(serve::build_registry(&entries, &settings)?);
             let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+            let finetune = FineTuning::start(&finetune, registry.clone())?;
             let state = Arc::new(AppState {
                 registry,
                 metrics: Arc::new(Metrics::new()?),
                 api_key,
                 validator: Validator::new(workers),
+                finetune,
             });
             let listener = std::net::TcpListener::bind((host.as_str(), port))
                 .with_context(|| format!("bind {host}:{port}"))?;

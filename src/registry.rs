@@ -98,6 +98,8 @@ pub struct VariantEntry {
     pub plan: Arc<LayerPlan>,
     pub extras: Extras,
     pub runtime: bool,
+    /// The fine-tuning job that produced its adapter (job id, training file, hyperparameters).
+    pub fine_tuning: Option<serde_json::Value>,
 }
 
 /// What a request's `model` resolves to.
@@ -130,6 +132,9 @@ pub struct ModelCard {
     pub overlay: Option<OverlayInfo>,
     /// Where a checkpoint on disk came from (the `prune` sidecar), if it did.
     pub lineage: Option<Lineage>,
+    /// The fine-tuning job behind a `ft:` variant.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fine_tuning: Option<serde_json::Value>,
     pub created_at_runtime: bool,
 }
 
@@ -217,7 +222,7 @@ impl Registry {
             name: base.to_string(),
             ad_hoc: false,
         };
-        self.attach(name, target, dirs, runtime)
+        self.attach(name, target, dirs, runtime, None)
     }
 
     /// Adds a recovered variant: what `on` names (a base, a variant or an ad-hoc plan) with the
@@ -231,7 +236,24 @@ impl Registry {
     ) -> Result<ModelCard, RegistryError> {
         check_name(name, false)?;
         let target = self.resolve(on)?;
-        self.attach(name, target, dirs, runtime)
+        self.attach(name, target, dirs, runtime, None)
+    }
+
+    /// Serves the adapter a fine-tuning job wrote as `name` on `on`, recording the job (blocking).
+    pub fn add_fine_tuned(
+        &self,
+        name: &str,
+        on: &str,
+        adapter: &Path,
+        job: serde_json::Value,
+    ) -> Result<ModelCard, RegistryError> {
+        check_name(name, false)?;
+        let target = self.resolve(on)?;
+        let dirs = ExtraDirs {
+            adapter: Some(adapter),
+            overlay: None,
+        };
+        self.attach(name, target, dirs, true, Some(job))
     }
 
     /// Loads the extras of `dirs` onto `target` and registers the result as `name`.
@@ -241,6 +263,7 @@ impl Registry {
         target: Resolved,
         dirs: ExtraDirs<'_>,
         runtime: bool,
+        fine_tuning: Option<serde_json::Value>,
     ) -> Result<ModelCard, RegistryError> {
         check_name(name, false)?;
         let model = &target.base.model.model;
@@ -279,6 +302,7 @@ impl Registry {
             plan: target.plan,
             extras: Extras { lora, overlay },
             runtime,
+            fine_tuning,
         })
     }
 
@@ -412,6 +436,7 @@ impl Registry {
             dropped_layers: v.plan.dropped(),
             adapter: lora,
             overlay: v.extras.overlay.as_ref().map(|o| o.info.clone()),
+            fine_tuning: v.fine_tuning.clone(),
             created_at_runtime: v.runtime,
             ..base_card
         }
@@ -433,6 +458,7 @@ impl Registry {
             adapter: None,
             overlay: None,
             lineage,
+            fine_tuning: None,
             created_at_runtime: false,
         }
     }
@@ -535,6 +561,7 @@ mod tests {
             plan: Arc::new(LayerPlan::full(4)),
             extras: Extras::default(),
             runtime: false,
+            fine_tuning: None,
         }
     }
 

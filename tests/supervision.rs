@@ -96,6 +96,7 @@ fn start_faulty_server(root: &std::path::Path) -> String {
         metrics: Arc::new(Metrics::new().unwrap()),
         api_key: None,
         validator: Validator::new(2),
+        finetune: None,
     });
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());

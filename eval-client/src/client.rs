@@ -2,7 +2,7 @@
 //! per failure, and an on-disk cache of every response keyed by (path, request body — which names
 //! the model), so a killed run resumes and a re-run costs no requests.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 use std::time::Instant;
@@ -28,6 +28,12 @@ pub enum ClientError {
 /// How long one request may take, queueing on the server included (a CPU server works through a
 /// generative task's queue slowly).
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// What a request carries.
+enum Body {
+    Json(String),
+    File { path: PathBuf, purpose: String },
+}
 
 pub struct Client {
     http: reqwest::blocking::Client,
@@ -80,12 +86,11 @@ impl Client {
     /// POSTs JSON, answering from the cache when this exact request was answered before.
     pub fn post(&self, path: &str, body: &Value) -> Result<Value, ClientError> {
         let text = body.to_string();
-        let cache_file = self.cache_dir.as_ref().map(|d| {
-            d.join(format!(
-                "{:016x}.json",
-                fnv1a(format!("{path}\n{text}").as_bytes())
-            ))
-        });
+        let key = format!("{path}\n{text}");
+        let cache_file = self
+            .cache_dir
+            .as_ref()
+            .map(|d| d.join(format!("{:016x}.json", fnv1a(key.as_bytes()))));
         if let Some(f) = &cache_file {
             if let Ok(cached) = std::fs::read_to_string(f) {
                 if let Ok(v) = serde_json::from_str(&cached) {
@@ -93,7 +98,7 @@ impl Client {
                 }
             }
         }
-        let v = self.send(path, Some(&text))?;
+        let v = self.send(path, Some(&Body::Json(text)))?;
         if let Some(f) = &cache_file {
             let cache_err = |e: std::io::Error| ClientError::Cache {
                 path: f.display().to_string(),
@@ -117,18 +122,44 @@ impl Client {
         self.send(path, None)
     }
 
-    fn send(&self, path: &str, body: Option<&str>) -> Result<Value, ClientError> {
+    /// POSTs JSON, never from the cache (actions such as creating a job).
+    pub fn post_uncached(&self, path: &str, body: &Value) -> Result<Value, ClientError> {
+        self.send(path, Some(&Body::Json(body.to_string())))
+    }
+
+    /// Uploads a file as OpenAI's `POST /v1/files` takes it (multipart `file` + `purpose`).
+    pub fn upload(&self, file: &Path, purpose: &str) -> Result<Value, ClientError> {
+        self.send(
+            "/v1/files",
+            Some(&Body::File {
+                path: file.to_path_buf(),
+                purpose: purpose.to_string(),
+            }),
+        )
+    }
+
+    fn send(&self, path: &str, body: Option<&Body>) -> Result<Value, ClientError> {
         let url = format!("{}{path}", self.base_url);
         let mut delay = Duration::from_millis(250);
         let mut attempt = 0;
         loop {
             attempt += 1;
             let mut req = match body {
-                Some(body) => self
+                Some(Body::Json(body)) => self
                     .http
                     .post(&url)
                     .header("content-type", "application/json")
-                    .body(body.to_string()),
+                    .body(body.clone()),
+                Some(Body::File { path, purpose }) => {
+                    let form = reqwest::blocking::multipart::Form::new()
+                        .text("purpose", purpose.clone())
+                        .file("file", path)
+                        .map_err(|e| ClientError::Invalid {
+                            url: url.clone(),
+                            message: format!("cannot read {}: {e}", path.display()),
+                        })?;
+                    self.http.post(&url).multipart(form)
+                }
                 None => self.http.get(&url),
             };
             if let Some(k) = &self.api_key {

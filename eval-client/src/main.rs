@@ -1,13 +1,12 @@
-//! `pruneval` command line: `eval` runs tasks against a server, `compare` prints retention tables.
+//! `pruneval` command line: `eval` runs tasks against a server, `compare` prints retention tables,
+//! `bench` load-tests, `sgr` generates training data, `ablate` searches plans, `finetune` drives
+//! fine-tuning jobs and `recover` runs the whole recovery loop.
 
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use pruneval::client::Client;
-use pruneval::generation::GenSettings;
 use pruneval::loadgen::LoadGen;
-use pruneval::{compare, eval, plot, tasks};
 
 #[derive(Parser)]
 #[command(
@@ -24,48 +23,7 @@ struct Cli {
 enum Command {
     /// Run tasks (multiple choice by loglikelihood; generative by generation) and write
     /// results/<model>/<task>.json with per-item records.
-    Eval {
-        #[arg(long)]
-        base_url: String,
-        #[arg(long)]
-        model: String,
-        #[arg(long, value_delimiter = ',')]
-        tasks: Vec<String>,
-        /// A count (50) or a fraction (0.2) of each task's items.
-        #[arg(long)]
-        limit: Option<f64>,
-        /// Take items in the order of this seeded shuffle (with --limit: a seeded sample).
-        #[arg(long)]
-        sample_seed: Option<u64>,
-        /// Task files in the layout of ../shared/data/README.md. Without it, each task's split
-        /// comes from the Hugging Face hub (hf-hub cache; HF_HUB_OFFLINE=1 reads only the
-        /// cache) and is written once under <cache-dir>/hub-data.
-        #[arg(long)]
-        data_dir: Option<PathBuf>,
-        #[arg(long, default_value = "results")]
-        out_dir: PathBuf,
-        /// Response cache (resume and re-runs cost no requests).
-        #[arg(long, default_value = "results/.cache")]
-        cache_dir: PathBuf,
-        #[arg(long, default_value_t = 4)]
-        concurrency: usize,
-        /// Few-shot examples for mmlu (default 5) and arithmetic (default 3).
-        #[arg(long)]
-        num_fewshot: Option<usize>,
-        /// Generative tasks: sampling temperature (0 = greedy).
-        #[arg(long, default_value_t = 0.0)]
-        temperature: f64,
-        /// Generative tasks: max new tokens (default: the task's).
-        #[arg(long)]
-        max_tokens: Option<usize>,
-        #[arg(long)]
-        seed: Option<u64>,
-        /// Generative tasks: samples per item (`n`); pass@1 is their mean.
-        #[arg(long, default_value_t = 1)]
-        samples_per_item: usize,
-        #[arg(long, env = "OPENAI_API_KEY")]
-        api_key: Option<String>,
-    },
+    Eval(pruneval::eval_command::EvalSettings),
     /// Load-test a server through HTTP: batch-1 decode, streamed generation at several
     /// concurrency levels (TTFT p50/p99, output tok/s) and echo-logprob scoring throughput.
     Bench {
@@ -105,18 +63,15 @@ enum Command {
     /// JSON file, a sweep plot and a layer × iteration heatmap.
     Ablate(pruneval::ablate::AblateSettings),
     /// Retention of variants against a base from result files, with CIs and McNemar tests.
-    Compare {
-        #[arg(long)]
-        base: String,
-        #[arg(long, value_delimiter = ',')]
-        variants: Vec<String>,
-        #[arg(long, value_delimiter = ',')]
-        tasks: Vec<String>,
-        #[arg(long, default_value = "results")]
-        out_dir: PathBuf,
-        /// Use acc_norm instead of acc.
-        #[arg(long)]
-        norm: bool,
+    Compare(pruneval::compare_command::CompareSettings),
+    /// Fine-tuning jobs on a pruneserve server (OpenAI's Fine-tuning API).
+    #[command(subcommand)]
+    Finetune(pruneval::finetune::FinetuneCommand),
+    /// The recovery loop from a manifest: SGR from the base, fine-tune the pruned variant on it,
+    /// evaluate base / pruned / recovered, and write the comparison report.
+    Recover {
+        /// The recovery manifest (TOML; see README "The recovery loop").
+        manifest: PathBuf,
     },
 }
 
@@ -129,79 +84,7 @@ fn main() {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Eval {
-            base_url,
-            model,
-            tasks: names,
-            limit,
-            sample_seed,
-            data_dir,
-            out_dir,
-            cache_dir,
-            concurrency,
-            num_fewshot,
-            temperature,
-            max_tokens,
-            seed,
-            samples_per_item,
-            api_key,
-        } => {
-            if names.is_empty() {
-                anyhow::bail!("no tasks given (--tasks); known: {}", tasks::known_tasks());
-            }
-            if temperature < 0.0 || samples_per_item == 0 {
-                anyhow::bail!("--temperature must be >= 0 and --samples-per-item >= 1");
-            }
-            // Every task loads before the first request, so a bad name or file costs nothing.
-            let selection = eval::TaskSelection {
-                data_dir,
-                hub_cache: cache_dir.join("hub-data"),
-                limit,
-                num_fewshot,
-                sample_seed,
-            };
-            let mut loaded = Vec::new();
-            for t in &names {
-                let docs =
-                    eval::load_task(t, &selection).with_context(|| match selection.data_dir {
-                        Some(_) => format!("task {t}"),
-                        None => format!("task {t} (no --data-dir, so from the Hugging Face hub)"),
-                    })?;
-                loaded.push((t.clone(), docs));
-            }
-            let client = Client::new(&base_url, api_key, Some(cache_dir));
-            let settings = GenSettings {
-                temperature,
-                max_tokens,
-                seed,
-                samples: samples_per_item,
-                ..GenSettings::default()
-            };
-            for (task, docs) in loaded {
-                let started = std::time::Instant::now();
-                let waited = client.waiting_seconds();
-                let r = eval::run_loaded(&client, &model, &task, &docs, &settings, concurrency)
-                    .with_context(|| format!("task {task}"))?;
-                let path = eval::write_result(&out_dir, &r)?;
-                println!(
-                    "{task}: {} {:.4} {} {:.4} (n={}) -> {}",
-                    r.metrics[0],
-                    r.acc,
-                    r.metrics[1],
-                    r.acc_norm,
-                    r.items.len(),
-                    path.display()
-                );
-                let wall = started.elapsed().as_secs_f64();
-                let waiting = client.waiting_seconds() - waited;
-                println!(
-                    "{task}: {:.1} items/s, wall {wall:.2} s, waiting on the server {waiting:.2} s (summed over {concurrency} workers)",
-                    r.items.len() as f64 / wall
-                );
-            }
-            println!("requests sent: {}", client.requests_sent());
-            Ok(())
-        }
+        Command::Eval(settings) => pruneval::eval_command::run(&settings),
         Command::Bench {
             base_url,
             models,
@@ -278,57 +161,11 @@ fn run(cli: Cli) -> Result<()> {
             println!("requests sent: {}", a.requests_sent);
             Ok(())
         }
-        Command::Compare {
-            base,
-            variants,
-            tasks: names,
-            out_dir,
-            norm,
-        } => {
-            let mut rows = Vec::new();
-            let mut results = Vec::new();
-            let mut tasks_shown = names.clone();
-            // The arithmetic probe sits beside the task scores whenever every model has it.
-            let probe = "arithmetic".to_string();
-            let has_probe = std::iter::once(&base)
-                .chain(&variants)
-                .all(|m| eval::result_path(&out_dir, m, &probe).exists());
-            if has_probe && !tasks_shown.contains(&probe) {
-                tasks_shown.push(probe);
-            }
-            for task in &tasks_shown {
-                let b = eval::read_result(&out_dir, &base, task)?;
-                for v in &variants {
-                    let r = eval::read_result(&out_dir, v, task)?;
-                    rows.push(compare::compare(&b, &r, norm).map_err(anyhow::Error::msg)?);
-                    results.push(r);
-                }
-                results.insert(results.len() - variants.len(), b);
-            }
-            let table =
-                compare::markdown(&base, &rows) + &pruneval::analysis::report::markdown(&results);
-            println!("{table}");
-            let [md, json, png] = compare::report_paths(&out_dir, &base);
-            std::fs::write(&md, &table).with_context(|| format!("write {}", md.display()))?;
-            std::fs::write(&json, serde_json::to_string_pretty(&rows)?)
-                .with_context(|| format!("write {}", json.display()))?;
-            plot::retention_chart(&png, &base, &rows)?;
-            println!(
-                "\nwrote {}, {} and {}",
-                md.display(),
-                json.display(),
-                png.display()
-            );
-            let failures = png.with_file_name(format!(
-                "{}-failures.png",
-                png.file_stem()
-                    .and_then(|s| s.to_str())
-                    .unwrap_or("compare")
-            ));
-            if pruneval::analysis::report::failure_chart(&failures, &results)? {
-                println!("wrote {}", failures.display());
-            }
+        Command::Compare(settings) => {
+            pruneval::compare_command::run(&settings)?;
             Ok(())
         }
+        Command::Finetune(cmd) => pruneval::finetune::run(&cmd),
+        Command::Recover { manifest } => pruneval::recover::run(&manifest),
     }
 }

@@ -6,6 +6,7 @@
 mod chat;
 mod completions;
 pub mod error;
+mod fine_tuning;
 mod generation;
 mod importance;
 mod models;
@@ -34,6 +35,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     pub api_key: Option<String>,
     pub validator: Validator,
+    /// The Files and Fine-tuning APIs (`--state-dir`), if on.
+    pub finetune: Option<Arc<crate::finetune::FineTuning>>,
 }
 
 /// The key of an `Authorization: Bearer KEY` header (the scheme is case-insensitive, RFC 7235).
@@ -101,6 +104,35 @@ pub fn router(state: Arc<AppState>, body_limit: usize) -> Router {
         .route("/v1/completions", post(completions::create))
         .route("/v1/chat/completions", post(chat::create))
         .route("/v1/layer_importance", post(importance::create))
+        // Uploads are held to --max-file-bytes while they stream, not to the body limit.
+        .route(
+            "/v1/files",
+            post(fine_tuning::upload)
+                .layer(DefaultBodyLimit::disable())
+                .get(fine_tuning::list_files),
+        )
+        .route(
+            "/v1/files/{id}",
+            get(fine_tuning::get_file).delete(fine_tuning::delete_file),
+        )
+        .route("/v1/files/{id}/content", get(fine_tuning::file_content))
+        .route(
+            "/v1/fine_tuning/jobs",
+            post(fine_tuning::create_job).get(fine_tuning::list_jobs),
+        )
+        .route("/v1/fine_tuning/jobs/{id}", get(fine_tuning::get_job))
+        .route(
+            "/v1/fine_tuning/jobs/{id}/cancel",
+            post(fine_tuning::cancel_job),
+        )
+        .route(
+            "/v1/fine_tuning/jobs/{id}/events",
+            get(fine_tuning::job_events),
+        )
+        .route(
+            "/v1/fine_tuning/jobs/{id}/checkpoints",
+            get(fine_tuning::job_checkpoints),
+        )
         // Set before the key layer, so a wrong method under /v1 still needs the key.
         .method_not_allowed_fallback(method_not_allowed)
         .route_layer(axum::middleware::from_fn_with_state(

@@ -53,11 +53,34 @@ pub fn smollm2_gguf() -> PathBuf {
 /// Runs a reference script with JSON on stdin; fails the test (never skips) if Python or its
 /// packages are missing.
 pub fn run_python(script: &str, input: &Value) -> Value {
+    let python = std::env::var("PRUNESERVE_PYTHON").unwrap_or_else(|_| "python3".into());
+    run_python_in(&python, script, input)
+}
+
+/// The Python with torch, transformers and peft (`scripts/test.sh` makes it): the trainer's
+/// and the peft reference's. Missing, the test fails naming it.
+pub fn trainer_python() -> PathBuf {
+    let p = std::env::var("PRUNESERVE_TRAINER_PYTHON").map_or_else(
+        |_| {
+            let home = std::env::var("HOME").unwrap_or_else(|_| ".".into());
+            Path::new(&home).join(".cache/pruneserve/trainer-venv/bin/python")
+        },
+        PathBuf::from,
+    );
+    assert!(
+        p.exists(),
+        "{} is missing: run scripts/test.sh (it installs tests/reference/trainer-requirements.txt)",
+        p.display()
+    );
+    p
+}
+
+/// [`run_python`] with a chosen interpreter.
+pub fn run_python_in(python: &str, script: &str, input: &Value) -> Value {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/reference")
         .join(script);
-    let python = std::env::var("PRUNESERVE_PYTHON").unwrap_or_else(|_| "python3".into());
-    let mut child = Command::new(&python)
+    let mut child = Command::new(python)
         .arg(&path)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
