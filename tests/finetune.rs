@@ -176,12 +176,19 @@ fn sdk_job_trains_serves_and_matches_peft() {
         .as_array()
         .unwrap()
         .iter()
-        .filter(|e| e["type"] == "metrics")
+        .filter(|e| e["type"] == "metrics" && e["data"]["train_loss"].is_number())
         .map(|e| e["data"]["train_loss"].as_f64().unwrap())
         .rev()
         .collect();
     println!("losses {losses:?}");
     assert_eq!(losses.len(), 12);
+    let validation = seen["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["data"]["valid_loss"].is_number())
+        .count();
+    assert_eq!(validation, 2, "one validation loss per epoch: {seen}");
     let (first, last) = (
         losses[..3].iter().sum::<f64>(),
         losses[9..].iter().sum::<f64>(),
@@ -421,4 +428,56 @@ fn bad_files_and_requests_get_clear_errors_and_store_nothing() {
             .contains("--state-dir"),
         "{e}"
     );
+}
+
+#[test]
+fn trl_and_transformers_backends_train_the_same_adapter() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path());
+    let train = training_file(tmp.path(), 16);
+    let s = start(&model, &tmp.path().join("state"), &real_trainer(), &[]);
+    let (_, file) = upload(&s, "t.jsonl", std::fs::read(&train).unwrap(), "fine-tune");
+    let file = file["id"].as_str().unwrap().to_string();
+    let mut runs = Vec::new();
+    for backend in ["trl", "transformers"] {
+        let job = create_job(
+            &s,
+            &file,
+            json!({"lora_r": 8, "lora_dropout": 0.0, "max_steps": 4, "warmup_steps": 0,
+                   "trainer": backend}),
+        );
+        let id = job["id"].as_str().unwrap().to_string();
+        let job = wait_job(&s, &id, 600, |j| {
+            j["status"] != "queued" && j["status"] != "running"
+        });
+        assert_eq!(job["status"], "succeeded", "{job}");
+        let evs = events(&s, &id);
+        assert!(
+            evs.iter()
+                .any(|e| e["message"].as_str().unwrap().contains(match backend {
+                    "trl" => "SFTTrainer",
+                    _ => "transformers.trainer.Trainer",
+                })),
+            "{backend}: {evs:?}"
+        );
+        let losses: Vec<f64> = evs
+            .iter()
+            .filter(|e| e["type"] == "metrics")
+            .map(|e| e["data"]["train_loss"].as_f64().unwrap())
+            .collect();
+        let name = job["fine_tuned_model"].as_str().unwrap().to_string();
+        runs.push((losses, s.echo_logprobs(&name, &pseudo_tokens(32, 49152, 2))));
+    }
+    println!("trl {:?}\ntransformers {:?}", runs[0].0, runs[1].0);
+    assert_eq!(runs[0].0.len(), 4);
+    for (a, b) in runs[0].0.iter().zip(&runs[1].0) {
+        assert!((a - b).abs() <= 1e-4 * a.abs().max(1.0), "{a} vs {b}");
+    }
+    let d = runs[0]
+        .1
+        .iter()
+        .zip(&runs[1].1)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(d <= 1e-4, "served adapters differ by {d}");
 }

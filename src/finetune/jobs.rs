@@ -55,11 +55,19 @@ pub struct Extension {
     pub warmup_steps: u32,
     pub max_steps: Option<u32>,
     pub learning_rate: f64,
+    /// The reference trainer's backend: `auto` (TRL's SFTTrainer when installed), `trl`,
+    /// `transformers`.
+    #[serde(default = "auto")]
+    pub trainer: String,
     /// The pruned checkpoint the trainer loads, and the adapter it wrote.
     pub training_checkpoint: Option<String>,
     pub adapter_dir: Option<String>,
     /// Training throughput the trainer reported.
     pub train_tokens_per_second: Option<f64>,
+}
+
+fn auto() -> String {
+    "auto".into()
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -84,6 +84,7 @@ pub struct ExtensionRequest {
     max_seq_len: Option<usize>,
     warmup_steps: Option<u32>,
     max_steps: Option<u32>,
+    trainer: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -278,6 +279,13 @@ fn extension(
             format!("max_seq_len is 16 to {MAX_SEQ_LEN}"),
         ));
     }
+    let trainer = r.trainer.clone().unwrap_or_else(|| "auto".into());
+    if !["auto", "trl", "transformers"].contains(&trainer.as_str()) {
+        return Err(invalid(
+            "pruneserve.trainer",
+            "trainer is \"auto\", \"trl\" or \"transformers\"",
+        ));
+    }
     if r.max_steps == Some(0) {
         return Err(invalid("pruneserve.max_steps", "max_steps is at least 1"));
     }
@@ -293,6 +301,7 @@ fn extension(
         warmup_steps: r.warmup_steps.unwrap_or(DEFAULT_WARMUP_STEPS),
         max_steps: r.max_steps,
         learning_rate,
+        trainer,
         training_checkpoint: None,
         adapter_dir: None,
         train_tokens_per_second: None,

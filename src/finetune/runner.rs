@@ -215,6 +215,7 @@ fn spec(
         "lora": {"r": x.lora_r, "alpha": x.lora_alpha, "dropout": x.lora_dropout,
                  "target_modules": x.target_modules},
         "load_in_4bit": x.load_in_4bit,
+        "trainer": x.trainer,
         "device": ft.trainer_device,
     }))
 }
@@ -297,11 +298,13 @@ fn read_protocol(
         };
         let stored = match msg["type"].as_str() {
             Some("metrics") => {
+                let (what, loss) = match msg["valid_loss"].as_f64() {
+                    Some(v) => ("validation", v),
+                    None => ("training", msg["train_loss"].as_f64().unwrap_or(f64::NAN)),
+                };
                 let text = format!(
-                    "Step {}/{}: training loss={:.4}",
-                    msg["step"],
-                    msg["total_steps"],
-                    msg["train_loss"].as_f64().unwrap_or(f64::NAN)
+                    "Step {}/{}: {what} loss={loss:.4}",
+                    msg["step"], msg["total_steps"]
                 );
                 ft.jobs.event(id, "info", &text, msg.clone(), "metrics")
             }

@@ -6,7 +6,9 @@ Protocol (version 1). Invoked as `... trainer.py SPEC.json`. SPEC holds model_di
 validation_file, output_dir, checkpoint_dir, seed, n_epochs, per_device_batch_size,
 gradient_accumulation_steps, learning_rate, lr_scheduler_type, warmup_steps, max_steps,
 weight_decay, adam_beta1, adam_beta2, max_grad_norm, max_seq_len, lora {r, alpha, dropout,
-target_modules}, load_in_4bit (true, false, "auto"), device ("auto", "cpu", "cuda", "cuda:N").
+target_modules}, load_in_4bit (true, false, "auto"), device ("auto", "cpu", "cuda", "cuda:N"),
+trainer ("auto": TRL's SFTTrainer when trl is installed, else transformers' Trainer; "trl";
+"transformers").
 Writes one JSON object per line on stdout:
   {"type": "message", "level": "info", "message": ...}
   {"type": "metrics", "step", "total_steps", "train_loss", "learning_rate", "tokens", "epoch"}
@@ -60,6 +62,20 @@ def load_examples(tok, path, max_len):
             else:
                 skipped += 1
     return examples, skipped
+
+
+def pick_backend(wanted):
+    """`trl` or `transformers`: TRL's SFTTrainer where installed (or asked for)."""
+    if wanted == "transformers":
+        return wanted
+    try:
+        import datasets  # noqa: F401
+        import trl  # noqa: F401
+        return "trl"
+    except ImportError:
+        if wanted == "trl":
+            raise SystemExit("trainer `trl` asked for, but trl or datasets is not installed")
+        return "transformers"
 
 
 def main():
@@ -128,6 +144,9 @@ def main():
 
     class Progress(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "eval_loss" in logs:
+                emit(type="metrics", step=state.global_step, total_steps=total, valid_loss=logs["eval_loss"],
+                     epoch=logs.get("epoch"))
             if logs and "loss" in logs:
                 emit(type="metrics", step=state.global_step, total_steps=total, train_loss=logs["loss"],
                      learning_rate=logs.get("learning_rate"), tokens=tokens["n"], epoch=logs.get("epoch"))
@@ -138,23 +157,38 @@ def main():
                  path=f"{args.output_dir}/checkpoint-{state.global_step}",
                  metrics={"step": state.global_step, "train_loss": loss})
 
-    class CountingTrainer(Trainer):
+    backend = pick_backend(spec.get("trainer", "auto"))
+    if backend == "trl":
+        import datasets
+        from trl import SFTConfig as Config, SFTTrainer as Base
+        # Already tokenized with labels: TRL keeps `labels` as given and pads them with -100.
+        extra = {"max_length": spec["max_seq_len"], "packing": False}
+        train_set = datasets.Dataset.from_list(train)
+        valid_set = datasets.Dataset.from_list(valid) if valid else None
+        data = {"processing_class": tok}
+    else:
+        Config, Base, extra = TrainingArguments, Trainer, {"remove_unused_columns": False}
+        train_set, valid_set = train, valid
+        data = {"data_collator": collate}
+
+    class CountingTrainer(Base):
         def training_step(self, model, inputs, *a, **kw):
             tokens["n"] += int(inputs["attention_mask"].sum())
             return super().training_step(model, inputs, *a, **kw)
 
-    args = TrainingArguments(
+    args = Config(
         output_dir=spec["checkpoint_dir"], per_device_train_batch_size=spec["per_device_batch_size"],
         gradient_accumulation_steps=spec["gradient_accumulation_steps"], num_train_epochs=spec["n_epochs"],
         max_steps=spec["max_steps"] or -1, learning_rate=spec["learning_rate"],
         lr_scheduler_type=spec["lr_scheduler_type"], warmup_steps=spec["warmup_steps"],
         weight_decay=spec["weight_decay"], adam_beta1=spec["adam_beta1"], adam_beta2=spec["adam_beta2"],
         max_grad_norm=spec["max_grad_norm"], logging_steps=1, save_strategy="epoch", seed=spec["seed"],
-        report_to=[], use_cpu=not on_gpu, bf16=on_gpu and not four_bit, remove_unused_columns=False,
+        report_to=[], use_cpu=not on_gpu, bf16=on_gpu and not four_bit,
         eval_strategy="epoch" if valid else "no", per_device_eval_batch_size=spec["per_device_batch_size"],
-        disable_tqdm=True)
-    trainer = CountingTrainer(model=model, args=args, train_dataset=train, eval_dataset=valid,
-                              data_collator=collate, callbacks=[Progress()])
+        disable_tqdm=True, **extra)
+    emit(type="message", level="info", message=f"trainer: {Base.__module__}.{Base.__name__}")
+    trainer = CountingTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=valid_set,
+                              callbacks=[Progress()], **data)
     start = time.time()
     out = trainer.train()
     seconds = time.time() - start

@@ -3,7 +3,7 @@
 training file, creates a job (paper-style LoRA settings through `extra_body`), waits for it, and
 reads its events and checkpoints.
 
-stdin:  {"base_url", "training_file" (a path), "model", "suffix", "extension": {...}, "timeout_s"}
+stdin:  {"base_url", "training_file" (a path, also uploaded as the validation file), "model", "suffix", "extension": {...}, "timeout_s"}
 stdout: JSON of what the SDK saw (the Rust test asserts on it).
 """
 import json
@@ -18,8 +18,10 @@ def main():
     client = OpenAI(base_url=cfg["base_url"], api_key="none", max_retries=0)
     with open(cfg["training_file"], "rb") as f:
         uploaded = client.files.create(file=f, purpose="fine-tune")
+    with open(cfg["training_file"], "rb") as f:
+        validation = client.files.create(file=f, purpose="fine-tune")
     job = client.fine_tuning.jobs.create(
-        model=cfg["model"], training_file=uploaded.id, suffix=cfg["suffix"], seed=7,
+        model=cfg["model"], training_file=uploaded.id, validation_file=validation.id, suffix=cfg["suffix"], seed=7,
         method={"type": "supervised",
                 "supervised": {"hyperparameters": {"batch_size": 4, "learning_rate_multiplier": 10}}},
         extra_body={"pruneserve": cfg["extension"]},
