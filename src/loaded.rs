@@ -16,10 +16,70 @@ pub enum DeviceKind {
 }
 
 impl DeviceKind {
+    /// The device and its default precision.
     pub fn open(self) -> Result<(Device, DType), CheckpointError> {
         match self {
             DeviceKind::Cpu => Ok((Device::Cpu, DType::F32)),
             DeviceKind::Cuda => Ok((Device::new_cuda(0)?, DType::BF16)),
+        }
+    }
+}
+
+/// `--dtype`: the precision weights and activations are held in, as vLLM's flag.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum ComputeDtype {
+    /// bf16 on CUDA, f32 on the CPU.
+    #[default]
+    Auto,
+    Bf16,
+    F16,
+    F32,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("--dtype {} is not available on {}: {reason}", .dtype.name(), .device.name())]
+pub struct UnsupportedDtype {
+    pub device: DeviceKind,
+    pub dtype: ComputeDtype,
+    pub reason: &'static str,
+}
+
+impl DeviceKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            DeviceKind::Cpu => "cpu",
+            DeviceKind::Cuda => "cuda",
+        }
+    }
+}
+
+impl ComputeDtype {
+    pub fn name(self) -> &'static str {
+        match self {
+            ComputeDtype::Auto => "auto",
+            ComputeDtype::Bf16 => "bf16",
+            ComputeDtype::F16 => "f16",
+            ComputeDtype::F32 => "f32",
+        }
+    }
+
+    /// The precision on `device`, or why there is none.
+    pub fn on(self, device: DeviceKind) -> Result<DType, UnsupportedDtype> {
+        let refuse = |reason| {
+            Err(UnsupportedDtype {
+                device,
+                dtype: self,
+                reason,
+            })
+        };
+        match (device, self) {
+            (DeviceKind::Cpu, ComputeDtype::Auto | ComputeDtype::F32) => Ok(DType::F32),
+            (DeviceKind::Cpu, _) => refuse("the CPU engine runs f32"),
+            (DeviceKind::Cuda, ComputeDtype::Auto | ComputeDtype::Bf16) => Ok(DType::BF16),
+            (DeviceKind::Cuda, ComputeDtype::F32) => Ok(DType::F32),
+            (DeviceKind::Cuda, ComputeDtype::F16) => refuse(
+                "the CUDA kernels (fused.cu, attention.cu, sampling.cu) are built for bf16 and f32",
+            ),
         }
     }
 }

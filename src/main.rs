@@ -14,7 +14,7 @@ use pruneserve::engine::adapters::peft::PROJECTION_NAMES;
 use pruneserve::engine::adapters::LoraAdapter;
 use pruneserve::finetune::{FineTuning, FinetuneArgs};
 use pruneserve::importance::{self, Metric};
-use pruneserve::loaded::{DeviceKind, LoadedModel};
+use pruneserve::loaded::{ComputeDtype, DeviceKind, LoadedModel};
 use pruneserve::metrics::Metrics;
 use pruneserve::plan::{parse_layer_list, LayerPlan, PlanSpec};
 use pruneserve::serve;
@@ -93,6 +93,10 @@ enum Command {
         port: u16,
         #[arg(long, value_enum, default_value_t = DeviceKind::Cpu)]
         device: DeviceKind,
+        /// Precision of weights and activations: auto (bf16 on CUDA, f32 on the CPU), bf16, f32
+        /// (f16 is refused: the kernels are built for bf16 and f32).
+        #[arg(long, value_enum, default_value_t = ComputeDtype::Auto)]
+        dtype: ComputeDtype,
         /// Token budget of one engine step (decode tokens + prefill chunk).
         #[arg(long, default_value_t = 2048)]
         max_step_tokens: usize,
@@ -309,6 +313,7 @@ fn run(cli: Cli) -> Result<()> {
             host,
             port,
             device,
+            dtype,
             max_step_tokens,
             kv_blocks,
             kv_cache_gb,
@@ -324,6 +329,7 @@ fn run(cli: Cli) -> Result<()> {
                 serve::entries_from_args(&manifests, model, served_model_name, &variants)?;
             let settings = serve::EngineSettings {
                 device,
+                dtype,
                 kv_blocks,
                 max_step_tokens,
                 max_in_flight,

@@ -8,7 +8,7 @@ use crate::checkpoint::CheckpointError;
 use crate::engine::batch::Batcher;
 use crate::engine::{Engine, EngineError, EngineOptions};
 use crate::limits::Limits;
-use crate::loaded::{DeviceKind, LoadedModel};
+use crate::loaded::{ComputeDtype, DeviceKind, LoadedModel, UnsupportedDtype};
 use crate::manifest::{BaseEntry, Manifest, ManifestError, VariantEntry, VariantKind};
 use crate::registry::{Base, ExtraDirs, Registry, RegistryError};
 use crate::scheduler::{BatchLoop, EngineFactory, RestartPolicy, SchedulerHandle};
@@ -25,12 +25,16 @@ pub enum ServeError {
     Engine { name: String, error: EngineError },
     #[error("{0}")]
     Usage(String),
+    #[error(transparent)]
+    Dtype(#[from] UnsupportedDtype),
 }
 
 /// Engine settings shared by every base.
 #[derive(Debug, Clone, Copy)]
 pub struct EngineSettings {
     pub device: DeviceKind,
+    /// Precision of weights and activations (`--dtype`).
+    pub dtype: ComputeDtype,
     pub kv_blocks: usize,
     pub max_step_tokens: usize,
     pub max_in_flight: usize,
@@ -115,7 +119,8 @@ pub fn parse_variant_flag(text: &str) -> Result<VariantEntry, ServeError> {
 
 fn start_base(name: &str, source: &str, s: &EngineSettings) -> Result<Arc<Base>, ServeError> {
     let path = resolve_source(source)?;
-    let (device, dtype) = s.device.open()?;
+    let dtype = s.dtype.on(s.device)?;
+    let (device, _) = s.device.open()?;
     let model = LoadedModel::load(&path, &device, dtype)?;
     tracing::info!(model = name, source = %path, "weights loaded");
     start_loaded(name, source, model, s, None)

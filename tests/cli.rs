@@ -234,3 +234,29 @@ fn a_hub_id_resolves_from_the_offline_cache() {
     assert_eq!(lineage.base_model, "tiny-org/tiny-llama");
     assert_eq!(lineage.kept_layers, vec![1, 2, 3, 4, 5]);
 }
+
+#[test]
+fn a_dtype_the_device_cannot_run_is_refused_in_one_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = write_tiny(tmp.path(), "base", tiny_config("LlamaForCausalLM"), 1);
+    for (device, dtype, needle) in [
+        ("cpu", "bf16", "--dtype bf16 is not available on cpu"),
+        ("cpu", "f16", "--dtype f16 is not available on cpu"),
+        ("cuda", "f16", "--dtype f16 is not available on cuda"),
+    ] {
+        let (ok, _, err) = pruneserve(&[
+            "serve",
+            "--model",
+            base.to_str().unwrap(),
+            "--port",
+            "0",
+            "--device",
+            device,
+            "--dtype",
+            dtype,
+        ]);
+        assert!(!ok);
+        assert_eq!(err.trim_end().lines().count(), 1, "{err:?}");
+        assert!(err.starts_with("error: ") && err.contains(needle), "{err}");
+    }
+}

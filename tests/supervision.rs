@@ -71,6 +71,7 @@ fn start_faulty_server(root: &std::path::Path) -> String {
     let model = LoadedModel::load(dir.to_str().unwrap(), &Device::Cpu, DType::F32).unwrap();
     let settings = EngineSettings {
         device: DeviceKind::Cpu,
+        dtype: Default::default(),
         kv_blocks: 256,
         max_step_tokens: 512,
         max_in_flight: 16,

@@ -8,6 +8,7 @@
 //! 4. `compare` of pruned and recovered against the base: retention with CIs, McNemar tests,
 //!    degeneration and failure analyses, charts.
 //!
+//! A server behind `--api-key` takes the key from `OPENAI_API_KEY`, as every pruneval command does.
 //! The manifest (TOML) names `base_url`, `base`, `pruned`, `tasks`, `out_dir`, and tables `[sgr]`,
 //! `[finetune]`, `[eval]` whose keys are the flags of `pruneval sgr`, `pruneval finetune create`
 //! and `pruneval eval` (without the ones this command sets), so every flag is available.
@@ -167,7 +168,7 @@ pub fn run(manifest_path: &Path) -> Result<()> {
     println!("records {:?}; skipped rows {:?}", s.records, s.skipped_rows);
 
     println!("== 2/4 fine-tuning {} on {}", m.pruned, out("sgr.jsonl"));
-    let client = Client::new(&m.base_url, None, None);
+    let client = Client::new(&m.base_url, std::env::var("OPENAI_API_KEY").ok(), None);
     let recovered = fine_tune(&client, &job, &m.out_dir.join("recover.json"))?;
     println!("recovered model: {recovered}");
 
