@@ -119,6 +119,11 @@ enum Command {
         /// Highest LoRA rank accepted.
         #[arg(long, default_value_t = 64)]
         max_lora_rank: usize,
+        /// Keep finished sequences' KV and reuse it for prompts that start the same way, on any
+        /// plan that runs the same layers first (CPU engine; generation requests, not prompt
+        /// logprobs).
+        #[arg(long)]
+        enable_prefix_caching: bool,
         #[arg(long, default_value_t = 32 << 20)]
         max_body_bytes: usize,
         /// Require `Authorization: Bearer KEY` on /v1/*.
@@ -321,6 +326,7 @@ fn run(cli: Cli) -> Result<()> {
             max_in_flight,
             max_loras,
             max_lora_rank,
+            enable_prefix_caching,
             max_body_bytes,
             api_key,
             finetune,
@@ -338,6 +344,7 @@ fn run(cli: Cli) -> Result<()> {
                 restart_policy: Default::default(),
                 max_loras,
                 max_lora_rank,
+                prefix_caching: enable_prefix_caching,
             };
             let registry = Arc::new(serve::build_registry(&entries, &settings)?);
             let workers = std::thread::available_parallelism().map_or(1, |n| n.get());

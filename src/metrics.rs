@@ -28,6 +28,8 @@ pub struct Metrics {
     e2e: HistogramVec,
     engine_restarts: IntCounterVec,
     preemptions: IntCounterVec,
+    prefix_queries: IntCounterVec,
+    prefix_hits: IntCounterVec,
     ad_hoc_seen: Mutex<HashSet<String>>,
 }
 
@@ -95,6 +97,20 @@ impl Metrics {
                 ),
                 label,
             )?,
+            prefix_queries: IntCounterVec::new(
+                Opts::new(
+                    "pruneserve:prefix_cache_queries_total",
+                    "Prompt tokens looked up in the prefix cache (--enable-prefix-caching).",
+                ),
+                label,
+            )?,
+            prefix_hits: IntCounterVec::new(
+                Opts::new(
+                    "pruneserve:prefix_cache_hits_total",
+                    "Prompt tokens found in the prefix cache (not computed).",
+                ),
+                label,
+            )?,
             ad_hoc_seen: Mutex::new(HashSet::new()),
             registry,
         };
@@ -108,6 +124,8 @@ impl Metrics {
         m.registry.register(Box::new(m.itl.clone()))?;
         m.registry.register(Box::new(m.e2e.clone()))?;
         m.registry.register(Box::new(m.engine_restarts.clone()))?;
+        m.registry.register(Box::new(m.prefix_queries.clone()))?;
+        m.registry.register(Box::new(m.prefix_hits.clone()))?;
         m.registry.register(Box::new(m.preemptions.clone()))?;
         Ok(m)
     }
@@ -175,6 +193,11 @@ impl Metrics {
             restarts.inc_by(s.restarts.saturating_sub(restarts.get()));
             let preempted = self.preemptions.with_label_values(&[&base.name]);
             preempted.inc_by(s.preemptions.saturating_sub(preempted.get()));
+            let (queries, hits) = s.prefix_cache;
+            for (counter, value) in [(&self.prefix_queries, queries), (&self.prefix_hits, hits)] {
+                let c = counter.with_label_values(&[&base.name]);
+                c.inc_by(value.saturating_sub(c.get()));
+            }
         }
         let mut buf = Vec::new();
         if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {

@@ -46,6 +46,8 @@ pub struct EngineSettings {
     /// LoRA adapters loaded at once per base, and the highest rank accepted.
     pub max_loras: usize,
     pub max_lora_rank: usize,
+    /// Keep finished sequences' prompt KV for reuse (CPU engine).
+    pub prefix_caching: bool,
 }
 
 /// Wraps each engine a base's loop builds (tests inject faults through it).
@@ -118,6 +120,11 @@ pub fn parse_variant_flag(text: &str) -> Result<VariantEntry, ServeError> {
 }
 
 fn start_base(name: &str, source: &str, s: &EngineSettings) -> Result<Arc<Base>, ServeError> {
+    if s.prefix_caching && s.device != DeviceKind::Cpu {
+        return Err(ServeError::Usage(
+            "--enable-prefix-caching runs on the CPU engine only; the CUDA paged cache does not keep prefixes yet".into(),
+        ));
+    }
     let path = resolve_source(source)?;
     let dtype = s.dtype.on(s.device)?;
     let (device, _) = s.device.open()?;
@@ -142,6 +149,7 @@ pub fn start_loaded(
         kv_cache_bytes: s
             .kv_cache_gb
             .map(|gb| (gb * f64::from(1u32 << 30)) as usize),
+        prefix_caching: s.prefix_caching,
         ..EngineOptions::default()
     };
     let decoder = model.model.clone();

@@ -84,6 +84,7 @@ fn start_faulty_server(root: &std::path::Path) -> String {
         },
         max_loras: 4,
         max_lora_rank: 16,
+        prefix_caching: false,
     };
     let wrap: EngineWrapper = Arc::new(|inner| {
         Box::new(Faulty {

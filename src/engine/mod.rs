@@ -9,6 +9,7 @@ pub mod instrument;
 pub mod kv;
 pub mod model;
 pub mod ops;
+mod prefix_reuse;
 pub mod sample;
 
 use std::collections::HashMap;
@@ -81,6 +82,8 @@ pub struct EngineOptions {
     pub max_model_len: Option<usize>,
     /// On CUDA: bytes of the paged KV pool (replaces `kv_blocks`).
     pub kv_cache_bytes: Option<usize>,
+    /// Keep finished sequences' prefixes for reuse (the contiguous cache; [`kv::prefix`]).
+    pub prefix_caching: bool,
 }
 
 impl Default for EngineOptions {
@@ -90,6 +93,7 @@ impl Default for EngineOptions {
             block_size: 16,
             max_model_len: None,
             kv_cache_bytes: None,
+            prefix_caching: false,
         }
     }
 }
@@ -165,6 +169,9 @@ pub struct Engine {
     cache: Box<dyn KvCache>,
     seqs: HashMap<SeqId, SeqState>,
     max_len: usize,
+    /// Prompt tokens looked up in the prefix cache, and those found.
+    prefix_queries: u64,
+    prefix_hits: u64,
 }
 
 impl Engine {
@@ -176,17 +183,18 @@ impl Engine {
             cache,
             seqs: HashMap::new(),
             max_len,
+            prefix_queries: 0,
+            prefix_hits: 0,
         }
     }
 
     /// An engine with the CPU KV cache.
     pub fn with_contiguous_cache(model: Arc<DecoderModel>, opts: &EngineOptions) -> Self {
-        let cache = Box::new(kv::ContiguousKvCache::new(
-            opts.kv_blocks,
-            opts.block_size,
-            model.dtype(),
-        ));
-        Self::new(model, cache, opts)
+        let mut cache = kv::ContiguousKvCache::new(opts.kv_blocks, opts.block_size, model.dtype());
+        if opts.prefix_caching {
+            cache = cache.with_prefix_caching();
+        }
+        Self::new(model, Box::new(cache), opts)
     }
 
     /// The paged cache on a CUDA model (with the `cuda` feature), the contiguous one otherwise.

@@ -141,6 +141,7 @@ impl ImportanceRun {
             block_size: 16,
             max_model_len: None,
             kv_cache_bytes: None,
+            prefix_caching: false,
         };
         let positions = plan.layers().len() + 1;
         let first = plan.layers().first().copied().unwrap_or(0);

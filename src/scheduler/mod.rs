@@ -69,6 +69,7 @@ impl BatchLoop for Batcher {
             kv: Some(self.engine().kv_usage()),
             restarts: 0,
             preemptions: self.num_preemptions(),
+            prefix_cache: self.prefix_counts(),
         }
     }
 }
@@ -113,6 +114,8 @@ pub struct LoopStats {
     pub restarts: u64,
     /// Sequences preempted (KV freed, recomputed later) since start.
     pub preemptions: u64,
+    /// Prompt tokens looked up in the prefix cache and found there, since the loop started.
+    pub prefix_cache: (u64, u64),
 }
 
 /// Whether a base's engine serves.

@@ -138,6 +138,11 @@ impl Batcher {
         self.preemptions
     }
 
+    /// Prompt tokens looked up in the prefix cache and those found.
+    pub fn prefix_counts(&self) -> (u64, u64) {
+        self.engine.prefix_counts()
+    }
+
     pub fn engine(&self) -> &Engine {
         &self.engine
     }
@@ -207,6 +212,8 @@ impl Batcher {
                 .and_then(|_| self.engine.reserve(id, seq.admission_need()));
             match admitted {
                 Ok(()) => {
+                    let mut seq = seq;
+                    self.reuse_prefix(id, &mut seq);
                     self.active.insert(id, seq);
                     self.order.push(id);
                 }
@@ -222,6 +229,24 @@ impl Batcher {
                 }
             }
         }
+    }
+
+    /// Starts an admitted sequence from cached KV where the prefix cache has its start (not when
+    /// its prompt logprobs are still to be computed).
+    fn reuse_prefix(&mut self, id: SeqId, seq: &mut Sequence) {
+        if seq.wants_prompt_scores() {
+            return;
+        }
+        match self.engine.attach_prefix(id, seq.context()) {
+            Ok(n) => seq.start_at(n),
+            Err(e) => tracing::warn!(error = %e, "prefix cache lookup failed"),
+        }
+    }
+
+    /// Frees a sequence's KV, offering it to the prefix cache first.
+    fn release_kv(&mut self, id: SeqId, seq: &Sequence) {
+        self.engine.offer_prefix(id, &seq.kv_tokens());
+        self.engine.release(id);
     }
 
     /// Drops a request and frees its KV blocks.
@@ -289,7 +314,7 @@ impl Batcher {
     fn preempt(&mut self, id: SeqId) {
         if let Some(mut seq) = self.active.remove(&id) {
             self.order.retain(|&x| x != id);
-            self.engine.release(id);
+            self.release_kv(id, &seq);
             seq.preempt();
             self.preemptions += 1;
             self.waiting.push_front((id, seq));
@@ -355,7 +380,7 @@ impl Batcher {
     fn finish(&mut self, id: SeqId, events: &mut Vec<BatchEvent>) {
         if let Some(a) = self.active.remove(&id) {
             self.order.retain(|&x| x != id);
-            self.engine.release(id);
+            self.release_kv(id, &a);
             events.push(BatchEvent::Finished { id, output: a.out });
         }
     }

@@ -44,6 +44,32 @@ impl Sequence {
         }
     }
 
+    /// Prompt logprobs are asked for and not yet delivered (a cached prefix cannot give them).
+    pub(super) fn wants_prompt_scores(&self) -> bool {
+        self.scoring
+    }
+
+    pub(super) fn context(&self) -> &[u32] {
+        &self.context
+    }
+
+    /// The cache already holds the first `n` context tokens (a prefix cache hit).
+    pub(super) fn start_at(&mut self, n: usize) {
+        self.fed = n;
+        self.in_kv = n;
+    }
+
+    /// The tokens whose KV the cache holds, in order: the prompt, then generated tokens.
+    pub(super) fn kv_tokens(&self) -> Vec<u32> {
+        self.req
+            .prompt
+            .iter()
+            .copied()
+            .chain(self.out.tokens.iter().map(|t| t.token))
+            .take(self.in_kv)
+            .collect()
+    }
+
     /// KV the sequence needs to be admitted: its whole context and one picked token.
     pub(super) fn admission_need(&self) -> usize {
         self.context.len() + 1

@@ -5,6 +5,7 @@
 
 #[cfg(feature = "cuda")]
 pub mod paged;
+pub mod prefix;
 pub mod tables;
 
 use std::collections::HashMap;
@@ -96,6 +97,31 @@ pub trait KvCache: Send {
     fn release(&mut self, seq: SeqId);
     fn usage(&self) -> KvUsage;
     fn capacity(&self) -> KvCapacity;
+    /// Whether this cache keeps prefixes ([`prefix`]).
+    fn prefix_caching(&self) -> bool {
+        false
+    }
+    /// Gives a fresh sequence with position `keys` the cached KV of the longest reusable start of
+    /// `tokens`; returns how many tokens it now holds.
+    fn attach_prefix(
+        &mut self,
+        _seq: SeqId,
+        _keys: &[u64],
+        _tokens: &[u32],
+    ) -> candle_core::Result<usize> {
+        Ok(0)
+    }
+    /// Offers the KV `seq` holds for `tokens` (its first tokens) to the prefix cache; called
+    /// before the sequence is released.
+    fn offer_prefix(
+        &mut self,
+        _seq: SeqId,
+        _keys: Vec<u64>,
+        _tokens: &[u32],
+        _pins: Vec<prefix::Pin>,
+    ) -> candle_core::Result<()> {
+        Ok(())
+    }
 }
 
 struct SeqKv {
@@ -112,6 +138,8 @@ pub struct ContiguousKvCache {
     used_blocks: usize,
     dtype: DType,
     masks: MaskCache,
+    /// Cached prefixes, when prefix caching is on; their blocks come out of the same pool.
+    prefixes: Option<prefix::PrefixStore>,
 }
 
 impl ContiguousKvCache {
@@ -123,7 +151,19 @@ impl ContiguousKvCache {
             used_blocks: 0,
             dtype,
             masks: MaskCache::default(),
+            prefixes: None,
         }
+    }
+
+    /// The same cache keeping finished sequences' prefixes for reuse.
+    pub fn with_prefix_caching(mut self) -> Self {
+        self.prefixes = Some(prefix::PrefixStore::new(self.block_size));
+        self
+    }
+
+    fn free_blocks(&self) -> usize {
+        let cached = self.prefixes.as_ref().map_or(0, |p| p.used_blocks);
+        self.total_blocks - self.used_blocks - cached
     }
 }
 
@@ -148,13 +188,20 @@ impl KvCache for ContiguousKvCache {
     }
 
     fn reserve(&mut self, seq: SeqId, total_len: usize) -> Result<(), KvError> {
-        let free = self.total_blocks - self.used_blocks;
+        let held = self
+            .seqs
+            .get(&seq)
+            .ok_or(KvError::UnknownSequence(seq))?
+            .blocks;
+        let needed = total_len.div_ceil(self.block_size).saturating_sub(held);
+        // Cached prefixes give their room back, least recently used first.
+        while needed > self.free_blocks() && self.prefixes.as_mut().is_some_and(|p| p.evict_one()) {
+        }
+        let free = self.free_blocks();
         let s = self
             .seqs
             .get_mut(&seq)
             .ok_or(KvError::UnknownSequence(seq))?;
-        let want = total_len.div_ceil(self.block_size);
-        let needed = want.saturating_sub(s.blocks);
         if needed > free {
             return Err(KvError::OutOfBlocks {
                 needed,
@@ -244,5 +291,58 @@ impl KvCache for ContiguousKvCache {
             block_size: self.block_size,
             per_layer: false,
         }
+    }
+
+    fn prefix_caching(&self) -> bool {
+        self.prefixes.is_some()
+    }
+
+    fn attach_prefix(
+        &mut self,
+        seq: SeqId,
+        keys: &[u64],
+        tokens: &[u32],
+    ) -> candle_core::Result<usize> {
+        let (Some(store), Some(s)) = (self.prefixes.as_mut(), self.seqs.get_mut(&seq)) else {
+            return Ok(0);
+        };
+        if s.layers.len() != keys.len() || s.layers.iter().any(Option::is_some) {
+            return Ok(0);
+        }
+        let Some(hit) = store.lookup(keys, tokens)? else {
+            return Ok(0);
+        };
+        for (slot, kv) in s.layers.iter_mut().zip(hit.kv) {
+            *slot = Some(kv);
+        }
+        Ok(hit.tokens)
+    }
+
+    fn offer_prefix(
+        &mut self,
+        seq: SeqId,
+        keys: Vec<u64>,
+        tokens: &[u32],
+        pins: Vec<prefix::Pin>,
+    ) -> candle_core::Result<()> {
+        let (Some(store), Some(s)) = (self.prefixes.as_mut(), self.seqs.get(&seq)) else {
+            return Ok(());
+        };
+        let mut kv = Vec::with_capacity(s.layers.len());
+        for slot in &s.layers {
+            match slot {
+                Some((k, v)) if k.dim(1)? >= tokens.len() => kv.push((k.clone(), v.clone())),
+                _ => return Ok(()),
+            }
+        }
+        // The entry's blocks must fit beside the live sequences (this one's are freed next).
+        let blocks = tokens.len() / self.block_size;
+        while self.total_blocks - self.used_blocks + s.blocks < store.used_blocks + blocks
+            && store.evict_one()
+        {}
+        if self.total_blocks - self.used_blocks + s.blocks < store.used_blocks + blocks {
+            return Ok(());
+        }
+        store.offer(keys, tokens, &kv, pins)
     }
 }

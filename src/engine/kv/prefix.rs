@@ -1,0 +1,270 @@
+//! Automatic prefix caching for the contiguous cache: the keys and values of finished (or
+//! preempted) sequences, kept by what produced them, reused by later sequences that would compute
+//! the same ones.
+//!
+//! A cached entry holds, for each position of its plan, the KV of its first `n` tokens (whole
+//! blocks). The KV at plan position `p` depends on the tokens and on what ran up to and including
+//! that position: the base layers `plan[0..=p]`, the LoRA adapter and the overlay. A sequence can
+//! reuse `d` tokens of an entry when its own position keys equal the entry's first ones (so `rev25`
+//! reuses the base's entries: its plan is the base's first 22 layers) and its tokens start with the
+//! entry's first `d` tokens. Reuse is all-or-nothing over the sequence's positions: a plan that
+//! diverges from the entry at some layer needs the hidden states there, which are not kept.
+//!
+//! Entries occupy blocks of the pool as sequences do (full plan depth); the least recently used is
+//! evicted when room is needed. Hits never show in results beyond the float reordering of chunked
+//! prefill (a continued chunk attends to cached history in the cache's dtype, f32 on the CPU).
+
+use std::sync::Arc;
+
+use candle_core::Tensor;
+
+/// Keeps what an entry's keys name alive (its adapter, its overlay), so the address a key was
+/// made from is never reused by another while the entry exists.
+pub type Pin = Arc<dyn std::any::Any + Send + Sync>;
+
+/// One cached prefix.
+struct Entry {
+    /// Per plan position, the key of what produced its KV.
+    keys: Vec<u64>,
+    tokens: Vec<u32>,
+    /// Per plan position, keys and values `[kv_heads, tokens, head_dim]`.
+    kv: Vec<(Tensor, Tensor)>,
+    blocks: usize,
+    last_used: u64,
+    _pins: Vec<Pin>,
+}
+
+pub struct PrefixStore {
+    entries: Vec<Entry>,
+    block_size: usize,
+    clock: u64,
+    /// Blocks held by entries.
+    pub used_blocks: usize,
+}
+
+/// What a lookup found: the KV of the first `tokens` tokens for each of the asking plan's
+/// positions.
+pub struct PrefixHit {
+    pub tokens: usize,
+    pub kv: Vec<(Tensor, Tensor)>,
+}
+
+impl PrefixStore {
+    pub fn new(block_size: usize) -> Self {
+        Self {
+            entries: Vec::new(),
+            block_size,
+            clock: 0,
+            used_blocks: 0,
+        }
+    }
+
+    /// The longest reusable prefix for a sequence with position `keys` and `tokens`, in whole
+    /// blocks, leaving at least one token to compute (its logits are needed).
+    pub fn lookup(
+        &mut self,
+        keys: &[u64],
+        tokens: &[u32],
+    ) -> candle_core::Result<Option<PrefixHit>> {
+        let limit = tokens.len().saturating_sub(1) / self.block_size * self.block_size;
+        let mut best: Option<(usize, usize)> = None;
+        for (i, e) in self.entries.iter().enumerate() {
+            if e.keys.len() < keys.len() || e.keys[..keys.len()] != *keys {
+                continue;
+            }
+            let common = e
+                .tokens
+                .iter()
+                .zip(tokens)
+                .take_while(|(a, b)| a == b)
+                .count();
+            let usable = common.min(limit) / self.block_size * self.block_size;
+            if usable > 0 && best.is_none_or(|(_, n)| usable > n) {
+                best = Some((i, usable));
+            }
+        }
+        let Some((i, n)) = best else {
+            return Ok(None);
+        };
+        self.clock += 1;
+        let e = &mut self.entries[i];
+        e.last_used = self.clock;
+        let kv = e.kv[..keys.len()]
+            .iter()
+            .map(|(k, v)| Ok((k.narrow(1, 0, n)?, v.narrow(1, 0, n)?)))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Some(PrefixHit { tokens: n, kv }))
+    }
+
+    /// Keeps the whole blocks of `tokens` whose KV `kv` holds (per position, at least that many
+    /// tokens), unless an entry already covers them; an entry this one extends is replaced.
+    pub fn offer(
+        &mut self,
+        keys: Vec<u64>,
+        tokens: &[u32],
+        kv: &[(Tensor, Tensor)],
+        pins: Vec<Pin>,
+    ) -> candle_core::Result<()> {
+        let n = tokens.len() / self.block_size * self.block_size;
+        if n == 0 || kv.len() != keys.len() {
+            return Ok(());
+        }
+        let covers = |e: &Entry, keys: &[u64], toks: &[u32]| {
+            e.keys.len() >= keys.len()
+                && e.keys[..keys.len()] == *keys
+                && e.tokens.len() >= toks.len()
+                && e.tokens[..toks.len()] == *toks
+        };
+        if self.entries.iter().any(|e| covers(e, &keys, &tokens[..n])) {
+            return Ok(());
+        }
+        // Entries this one covers are dropped.
+        let mut kept = Vec::with_capacity(self.entries.len());
+        for e in self.entries.drain(..) {
+            if covers_entry(&keys, &tokens[..n], &e) {
+                self.used_blocks -= e.blocks;
+            } else {
+                kept.push(e);
+            }
+        }
+        self.entries = kept;
+        let kv = kv
+            .iter()
+            .map(|(k, v)| {
+                Ok((
+                    k.narrow(1, 0, n)?.contiguous()?,
+                    v.narrow(1, 0, n)?.contiguous()?,
+                ))
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let blocks = n / self.block_size;
+        self.clock += 1;
+        self.entries.push(Entry {
+            keys,
+            tokens: tokens[..n].to_vec(),
+            kv,
+            blocks,
+            last_used: self.clock,
+            _pins: pins,
+        });
+        self.used_blocks += blocks;
+        Ok(())
+    }
+
+    /// Drops the least recently used entry; `false` when none is left.
+    pub fn evict_one(&mut self) -> bool {
+        let Some(i) = (0..self.entries.len()).min_by_key(|&i| self.entries[i].last_used) else {
+            return false;
+        };
+        let e = self.entries.swap_remove(i);
+        self.used_blocks -= e.blocks;
+        true
+    }
+}
+
+/// Whether a new entry of `keys` and `tokens` covers `e` (same keys or more, same tokens or more).
+fn covers_entry(keys: &[u64], tokens: &[u32], e: &Entry) -> bool {
+    keys.len() >= e.keys.len()
+        && keys[..e.keys.len()] == *e.keys
+        && tokens.len() >= e.tokens.len()
+        && tokens[..e.tokens.len()] == *e.tokens
+}
+
+/// Position keys of a plan: key `p` names `layers[0..=p]` and `extras` (adapter and overlay
+/// identity), FNV-1a chained.
+pub fn position_keys(layers: &[usize], extras: u64) -> Vec<u64> {
+    let mut h = 0xcbf29ce484222325u64 ^ extras;
+    layers
+        .iter()
+        .map(|&l| {
+            h = (h ^ (l as u64 + 1)).wrapping_mul(0x100000001b3);
+            h
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Tensor};
+
+    fn kv(positions: usize, tokens: usize, salt: f32) -> Vec<(Tensor, Tensor)> {
+        (0..positions)
+            .map(|p| {
+                let t = Tensor::arange(0f32, (2 * tokens * 4) as f32, &Device::Cpu)
+                    .unwrap()
+                    .affine(1.0, p as f64 * 1000.0 + salt as f64)
+                    .unwrap()
+                    .reshape((2, tokens, 4))
+                    .unwrap();
+                (t.clone(), (t * 2.0).unwrap())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_plan_that_is_a_prefix_of_another_reuses_its_whole_blocks() {
+        let mut s = PrefixStore::new(4);
+        let base = position_keys(&[0, 1, 2, 3], 0);
+        let tokens: Vec<u32> = (0..11).collect();
+        s.offer(base.clone(), &tokens, &kv(4, 11, 0.0), vec![])
+            .unwrap();
+        assert_eq!(s.used_blocks, 2);
+        // The first two layers of the same base: its keys are the base's first two.
+        let rev = position_keys(&[0, 1], 0);
+        assert_eq!(rev[..], base[..2]);
+        let mut asked: Vec<u32> = (0..9).collect();
+        asked.push(99);
+        let hit = s.lookup(&rev, &asked).unwrap().unwrap();
+        assert_eq!(hit.tokens, 8);
+        assert_eq!(hit.kv.len(), 2);
+        let want = kv(4, 11, 0.0)[1].0.narrow(1, 0, 8).unwrap();
+        let got = &hit.kv[1].0;
+        let d = (got - &want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert_eq!(d, 0.0);
+        // A dropped middle layer, an adapter, or other tokens: no hit.
+        for keys in [position_keys(&[0, 2], 0), position_keys(&[0, 1], 7)] {
+            assert!(s.lookup(&keys, &asked).unwrap().is_none());
+        }
+        assert!(s.lookup(&rev, &[5, 6, 7, 8, 9]).unwrap().is_none());
+        // At least one token is left to compute.
+        let hit = s.lookup(&base, &tokens[..8]).unwrap().unwrap();
+        assert_eq!(hit.tokens, 4);
+    }
+
+    #[test]
+    fn covered_entries_are_not_stored_twice_and_eviction_is_lru() {
+        let mut s = PrefixStore::new(4);
+        let k = position_keys(&[0, 1], 0);
+        let long: Vec<u32> = (0..12).collect();
+        s.offer(k.clone(), &long[..8], &kv(2, 8, 0.0), vec![])
+            .unwrap();
+        s.offer(k.clone(), &long, &kv(2, 12, 0.0), vec![]).unwrap();
+        assert_eq!(
+            (s.entries.len(), s.used_blocks),
+            (1, 3),
+            "the longer one replaces it"
+        );
+        s.offer(k.clone(), &long[..4], &kv(2, 4, 0.0), vec![])
+            .unwrap();
+        assert_eq!(s.entries.len(), 1, "a covered prefix is not stored");
+        let other: Vec<u32> = (100..108).collect();
+        s.offer(k.clone(), &other, &kv(2, 8, 1.0), vec![]).unwrap();
+        s.lookup(&k, &[0, 1, 2, 3, 4]).unwrap().unwrap();
+        assert!(s.evict_one());
+        assert_eq!(
+            s.used_blocks, 3,
+            "the least recently used (the other) went first"
+        );
+        assert!(s.lookup(&k, &[100, 101, 102, 103, 104]).unwrap().is_none());
+        assert!(s.evict_one() && !s.evict_one());
+        assert_eq!(s.used_blocks, 0);
+    }
+}

@@ -1,0 +1,73 @@
+//! The engine's side of prefix caching: a sequence's position keys (its plan's layers, adapter and
+//! overlay), reuse of cached KV when a sequence starts, and the offer of its KV when it leaves.
+//! The cache decides what it keeps ([`super::kv::prefix`]); an engine whose cache keeps nothing
+//! answers every lookup with 0 tokens.
+
+use std::sync::Arc;
+
+use super::kv::prefix::{position_keys, Pin};
+use super::{Engine, EngineError, RunSpec, SeqId};
+
+/// Identity of what a run adds to its plan: the adapter's and the overlay's addresses (kept alive,
+/// hence unique, by every cache entry that names them).
+fn extras_key(spec: &RunSpec) -> u64 {
+    let addr = |p: Option<usize>| p.unwrap_or(0) as u64;
+    let lora = addr(spec.lora.as_ref().map(|l| Arc::as_ptr(l) as usize));
+    let overlay = addr(spec.overlay.as_ref().map(|o| Arc::as_ptr(o) as usize));
+    lora ^ overlay.rotate_left(32)
+}
+
+fn pins(spec: &RunSpec) -> Vec<Pin> {
+    let mut pins: Vec<Pin> = Vec::new();
+    if let Some(l) = &spec.lora {
+        pins.push(l.clone());
+    }
+    if let Some(o) = &spec.overlay {
+        pins.push(o.clone());
+    }
+    pins
+}
+
+impl Engine {
+    /// Gives a sequence that holds nothing yet the cached KV of the longest reusable start of
+    /// `tokens`; returns how many tokens it now holds (feed the rest).
+    pub fn attach_prefix(&mut self, seq: SeqId, tokens: &[u32]) -> Result<usize, EngineError> {
+        if !self.cache.prefix_caching() {
+            return Ok(0);
+        }
+        let Some(state) = self.seqs.get_mut(&seq) else {
+            return Ok(0);
+        };
+        if state.len != 0 {
+            return Ok(0);
+        }
+        let keys = position_keys(state.spec.plan.layers(), extras_key(&state.spec));
+        let n = self.cache.attach_prefix(seq, &keys, tokens)?;
+        state.len = n;
+        self.prefix_queries += tokens.len() as u64;
+        self.prefix_hits += n as u64;
+        Ok(n)
+    }
+
+    /// Offers the KV a sequence holds for its first `tokens` to the prefix cache (call before
+    /// releasing it). Failures only lose the offer.
+    pub fn offer_prefix(&mut self, seq: SeqId, tokens: &[u32]) {
+        if !self.cache.prefix_caching() {
+            return;
+        }
+        let Some(state) = self.seqs.get(&seq) else {
+            return;
+        };
+        let n = tokens.len().min(state.len);
+        let keys = position_keys(state.spec.plan.layers(), extras_key(&state.spec));
+        let pins = pins(&state.spec);
+        if let Err(e) = self.cache.offer_prefix(seq, keys, &tokens[..n], pins) {
+            tracing::warn!(error = %e, "a prefix was not cached");
+        }
+    }
+
+    /// Prompt tokens looked up in the prefix cache and those found, since the engine started.
+    pub fn prefix_counts(&self) -> (u64, u64) {
+        (self.prefix_queries, self.prefix_hits)
+    }
+}

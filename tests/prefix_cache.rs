@@ -1,0 +1,256 @@
+//! Prefix caching (`--enable-prefix-caching`) never shows in results: generation with the cache
+//! equals generation without it (greedy and seeded tokens identical, logprobs within float
+//! reordering) on the base, on a plan that runs the base's first layers (which reuses the base's
+//! cached KV), on single-layer drops (which cannot), with a LoRA adapter (kept apart), when entries
+//! are evicted mid-way and when sequences are preempted; prompt logprobs are never taken from it.
+//! The server counts queried and hit tokens under vLLM's names.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::server::ServerProc;
+use common::*;
+use pruneserve::engine::batch::{Batcher, GenOutput, GenRequest};
+use pruneserve::engine::model::DecoderModel;
+use pruneserve::engine::sample::sampler::SamplingParams;
+use pruneserve::engine::{Engine, EngineOptions};
+use pruneserve::plan::LayerPlan;
+use serde_json::json;
+
+/// Requests sharing a 70-token prefix (four whole blocks and a part), each with its own tail.
+fn requests(plan: &Arc<LayerPlan>, n: usize, salt: usize) -> Vec<GenRequest> {
+    let shared = pseudo_tokens(70, 300, 1);
+    (0..n)
+        .map(|i| {
+            let mut prompt = shared.clone();
+            prompt.extend(pseudo_tokens(3 + i, 300, salt + i));
+            let sampling = if i % 2 == 0 {
+                SamplingParams::greedy()
+            } else {
+                SamplingParams {
+                    temperature: 0.8,
+                    seed: Some(7 + i as u64),
+                    ..SamplingParams::default()
+                }
+            };
+            GenRequest {
+                ignore_eos: true,
+                ..gen_request(plan, prompt, 12, sampling, &[257])
+            }
+        })
+        .collect()
+}
+
+/// Runs request groups one after another on one batcher (so later groups can hit what earlier
+/// ones left); returns the outputs and the (queried, hit) token counts.
+fn run(
+    model: &Arc<DecoderModel>,
+    caching: bool,
+    blocks: usize,
+    groups: Vec<Vec<GenRequest>>,
+) -> (Vec<Vec<GenOutput>>, (u64, u64), u64) {
+    let opts = EngineOptions {
+        kv_blocks: blocks,
+        prefix_caching: caching,
+        ..EngineOptions::default()
+    };
+    let mut b = Batcher::new(Engine::with_contiguous_cache(model.clone(), &opts), 64);
+    let outs = groups
+        .into_iter()
+        .map(|g| b.run_all(g).into_iter().map(|o| o.unwrap()).collect())
+        .collect();
+    (outs, b.prefix_counts(), b.num_preemptions())
+}
+
+fn assert_same(a: &[Vec<GenOutput>], b: &[Vec<GenOutput>], what: &str) {
+    for (ga, gb) in a.iter().zip(b) {
+        for (i, (x, y)) in ga.iter().zip(gb).enumerate() {
+            let ids = |o: &GenOutput| o.tokens.iter().map(|s| s.token).collect::<Vec<_>>();
+            assert_eq!(ids(x), ids(y), "{what}: request {i} tokens");
+            for (s, t) in x.tokens.iter().zip(&y.tokens) {
+                assert!(
+                    (s.logprob - t.logprob).abs() < 1e-4,
+                    "{what}: {} vs {}",
+                    s.logprob,
+                    t.logprob
+                );
+            }
+            assert_eq!(x.prompt_scores.len(), y.prompt_scores.len());
+            for (s, t) in x.prompt_scores.iter().zip(&y.prompt_scores) {
+                assert_eq!(
+                    s.logprob, t.logprob,
+                    "{what}: prompt logprobs are computed, not cached"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn hits_are_exact_across_plans_and_counted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = load_cpu(&write_tiny(
+        tmp.path(),
+        "m",
+        tiny_config("LlamaForCausalLM"),
+        5,
+    ));
+    let base = Arc::new(LayerPlan::full(6));
+    let first4 = Arc::new(LayerPlan::new(vec![0, 1, 2, 3], 6).unwrap());
+    let drop2 = Arc::new(LayerPlan::new(vec![0, 1, 3, 4, 5], 6).unwrap());
+    let groups = || {
+        vec![
+            requests(&base, 1, 10),
+            requests(&base, 4, 20),
+            requests(&first4, 3, 30),
+            requests(&drop2, 3, 40),
+        ]
+    };
+    let (off, none, _) = run(&model, false, 4096, groups());
+    let (on, (queries, hits), _) = run(&model, true, 4096, groups());
+    assert_eq!(none, (0, 0));
+    assert_same(&off, &on, "cache on vs off");
+    // The base's four later requests and the first-four-layers plan reuse the 64 tokens of the
+    // four whole shared blocks (or more); the plan with layer 2 dropped reuses nothing.
+    println!("queried {queries} tokens, hit {hits}");
+    assert!(hits >= 7 * 64, "{hits}");
+    let (_, (_, drop_hits), _) = run(
+        &model,
+        true,
+        4096,
+        vec![requests(&base, 1, 10), requests(&drop2, 3, 40)],
+    );
+    assert_eq!(
+        drop_hits, 0,
+        "a plan that diverges at layer 2 cannot reuse the base's KV"
+    );
+}
+
+#[test]
+fn eviction_preemption_adapters_and_scoring_stay_exact() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tiny_config("LlamaForCausalLM");
+    let model = load_cpu(&write_tiny(tmp.path(), "m", cfg.clone(), 6));
+    let base = Arc::new(LayerPlan::full(6));
+    // A pool of 11 blocks: each request needs 6 at its end, cached prefixes compete for room, so
+    // entries are evicted and sequences preempted.
+    let groups = || {
+        vec![
+            requests(&base, 2, 50),
+            requests(&base, 5, 60),
+            requests(&base, 3, 70),
+        ]
+    };
+    let (off, _, _) = run(&model, false, 4096, groups());
+    let (tight, (_, hits), preemptions) = run(&model, true, 11, groups());
+    assert_same(&off, &tight, "small pool");
+    println!("11-block pool: {hits} tokens hit, {preemptions} preemptions");
+    assert!(hits > 0 && preemptions > 0);
+
+    // An adapter's KV is its own: the same prompts with and without it never share entries.
+    let adir = tmp.path().join("adapter");
+    let spec = AdapterSpec {
+        r: 4,
+        alpha: 8.0,
+        rslora: false,
+        targets: &ALL_MODULES,
+        rank_pattern: &[],
+        alpha_pattern: &[],
+        layers: 6,
+        scale: 0.3,
+        base_model: None,
+    };
+    write_adapter(&adir, &cfg, &spec, 3);
+    let lora = Arc::new(
+        pruneserve::engine::adapters::LoraAdapter::load(
+            &adir,
+            model.config(),
+            model.device(),
+            model.dtype(),
+            64,
+        )
+        .unwrap(),
+    );
+    let with_lora = |reqs: Vec<GenRequest>| {
+        reqs.into_iter()
+            .map(|r| GenRequest {
+                lora: Some(lora.clone()),
+                ..r
+            })
+            .collect::<Vec<_>>()
+    };
+    let mixed = || {
+        vec![
+            requests(&base, 2, 80),
+            with_lora(requests(&base, 2, 90)),
+            with_lora(requests(&base, 2, 95)),
+        ]
+    };
+    let (off, _, _) = run(&model, false, 4096, mixed());
+    let (on, (_, hits), _) = run(&model, true, 4096, mixed());
+    assert_same(&off, &on, "adapter");
+    assert!(hits > 0, "the second adapter group reuses the first's");
+
+    // Scoring requests compute every prompt logprob themselves.
+    let scoring = || {
+        vec![
+            requests(&base, 2, 100),
+            requests(&base, 2, 110)
+                .into_iter()
+                .map(|r| GenRequest {
+                    prompt_logprobs: Some(2),
+                    ..r
+                })
+                .collect(),
+        ]
+    };
+    let (off, _, _) = run(&model, false, 4096, scoring());
+    let (on, (queries, _), _) = run(&model, true, 4096, scoring());
+    assert_same(&off, &on, "scoring");
+    assert!(on[1].iter().all(|o| !o.prompt_scores.is_empty()));
+    assert_eq!(
+        queries,
+        2 * 70 + 3 + 4,
+        "only the generation group was looked up"
+    );
+}
+
+#[test]
+fn the_server_counts_prefix_cache_tokens_and_refuses_it_on_cuda() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = write_tiny(tmp.path(), "m", tiny_config("LlamaForCausalLM"), 7);
+    let s = ServerProc::start(&["--model", dir.to_str().unwrap(), "--enable-prefix-caching"]);
+    let prompt = pseudo_tokens(100, 300, 3);
+    let body = json!({"model": "m", "prompt": [prompt], "max_tokens": 4, "temperature": 0});
+    let (status, first) = s.post("/v1/completions", &body.to_string());
+    assert_eq!(status, 200, "{first}");
+    let (_, second) = s.post("/v1/completions", &body.to_string());
+    assert_eq!(first["choices"][0]["text"], second["choices"][0]["text"]);
+    let queries = s.metric("pruneserve:prefix_cache_queries_total{").unwrap();
+    let hits = s.metric("pruneserve:prefix_cache_hits_total{").unwrap();
+    assert_eq!(
+        (queries, hits),
+        (200.0, 96.0),
+        "the second request reuses 6 whole blocks"
+    );
+
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pruneserve"))
+        .args([
+            "serve",
+            "--model",
+            dir.to_str().unwrap(),
+            "--device",
+            "cuda",
+            "--enable-prefix-caching",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(
+        err.contains("--enable-prefix-caching runs on the CPU engine only"),
+        "{err}"
+    );
+}
