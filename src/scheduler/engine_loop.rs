@@ -26,7 +26,9 @@ pub(super) struct EngineLoop {
     failures: VecDeque<Instant>,
     restarts: u64,
     /// Preemptions counted by engines dropped after a failure.
-    retired_preemptions: u64,
+    /// Counters of engines replaced after a failure (preemptions, prefix-cache queries and hits),
+    /// so the exported counters keep counting.
+    retired: (u64, (u64, u64)),
     /// Engine tasks in arrival order; the first advances each turn.
     tasks: VecDeque<QueuedTask>,
 }
@@ -55,7 +57,7 @@ impl EngineLoop {
             live: HashSet::new(),
             failures: VecDeque::new(),
             restarts: 0,
-            retired_preemptions: 0,
+            retired: (0, (0, 0)),
             tasks: VecDeque::new(),
         }
     }
@@ -172,8 +174,9 @@ impl EngineLoop {
             error: EngineError::Crashed(message.clone()),
         });
         // Drop the engine (and its KV pool) before building the next one.
-        let last = self.shared.stats.lock().map(|s| s.preemptions).unwrap_or(0);
-        self.retired_preemptions = last;
+        if let Ok(s) = self.shared.stats.lock() {
+            self.retired = (s.preemptions, s.prefix_cache);
+        }
         self.engine = None;
         let now = Instant::now();
         self.failures.push_back(now);
@@ -217,8 +220,11 @@ impl EngineLoop {
     fn publish(&self) {
         let mut stats = self.engine.as_ref().map(|e| e.stats()).unwrap_or_default();
         stats.restarts = self.restarts;
-        // Preemptions of engines that were replaced after a failure still count.
-        stats.preemptions += self.retired_preemptions;
+        // Counts of engines that were replaced after a failure still count.
+        let (preemptions, (queries, hits)) = self.retired;
+        stats.preemptions += preemptions;
+        stats.prefix_cache.0 += queries;
+        stats.prefix_cache.1 += hits;
         if let Ok(mut s) = self.shared.stats.lock() {
             *s = stats;
         }
