@@ -166,6 +166,9 @@ pub fn run(manifest_path: &Path) -> Result<()> {
     println!("== 1/4 SGR: {} answers the prompts", m.base);
     let s = sgr::run(&sgr_settings)?;
     println!("records {:?}; skipped rows {:?}", s.records, s.skipped_rows);
+    if let Some(w) = all_warmup(s.records.get("kept").copied().unwrap_or(0), &job) {
+        println!("warning: {w}");
+    }
 
     println!("== 2/4 fine-tuning {} on {}", m.pruned, out("sgr.jsonl"));
     let client = Client::new(&m.base_url, std::env::var("OPENAI_API_KEY").ok(), None);
@@ -186,6 +189,20 @@ pub fn run(manifest_path: &Path) -> Result<()> {
         norm: false,
     })?;
     Ok(())
+}
+
+/// Says so when every optimizer step of the job would fall inside the learning-rate warmup (the
+/// paper's 50 steps at batch 8 need more than 400 conversations per epoch).
+fn all_warmup(kept: usize, job: &JobArgs) -> Option<String> {
+    let batch = job.batch_size.unwrap_or(8) as usize;
+    let warmup = job.warmup_steps.unwrap_or(50) as usize;
+    let epochs = job.n_epochs.unwrap_or(1) as usize;
+    let steps = job
+        .max_steps
+        .map_or(kept.div_ceil(batch.max(1)) * epochs, |m| m as usize);
+    (steps <= warmup).then(|| {
+        format!("{kept} conversations make {steps} steps at batch {batch}, all inside the {warmup}-step warmup: set warmup_steps in [finetune]")
+    })
 }
 
 /// Runs (or, after an interruption, follows) the job; returns the recovered model's name.
@@ -220,4 +237,36 @@ fn fine_tune(client: &Client, job: &JobArgs, state: &Path) -> Result<String> {
         .as_str()
         .unwrap_or_default()
         .to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(extra: &[&str]) -> JobArgs {
+        let mut a = vec!["create", "--model", "m", "--training-file", "f"];
+        a.extend_from_slice(extra);
+        JobCli::try_parse_from(a).unwrap().j
+    }
+
+    #[test]
+    fn a_run_inside_the_warmup_is_named() {
+        // 118 conversations at batch 8: 15 steps, all inside the paper's 50.
+        assert!(all_warmup(118, &job(&[])).unwrap().contains("15 steps"));
+        assert!(all_warmup(401, &job(&[])).is_none());
+        assert!(all_warmup(118, &job(&["--warmup-steps", "5"])).is_none());
+        assert!(all_warmup(10_000, &job(&["--max-steps", "20"])).is_some());
+    }
+
+    #[test]
+    fn manifest_tables_become_flags() {
+        let t: toml::Table = toml::from_str(
+            "max_tokens = 48\nkeep_length = true\nquiet = false\nstop = [\"a\", \"b\"]",
+        )
+        .unwrap();
+        let f = flags(&t, "sgr", &[]).unwrap();
+        assert_eq!(f, ["--keep-length", "--max-tokens", "48", "--stop", "a,b"]);
+        let e = flags(&t, "sgr", &["max-tokens"]).unwrap_err().to_string();
+        assert!(e.contains("set by `recover` itself"), "{e}");
+    }
 }
