@@ -159,10 +159,12 @@ pub(super) async fn file_content(
 ) -> Result<Response, ApiError> {
     let ft = service(&state)?;
     let path = blocking(move || ft.files.content_path(&id)).await?;
-    let bytes = tokio::fs::read(&path)
+    // Streamed: a file may be as large as --max-file-bytes.
+    let file = tokio::fs::File::open(&path)
         .await
         .map_err(|e| ApiError::internal(format!("reading the file: {e}")))?;
-    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response())
+    let body = axum::body::Body::from_stream(tokio_util::io::ReaderStream::new(file));
+    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], body).into_response())
 }
 
 pub(super) async fn delete_file(
