@@ -40,6 +40,17 @@ impl ApiError {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, message, None)
     }
 
+    /// Runs file-reading work on tokio's blocking pool; `what` names it if the task itself dies.
+    pub async fn blocking<T: Send + 'static, E: Into<ApiError> + Send + 'static>(
+        what: &'static str,
+        work: impl FnOnce() -> Result<T, E> + Send + 'static,
+    ) -> Result<T, ApiError> {
+        tokio::task::spawn_blocking(work)
+            .await
+            .map_err(|_| ApiError::internal(what))?
+            .map_err(Into::into)
+    }
+
     /// Parses a JSON body into `T`, as a 400 (or 413 for an oversized body) on failure.
     pub fn parse_body<T: serde::de::DeserializeOwned>(
         body: Result<axum::body::Bytes, BytesRejection>,

@@ -25,6 +25,9 @@ use crate::finetune::jobs::page;
 use crate::finetune::request::CreateJob;
 use crate::finetune::{FineTuning, FinetuneError};
 
+/// What a fine-tuning call's blocking task is called if it dies.
+const FT_WORK: &str = "fine-tuning work failed";
+
 /// Largest `limit` of a list request.
 const MAX_PAGE: usize = 10_000;
 
@@ -55,16 +58,6 @@ fn service(state: &AppState) -> Result<Arc<FineTuning>, ApiError> {
             None,
         )
     })
-}
-
-/// Runs file work off the async workers.
-async fn blocking<T: Send + 'static>(
-    work: impl FnOnce() -> Result<T, FinetuneError> + Send + 'static,
-) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(work)
-        .await
-        .map_err(|_| ApiError::internal("fine-tuning work failed"))?
-        .map_err(ApiError::from)
 }
 
 #[derive(Debug, Deserialize)]
@@ -111,7 +104,10 @@ pub(super) async fn upload(
         return Err(ApiError::bad_request("`file` is required", Some("file")));
     }
     let store = ft.clone();
-    let file = blocking(move || store.files.commit(upload, &filename, &purpose)).await?;
+    let file = ApiError::blocking(FT_WORK, move || {
+        store.files.commit(upload, &filename, &purpose)
+    })
+    .await?;
     tracing::info!(file = %file.id, bytes = file.bytes, "file stored");
     Ok(Json(json!(file)))
 }
@@ -139,7 +135,8 @@ pub(super) async fn list_files(
     State(state): State<Arc<AppState>>,
 ) -> Result<Json<Value>, ApiError> {
     let ft = service(&state)?;
-    let files = blocking(move || Ok(ft.files.list())).await?;
+    let files =
+        ApiError::blocking(FT_WORK, move || Ok::<_, FinetuneError>(ft.files.list())).await?;
     Ok(Json(
         json!({"object": "list", "data": files, "has_more": false}),
     ))
@@ -150,7 +147,9 @@ pub(super) async fn get_file(
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let ft = service(&state)?;
-    Ok(Json(json!(blocking(move || ft.files.get(&id)).await?)))
+    Ok(Json(json!(
+        ApiError::blocking(FT_WORK, move || ft.files.get(&id)).await?
+    )))
 }
 
 pub(super) async fn file_content(
@@ -158,7 +157,7 @@ pub(super) async fn file_content(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let ft = service(&state)?;
-    let path = blocking(move || ft.files.content_path(&id)).await?;
+    let path = ApiError::blocking(FT_WORK, move || ft.files.content_path(&id)).await?;
     // Streamed: a file may be as large as --max-file-bytes.
     let file = tokio::fs::File::open(&path)
         .await
@@ -173,7 +172,7 @@ pub(super) async fn delete_file(
 ) -> Result<Json<Value>, ApiError> {
     let ft = service(&state)?;
     let gone = id.clone();
-    blocking(move || ft.files.delete(&id)).await?;
+    ApiError::blocking(FT_WORK, move || ft.files.delete(&id)).await?;
     Ok(Json(json!({"id": gone, "object": "file", "deleted": true})))
 }
 
@@ -183,7 +182,7 @@ pub(super) async fn create_job(
 ) -> Result<Json<Value>, ApiError> {
     let ft = service(&state)?;
     let req: CreateJob = ApiError::parse_body(body)?;
-    let job = blocking(move || ft.create_job(req)).await?;
+    let job = ApiError::blocking(FT_WORK, move || ft.create_job(req)).await?;
     tracing::info!(job = %job.id, model = %job.model, "fine-tuning job queued");
     Ok(Json(json!(job)))
 }
@@ -207,7 +206,9 @@ pub(super) async fn cancel_job(
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let ft = service(&state)?;
-    Ok(Json(json!(blocking(move || ft.cancel(&id)).await?)))
+    Ok(Json(json!(
+        ApiError::blocking(FT_WORK, move || ft.cancel(&id)).await?
+    )))
 }
 
 pub(super) async fn job_events(

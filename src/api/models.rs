@@ -20,7 +20,7 @@ use super::error::ApiError;
 use super::validation;
 use super::AppState;
 use crate::plan::{LayerList, PlanError, PlanSpec};
-use crate::registry::{ExtraDirs, RegistryError};
+use crate::registry::ExtraDirs;
 
 pub(super) async fn list(State(state): State<Arc<AppState>>) -> Json<Value> {
     Json(json!({"object": "list", "data": state.registry.cards()}))
@@ -79,7 +79,7 @@ pub(super) async fn create(
         }
     };
     let registry = state.registry.clone();
-    let card = blocking(move || {
+    let card = ApiError::blocking("loading failed", move || {
         let dirs = ExtraDirs {
             adapter: req.adapter.as_deref(),
             overlay: req.overlay.as_deref(),
@@ -89,16 +89,6 @@ pub(super) async fn create(
     .await?;
     tracing::info!(variant = %card.id, "variant created");
     Ok((StatusCode::CREATED, Json(json!(card))))
-}
-
-/// Runs registry work that reads files off the async workers.
-async fn blocking<T: Send + 'static>(
-    work: impl FnOnce() -> Result<T, RegistryError> + Send + 'static,
-) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(work)
-        .await
-        .map_err(|_| ApiError::internal("loading failed"))?
-        .map_err(ApiError::from)
 }
 
 #[derive(Debug, Deserialize)]
@@ -126,7 +116,7 @@ pub(super) async fn load_lora(
             .ok_or_else(|| ApiError::internal("no model loaded"))?,
     };
     let registry = state.registry.clone();
-    let card = blocking(move || {
+    let card = ApiError::blocking("loading failed", move || {
         let dirs = ExtraDirs {
             adapter: Some(&req.lora_path),
             overlay: None,

@@ -29,10 +29,15 @@ fn pins(spec: &RunSpec) -> Vec<Pin> {
 }
 
 impl Engine {
+    /// Whether the cache keeps prefixes (`--enable-prefix-caching`).
+    pub fn prefix_caching(&self) -> bool {
+        self.cache.prefix_caching()
+    }
+
     /// Gives a sequence that holds nothing yet the cached KV of the longest reusable start of
     /// `tokens`; returns how many tokens it now holds (feed the rest).
     pub fn attach_prefix(&mut self, seq: SeqId, tokens: &[u32]) -> Result<usize, EngineError> {
-        if !self.cache.prefix_caching() {
+        if !self.prefix_caching() {
             return Ok(0);
         }
         let Some(state) = self.seqs.get_mut(&seq) else {
@@ -52,7 +57,7 @@ impl Engine {
     /// Offers the KV a sequence holds for its first `tokens` to the prefix cache (call before
     /// releasing it). Failures only lose the offer.
     pub fn offer_prefix(&mut self, seq: SeqId, tokens: &[u32]) {
-        if !self.cache.prefix_caching() {
+        if !self.prefix_caching() {
             return;
         }
         let Some(state) = self.seqs.get(&seq) else {

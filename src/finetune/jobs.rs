@@ -317,20 +317,24 @@ impl JobStore {
 
     /// Events, newest first.
     pub fn events(&self, id: &str) -> Result<Vec<Event>, FinetuneError> {
-        let jobs = self.lock();
-        let e = jobs
-            .get(id)
-            .ok_or_else(|| FinetuneError::NoSuchJob(id.to_string()))?;
-        Ok(e.events.iter().rev().cloned().collect())
+        self.newest_first(id, |e| &e.events)
     }
 
     /// Checkpoints, newest first.
     pub fn checkpoints(&self, id: &str) -> Result<Vec<Checkpoint>, FinetuneError> {
+        self.newest_first(id, |e| &e.checkpoints)
+    }
+
+    fn newest_first<T: Clone>(
+        &self,
+        id: &str,
+        list: impl Fn(&Entry) -> &Vec<T>,
+    ) -> Result<Vec<T>, FinetuneError> {
         let jobs = self.lock();
         let e = jobs
             .get(id)
             .ok_or_else(|| FinetuneError::NoSuchJob(id.to_string()))?;
-        Ok(e.checkpoints.iter().rev().cloned().collect())
+        Ok(list(e).iter().rev().cloned().collect())
     }
 }
 

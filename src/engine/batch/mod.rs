@@ -205,14 +205,13 @@ impl Batcher {
     /// their whole `max_tokens`) can be reserved; a request that cannot fit even into an empty
     /// cache fails. Sequences grow their KV step by step ([`Batcher::reserve_or_preempt`]).
     fn admit_waiting(&mut self, events: &mut Vec<BatchEvent>) {
-        while let Some((id, seq)) = self.waiting.pop_front() {
+        while let Some((id, mut seq)) = self.waiting.pop_front() {
             let admitted = self
                 .engine
                 .add_sequence(id, seq.req.run_spec())
                 .and_then(|_| self.engine.reserve(id, seq.admission_need()));
             match admitted {
                 Ok(()) => {
-                    let mut seq = seq;
                     self.reuse_prefix(id, &mut seq);
                     self.active.insert(id, seq);
                     self.order.push(id);
@@ -243,9 +242,12 @@ impl Batcher {
         }
     }
 
-    /// Frees a sequence's KV, offering it to the prefix cache first.
+    /// Frees a sequence's KV, offering it to the prefix cache first (when there is one: the token
+    /// list is not built otherwise).
     fn release_kv(&mut self, id: SeqId, seq: &Sequence) {
-        self.engine.offer_prefix(id, &seq.kv_tokens());
+        if self.engine.prefix_caching() {
+            self.engine.offer_prefix(id, &seq.kv_tokens());
+        }
         self.engine.release(id);
     }
 

@@ -160,11 +160,6 @@ impl ContiguousKvCache {
         self.prefixes = Some(prefix::PrefixStore::new(self.block_size));
         self
     }
-
-    fn free_blocks(&self) -> usize {
-        let cached = self.prefixes.as_ref().map_or(0, |p| p.used_blocks);
-        self.total_blocks - self.used_blocks - cached
-    }
 }
 
 impl KvCache for ContiguousKvCache {
@@ -194,22 +189,24 @@ impl KvCache for ContiguousKvCache {
             .ok_or(KvError::UnknownSequence(seq))?
             .blocks;
         let needed = total_len.div_ceil(self.block_size).saturating_sub(held);
-        // Cached prefixes give their room back, least recently used first.
-        while needed > self.free_blocks() && self.prefixes.as_mut().is_some_and(|p| p.evict_one()) {
-        }
-        let free = self.free_blocks();
-        let s = self
-            .seqs
-            .get_mut(&seq)
-            .ok_or(KvError::UnknownSequence(seq))?;
-        if needed > free {
+        // Room beside the live sequences; cached prefixes in it give it back, least recently used
+        // first, when that is enough.
+        let beside_live = self.total_blocks - self.used_blocks;
+        if needed > beside_live {
             return Err(KvError::OutOfBlocks {
                 needed,
-                free,
+                free: beside_live,
                 total: self.total_blocks,
                 block_size: self.block_size,
             });
         }
+        if let Some(p) = self.prefixes.as_mut() {
+            p.shrink_to(beside_live - needed);
+        }
+        let s = self
+            .seqs
+            .get_mut(&seq)
+            .ok_or(KvError::UnknownSequence(seq))?;
         s.blocks += needed;
         self.used_blocks += needed;
         Ok(())
@@ -337,12 +334,11 @@ impl KvCache for ContiguousKvCache {
         }
         // The entry's blocks must fit beside the live sequences (this one's are freed next).
         let blocks = tokens.len() / self.block_size;
-        while self.total_blocks - self.used_blocks + s.blocks < store.used_blocks + blocks
-            && store.evict_one()
-        {}
-        if self.total_blocks - self.used_blocks + s.blocks < store.used_blocks + blocks {
+        let beside_live = self.total_blocks - self.used_blocks + s.blocks;
+        if blocks > beside_live {
             return Ok(());
         }
+        store.shrink_to(beside_live - blocks);
         store.offer(keys, tokens, &kv, pins)
     }
 }

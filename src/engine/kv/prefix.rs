@@ -69,7 +69,7 @@ impl PrefixStore {
         let limit = tokens.len().saturating_sub(1) / self.block_size * self.block_size;
         let mut best: Option<(usize, usize)> = None;
         for (i, e) in self.entries.iter().enumerate() {
-            if e.keys.len() < keys.len() || e.keys[..keys.len()] != *keys {
+            if !e.keys.starts_with(keys) {
                 continue;
             }
             let common = e
@@ -109,19 +109,18 @@ impl PrefixStore {
         if n == 0 || kv.len() != keys.len() {
             return Ok(());
         }
-        let covers = |e: &Entry, keys: &[u64], toks: &[u32]| {
-            e.keys.len() >= keys.len()
-                && e.keys[..keys.len()] == *keys
-                && e.tokens.len() >= toks.len()
-                && e.tokens[..toks.len()] == *toks
-        };
-        if self.entries.iter().any(|e| covers(e, &keys, &tokens[..n])) {
+        let tokens = &tokens[..n];
+        if self
+            .entries
+            .iter()
+            .any(|e| extends((&e.keys, &e.tokens), (&keys, tokens)))
+        {
             return Ok(());
         }
-        // Entries this one covers are dropped.
+        // Entries this one extends are dropped.
         let mut kept = Vec::with_capacity(self.entries.len());
         for e in self.entries.drain(..) {
-            if covers_entry(&keys, &tokens[..n], &e) {
+            if extends((&keys, tokens), (&e.keys, &e.tokens)) {
                 self.used_blocks -= e.blocks;
             } else {
                 kept.push(e);
@@ -141,7 +140,7 @@ impl PrefixStore {
         self.clock += 1;
         self.entries.push(Entry {
             keys,
-            tokens: tokens[..n].to_vec(),
+            tokens: tokens.to_vec(),
             kv,
             blocks,
             last_used: self.clock,
@@ -149,6 +148,11 @@ impl PrefixStore {
         });
         self.used_blocks += blocks;
         Ok(())
+    }
+
+    /// Evicts least recently used entries until they hold at most `max_blocks`.
+    pub fn shrink_to(&mut self, max_blocks: usize) {
+        while self.used_blocks > max_blocks && self.evict_one() {}
     }
 
     /// Drops the least recently used entry; `false` when none is left.
@@ -162,12 +166,10 @@ impl PrefixStore {
     }
 }
 
-/// Whether a new entry of `keys` and `tokens` covers `e` (same keys or more, same tokens or more).
-fn covers_entry(keys: &[u64], tokens: &[u32], e: &Entry) -> bool {
-    keys.len() >= e.keys.len()
-        && keys[..e.keys.len()] == *e.keys
-        && tokens.len() >= e.tokens.len()
-        && tokens[..e.tokens.len()] == *e.tokens
+/// Whether `long` (position keys, tokens) starts with `short`: same keys or more, same tokens or
+/// more, so its KV holds all of `short`'s.
+fn extends(long: (&[u64], &[u32]), short: (&[u64], &[u32])) -> bool {
+    long.0.starts_with(short.0) && long.1.starts_with(short.1)
 }
 
 /// Position keys of a plan: key `p` names `layers[0..=p]` and `extras` (adapter and overlay
