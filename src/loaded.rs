@@ -18,9 +18,15 @@ pub enum DeviceKind {
 impl DeviceKind {
     /// The device and its default precision.
     pub fn open(self) -> Result<(Device, DType), CheckpointError> {
+        self.open_at(0)
+    }
+
+    /// The `ordinal`-th device of this kind (the CPU has one, whatever the ordinal) and its
+    /// default precision.
+    pub fn open_at(self, ordinal: usize) -> Result<(Device, DType), CheckpointError> {
         match self {
             DeviceKind::Cpu => Ok((Device::Cpu, DType::F32)),
-            DeviceKind::Cuda => Ok((Device::new_cuda(0)?, DType::BF16)),
+            DeviceKind::Cuda => Ok((Device::new_cuda(ordinal)?, DType::BF16)),
         }
     }
 }

@@ -124,6 +124,16 @@ enum Command {
         /// logprobs).
         #[arg(long)]
         enable_prefix_caching: bool,
+        /// Engine loops per base, each with its own KV pool and requests routed to the least
+        /// loaded: on CUDA one per GPU (cuda:0..N-1, each holding its own copy of the weights),
+        /// on the CPU N loops sharing one copy. --max-in-flight and the KV flags are per engine.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+        data_parallel: u16,
+        /// Admit a request only when KV for its prompt and all of its max_tokens fits, as engines
+        /// without KV on demand do: nothing is ever preempted (recomputed), but far fewer
+        /// sequences run at once when max_tokens is large.
+        #[arg(long)]
+        reserve_max_tokens: bool,
         #[arg(long, default_value_t = 32 << 20)]
         max_body_bytes: usize,
         /// Require `Authorization: Bearer KEY` on /v1/*.
@@ -327,6 +337,8 @@ fn run(cli: Cli) -> Result<()> {
             max_loras,
             max_lora_rank,
             enable_prefix_caching,
+            data_parallel,
+            reserve_max_tokens,
             max_body_bytes,
             api_key,
             finetune,
@@ -345,6 +357,8 @@ fn run(cli: Cli) -> Result<()> {
                 max_loras,
                 max_lora_rank,
                 prefix_caching: enable_prefix_caching,
+                data_parallel: data_parallel.into(),
+                reserve_max_tokens,
             };
             let registry = Arc::new(serve::build_registry(&entries, &settings)?);
             let workers = std::thread::available_parallelism().map_or(1, |n| n.get());

@@ -14,12 +14,17 @@ use prometheus::{
 
 use crate::limits::MAX_AD_HOC_METRIC_SERIES;
 use crate::registry::{Registry, Resolved};
+use crate::scheduler::LoopStats;
 
 pub struct Metrics {
     registry: prometheus::Registry,
     running: IntGaugeVec,
     waiting: IntGaugeVec,
     kv_usage: GaugeVec,
+    engine_running: IntGaugeVec,
+    engine_waiting: IntGaugeVec,
+    engine_kv_usage: GaugeVec,
+    engine_sequences: IntCounterVec,
     prompt_tokens: IntCounterVec,
     generation_tokens: IntCounterVec,
     requests: IntCounterVec,
@@ -31,6 +36,16 @@ pub struct Metrics {
     prefix_queries: IntCounterVec,
     prefix_hits: IntCounterVec,
     ad_hoc_seen: Mutex<HashSet<String>>,
+}
+
+/// Labels of the per-engine gauges.
+const ENGINE_LABELS: &[&str] = &["model_name", "engine"];
+
+/// The used share of a loop's KV pool.
+fn kv_fraction(s: &LoopStats) -> f64 {
+    s.kv.map_or(0.0, |kv| {
+        kv.used_blocks as f64 / kv.total_blocks.max(1) as f64
+    })
 }
 
 const LATENCY_BUCKETS: [f64; 14] = [
@@ -64,6 +79,34 @@ impl Metrics {
                     "KV cache usage (1 = full).",
                 ),
                 label,
+            )?,
+            engine_running: IntGaugeVec::new(
+                Opts::new(
+                    "pruneserve:engine_num_requests_running",
+                    "Requests running, per engine of a base (--data-parallel).",
+                ),
+                ENGINE_LABELS,
+            )?,
+            engine_waiting: IntGaugeVec::new(
+                Opts::new(
+                    "pruneserve:engine_num_requests_waiting",
+                    "Requests waiting for KV room, per engine of a base (--data-parallel).",
+                ),
+                ENGINE_LABELS,
+            )?,
+            engine_kv_usage: GaugeVec::new(
+                Opts::new(
+                    "pruneserve:engine_kv_cache_usage_perc",
+                    "KV cache usage per engine of a base (1 = full).",
+                ),
+                ENGINE_LABELS,
+            )?,
+            engine_sequences: IntCounterVec::new(
+                Opts::new(
+                    "pruneserve:engine_sequences_total",
+                    "Sequences routed to each engine of a base (--data-parallel).",
+                ),
+                ENGINE_LABELS,
             )?,
             prompt_tokens: counter("pruneserve:prompt_tokens_total", "Prompt tokens processed.")?,
             generation_tokens: counter("pruneserve:generation_tokens_total", "Tokens generated.")?,
@@ -117,6 +160,10 @@ impl Metrics {
         m.registry.register(Box::new(m.running.clone()))?;
         m.registry.register(Box::new(m.waiting.clone()))?;
         m.registry.register(Box::new(m.kv_usage.clone()))?;
+        m.registry.register(Box::new(m.engine_running.clone()))?;
+        m.registry.register(Box::new(m.engine_waiting.clone()))?;
+        m.registry.register(Box::new(m.engine_kv_usage.clone()))?;
+        m.registry.register(Box::new(m.engine_sequences.clone()))?;
         m.registry.register(Box::new(m.prompt_tokens.clone()))?;
         m.registry.register(Box::new(m.generation_tokens.clone()))?;
         m.registry.register(Box::new(m.requests.clone()))?;
@@ -185,10 +232,23 @@ impl Metrics {
             self.waiting
                 .with_label_values(&[&base.name])
                 .set(s.waiting as i64);
-            let usage = s.kv.map_or(0.0, |kv| {
-                kv.used_blocks as f64 / kv.total_blocks.max(1) as f64
-            });
-            self.kv_usage.with_label_values(&[&base.name]).set(usage);
+            self.kv_usage
+                .with_label_values(&[&base.name])
+                .set(kv_fraction(&s));
+            for e in base.scheduler.per_engine() {
+                let labels = [base.name.as_str(), e.label];
+                self.engine_running
+                    .with_label_values(&labels)
+                    .set(e.stats.running as i64);
+                self.engine_waiting
+                    .with_label_values(&labels)
+                    .set(e.stats.waiting as i64);
+                self.engine_kv_usage
+                    .with_label_values(&labels)
+                    .set(kv_fraction(&e.stats));
+                let routed = self.engine_sequences.with_label_values(&labels);
+                routed.inc_by(e.routed.saturating_sub(routed.get()));
+            }
             let restarts = self.engine_restarts.with_label_values(&[&base.name]);
             restarts.inc_by(s.restarts.saturating_sub(restarts.get()));
             let preempted = self.preemptions.with_label_values(&[&base.name]);

@@ -26,7 +26,7 @@ use crate::engine::model::overlay::{ModelOverlay, OverlayError, OverlayInfo};
 use crate::limits::{Limits, MAX_NAME_CHARS};
 use crate::loaded::LoadedModel;
 use crate::plan::{LayerList, LayerPlan, PlanError, PlanSpec};
-use crate::scheduler::SchedulerHandle;
+use crate::scheduler::Replicas;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
@@ -63,13 +63,14 @@ pub enum RegistryError {
     NotAnAdapter(String),
 }
 
-/// A loaded base model, the engine loop that serves it and all its plan variants, and the limits
-/// every request to it is held to.
+/// A loaded base model, the engine loops that serve it and all its plan variants (one, or one per
+/// device with `--data-parallel`), and the limits every request to it is held to.
 pub struct Base {
     pub name: String,
     pub source: String,
+    /// The weights of engine 0 (and the tokenizer and template every engine shares).
     pub model: LoadedModel,
-    pub scheduler: SchedulerHandle,
+    pub scheduler: Replicas,
     pub limits: Limits,
 }
 

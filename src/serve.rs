@@ -6,12 +6,15 @@ use std::sync::Arc;
 
 use crate::checkpoint::CheckpointError;
 use crate::engine::batch::Batcher;
+use crate::engine::model::DecoderModel;
 use crate::engine::{Engine, EngineError, EngineOptions};
 use crate::limits::Limits;
 use crate::loaded::{ComputeDtype, DeviceKind, LoadedModel, UnsupportedDtype};
 use crate::manifest::{BaseEntry, Manifest, ManifestError, VariantEntry, VariantKind};
 use crate::registry::{Base, ExtraDirs, Registry, RegistryError};
-use crate::scheduler::{BatchLoop, EngineFactory, RestartPolicy, SchedulerHandle};
+use crate::scheduler::{
+    BatchLoop, EngineFactory, Replica, Replicas, RestartPolicy, SchedulerHandle,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -48,6 +51,11 @@ pub struct EngineSettings {
     pub max_lora_rank: usize,
     /// Keep finished sequences' prompt KV for reuse (CPU engine).
     pub prefix_caching: bool,
+    /// Engine loops per base (`--data-parallel`): on CUDA one per GPU (`cuda:0..N-1`), each with
+    /// its own weights; on the CPU N loops over one copy of the weights.
+    pub data_parallel: usize,
+    /// Admit a request only when KV for its prompt and all of `max_tokens` fits (no preemption).
+    pub reserve_max_tokens: bool,
 }
 
 /// Wraps each engine a base's loop builds (tests inject faults through it).
@@ -133,7 +141,8 @@ fn start_base(name: &str, source: &str, s: &EngineSettings) -> Result<Arc<Base>,
     start_loaded(name, source, model, s, None)
 }
 
-/// Starts the engine loop of a loaded model and fixes its limits.
+/// Starts the engine loops of a loaded model (one per `--data-parallel` engine) and fixes its
+/// limits.
 pub fn start_loaded(
     name: &str,
     source: &str,
@@ -152,26 +161,27 @@ pub fn start_loaded(
         prefix_caching: s.prefix_caching,
         ..EngineOptions::default()
     };
-    let decoder = model.model.clone();
-    let step_tokens = s.max_step_tokens;
-    let factory: EngineFactory = Box::new(move || {
-        let engine = Engine::for_device(decoder.clone(), &opts)?;
-        let batcher: Box<dyn BatchLoop> = Box::new(Batcher::new(engine, step_tokens));
-        Ok(match &wrap {
-            Some(w) => w(batcher),
-            None => batcher,
-        })
-    });
-    let scheduler = SchedulerHandle::spawn(
-        factory,
-        model.tokenizer.clone(),
-        s.max_in_flight,
-        s.restart_policy,
-    )
-    .map_err(|error| ServeError::Engine {
+    let engine_err = |error| ServeError::Engine {
         name: name.to_string(),
         error,
-    })?;
+    };
+    let mut engines = Vec::new();
+    for (i, decoder) in engine_weights(&model, s)?.into_iter().enumerate() {
+        let factory = engine_factory(decoder.clone(), opts, s, wrap.clone());
+        let scheduler = SchedulerHandle::spawn(
+            factory,
+            model.tokenizer.clone(),
+            s.max_in_flight,
+            s.restart_policy,
+        )
+        .map_err(engine_err)?;
+        engines.push(Replica::new(
+            format!("{}:{i}", s.device.name()),
+            scheduler,
+            decoder,
+        ));
+    }
+    let scheduler = Replicas::new(engines);
     let limits = Limits {
         max_model_len,
         max_sequences: s.max_in_flight,
@@ -181,7 +191,12 @@ pub fn start_loaded(
         max_loras: s.max_loras,
         max_lora_rank: s.max_lora_rank,
     };
-    tracing::info!(model = name, ?limits, "base serving");
+    tracing::info!(
+        model = name,
+        engines = scheduler.len(),
+        ?limits,
+        "base serving"
+    );
     Ok(Arc::new(Base {
         name: name.to_string(),
         source: source.to_string(),
@@ -189,6 +204,46 @@ pub fn start_loaded(
         scheduler,
         limits,
     }))
+}
+
+/// The weights of each engine: `model`'s for engine 0; on CUDA a fresh copy on GPU `i` for engine
+/// `i`, on the CPU the same copy again.
+fn engine_weights(
+    model: &LoadedModel,
+    s: &EngineSettings,
+) -> Result<Vec<Arc<DecoderModel>>, ServeError> {
+    let mut weights = vec![model.model.clone()];
+    for i in 1..s.data_parallel.max(1) {
+        weights.push(match s.device {
+            DeviceKind::Cpu => model.model.clone(),
+            DeviceKind::Cuda => {
+                let (device, _) = s.device.open_at(i)?;
+                let copy = DecoderModel::load(&model.dir, &device, model.model.dtype())?;
+                tracing::info!(engine = i, "weights loaded on cuda:{i}");
+                Arc::new(copy)
+            }
+        });
+    }
+    Ok(weights)
+}
+
+/// Builds a fresh engine over `decoder`, at start and after a failure.
+fn engine_factory(
+    decoder: Arc<DecoderModel>,
+    opts: EngineOptions,
+    s: &EngineSettings,
+    wrap: Option<EngineWrapper>,
+) -> EngineFactory {
+    let (step_tokens, reserve) = (s.max_step_tokens, s.reserve_max_tokens);
+    Box::new(move || {
+        let engine = Engine::for_device(decoder.clone(), &opts)?;
+        let batcher = Batcher::new(engine, step_tokens).reserving_max_tokens(reserve);
+        let batcher: Box<dyn BatchLoop> = Box::new(batcher);
+        Ok(match &wrap {
+            Some(w) => w(batcher),
+            None => batcher,
+        })
+    })
 }
 
 /// Serves `router` on `listener` until Ctrl-C (blocking; builds its own runtime).

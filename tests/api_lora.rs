@@ -16,26 +16,6 @@ use pruneserve::engine::RunSpec;
 use pruneserve::plan::PlanSpec;
 use serde_json::{json, Value};
 
-fn smollm2_config() -> Value {
-    serde_json::from_str(&std::fs::read_to_string(smollm2_dir().join("config.json")).unwrap())
-        .unwrap()
-}
-
-fn write_smollm2_adapter(dir: &Path, r: usize, targets: &[&str], seed: u64) {
-    let spec = AdapterSpec {
-        r,
-        alpha: 16.0,
-        rslora: false,
-        targets,
-        rank_pattern: &[],
-        alpha_pattern: &[],
-        layers: 30,
-        scale: 0.05,
-        base_model: None,
-    };
-    write_adapter(dir, &smollm2_config(), &spec, seed);
-}
-
 fn load(s: &ServerProc, name: &str, path: &Path, on: Option<&str>) -> (u16, Value) {
     let mut body = json!({"lora_name": name, "lora_path": path});
     if let Some(on) = on {

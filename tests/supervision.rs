@@ -85,6 +85,8 @@ fn start_faulty_server(root: &std::path::Path) -> String {
         max_loras: 4,
         max_lora_rank: 16,
         prefix_caching: false,
+        data_parallel: 1,
+        reserve_max_tokens: false,
     };
     let wrap: EngineWrapper = Arc::new(|inner| {
         Box::new(Faulty {

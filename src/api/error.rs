@@ -92,7 +92,9 @@ impl From<SubmitError> for ApiError {
             | SubmitError::Unhealthy(_)
             | SubmitError::TasksBusy { .. } => ApiError::overloaded(e.to_string()),
             SubmitError::NeverFits { .. } => ApiError::bad_request(e.to_string(), Some("n")),
-            SubmitError::Stopped => ApiError::internal(e.to_string()),
+            SubmitError::Stopped | SubmitError::EngineCopy { .. } => {
+                ApiError::internal(e.to_string())
+            }
         }
     }
 }

@@ -16,6 +16,7 @@
 mod detokenize;
 mod engine_loop;
 mod output;
+mod replicas;
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Sender};
@@ -26,6 +27,7 @@ use tokio::sync::mpsc as tmpsc;
 
 pub use detokenize::{IncrementalText, TextStep};
 pub use output::{OutputEvent, OutputSpec};
+pub use replicas::{Replica, Replicas};
 
 use crate::engine::batch::{BatchEvent, Batcher, GenRequest};
 use crate::engine::kv::{KvCapacity, KvUsage};
@@ -87,6 +89,9 @@ pub trait EngineTask: Send {
 /// Engine tasks queued or running per base at once.
 pub const MAX_ENGINE_TASKS: usize = 2;
 
+/// A group's requests (a request's prompts × `n`) and how each one's output is turned into text.
+pub type GroupJobs = Vec<(GenRequest, OutputSpec)>;
+
 /// Builds a fresh engine for the loop, at start and after a failure.
 pub type EngineFactory = Box<dyn FnMut() -> Result<Box<dyn BatchLoop>, EngineError> + Send>;
 
@@ -98,6 +103,12 @@ pub enum SubmitError {
     NeverFits { needed: usize, max: usize },
     #[error("the engine is unhealthy: {0}")]
     Unhealthy(String),
+    #[error("engine {engine} could not load its copy of `{path}`: {reason}")]
+    EngineCopy {
+        engine: String,
+        path: String,
+        reason: String,
+    },
     #[error("engine loop has stopped")]
     Stopped,
     #[error("{max} engine tasks (e.g. layer-importance runs) are already queued on this base; retry later")]
@@ -241,27 +252,39 @@ impl SchedulerHandle {
     }
 
     /// Queues a group of requests (a request's prompts × `n`) whole, or none of them.
-    pub fn submit_group(
+    pub fn submit_group(&self, jobs: GroupJobs) -> Result<Vec<GenStream>, SubmitError> {
+        self.try_submit_group(jobs).map_err(|(e, _)| e)
+    }
+
+    /// As [`Self::submit_group`], giving the jobs back when they were not queued because the
+    /// loop is at capacity (another engine may take them).
+    pub fn try_submit_group(
         &self,
-        jobs: Vec<(GenRequest, OutputSpec)>,
-    ) -> Result<Vec<GenStream>, SubmitError> {
+        jobs: GroupJobs,
+    ) -> Result<Vec<GenStream>, (SubmitError, GroupJobs)> {
         let k = jobs.len();
         if k > self.max_in_flight {
-            return Err(SubmitError::NeverFits {
-                needed: k,
-                max: self.max_in_flight,
-            });
+            return Err((
+                SubmitError::NeverFits {
+                    needed: k,
+                    max: self.max_in_flight,
+                },
+                jobs,
+            ));
         }
         if let Health::Failed(reason) = self.health() {
-            return Err(SubmitError::Unhealthy(reason));
+            return Err((SubmitError::Unhealthy(reason), jobs));
         }
         let before = self.in_flight.fetch_add(k, Ordering::SeqCst);
         let guards: Vec<InFlight> = (0..k).map(|_| InFlight(self.in_flight.clone())).collect();
         if before + k > self.max_in_flight {
-            return Err(SubmitError::QueueFull {
-                in_flight: before,
-                max: self.max_in_flight,
-            });
+            return Err((
+                SubmitError::QueueFull {
+                    in_flight: before,
+                    max: self.max_in_flight,
+                },
+                jobs,
+            ));
         }
         let mut streams = Vec::with_capacity(k);
         for ((req, output), guard) in jobs.into_iter().zip(guards) {
@@ -274,7 +297,7 @@ impl SchedulerHandle {
                     output,
                     events,
                 })))
-                .map_err(|_| SubmitError::Stopped)?;
+                .map_err(|_| (SubmitError::Stopped, Vec::new()))?;
             streams.push(GenStream {
                 rx,
                 _in_flight: guard,
@@ -309,6 +332,11 @@ impl SchedulerHandle {
             Ok(h) => h.clone().map_or(Health::Ok, Health::Failed),
             Err(_) => Health::Failed("health state poisoned".into()),
         }
+    }
+
+    /// Sequences accepted and not yet finished.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::SeqCst)
     }
 
     /// Room in the KV pool (static for the engine's life).

@@ -350,3 +350,25 @@ pub fn pruneval_bin() -> PathBuf {
     );
     bin
 }
+
+/// SmolLM2's config.json.
+pub fn smollm2_config() -> Value {
+    serde_json::from_str(&std::fs::read_to_string(smollm2_dir().join("config.json")).unwrap())
+        .unwrap()
+}
+
+/// A random PEFT adapter of rank `r` on `targets` of all 30 SmolLM2 layers.
+pub fn write_smollm2_adapter(dir: &Path, r: usize, targets: &[&str], seed: u64) {
+    let spec = AdapterSpec {
+        r,
+        alpha: 16.0,
+        rslora: false,
+        targets,
+        rank_pattern: &[],
+        alpha_pattern: &[],
+        layers: 30,
+        scale: 0.05,
+        base_model: None,
+    };
+    write_adapter(dir, &smollm2_config(), &spec, seed);
+}

@@ -12,6 +12,7 @@ mod sequence;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
+use rayon::prelude::*;
 use serde::Serialize;
 
 use super::adapters::LoraAdapter;
@@ -116,6 +117,8 @@ pub struct Batcher {
     next_id: SeqId,
     max_step_tokens: usize,
     preemptions: u64,
+    /// Admit only when KV for the prompt and all of `max_tokens` fits (never preempts).
+    reserve_max_tokens: bool,
     stats: super::instrument::step_stats::StepStats,
 }
 
@@ -129,8 +132,17 @@ impl Batcher {
             next_id: 1,
             max_step_tokens: max_step_tokens.max(1),
             preemptions: 0,
+            reserve_max_tokens: false,
             stats: Default::default(),
         }
+    }
+
+    /// Admits a request only when KV for its prompt and all of its `max_tokens` can be reserved
+    /// at once (`serve --reserve-max-tokens`): nothing is ever preempted, and fewer sequences run
+    /// at once than with KV on demand.
+    pub fn reserving_max_tokens(mut self, on: bool) -> Self {
+        self.reserve_max_tokens = on;
+        self
     }
 
     /// Sequences preempted so far (their KV freed, to be recomputed).
@@ -202,14 +214,17 @@ impl Batcher {
     }
 
     /// Moves waiting requests into the running set while the KV their context needs now (not
-    /// their whole `max_tokens`) can be reserved; a request that cannot fit even into an empty
+    /// their whole `max_tokens`, unless reserving it) can be reserved; a request that cannot fit even into an empty
     /// cache fails. Sequences grow their KV step by step ([`Batcher::reserve_or_preempt`]).
     fn admit_waiting(&mut self, events: &mut Vec<BatchEvent>) {
         while let Some((id, mut seq)) = self.waiting.pop_front() {
             let admitted = self
                 .engine
                 .add_sequence(id, seq.req.run_spec())
-                .and_then(|_| self.engine.reserve(id, seq.admission_need()));
+                .and_then(|_| {
+                    self.engine
+                        .reserve(id, seq.admission_need(self.reserve_max_tokens))
+                });
             match admitted {
                 Ok(()) => {
                     self.reuse_prefix(id, &mut seq);
@@ -336,8 +351,9 @@ impl Batcher {
             return events;
         }
         let started = std::time::Instant::now();
-        let results = self.engine.step(&items);
+        let mut results = self.engine.step(&items);
         self.stats.record(&items, started.elapsed());
+        let mut drawn = self.draw_tokens(&mut results);
         for (item, result) in items.iter().zip(results) {
             let id = item.seq;
             let out = match result {
@@ -354,14 +370,7 @@ impl Batcher {
             if let Some(scores) = a.ran(item, out.scores) {
                 events.push(BatchEvent::PromptScored { id, scores });
             }
-            let picked = match (out.greedy, out.logits) {
-                (Some(g), _) => Some(g),
-                (None, Some(logits)) => {
-                    let generated: Vec<u32> = a.out.tokens.iter().map(|t| t.token).collect();
-                    Some(a.sampler.sample(&logits, &a.req.prompt, &generated))
-                }
-                (None, None) => None,
-            };
+            let picked = out.greedy.or_else(|| drawn.remove(&id));
             let done = match picked {
                 Some(s) => {
                     let finished = a.picked(&s);
@@ -377,6 +386,28 @@ impl Batcher {
             }
         }
         events
+    }
+
+    /// Samples the next token of every row that returned logits (moved out of `results`), the
+    /// rows in parallel: each sequence draws from its own seeded sampler, so the threads change
+    /// nothing but the time.
+    fn draw_tokens(
+        &mut self,
+        results: &mut [Result<super::StepOutput, EngineError>],
+    ) -> HashMap<SeqId, Sampled> {
+        let mut logits: HashMap<SeqId, Vec<f32>> = results
+            .iter_mut()
+            .filter_map(|r| r.as_mut().ok())
+            .filter_map(|o| Some((o.seq, o.logits.take()?)))
+            .collect();
+        let mut rows: Vec<(SeqId, &mut Sequence, Vec<f32>)> = self
+            .active
+            .iter_mut()
+            .filter_map(|(id, seq)| Some((*id, seq, logits.remove(id)?)))
+            .collect();
+        rows.par_iter_mut()
+            .map(|(id, seq, logits)| (*id, seq.draw(logits)))
+            .collect()
     }
 
     fn finish(&mut self, id: SeqId, events: &mut Vec<BatchEvent>) {

@@ -70,9 +70,26 @@ impl Sequence {
             .collect()
     }
 
-    /// KV the sequence needs to be admitted: its whole context and one picked token.
-    pub(super) fn admission_need(&self) -> usize {
-        self.context.len() + 1
+    /// Samples the next token from the last position's `logits` (penalties see the prompt and
+    /// the tokens generated so far).
+    pub(super) fn draw(&mut self, logits: &[f32]) -> Sampled {
+        let generated: Vec<u32> = if self.sampler.has_penalties() {
+            self.out.tokens.iter().map(|t| t.token).collect()
+        } else {
+            Vec::new()
+        };
+        self.sampler.sample(logits, &self.req.prompt, &generated)
+    }
+
+    /// KV the sequence needs to be admitted: its whole context and one picked token, or with
+    /// `whole` everything it may ever hold (prompt and `max_tokens`).
+    pub(super) fn admission_need(&self, whole: bool) -> usize {
+        let now = self.context.len() + 1;
+        if whole {
+            now.max(self.req.prompt.len() + self.req.max_tokens)
+        } else {
+            now
+        }
     }
 
     /// The decode item, when a picked token waits to be run.

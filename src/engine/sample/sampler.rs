@@ -6,6 +6,8 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
+use super::truncation::Candidates;
+
 /// Sampling settings of one request (OpenAI/vLLM names).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
@@ -73,11 +75,11 @@ pub struct Sampler {
     rng: ChaCha8Rng,
 }
 
-fn log_softmax(logits: &[f32]) -> Vec<f32> {
+/// `ln Σ exp(logits)`, in f64.
+fn log_sum_exp(logits: &[f32]) -> f64 {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let sum: f64 = logits.iter().map(|&x| ((x - max) as f64).exp()).sum();
-    let lse = max as f64 + sum.ln();
-    logits.iter().map(|&x| (x as f64 - lse) as f32).collect()
+    let sum: f64 = logits.iter().map(|&x| f64::from(x - max).exp()).sum();
+    f64::from(max) + sum.ln()
 }
 
 /// Index of the largest value (first on ties).
@@ -122,22 +124,36 @@ impl Sampler {
     /// Picks the next token from last-position `logits`. The repetition penalty covers prompt and
     /// output tokens; frequency/presence penalties cover the generated `output` only.
     pub fn sample(&mut self, logits: &[f32], prompt: &[u32], output: &[u32]) -> Sampled {
-        let raw = log_softmax(logits);
-        let mut x = logits.to_vec();
-        self.apply_penalties(&mut x, prompt, output);
-        let temperature = self.params.temperature;
-        let token = if temperature == 0.0 {
-            argmax(&x)
+        let lse = log_sum_exp(logits);
+        let token = if self.has_penalties() {
+            let mut x = logits.to_vec();
+            self.apply_penalties(&mut x, prompt, output);
+            self.pick(&x)
         } else {
-            for v in x.iter_mut() {
-                *v /= temperature;
-            }
-            self.draw(&x)
+            self.pick(logits)
         };
+        let raw = |v: f32| (f64::from(v) - lse) as f32;
         Sampled {
             token: token as u32,
-            logprob: raw[token],
-            top: top_k_pairs(&raw, self.params.top_logprobs),
+            logprob: raw(logits[token]),
+            top: top_k_pairs(logits, self.params.top_logprobs)
+                .into_iter()
+                .map(|(id, v)| (id, raw(v)))
+                .collect(),
+        }
+    }
+
+    /// Whether a penalty changes the logits (and the generated tokens are needed).
+    pub fn has_penalties(&self) -> bool {
+        let p = &self.params;
+        p.repetition_penalty != 1.0 || p.frequency_penalty != 0.0 || p.presence_penalty != 0.0
+    }
+
+    fn pick(&mut self, x: &[f32]) -> usize {
+        if self.params.temperature == 0.0 {
+            argmax(x)
+        } else {
+            self.draw(x)
         }
     }
 
@@ -170,46 +186,33 @@ impl Sampler {
         }
     }
 
-    /// Draws from softmax(x) after top-k, top-p and min-p truncation.
+    /// Draws from softmax(x / temperature) after top-k, top-p and min-p truncation: one uniform
+    /// number per draw, walked over the kept candidates in id order (top-k: in value order).
     fn draw(&mut self, x: &[f32]) -> usize {
         let p = &self.params;
-        let keep = if p.top_k > 0 {
-            p.top_k.min(x.len())
-        } else {
-            x.len()
-        };
-        let cand = top_k_pairs(x, keep);
-        let max = cand[0].1;
-        let mut probs: Vec<f64> = cand
+        let c = Candidates::new(x, p.temperature, p.top_k);
+        let kept = c.kept(p.top_p, p.min_p);
+        let total: f64 = c
+            .weights
             .iter()
-            .map(|&(_, v)| ((v - max) as f64).exp())
-            .collect();
-        let total: f64 = probs.iter().sum();
-        probs.iter_mut().for_each(|q| *q /= total);
-        let mut cut = probs.len();
-        if p.top_p < 1.0 {
-            let mut acc = 0.0;
-            for (i, q) in probs.iter().enumerate() {
-                acc += q;
-                if acc >= p.top_p as f64 {
-                    cut = i + 1;
-                    break;
-                }
-            }
-        }
-        if p.min_p > 0.0 {
-            let floor = probs[0] * p.min_p as f64;
-            cut = cut.min(probs.iter().take_while(|&&q| q >= floor).count().max(1));
-        }
-        let total: f64 = probs[..cut].iter().sum();
+            .zip(&kept)
+            .filter(|(_, &k)| k)
+            .map(|(w, _)| w)
+            .sum();
         let mut u = self.rng.random::<f64>() * total;
-        for (i, q) in probs[..cut].iter().enumerate() {
-            if u < *q {
-                return cand[i].0 as usize;
+        let mut last = None;
+        for ((&(id, _), &w), &k) in c.items.iter().zip(&c.weights).zip(&kept) {
+            if !k {
+                continue;
             }
-            u -= q;
+            if u < w {
+                return id as usize;
+            }
+            u -= w;
+            last = Some(id);
         }
-        cand[cut - 1].0 as usize
+        // Rounding ran past the end: the last kept candidate.
+        last.map_or_else(|| argmax(x), |id| id as usize)
     }
 }
 
