@@ -58,20 +58,19 @@ pub fn run(settings: &CompareSettings) -> Result<String> {
     std::fs::write(&md, &table).with_context(|| format!("write {}", md.display()))?;
     std::fs::write(&json, serde_json::to_string_pretty(&rows)?)
         .with_context(|| format!("write {}", json.display()))?;
-    plot::retention_chart(&png, &base, &rows)?;
-    println!(
-        "\nwrote {}, {} and {}",
-        md.display(),
-        json.display(),
-        png.display()
-    );
+    let drawn = plot::unless_no_font(plot::retention_chart(&png, &base, &rows), &png)?;
+    println!("\nwrote {} and {}", md.display(), json.display());
+    if drawn.is_some() {
+        println!("wrote {}", png.display());
+    }
     let failures = png.with_file_name(format!(
         "{}-failures.png",
         png.file_stem()
             .and_then(|s| s.to_str())
             .unwrap_or("compare")
     ));
-    if analysis::report::failure_chart(&failures, &results)? {
+    let drawn = analysis::report::failure_chart(&failures, &results);
+    if plot::unless_no_font(drawn, &failures)? == Some(true) {
         println!("wrote {}", failures.display());
     }
     Ok(table)

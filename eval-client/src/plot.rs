@@ -32,6 +32,25 @@ pub enum ChartError {
     Draw { path: PathBuf, message: String },
 }
 
+/// A chart that cannot be drawn for want of a font is skipped (`None`) with a warning on stderr:
+/// its figures are in the JSON and Markdown written beside it. Other chart errors stay errors.
+pub fn unless_no_font<T>(
+    result: Result<T, ChartError>,
+    path: &Path,
+) -> Result<Option<T>, ChartError> {
+    match result {
+        Err(ChartError::NoFont) => {
+            eprintln!(
+                "warning: {} not drawn: {}",
+                path.display(),
+                ChartError::NoFont
+            );
+            Ok(None)
+        }
+        r => r.map(Some),
+    }
+}
+
 pub(crate) fn register_sans() -> Result<(), ChartError> {
     let bytes = FONTS
         .iter()
@@ -258,6 +277,20 @@ pub fn histogram(
 mod tests {
     use super::*;
     use crate::compare::Comparison;
+
+    #[test]
+    fn a_missing_font_skips_the_chart_and_nothing_else() {
+        let p = Path::new("x.png");
+        assert_eq!(
+            unless_no_font(Err::<(), _>(ChartError::NoFont), p).unwrap(),
+            None
+        );
+        assert_eq!(unless_no_font(Ok::<_, ChartError>(3), p).unwrap(), Some(3));
+        assert!(matches!(
+            unless_no_font(Err::<(), _>(ChartError::BadFont), p),
+            Err(ChartError::BadFont)
+        ));
+    }
 
     fn row(task: &str, variant: &str, retention: f64) -> Comparison {
         Comparison {

@@ -5,8 +5,9 @@
 //!
 //! Contract:
 //! - A candidate's score is the mean over tasks of its metric divided by the unablated model's
-//!   (tasks whose baseline is 0 cannot be a ratio and are left out, said in the report); the best
-//!   candidate has the highest score, ties to the later layer.
+//!   (tasks whose baseline is 0 cannot be a ratio and are left out, said in the report; when
+//!   every task's baseline is 0 the score is the mean raw metric, said on stderr and in the
+//!   report); the best candidate has the highest score, ties to the later layer.
 //! - Every response goes through the client's cache, so an interrupted or repeated run resends
 //!   nothing it already has; each candidate's task results are written like `pruneval eval`'s.
 
@@ -81,8 +82,6 @@ pub enum AblateError {
     },
     #[error("{0}")]
     Usage(String),
-    #[error("every task scores 0 on {0}, so no candidate can be compared with it")]
-    ZeroBaseline(String),
     #[error("writing {path}: {error}")]
     Write { path: PathBuf, error: String },
 }
@@ -152,7 +151,8 @@ pub fn best_candidate(scores: &[f64]) -> Option<usize> {
     best
 }
 
-/// Mean over the usable tasks of `value / baseline`.
+/// Mean over the usable tasks of `value / baseline`; the mean raw value when no task has a
+/// baseline above 0.
 pub fn relative_score(tasks: &[TaskScore], baseline: &[TaskScore]) -> f64 {
     let ratios: Vec<f64> = tasks
         .iter()
@@ -160,7 +160,10 @@ pub fn relative_score(tasks: &[TaskScore], baseline: &[TaskScore]) -> f64 {
         .filter(|(_, b)| b.value > 0.0)
         .map(|(t, b)| t.value / b.value)
         .collect();
-    ratios.iter().sum::<f64>() / ratios.len().max(1) as f64
+    if ratios.is_empty() {
+        return tasks.iter().map(|t| t.value).sum::<f64>() / tasks.len().max(1) as f64;
+    }
+    ratios.iter().sum::<f64>() / ratios.len() as f64
 }
 
 /// Parses a layer list such as `3,5,20-29`.
@@ -348,7 +351,10 @@ pub fn run(settings: &AblateSettings) -> Result<Ablation, AblateError> {
     };
     let baseline = runner.score(&settings.model)?;
     if baseline.iter().all(|b| b.value <= 0.0) {
-        return Err(AblateError::ZeroBaseline(settings.model.clone()));
+        eprintln!(
+            "warning: every task scores 0 on {}: no candidate can be compared with it as a ratio, so candidates are ranked by their raw scores",
+            settings.model
+        );
     }
     let mut iterations: Vec<Iteration> = Vec::new();
     for iteration in 1..=settings.iterations {
@@ -396,6 +402,9 @@ mod tests {
         // 0.25/0.5 = 0.5 and 0.3/0.2 = 1.5; the zero-baseline task is left out.
         let s = relative_score(&ts(&[0.25, 0.3, 0.7]), &base);
         assert!((s - 1.0).abs() < 1e-12, "{s}");
+        // No baseline above 0: the mean raw value.
+        let s = relative_score(&ts(&[0.1, 0.3, 0.2]), &ts(&[0.0, 0.0, 0.0]));
+        assert!((s - 0.2).abs() < 1e-12, "{s}");
     }
 
     #[test]

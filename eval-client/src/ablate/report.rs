@@ -6,6 +6,7 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use super::{charts, AblateError, Ablation};
+use crate::plot::unless_no_font;
 
 /// The report's directory.
 pub fn report_dir(out_dir: &Path, model: &str) -> PathBuf {
@@ -27,7 +28,12 @@ pub fn markdown(a: &Ablation) -> String {
         .map(|b| format!("{} {} {:.4}", b.task, b.metric, b.value))
         .collect();
     let _ = writeln!(md, "Baseline: {}.", base.join("; "));
-    if !a.zero_baseline_tasks.is_empty() {
+    if a.zero_baseline_tasks.len() == a.baseline.len() {
+        let _ = writeln!(
+            md,
+            "Every task scores 0 on the baseline: scores are mean raw metrics, not ratios."
+        );
+    } else if !a.zero_baseline_tasks.is_empty() {
         let _ = writeln!(
             md,
             "Left out of the scores (baseline 0): {}.",
@@ -81,9 +87,16 @@ pub fn write_reports(out_dir: &Path, a: &Ablation) -> Result<Vec<PathBuf>, Ablat
     std::fs::write(&json, text).map_err(|e| write_err(&json, &e))?;
     let md = dir.join("ablation.md");
     std::fs::write(&md, markdown(a)).map_err(|e| write_err(&md, &e))?;
+    let mut written = vec![json, md];
     let sweep = dir.join("sweep.png");
-    charts::sweep_chart(&sweep, a).map_err(|e| write_err(&sweep, &e))?;
+    let drawn = unless_no_font(charts::sweep_chart(&sweep, a), &sweep);
+    if drawn.map_err(|e| write_err(&sweep, &e))?.is_some() {
+        written.push(sweep);
+    }
     let heat = dir.join("heatmap.png");
-    charts::heatmap(&heat, a).map_err(|e| write_err(&heat, &e))?;
-    Ok(vec![json, md, sweep, heat])
+    let drawn = unless_no_font(charts::heatmap(&heat, a), &heat);
+    if drawn.map_err(|e| write_err(&heat, &e))?.is_some() {
+        written.push(heat);
+    }
+    Ok(written)
 }

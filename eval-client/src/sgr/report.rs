@@ -155,11 +155,11 @@ impl Summary {
                 )
             })
             .collect();
-        crate::plot::histogram(
-            &path(".lengths.png"),
-            &format!("SGR completion lengths (kept), {}", self.model),
-            "tokens (up to)",
-            &bars,
+        let png = path(".lengths.png");
+        let title = format!("SGR completion lengths (kept), {}", self.model);
+        crate::plot::unless_no_font(
+            crate::plot::histogram(&png, &title, "tokens (up to)", &bars),
+            &png,
         )?;
         Ok(())
     }
