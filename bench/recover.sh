@@ -14,7 +14,8 @@ set -euo pipefail
 BIN=$1 MODEL=$2 DATA=$3 OUT=$4
 N=${N:-2000} SGR_MAX_TOKENS=${SGR_MAX_TOKENS:-512} EVAL_LIMIT=${EVAL_LIMIT:-500}
 DEVICE=${DEVICE:-cuda} TRAINER_PYTHON=${TRAINER_PYTHON:-python3}
-PORT=8123 URL=http://127.0.0.1:8123
+PORT=${PORT:-8123}; URL=http://127.0.0.1:$PORT
+elapsed() { python3 -c 'import sys, time; print(round(time.time() - float(sys.argv[1]), 1))' "$1"; }
 mkdir -p "$OUT"
 STATE=$OUT/state
 python3 - "$DATA/gsm8k/train.jsonl" "$OUT/prompts.jsonl" "$N" <<'PY'
@@ -54,7 +55,7 @@ concurrency = 64
 TOML
 start=$(date +%s.%N)
 "$BIN/pruneval" recover "$OUT/recover.toml" | tee "$OUT/recover.log"
-echo "recover wall: $(echo "$(date +%s.%N) - $start" | bc) s"
+echo "recover wall: $(elapsed "$start") s"
 
 # The job's trainer by hand on the same spec (its own output directories).
 JOB=$(python3 -c "import json,sys;print(json.load(open(sys.argv[1]))['job_id'])" "$OUT/recover/recover.json")
@@ -67,7 +68,7 @@ PY
 start=$(date +%s.%N)
 "$TRAINER_PYTHON" "$STATE/trainer/pruneserve_sft.py" "$OUT/by-hand-spec.json" 2>"$OUT/by-hand.stderr" \
   | grep '"type": "result"' | tee "$OUT/by-hand-result.json"
-echo "by-hand trainer wall: $(echo "$(date +%s.%N) - $start" | bc) s"
+echo "by-hand trainer wall: $(elapsed "$start") s"
 python3 - "$STATE/jobs/$JOB/job.json" "$STATE/jobs/$JOB/events.jsonl" <<'PY'
 import json, sys
 job = json.load(open(sys.argv[1]))
