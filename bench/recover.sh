@@ -27,7 +27,7 @@ with open(src) as f, open(dst, "w") as out:
 PY
 "$BIN/pruneserve" serve --device "$DEVICE" --model "$MODEL" --served-model-name smollm2-135m \
   --variant rev25=reverse:0.25 --port $PORT --state-dir "$STATE" --trainer-device "$DEVICE" \
-  --trainer-cmd "$TRAINER_PYTHON {trainer}" \
+  --trainer-cmd "$TRAINER_PYTHON {trainer}" ${SERVE_FLAGS:-} \
   > "$OUT/server.log" 2>&1 &
 SERVER=$!
 trap 'kill $SERVER 2>/dev/null || true' EXIT

@@ -8,7 +8,8 @@
 # (--reserve-max-tokens, the engine before KV on demand), MODE=after by current need.
 # Sequences in flight are read from /metrics every second; the client's CPU share from
 # /usr/bin/time-like accounting of its process.
-# Usage: BIN=dir CKPT=dir DATA=dir OUT=dir MODE=before|after [LIMIT=1000] bench/sgr-gpu.sh
+# Usage: BIN=dir CKPT=dir DATA=dir OUT=dir MODE=before|after [LIMIT=1000]
+#   [SERVE_FLAGS=--device-sampling] bench/sgr-gpu.sh
 set -euo pipefail
 BIN=${BIN:?} CKPT=${CKPT:?} DATA=${DATA:?} OUT=${OUT:?} MODE=${MODE:?} PORT=${PORT:-8041}
 source "$(dirname "$0")/lib.sh"
@@ -26,7 +27,7 @@ PY
 STOPS=$(python3 -c 'print(",".join(str(i) for i in range(0, 128256, 400)))')
 FLAG=(); [ "$MODE" = before ] && FLAG=(--reserve-max-tokens)
 start_server "$OUT/server.log" "$PORT" --model "$CKPT" --served-model-name llama8b \
-  --device "${DEVICE:-cuda}" --kv-cache-gb 40 --max-step-tokens 8192 --max-model-len 16384 "${FLAG[@]}"
+  --device "${DEVICE:-cuda}" --kv-cache-gb 40 --max-step-tokens 8192 --max-model-len 16384 "${FLAG[@]}" ${SERVE_FLAGS:-}
 URL=http://127.0.0.1:$PORT
 ( while curl -s "$URL/metrics" | grep -E '^pruneserve:num_requests_(running|waiting)' \
       | tr '\n' ' '; do echo; sleep 1; done ) > "$OUT/in-flight.log" 2>/dev/null &

@@ -134,6 +134,11 @@ enum Command {
         /// sequences run at once when max_tokens is large.
         #[arg(long)]
         reserve_max_tokens: bool,
+        /// CUDA: draw sampled tokens (temperature > 0, no penalties, no top logprobs) on the GPU
+        /// with each request's own seeded uniform numbers, instead of copying every sampled row's
+        /// logits to the host. Experimental: checked by `selftest` against the host sampler.
+        #[arg(long)]
+        device_sampling: bool,
         #[arg(long, default_value_t = 32 << 20)]
         max_body_bytes: usize,
         /// Require `Authorization: Bearer KEY` on /v1/*.
@@ -339,6 +344,7 @@ fn run(cli: Cli) -> Result<()> {
             enable_prefix_caching,
             data_parallel,
             reserve_max_tokens,
+            device_sampling,
             max_body_bytes,
             api_key,
             finetune,
@@ -359,6 +365,7 @@ fn run(cli: Cli) -> Result<()> {
                 prefix_caching: enable_prefix_caching,
                 data_parallel: data_parallel.into(),
                 reserve_max_tokens,
+                device_sampling,
             };
             let registry = Arc::new(serve::build_registry(&entries, &settings)?);
             let workers = std::thread::available_parallelism().map_or(1, |n| n.get());

@@ -59,7 +59,70 @@ fn run(
     max_tokens: usize,
     step_tokens: usize,
 ) -> Result<RunOut, SelftestError> {
-    run_with(model, cache, prompts, max_tokens, step_tokens, None)
+    run_with(model, cache, prompts, max_tokens, step_tokens, None, GREEDY)
+}
+
+/// How the requests of a run pick tokens, and whether sampled ones are drawn on the device.
+#[derive(Clone, Copy)]
+struct Picking {
+    params: fn(usize) -> SamplingParams,
+    on_device: bool,
+}
+
+const GREEDY: Picking = Picking {
+    params: |_| SamplingParams::greedy(),
+    on_device: false,
+};
+
+/// Seeded sampling that exercises every truncation: top-p, top-k, min-p, a hot temperature.
+fn seeded(i: usize) -> SamplingParams {
+    let base = SamplingParams {
+        temperature: 0.9,
+        top_p: 0.95,
+        seed: Some(100 + i as u64),
+        ..SamplingParams::default()
+    };
+    match i % 4 {
+        0 => base,
+        1 => SamplingParams { top_k: 40, ..base },
+        2 => SamplingParams {
+            top_p: 1.0,
+            min_p: 0.05,
+            ..base
+        },
+        _ => SamplingParams {
+            temperature: 1.3,
+            top_p: 0.5,
+            ..base
+        },
+    }
+}
+
+/// Seeded draws on the device against the host sampler on the same engine's logits: the same
+/// tokens (the kernel and the host code keep the same set and walk it the same way).
+fn draw_check(
+    model: &Arc<DecoderModel>,
+    prompts: &[Vec<u32>],
+    name: &str,
+) -> Result<Check, SelftestError> {
+    let steps = 32;
+    let host = Picking {
+        params: seeded,
+        on_device: false,
+    };
+    let device = Picking {
+        on_device: true,
+        ..host
+    };
+    let want = run_with(model, CacheKind::Paged, prompts, steps, 4096, None, host)?;
+    let got = run_with(model, CacheKind::Paged, prompts, steps, 4096, None, device)?;
+    let d = compare(&got, &want);
+    Ok(Check {
+        name: format!("{name}: seeded draws on the device vs the host sampler (tokens equal)"),
+        passed: d.diverge.iter().all(Option::is_none) && d.generated <= 1e-4,
+        informational: false,
+        detail: d.describe(steps),
+    })
 }
 
 /// An adapter and which requests (by index) run it.
@@ -73,8 +136,12 @@ fn run_with(
     max_tokens: usize,
     step_tokens: usize,
     lora: Option<AdapterOn<'_>>,
+    picking: Picking,
 ) -> Result<RunOut, SelftestError> {
-    let opts = EngineOptions::default();
+    let opts = EngineOptions {
+        device_sampling: picking.on_device,
+        ..EngineOptions::default()
+    };
     let engine = match cache {
         CacheKind::Paged => Engine::for_device(model.clone(), &opts)?,
         CacheKind::Contiguous => Engine::new(
@@ -97,7 +164,7 @@ fn run_with(
             lora: lora.filter(|(_, on)| on(i)).map(|(l, _)| l.clone()),
             prompt: p.clone(),
             max_tokens,
-            sampling: SamplingParams::greedy(),
+            sampling: (picking.params)(i),
             prompt_logprobs: Some(1),
             stop_token_ids: vec![],
             eos_token_ids: vec![],
@@ -144,7 +211,7 @@ impl Diff {
             .map(|d| d.map_or(format!("same {steps}"), |s| format!("differs at {s}")))
             .collect();
         format!(
-            "max |dlogprob| prompt {:.2e}, generated {:.2e}; greedy tokens: {}",
+            "max |dlogprob| prompt {:.2e}, generated {:.2e}; tokens: {}",
             self.prompt,
             self.generated,
             d.join(", ")
@@ -265,12 +332,14 @@ fn adapter_checks(
             24,
             4096,
             Some((&cpu_lora, on)),
+            GREEDY,
         )?;
         let plain = run(&cpu_model, CacheKind::Contiguous, &prompts, 24, 4096)?;
         let moved = compare(&want, &plain).prompt;
         for (dtype, limit) in [(DType::BF16, 2e-2f32), (DType::F32, 1e-3)] {
             let (m, lora) = load(cuda, dtype)?;
-            let got = run_with(&m, CacheKind::Paged, &prompts, 24, 4096, Some((&lora, on)))?;
+            let lora = Some((&lora, on));
+            let got = run_with(&m, CacheKind::Paged, &prompts, 24, 4096, lora, GREEDY)?;
             let d = compare(&got, &want);
             let (held, tokens_ok) = match dtype {
                 DType::BF16 => (d.prompt, true),
@@ -376,11 +445,24 @@ pub fn run_all(
         }
     }
 
-    // 2. A LoRA adapter (rank 16, all seven projections) on every other request of a batch:
+    // 2. Seeded draws on the device (the tiny Llama, bf16 and f32).
+    let dir = tiny(root, "LlamaForCausalLM")?;
+    let prompts = pseudo_prompts(512, &[5, 37, 64, 100]);
+    for dtype in [DType::BF16, DType::F32] {
+        let m = Arc::new(DecoderModel::load(&dir, &cuda, dtype)?);
+        let c = draw_check(
+            &m,
+            &prompts,
+            &format!("tiny LlamaForCausalLM CUDA {dtype:?}"),
+        )?;
+        push(&mut checks, &mut report, c);
+    }
+
+    // 3. A LoRA adapter (rank 16, all seven projections) on every other request of a batch:
     //    the grouped shrink/expand on the device against the CPU engine.
     adapter_checks(root, &cuda, &mut checks, &mut report)?;
 
-    // 3. SmolLM2: greedy CPU f32 vs CUDA bf16; the first 16 steps must agree.
+    // 4. SmolLM2: greedy CPU f32 vs CUDA bf16; the first 16 steps must agree.
     let Some(smollm2) = smollm2 else {
         return Ok(checks);
     };
@@ -418,7 +500,11 @@ pub fn run_all(
         },
     );
 
-    // 4. Paged vs contiguous on the device, with chunked prefill mixed into decode steps
+    // 5. Seeded draws on the device over SmolLM2's 49,152 ids.
+    let c = draw_check(&bf16, &prompts, "SmolLM2 CUDA bf16")?;
+    push(&mut checks, &mut report, c);
+
+    // 6. Paged vs contiguous on the device, with chunked prefill mixed into decode steps
     //    (a 24-token step budget) so history gathers and fused decode rows are exercised.
     let f32_model = Arc::new(DecoderModel::load(&md, &cuda, DType::F32)?);
     //    In f32 both must agree to float rounding; in bf16 the paged kernel and candle's

@@ -56,6 +56,8 @@ pub struct EngineSettings {
     pub data_parallel: usize,
     /// Admit a request only when KV for its prompt and all of `max_tokens` fits (no preemption).
     pub reserve_max_tokens: bool,
+    /// CUDA: draw sampled tokens on the device instead of sending logits rows to the host.
+    pub device_sampling: bool,
 }
 
 /// Wraps each engine a base's loop builds (tests inject faults through it).
@@ -133,6 +135,11 @@ fn start_base(name: &str, source: &str, s: &EngineSettings) -> Result<Arc<Base>,
             "--enable-prefix-caching runs on the CPU engine only; the CUDA paged cache does not keep prefixes yet".into(),
         ));
     }
+    if s.device_sampling && s.device != DeviceKind::Cuda {
+        return Err(ServeError::Usage(
+            "--device-sampling draws on a CUDA device; the CPU engine samples on the host".into(),
+        ));
+    }
     let path = resolve_source(source)?;
     let dtype = s.dtype.on(s.device)?;
     let (device, _) = s.device.open()?;
@@ -159,6 +166,7 @@ pub fn start_loaded(
             .kv_cache_gb
             .map(|gb| (gb * f64::from(1u32 << 30)) as usize),
         prefix_caching: s.prefix_caching,
+        device_sampling: s.device_sampling,
         ..EngineOptions::default()
     };
     let engine_err = |error| ServeError::Engine {

@@ -236,25 +236,30 @@ fn a_hub_id_resolves_from_the_offline_cache() {
 }
 
 #[test]
-fn a_dtype_the_device_cannot_run_is_refused_in_one_line() {
+fn options_the_device_cannot_run_are_refused_in_one_line() {
     let tmp = tempfile::tempdir().unwrap();
     let base = write_tiny(tmp.path(), "base", tiny_config("LlamaForCausalLM"), 1);
-    for (device, dtype, needle) in [
-        ("cpu", "bf16", "--dtype bf16 is not available on cpu"),
-        ("cpu", "f16", "--dtype f16 is not available on cpu"),
-        ("cuda", "f16", "--dtype f16 is not available on cuda"),
+    for (options, needle) in [
+        (
+            &["--device", "cpu", "--dtype", "bf16"][..],
+            "--dtype bf16 is not available on cpu",
+        ),
+        (
+            &["--device", "cpu", "--dtype", "f16"],
+            "--dtype f16 is not available on cpu",
+        ),
+        (
+            &["--device", "cuda", "--dtype", "f16"],
+            "--dtype f16 is not available on cuda",
+        ),
+        (
+            &["--device", "cpu", "--device-sampling"],
+            "--device-sampling draws on a CUDA device",
+        ),
     ] {
-        let (ok, _, err) = pruneserve(&[
-            "serve",
-            "--model",
-            base.to_str().unwrap(),
-            "--port",
-            "0",
-            "--device",
-            device,
-            "--dtype",
-            dtype,
-        ]);
+        let mut args = vec!["serve", "--model", base.to_str().unwrap(), "--port", "0"];
+        args.extend_from_slice(options);
+        let (ok, _, err) = pruneserve(&args);
         assert!(!ok);
         assert_eq!(err.trim_end().lines().count(), 1, "{err:?}");
         assert!(err.starts_with("error: ") && err.contains(needle), "{err}");

@@ -26,6 +26,7 @@ fn last_logits(
         score: None,
         want_logits: true,
         greedy_top: None,
+        draw: None,
     };
     engine.step(&[item]).pop().unwrap().unwrap().logits.unwrap()
 }
@@ -126,6 +127,7 @@ fn taps_see_the_plan_in_order_and_block_influence_is_bounded() {
         score: None,
         want_logits: false,
         greedy_top: None,
+        draw: None,
     };
     let mut rec = Recorder {
         order: vec![],

@@ -87,6 +87,7 @@ fn start_faulty_server(root: &std::path::Path) -> String {
         prefix_caching: false,
         data_parallel: 1,
         reserve_max_tokens: false,
+        device_sampling: false,
     };
     let wrap: EngineWrapper = Arc::new(|inner| {
         Box::new(Faulty {

@@ -84,6 +84,8 @@ pub struct EngineOptions {
     pub kv_cache_bytes: Option<usize>,
     /// Keep finished sequences' prefixes for reuse (the contiguous cache; [`kv::prefix`]).
     pub prefix_caching: bool,
+    /// On CUDA: draw sampled tokens on the device (`serve --device-sampling`).
+    pub device_sampling: bool,
 }
 
 impl Default for EngineOptions {
@@ -94,6 +96,7 @@ impl Default for EngineOptions {
             max_model_len: None,
             kv_cache_bytes: None,
             prefix_caching: false,
+            device_sampling: false,
         }
     }
 }
@@ -116,6 +119,9 @@ pub struct StepItem {
     /// With `want_logits`: pick the argmax on the device and return it (with its logprob and
     /// this many top logprobs) instead of the logits row, so only a few numbers leave the device.
     pub greedy_top: Option<usize>,
+    /// With `want_logits` and no `greedy_top`: draw the next token on the device with these
+    /// settings (only when [`Engine::draws_on_device`]) instead of returning the logits row.
+    pub draw: Option<sample::sampler::DeviceDraw>,
 }
 
 #[derive(Debug, Clone)]
@@ -123,7 +129,8 @@ pub struct StepOutput {
     pub seq: SeqId,
     pub scores: Vec<TokenScore>,
     pub logits: Option<Vec<f32>>,
-    /// The device-side greedy pick, for items with `greedy_top`.
+    /// The token picked on the device: the greedy pick of items with `greedy_top`, the draw of
+    /// items with `draw`.
     pub greedy: Option<Sampled>,
 }
 
@@ -172,6 +179,7 @@ pub struct Engine {
     /// Prompt tokens looked up in the prefix cache, and those found.
     prefix_queries: u64,
     prefix_hits: u64,
+    device_sampling: bool,
 }
 
 impl Engine {
@@ -185,7 +193,13 @@ impl Engine {
             max_len,
             prefix_queries: 0,
             prefix_hits: 0,
+            device_sampling: opts.device_sampling,
         }
+    }
+
+    /// Whether step items may carry a [`StepItem::draw`] (CUDA with `device_sampling`).
+    pub fn draws_on_device(&self) -> bool {
+        self.device_sampling && self.model.device().is_cuda()
     }
 
     /// An engine with the CPU KV cache.
@@ -419,6 +433,7 @@ impl Engine {
         let mut next_row = 0;
         let mut score_at = Vec::with_capacity(members.len());
         let (mut greedy_rows, mut full_rows) = (Vec::new(), Vec::new());
+        let (mut draw_rows, mut draws) = (Vec::new(), Vec::new());
         let mut greedy_k = 0;
         for &i in members {
             let it = &items[i];
@@ -426,12 +441,16 @@ impl Engine {
             score_at.push(next_row);
             next_row += n;
             if it.want_logits {
-                match it.greedy_top {
-                    Some(k) => {
+                match (it.greedy_top, it.draw) {
+                    (Some(k), _) => {
                         greedy_rows.push(next_row as u32);
                         greedy_k = greedy_k.max(k);
                     }
-                    None => full_rows.push(next_row as u32),
+                    (None, Some(d)) => {
+                        draw_rows.push(next_row as u32);
+                        draws.push(d);
+                    }
+                    (None, None) => full_rows.push(next_row as u32),
                 }
                 next_row += 1;
             }
@@ -441,6 +460,16 @@ impl Engine {
                 let idx = Tensor::new(greedy_rows.as_slice(), l.device())?;
                 phase(l.device(), "pick tokens", || {
                     sample::scoring::greedy_rows(&l.index_select(&idx, 0)?, greedy_k)
+                })?
+                .into_iter()
+            }
+            _ => Vec::new().into_iter(),
+        };
+        let mut drawn = match (&logits, draw_rows.is_empty()) {
+            (Some(l), false) => {
+                let idx = Tensor::new(draw_rows.as_slice(), l.device())?;
+                phase(l.device(), "draw tokens", || {
+                    sample::scoring::draw_rows(&l.index_select(&idx, 0)?, &draws)
                 })?
                 .into_iter()
             }
@@ -477,14 +506,15 @@ impl Engine {
                 }
             }
             if it.want_logits {
-                match it.greedy_top {
-                    Some(k) => {
+                match (it.greedy_top, it.draw) {
+                    (Some(k), _) => {
                         out.greedy = greedy.next().map(|mut g| {
                             g.top.truncate(k);
                             g
                         })
                     }
-                    None => out.logits = full.next(),
+                    (None, Some(_)) => out.greedy = drawn.next(),
+                    (None, None) => out.logits = full.next(),
                 }
             }
             outs.push(out);

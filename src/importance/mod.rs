@@ -142,6 +142,7 @@ impl ImportanceRun {
             max_model_len: None,
             kv_cache_bytes: None,
             prefix_caching: false,
+            device_sampling: false,
         };
         let positions = plan.layers().len() + 1;
         let first = plan.layers().first().copied().unwrap_or(0);
@@ -184,6 +185,7 @@ impl ImportanceRun {
             score: None,
             want_logits: false,
             greedy_top: None,
+            draw: None,
         };
         let mut taps = Taps(vec![
             &mut self.influence as &mut dyn LayerTap,

@@ -343,7 +343,8 @@ impl Batcher {
         let mut events = Vec::new();
         self.admit_waiting(&mut events);
         let planned = self.plan_step();
-        let items = self.reserve_or_preempt(planned);
+        let mut items = self.reserve_or_preempt(planned);
+        self.assign_device_draws(&mut items);
         if items.is_empty() {
             if self.waiting.is_empty() {
                 events.extend(self.finish_idle());
@@ -386,6 +387,23 @@ impl Batcher {
             }
         }
         events
+    }
+
+    /// Marks the sampled rows the engine can draw on the device, each with the next uniform number
+    /// of its sequence's generator (taken only for rows that run, so a preempted sequence draws
+    /// the same numbers when it resumes).
+    fn assign_device_draws(&mut self, items: &mut [StepItem]) {
+        if !self.engine.draws_on_device() {
+            return;
+        }
+        for it in items
+            .iter_mut()
+            .filter(|it| it.want_logits && it.greedy_top.is_none())
+        {
+            if let Some(seq) = self.active.get_mut(&it.seq) {
+                it.draw = seq.device_draw();
+            }
+        }
     }
 
     /// Samples the next token of every row that returned logits (moved out of `results`), the

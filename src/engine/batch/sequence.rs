@@ -4,7 +4,7 @@
 //! generated, scoring nothing twice.
 
 use super::{FinishReason, GenOutput, GenRequest};
-use crate::engine::sample::sampler::{Sampled, Sampler};
+use crate::engine::sample::sampler::{DeviceDraw, Sampled, Sampler};
 use crate::engine::{ScoreSpec, SeqId, StepItem};
 
 pub(super) struct Sequence {
@@ -81,6 +81,19 @@ impl Sequence {
         self.sampler.sample(logits, &self.req.prompt, &generated)
     }
 
+    /// The settings and uniform number of a draw on the device, when its sampling allows one.
+    pub(super) fn device_draw(&mut self) -> Option<DeviceDraw> {
+        let params = self.sampler.params();
+        if !params.device_draw() {
+            return None;
+        }
+        let draw = DeviceDraw::new(params, 0.0);
+        Some(DeviceDraw {
+            u: self.sampler.next_uniform(),
+            ..draw
+        })
+    }
+
     /// KV the sequence needs to be admitted: its whole context and one picked token, or with
     /// `whole` everything it may ever hold (prompt and `max_tokens`).
     pub(super) fn admission_need(&self, whole: bool) -> usize {
@@ -100,6 +113,7 @@ impl Sequence {
             score: None,
             want_logits: true,
             greedy_top: self.sampler.params().device_greedy_top(),
+            draw: None,
         })
     }
 
@@ -124,6 +138,7 @@ impl Sequence {
             score,
             want_logits: end == self.context.len() && self.out.tokens.len() < self.req.max_tokens,
             greedy_top: self.sampler.params().device_greedy_top(),
+            draw: None,
         })
     }
 

@@ -50,6 +50,18 @@ impl SamplingParams {
         }
     }
 
+    /// Whether the next token can be drawn on the device (`engine::sample::scoring::draw_rows`):
+    /// sampled (temperature > 0), no penalties, no top alternatives asked for.
+    pub fn device_draw(&self) -> bool {
+        self.temperature > 0.0 && !self.has_penalties() && self.top_logprobs == 0
+    }
+
+    fn has_penalties(&self) -> bool {
+        self.repetition_penalty != 1.0
+            || self.frequency_penalty != 0.0
+            || self.presence_penalty != 0.0
+    }
+
     /// `Some(top_logprobs)` when the next token is plain argmax of the raw logits (temperature 0,
     /// no penalties), so the engine can pick it on the device.
     pub fn device_greedy_top(&self) -> Option<usize> {
@@ -58,6 +70,30 @@ impl SamplingParams {
             && self.frequency_penalty == 0.0
             && self.presence_penalty == 0.0;
         plain.then_some(self.top_logprobs)
+    }
+}
+
+/// A draw done on the device: the request's truncation settings and the uniform number its own
+/// generator gave for this token.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DeviceDraw {
+    pub u: f64,
+    pub temperature: f32,
+    pub top_p: f32,
+    pub min_p: f32,
+    /// 0: every id.
+    pub top_k: usize,
+}
+
+impl DeviceDraw {
+    pub fn new(params: &SamplingParams, u: f64) -> Self {
+        Self {
+            u,
+            temperature: params.temperature,
+            top_p: params.top_p,
+            min_p: params.min_p,
+            top_k: params.top_k,
+        }
     }
 }
 
@@ -145,8 +181,14 @@ impl Sampler {
 
     /// Whether a penalty changes the logits (and the generated tokens are needed).
     pub fn has_penalties(&self) -> bool {
-        let p = &self.params;
-        p.repetition_penalty != 1.0 || p.frequency_penalty != 0.0 || p.presence_penalty != 0.0
+        self.params.has_penalties()
+    }
+
+    /// The uniform number of the next draw: one per sampled token, whether the host draws it
+    /// ([`Sampler::sample`]) or the device ([`DeviceDraw`]), so both give a seeded request the
+    /// same sequence of numbers.
+    pub fn next_uniform(&mut self) -> f64 {
+        self.rng.random::<f64>()
     }
 
     fn pick(&mut self, x: &[f32]) -> usize {
@@ -187,7 +229,7 @@ impl Sampler {
     }
 
     /// Draws from softmax(x / temperature) after top-k, top-p and min-p truncation: one uniform
-    /// number per draw, walked over the kept candidates in id order (top-k: in value order).
+    /// number per draw, walked over the kept candidates in id order (as the device kernel does).
     fn draw(&mut self, x: &[f32]) -> usize {
         let p = &self.params;
         let c = Candidates::new(x, p.temperature, p.top_k);
@@ -199,7 +241,7 @@ impl Sampler {
             .filter(|(_, &k)| k)
             .map(|(w, _)| w)
             .sum();
-        let mut u = self.rng.random::<f64>() * total;
+        let mut u = self.next_uniform() * total;
         let mut last = None;
         for ((&(id, _), &w), &k) in c.items.iter().zip(&c.weights).zip(&kept) {
             if !k {

@@ -4,7 +4,7 @@
 use candle_core::{DType, Tensor, D};
 use serde::Serialize;
 
-use crate::engine::sample::sampler::Sampled;
+use crate::engine::sample::sampler::{DeviceDraw, Sampled};
 
 /// The logprob of one position's target token and the best alternatives (descending).
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -115,17 +115,30 @@ fn top_k_of_row(row: &[f32], k: usize) -> Vec<(u32, f32)> {
     idx.into_iter().map(|i| (i, row[i as usize])).collect()
 }
 
+/// Draws one token per row of `logits` on CUDA with each row's settings and uniform number
+/// (`draw_f32` in sampling.cu; its definition, and the CPU reference it is checked against by
+/// `selftest`, is [`super::sampler::Sampler::sample`]): the token and its raw logprob, so only two
+/// numbers per row leave the device.
+pub fn draw_rows(logits: &Tensor, draws: &[DeviceDraw]) -> candle_core::Result<Vec<Sampled>> {
+    #[cfg(feature = "cuda")]
+    if logits.device().is_cuda() {
+        return cuda::draw(logits, draws);
+    }
+    let _ = (logits, draws);
+    candle_core::bail!("device draws run on CUDA only")
+}
+
 /// One-kernel greedy picks on CUDA (kernels/sampling.cu) for up to one reported logprob: the
 /// argmax and its log-softmax value without the `[rows, vocab]` log-softmax in memory.
 #[cfg(feature = "cuda")]
 mod cuda {
     use candle_core::backend::BackendStorage;
-    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::cudarc::driver::{CudaView, LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::{CudaStorage, WrapErr};
-    use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+    use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 
     use crate::engine::attention::cuda::storage_view;
-    use crate::engine::sample::sampler::Sampled;
+    use crate::engine::sample::sampler::{DeviceDraw, Sampled};
 
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/sampling.ptx"));
 
@@ -141,28 +154,100 @@ mod cuda {
         }
 
         fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
-            let (rows, vocab) = l.shape().dims2()?;
-            let dev = s.device().clone();
-            let logits = storage_view::<f32>(s, l, "logits")?;
-            // SAFETY: the kernel writes both values of every row.
-            let out = unsafe { dev.alloc::<f32>(rows * 2)? };
-            let func =
-                dev.get_or_load_custom_func("greedy_pick_f32", "pruneserve_sampling", PTX)?;
-            let vocab_i = vocab as i32;
-            let mut b = func.builder();
-            b.arg(&logits).arg(&out).arg(&vocab_i);
-            let cfg = LaunchConfig {
-                grid_dim: (rows as u32, 1, 1),
-                block_dim: (1024, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            // SAFETY: the arguments match `greedy_pick_f32` in sampling.cu.
-            unsafe { b.launch(cfg) }.w()?;
-            Ok((
-                CudaStorage::wrap_cuda_slice(out, dev),
-                Shape::from((rows, 2)),
-            ))
+            pairs_per_row(s, l, "greedy_pick_f32", None)
         }
+    }
+
+    /// Launches `kernel` of sampling.cu with one 1024-thread block per row of the f32 logits in
+    /// `s`: arguments (logits, out, vocab[, params]), two f32 written per row into `out`.
+    fn pairs_per_row(
+        s: &CudaStorage,
+        l: &Layout,
+        kernel: &str,
+        params: Option<&CudaView<'_, f64>>,
+    ) -> Result<(CudaStorage, Shape)> {
+        let (rows, vocab) = l.shape().dims2()?;
+        let dev = s.device().clone();
+        let logits = storage_view::<f32>(s, l, "logits")?;
+        // SAFETY: both kernels write both values of every row.
+        let out = unsafe { dev.alloc::<f32>(rows * 2)? };
+        let func = dev.get_or_load_custom_func(kernel, "pruneserve_sampling", PTX)?;
+        let vocab_i = vocab as i32;
+        let mut b = func.builder();
+        b.arg(&logits).arg(&out).arg(&vocab_i);
+        if let Some(p) = params {
+            b.arg(p);
+        }
+        let cfg = LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (1024, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: the arguments match `greedy_pick_f32(logits, out, vocab)` and
+        // `draw_f32(logits, out, vocab, params)` (5 doubles per row) in sampling.cu.
+        unsafe { b.launch(cfg) }.w()?;
+        Ok((
+            CudaStorage::wrap_cuda_slice(out, dev),
+            Shape::from((rows, 2)),
+        ))
+    }
+
+    struct Draw;
+
+    impl CustomOp2 for Draw {
+        fn name(&self) -> &'static str {
+            "device-draw"
+        }
+
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> Result<(CpuStorage, Shape)> {
+            candle_core::bail!("device-draw runs on CUDA only")
+        }
+
+        fn cuda_fwd(
+            &self,
+            s: &CudaStorage,
+            l: &Layout,
+            ps: &CudaStorage,
+            pl: &Layout,
+        ) -> Result<(CudaStorage, Shape)> {
+            let params = storage_view::<f64>(ps, pl, "draw params")?;
+            pairs_per_row(s, l, "draw_f32", Some(&params))
+        }
+    }
+
+    pub fn draw(logits: &Tensor, draws: &[DeviceDraw]) -> Result<Vec<Sampled>> {
+        let params: Vec<f64> = draws
+            .iter()
+            .flat_map(|d| {
+                [
+                    d.u,
+                    1.0 / f64::from(d.temperature),
+                    f64::from(d.top_p),
+                    f64::from(d.min_p),
+                    d.top_k as f64,
+                ]
+            })
+            .collect();
+        let params = Tensor::from_vec(params, (draws.len(), 5), logits.device())?;
+        let picks = logits
+            .to_dtype(candle_core::DType::F32)?
+            .contiguous()?
+            .apply_op2_no_bwd(&params, &Draw)?;
+        Ok(picks
+            .to_vec2::<f32>()?
+            .into_iter()
+            .map(|p| Sampled {
+                token: p[0] as u32,
+                logprob: p[1],
+                top: Vec::new(),
+            })
+            .collect())
     }
 
     pub fn greedy_pick(logits: &Tensor, k: usize) -> Result<Vec<Sampled>> {

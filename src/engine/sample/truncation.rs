@@ -20,11 +20,13 @@ pub struct Candidates {
 }
 
 impl Candidates {
-    /// Every id of `logits` (or its `top_k` best, when `0 < top_k < len`), scaled by
-    /// `1 / temperature`.
+    /// Every id of `logits` (or its `top_k` best, when `0 < top_k < len`), in id order, scaled
+    /// by `1 / temperature`.
     pub fn new(logits: &[f32], temperature: f32, top_k: usize) -> Self {
         let items: Vec<(u32, f32)> = if top_k > 0 && top_k < logits.len() {
-            super::sampler::top_k_pairs(logits, top_k)
+            let mut best = super::sampler::top_k_pairs(logits, top_k);
+            best.sort_unstable_by_key(|c| c.0);
+            best
         } else {
             logits
                 .iter()
