@@ -57,6 +57,8 @@ fn sweep_and_greedy_iterations_choose_the_best_candidate_and_resume() {
         cache.to_str().unwrap(),
         "--concurrency",
         "4",
+        "--parallel-candidates",
+        "3",
     ];
     let first = pruneval(&args);
     let dir = out.join("ablate/smollm2-135m");

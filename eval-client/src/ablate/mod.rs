@@ -52,8 +52,13 @@ pub struct AblateSettings {
     pub out_dir: PathBuf,
     #[arg(long, default_value = "results/.cache")]
     pub cache_dir: PathBuf,
+    /// Requests in flight per candidate evaluation.
     #[arg(long, default_value_t = 16)]
     pub concurrency: usize,
+    /// Candidates evaluated at once (each with --concurrency requests in flight): on a GPU server
+    /// several plans then share each engine step.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub parallel_candidates: u16,
     #[arg(long)]
     pub num_fewshot: Option<usize>,
     /// Generative tasks' sampling (the paper: T 0.9, top_p 1, top_k 50, seed 1234).
@@ -84,6 +89,8 @@ pub enum AblateError {
     Usage(String),
     #[error("writing {path}: {error}")]
     Write { path: PathBuf, error: String },
+    #[error("the evaluation of {0} panicked")]
+    Panicked(String),
 }
 
 /// One task's metric on a model.
@@ -288,17 +295,34 @@ impl Runner<'_> {
         baseline: &[TaskScore],
     ) -> Result<Iteration, AblateError> {
         let mut candidates = Vec::with_capacity(pool.len());
-        for &layer in pool {
-            let plan: Vec<usize> = dropped.iter().copied().chain([layer]).collect();
-            let model = plan_name(&self.settings.model, &plan);
-            let tasks = self.score(&model)?;
-            let score = relative_score(&tasks, baseline);
-            candidates.push(Candidate {
-                layer,
-                model,
-                tasks,
-                score,
+        for group in pool.chunks(usize::from(self.settings.parallel_candidates.max(1))) {
+            let scored = std::thread::scope(|s| {
+                let running: Vec<_> = group
+                    .iter()
+                    .map(|&layer| {
+                        let plan: Vec<usize> = dropped.iter().copied().chain([layer]).collect();
+                        let model = plan_name(&self.settings.model, &plan);
+                        (layer, model.clone(), s.spawn(move || self.score(&model)))
+                    })
+                    .collect();
+                running
+                    .into_iter()
+                    .map(|(layer, model, handle)| match handle.join() {
+                        Ok(tasks) => tasks.map(|t| (layer, model, t)),
+                        Err(_) => Err(AblateError::Panicked(model)),
+                    })
+                    .collect::<Vec<_>>()
             });
+            for result in scored {
+                let (layer, model, tasks) = result?;
+                let score = relative_score(&tasks, baseline);
+                candidates.push(Candidate {
+                    layer,
+                    model,
+                    tasks,
+                    score,
+                });
+            }
         }
         let scores: Vec<f64> = candidates.iter().map(|c| c.score).collect();
         let best = best_candidate(&scores).unwrap_or(0);
