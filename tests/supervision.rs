@@ -1,8 +1,10 @@
 //! The engine loop is supervised: a panic inside a step fails the requests in flight with a clear
 //! 500 (a streamed one with an error event), the loop restarts on a fresh engine that answers as
 //! before, and after too many failures the base is marked unhealthy: `/health` says 503 and names
-//! it, and new requests get 503. The fault is injected through the engine wrapper of
-//! `serve::start_loaded`, into a server running in this process.
+//! it, and new requests get 503. With two engines (`--data-parallel 2`) a failed engine gets no
+//! new requests while the other serves, and the base is unhealthy only when both have failed. The
+//! fault is injected through the engine wrapper of `serve::start_loaded`, into a server running
+//! in this process.
 
 mod common;
 
@@ -65,8 +67,9 @@ impl BatchLoop for Faulty {
     }
 }
 
-/// Starts a server over a tiny Llama whose engines are [`Faulty`]; returns its base URL.
-fn start_faulty_server(root: &std::path::Path) -> String {
+/// Starts a server over a tiny Llama whose `engines` engines are [`Faulty`] and give up after
+/// `max_restarts` restarts a minute; returns its base URL.
+fn start_faulty_server(root: &std::path::Path, engines: usize, max_restarts: usize) -> String {
     let dir = write_tiny(root, "tiny", tiny_config("LlamaForCausalLM"), 3);
     let model = LoadedModel::load(dir.to_str().unwrap(), &Device::Cpu, DType::F32).unwrap();
     let settings = EngineSettings {
@@ -77,15 +80,14 @@ fn start_faulty_server(root: &std::path::Path) -> String {
         max_in_flight: 16,
         max_model_len: None,
         kv_cache_gb: None,
-        // One restart is allowed per minute; the second failure gives up.
         restart_policy: RestartPolicy {
-            max_restarts: 1,
+            max_restarts,
             window: Duration::from_secs(60),
         },
         max_loras: 4,
         max_lora_rank: 16,
         prefix_caching: false,
-        data_parallel: 1,
+        data_parallel: engines,
         reserve_max_tokens: false,
         device_sampling: false,
     };
@@ -126,7 +128,8 @@ fn greedy(url: &str) -> (u16, Value) {
     )
 }
 
-fn running(url: &str) -> f64 {
+/// A sample of `/metrics` whose line starts with `prefix`.
+fn metric(url: &str, prefix: &str) -> f64 {
     let text = server_client()
         .get(format!("{url}/metrics"))
         .send()
@@ -134,22 +137,28 @@ fn running(url: &str) -> f64 {
         .text()
         .unwrap();
     text.lines()
-        .find(|l| l.starts_with("pruneserve:num_requests_running"))
+        .find(|l| l.starts_with(prefix))
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
         .unwrap_or(0.0)
 }
 
+fn running(url: &str) -> f64 {
+    metric(url, "pruneserve:num_requests_running")
+}
+
+fn health(url: &str) -> (u16, Value) {
+    let r = server_client().get(format!("{url}/health")).send().unwrap();
+    (r.status().as_u16(), r.json::<Value>().unwrap())
+}
+
 #[test]
 fn a_panicking_engine_fails_its_requests_restarts_and_finally_reports_unhealthy() {
     let root = tempfile::tempdir().unwrap();
-    let url = start_faulty_server(root.path());
+    // One restart is allowed per minute; the second failure gives up.
+    let url = start_faulty_server(root.path(), 1, 1);
     let (status, reference) = greedy(&url);
     assert_eq!(status, 200, "{reference}");
-    let health = |url: &str| {
-        let r = server_client().get(format!("{url}/health")).send().unwrap();
-        (r.status().as_u16(), r.json::<Value>().unwrap())
-    };
     assert_eq!(health(&url).0, 200);
 
     // Two long requests in flight, one streamed, when the fault hits.
@@ -234,4 +243,49 @@ fn a_panicking_engine_fails_its_requests_restarts_and_finally_reports_unhealthy(
         .as_str()
         .unwrap()
         .contains("unhealthy"));
+}
+
+#[test]
+fn with_two_engines_a_failed_one_is_bypassed_until_both_have_failed() {
+    let root = tempfile::tempdir().unwrap();
+    // No restarts: an engine's first failure is its last.
+    let url = start_faulty_server(root.path(), 2, 0);
+    let (status, reference) = greedy(&url);
+    assert_eq!(status, 200, "{reference}");
+    let poison = json!({"model": "tiny", "prompt": POISON, "max_tokens": 4});
+    let routed = |engine: &str| {
+        metric(
+            &url,
+            &format!("pruneserve:engine_sequences_total{{engine=\"{engine}\""),
+        )
+    };
+
+    // Both idle: the poisoned request goes to engine 0, which gives up.
+    let (status, _) = post(&format!("{url}/v1/completions"), &poison);
+    assert_eq!(status, 500);
+    assert_eq!(routed("cpu:0"), 2.0);
+    let (status, body) = health(&url);
+    assert_eq!(status, 200, "one engine still serves: {body}");
+    for _ in 0..3 {
+        let (status, again) = greedy(&url);
+        assert_eq!(status, 200, "{again}");
+        assert_eq!(again["choices"][0]["text"], reference["choices"][0]["text"]);
+    }
+    assert_eq!(routed("cpu:0"), 2.0, "the failed engine gets nothing new");
+    assert_eq!(routed("cpu:1"), 3.0);
+
+    // The last engine fails too: the base is unhealthy, naming both.
+    let (status, _) = post(&format!("{url}/v1/completions"), &poison);
+    assert_eq!(status, 500);
+    let (status, body) = health(&url);
+    assert_eq!(status, 503, "{body}");
+    let reason = body["failed"][0]["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("cpu:0: ")
+            && reason.contains("cpu:1: ")
+            && reason.contains("injected fault"),
+        "{reason}"
+    );
+    let (status, body) = greedy(&url);
+    assert_eq!(status, 503, "{body}");
 }
