@@ -48,6 +48,12 @@ fn kv_fraction(s: &LoopStats) -> f64 {
     })
 }
 
+/// Brings the counter of `labels` up to `total`, a count the engine loops keep themselves.
+fn catch_up(counter: &IntCounterVec, labels: &[&str], total: u64) {
+    let c = counter.with_label_values(labels);
+    c.inc_by(total.saturating_sub(c.get()));
+}
+
 const LATENCY_BUCKETS: [f64; 14] = [
     0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0,
 ];
@@ -246,17 +252,16 @@ impl Metrics {
                 self.engine_kv_usage
                     .with_label_values(&labels)
                     .set(kv_fraction(&e.stats));
-                let routed = self.engine_sequences.with_label_values(&labels);
-                routed.inc_by(e.routed.saturating_sub(routed.get()));
+                catch_up(&self.engine_sequences, &labels, e.routed);
             }
-            let restarts = self.engine_restarts.with_label_values(&[&base.name]);
-            restarts.inc_by(s.restarts.saturating_sub(restarts.get()));
-            let preempted = self.preemptions.with_label_values(&[&base.name]);
-            preempted.inc_by(s.preemptions.saturating_sub(preempted.get()));
             let (queries, hits) = s.prefix_cache;
-            for (counter, value) in [(&self.prefix_queries, queries), (&self.prefix_hits, hits)] {
-                let c = counter.with_label_values(&[&base.name]);
-                c.inc_by(value.saturating_sub(c.get()));
+            for (counter, total) in [
+                (&self.engine_restarts, s.restarts),
+                (&self.preemptions, s.preemptions),
+                (&self.prefix_queries, queries),
+                (&self.prefix_hits, hits),
+            ] {
+                catch_up(counter, &[&base.name], total);
             }
         }
         let mut buf = Vec::new();

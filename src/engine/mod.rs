@@ -455,36 +455,16 @@ impl Engine {
                 next_row += 1;
             }
         }
-        let mut greedy = match (&logits, greedy_rows.is_empty()) {
-            (Some(l), false) => {
-                let idx = Tensor::new(greedy_rows.as_slice(), l.device())?;
-                phase(l.device(), "pick tokens", || {
-                    sample::scoring::greedy_rows(&l.index_select(&idx, 0)?, greedy_k)
-                })?
-                .into_iter()
-            }
-            _ => Vec::new().into_iter(),
-        };
-        let mut drawn = match (&logits, draw_rows.is_empty()) {
-            (Some(l), false) => {
-                let idx = Tensor::new(draw_rows.as_slice(), l.device())?;
-                phase(l.device(), "draw tokens", || {
-                    sample::scoring::draw_rows(&l.index_select(&idx, 0)?, &draws)
-                })?
-                .into_iter()
-            }
-            _ => Vec::new().into_iter(),
-        };
-        let mut full = match (&logits, full_rows.is_empty()) {
-            (Some(l), false) => {
-                let idx = Tensor::new(full_rows.as_slice(), l.device())?;
-                phase(l.device(), "logits to host", || {
-                    l.index_select(&idx, 0)?.to_vec2::<f32>()
-                })?
-                .into_iter()
-            }
-            _ => Vec::new().into_iter(),
-        };
+        let l = logits.as_ref();
+        let mut greedy = on_rows(l, &greedy_rows, "pick tokens", |rows| {
+            sample::scoring::greedy_rows(rows, greedy_k)
+        })?;
+        let mut drawn = on_rows(l, &draw_rows, "draw tokens", |rows| {
+            sample::scoring::draw_rows(rows, &draws)
+        })?;
+        let mut full = on_rows(l, &full_rows, "logits to host", |rows| {
+            rows.to_vec2::<f32>()
+        })?;
         let mut outs = Vec::with_capacity(members.len());
         for (&i, &at) in members.iter().zip(&score_at) {
             let it = &items[i];
@@ -520,5 +500,22 @@ impl Engine {
             outs.push(out);
         }
         Ok(outs)
+    }
+}
+
+/// `f` over the `rows` of `logits` (selected and run as the phase `name`), or nothing when there
+/// are no such rows.
+fn on_rows<T>(
+    logits: Option<&Tensor>,
+    rows: &[u32],
+    name: &'static str,
+    f: impl FnOnce(&Tensor) -> candle_core::Result<Vec<T>>,
+) -> candle_core::Result<std::vec::IntoIter<T>> {
+    match logits {
+        Some(l) if !rows.is_empty() => {
+            let idx = Tensor::new(rows, l.device())?;
+            Ok(phase(l.device(), name, || f(&l.index_select(&idx, 0)?))?.into_iter())
+        }
+        _ => Ok(Vec::new().into_iter()),
     }
 }

@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use super::{charts, AblateError, Ablation};
-use crate::plot::unless_no_font;
+use crate::plot::{unless_no_font, ChartError};
 
 /// The report's directory.
 pub fn report_dir(out_dir: &Path, model: &str) -> PathBuf {
@@ -88,15 +88,17 @@ pub fn write_reports(out_dir: &Path, a: &Ablation) -> Result<Vec<PathBuf>, Ablat
     let md = dir.join("ablation.md");
     std::fs::write(&md, markdown(a)).map_err(|e| write_err(&md, &e))?;
     let mut written = vec![json, md];
-    let sweep = dir.join("sweep.png");
-    let drawn = unless_no_font(charts::sweep_chart(&sweep, a), &sweep);
-    if drawn.map_err(|e| write_err(&sweep, &e))?.is_some() {
-        written.push(sweep);
-    }
-    let heat = dir.join("heatmap.png");
-    let drawn = unless_no_font(charts::heatmap(&heat, a), &heat);
-    if drawn.map_err(|e| write_err(&heat, &e))?.is_some() {
-        written.push(heat);
+    type Chart = fn(&Path, &Ablation) -> Result<(), ChartError>;
+    let charts: [(&str, Chart); 2] = [
+        ("sweep.png", charts::sweep_chart),
+        ("heatmap.png", charts::heatmap),
+    ];
+    for (name, draw) in charts {
+        let path = dir.join(name);
+        let drawn = unless_no_font(draw(&path, a), &path).map_err(|e| write_err(&path, &e))?;
+        if drawn.is_some() {
+            written.push(path);
+        }
     }
     Ok(written)
 }

@@ -214,8 +214,9 @@ impl Batcher {
     }
 
     /// Moves waiting requests into the running set while the KV their context needs now (not
-    /// their whole `max_tokens`, unless reserving it) can be reserved; a request that cannot fit even into an empty
-    /// cache fails. Sequences grow their KV step by step ([`Batcher::reserve_or_preempt`]).
+    /// their whole `max_tokens`, unless reserving it) can be reserved; a request that cannot fit
+    /// even into an empty cache fails. Sequences grow their KV step by step
+    /// ([`Batcher::reserve_or_preempt`]).
     fn admit_waiting(&mut self, events: &mut Vec<BatchEvent>) {
         while let Some((id, mut seq)) = self.waiting.pop_front() {
             let admitted = self

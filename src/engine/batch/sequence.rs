@@ -73,7 +73,7 @@ impl Sequence {
     /// Samples the next token from the last position's `logits` (penalties see the prompt and
     /// the tokens generated so far).
     pub(super) fn draw(&mut self, logits: &[f32]) -> Sampled {
-        let generated: Vec<u32> = if self.sampler.has_penalties() {
+        let generated: Vec<u32> = if self.sampler.params().has_penalties() {
             self.out.tokens.iter().map(|t| t.token).collect()
         } else {
             Vec::new()
@@ -83,15 +83,11 @@ impl Sequence {
 
     /// The settings and uniform number of a draw on the device, when its sampling allows one.
     pub(super) fn device_draw(&mut self) -> Option<DeviceDraw> {
-        let params = self.sampler.params();
-        if !params.device_draw() {
+        if !self.sampler.params().device_draw() {
             return None;
         }
-        let draw = DeviceDraw::new(params, 0.0);
-        Some(DeviceDraw {
-            u: self.sampler.next_uniform(),
-            ..draw
-        })
+        let u = self.sampler.next_uniform();
+        Some(DeviceDraw::new(self.sampler.params(), u))
     }
 
     /// KV the sequence needs to be admitted: its whole context and one picked token, or with

@@ -56,7 +56,8 @@ impl SamplingParams {
         self.temperature > 0.0 && !self.has_penalties() && self.top_logprobs == 0
     }
 
-    fn has_penalties(&self) -> bool {
+    /// Whether a penalty changes the logits (and the generated tokens are needed).
+    pub fn has_penalties(&self) -> bool {
         self.repetition_penalty != 1.0
             || self.frequency_penalty != 0.0
             || self.presence_penalty != 0.0
@@ -65,11 +66,7 @@ impl SamplingParams {
     /// `Some(top_logprobs)` when the next token is plain argmax of the raw logits (temperature 0,
     /// no penalties), so the engine can pick it on the device.
     pub fn device_greedy_top(&self) -> Option<usize> {
-        let plain = self.temperature == 0.0
-            && self.repetition_penalty == 1.0
-            && self.frequency_penalty == 0.0
-            && self.presence_penalty == 0.0;
-        plain.then_some(self.top_logprobs)
+        (self.temperature == 0.0 && !self.has_penalties()).then_some(self.top_logprobs)
     }
 }
 
@@ -161,7 +158,7 @@ impl Sampler {
     /// output tokens; frequency/presence penalties cover the generated `output` only.
     pub fn sample(&mut self, logits: &[f32], prompt: &[u32], output: &[u32]) -> Sampled {
         let lse = log_sum_exp(logits);
-        let token = if self.has_penalties() {
+        let token = if self.params.has_penalties() {
             let mut x = logits.to_vec();
             self.apply_penalties(&mut x, prompt, output);
             self.pick(&x)
@@ -177,11 +174,6 @@ impl Sampler {
                 .map(|(id, v)| (id, raw(v)))
                 .collect(),
         }
-    }
-
-    /// Whether a penalty changes the logits (and the generated tokens are needed).
-    pub fn has_penalties(&self) -> bool {
-        self.params.has_penalties()
     }
 
     /// The uniform number of the next draw: one per sampled token, whether the host draws it

@@ -128,8 +128,8 @@ pub fn draw_rows(logits: &Tensor, draws: &[DeviceDraw]) -> candle_core::Result<V
     candle_core::bail!("device draws run on CUDA only")
 }
 
-/// One-kernel greedy picks on CUDA (kernels/sampling.cu) for up to one reported logprob: the
-/// argmax and its log-softmax value without the `[rows, vocab]` log-softmax in memory.
+/// One-kernel picks on CUDA (sampling.cu): greedy picks for up to one reported logprob (the argmax
+/// and its log-softmax value without the `[rows, vocab]` log-softmax in memory) and seeded draws.
 #[cfg(feature = "cuda")]
 mod cuda {
     use candle_core::backend::BackendStorage;
@@ -235,42 +235,42 @@ mod cuda {
             })
             .collect();
         let params = Tensor::from_vec(params, (draws.len(), 5), logits.device())?;
-        let picks = logits
-            .to_dtype(candle_core::DType::F32)?
-            .contiguous()?
-            .apply_op2_no_bwd(&params, &Draw)?;
-        Ok(picks
-            .to_vec2::<f32>()?
-            .into_iter()
-            .map(|p| Sampled {
-                token: p[0] as u32,
-                logprob: p[1],
+        let picks = as_f32(logits)?.apply_op2_no_bwd(&params, &Draw)?;
+        Ok(read_picks(&picks)?
+            .map(|(token, logprob)| Sampled {
+                token,
+                logprob,
                 top: Vec::new(),
             })
             .collect())
     }
 
     pub fn greedy_pick(logits: &Tensor, k: usize) -> Result<Vec<Sampled>> {
-        let picks = logits
-            .to_dtype(candle_core::DType::F32)?
-            .contiguous()?
-            .apply_op1_no_bwd(&GreedyPick)?;
+        let picks = as_f32(logits)?.apply_op1_no_bwd(&GreedyPick)?;
+        Ok(read_picks(&picks)?
+            .map(|(token, logprob)| Sampled {
+                token,
+                logprob,
+                top: if k == 1 {
+                    vec![(token, logprob)]
+                } else {
+                    Vec::new()
+                },
+            })
+            .collect())
+    }
+
+    /// The logits as the kernels read them: contiguous f32.
+    fn as_f32(logits: &Tensor) -> Result<Tensor> {
+        logits.to_dtype(candle_core::DType::F32)?.contiguous()
+    }
+
+    /// The (token, logprob) pair a pick kernel wrote for each row.
+    fn read_picks(picks: &Tensor) -> Result<impl Iterator<Item = (u32, f32)>> {
         Ok(picks
             .to_vec2::<f32>()?
             .into_iter()
-            .map(|p| {
-                let (token, logprob) = (p[0] as u32, p[1]);
-                Sampled {
-                    token,
-                    logprob,
-                    top: if k == 1 {
-                        vec![(token, logprob)]
-                    } else {
-                        Vec::new()
-                    },
-                }
-            })
-            .collect())
+            .map(|p| (p[0] as u32, p[1])))
     }
 }
 
