@@ -9,7 +9,7 @@
 # Sequences in flight are read from /metrics every second; the client's CPU share from
 # /usr/bin/time-like accounting of its process.
 # Usage: BIN=dir CKPT=dir DATA=dir OUT=dir MODE=before|after [LIMIT=1000]
-#   [SERVE_FLAGS=--device-sampling] bench/sgr-gpu.sh
+#   [SERVE_FLAGS="--sampler host"] bench/sgr-gpu.sh
 set -euo pipefail
 BIN=${BIN:?} CKPT=${CKPT:?} DATA=${DATA:?} OUT=${OUT:?} MODE=${MODE:?} PORT=${PORT:-8041}
 source "$(dirname "$0")/lib.sh"

@@ -42,6 +42,31 @@ pub enum ComputeDtype {
     F32,
 }
 
+/// `--sampler`: where sampled tokens (temperature > 0) are drawn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum SamplerPlace {
+    /// On the GPU with CUDA, on the host with the CPU engine.
+    #[default]
+    Auto,
+    /// Every sampled row's logits copied to the host and sampled there.
+    Host,
+    /// Drawn on the GPU (CUDA only); rows with penalties or top logprobs still go to the host.
+    Device,
+}
+
+impl SamplerPlace {
+    /// Whether the engine on `device` draws on the device, or why `--sampler device` cannot.
+    pub fn on_device(self, device: DeviceKind) -> Result<bool, &'static str> {
+        match (self, device) {
+            (SamplerPlace::Host, _) | (SamplerPlace::Auto, DeviceKind::Cpu) => Ok(false),
+            (SamplerPlace::Device, DeviceKind::Cpu) => {
+                Err("--sampler device draws on a CUDA device; the CPU engine samples on the host")
+            }
+            (_, DeviceKind::Cuda) => Ok(true),
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 #[error("--dtype {} is not available on {}: {reason}", .dtype.name(), .device.name())]
 pub struct UnsupportedDtype {

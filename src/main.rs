@@ -14,7 +14,7 @@ use pruneserve::engine::adapters::peft::PROJECTION_NAMES;
 use pruneserve::engine::adapters::LoraAdapter;
 use pruneserve::finetune::{FineTuning, FinetuneArgs};
 use pruneserve::importance::{self, Metric};
-use pruneserve::loaded::{ComputeDtype, DeviceKind, LoadedModel};
+use pruneserve::loaded::{ComputeDtype, DeviceKind, LoadedModel, SamplerPlace};
 use pruneserve::metrics::Metrics;
 use pruneserve::plan::{parse_layer_list, LayerPlan, PlanSpec};
 use pruneserve::serve;
@@ -134,11 +134,12 @@ enum Command {
         /// sequences run at once when max_tokens is large.
         #[arg(long)]
         reserve_max_tokens: bool,
-        /// CUDA: draw sampled tokens (temperature > 0, no penalties, no top logprobs) on the GPU
-        /// with each request's own seeded uniform numbers, instead of copying every sampled row's
-        /// logits to the host. Experimental: checked by `selftest` against the host sampler.
-        #[arg(long)]
-        device_sampling: bool,
+        /// Where sampled tokens (temperature > 0) are drawn: auto (the GPU with CUDA, the host on
+        /// the CPU), host (every sampled row's logits copied off the GPU), or device (CUDA; rows
+        /// with penalties or top logprobs still go to the host). Both give a seeded request the
+        /// same tokens (`selftest --device cuda` checks it).
+        #[arg(long, value_enum, default_value_t = SamplerPlace::Auto)]
+        sampler: SamplerPlace,
         #[arg(long, default_value_t = 32 << 20)]
         max_body_bytes: usize,
         /// Require `Authorization: Bearer KEY` on /v1/*.
@@ -344,7 +345,7 @@ fn run(cli: Cli) -> Result<()> {
             enable_prefix_caching,
             data_parallel,
             reserve_max_tokens,
-            device_sampling,
+            sampler,
             max_body_bytes,
             api_key,
             finetune,
@@ -365,7 +366,7 @@ fn run(cli: Cli) -> Result<()> {
                 prefix_caching: enable_prefix_caching,
                 data_parallel: data_parallel.into(),
                 reserve_max_tokens,
-                device_sampling,
+                sampler,
             };
             let registry = Arc::new(serve::build_registry(&entries, &settings)?);
             let workers = std::thread::available_parallelism().map_or(1, |n| n.get());

@@ -35,6 +35,8 @@ pub struct Metrics {
     preemptions: IntCounterVec,
     prefix_queries: IntCounterVec,
     prefix_hits: IntCounterVec,
+    prefix_blocks: IntGaugeVec,
+    prefix_memo_bytes: IntGaugeVec,
     ad_hoc_seen: Mutex<HashSet<String>>,
 }
 
@@ -160,6 +162,14 @@ impl Metrics {
                 ),
                 label,
             )?,
+            prefix_blocks: gauge(
+                "pruneserve:prefix_cache_blocks",
+                "KV blocks held by prefix-cache entries (within the pool's blocks).",
+            )?,
+            prefix_memo_bytes: gauge(
+                "pruneserve:prefix_cache_memo_bytes",
+                "Host bytes of the prompt logprobs kept with prefix-cache entries.",
+            )?,
             ad_hoc_seen: Mutex::new(HashSet::new()),
             registry,
         };
@@ -179,6 +189,8 @@ impl Metrics {
         m.registry.register(Box::new(m.engine_restarts.clone()))?;
         m.registry.register(Box::new(m.prefix_queries.clone()))?;
         m.registry.register(Box::new(m.prefix_hits.clone()))?;
+        m.registry.register(Box::new(m.prefix_blocks.clone()))?;
+        m.registry.register(Box::new(m.prefix_memo_bytes.clone()))?;
         m.registry.register(Box::new(m.preemptions.clone()))?;
         Ok(m)
     }
@@ -232,12 +244,15 @@ impl Metrics {
     pub fn render(&self, registry: &Registry) -> String {
         for base in registry.bases() {
             let s = base.scheduler.stats();
-            self.running
-                .with_label_values(&[&base.name])
-                .set(s.running as i64);
-            self.waiting
-                .with_label_values(&[&base.name])
-                .set(s.waiting as i64);
+            let kv = s.kv.unwrap_or_default();
+            for (gauge, value) in [
+                (&self.running, s.running),
+                (&self.waiting, s.waiting),
+                (&self.prefix_blocks, kv.cached_blocks),
+                (&self.prefix_memo_bytes, kv.memo_bytes),
+            ] {
+                gauge.with_label_values(&[&base.name]).set(value as i64);
+            }
             self.kv_usage
                 .with_label_values(&[&base.name])
                 .set(kv_fraction(&s));

@@ -445,8 +445,8 @@ pub fn run_all(
         }
     }
 
-    // 2. Seeded draws on the device (the tiny Llama, bf16 and f32).
-    let dir = tiny(root, "LlamaForCausalLM")?;
+    // 2. Seeded draws on the device (the tiny Llama of step 1, bf16 and f32).
+    let dir = ModelDir::open(&root.join("LlamaForCausalLM"))?;
     let prompts = pseudo_prompts(512, &[5, 37, 64, 100]);
     for dtype in [DType::BF16, DType::F32] {
         let m = Arc::new(DecoderModel::load(&dir, &cuda, dtype)?);

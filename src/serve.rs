@@ -9,7 +9,7 @@ use crate::engine::batch::Batcher;
 use crate::engine::model::DecoderModel;
 use crate::engine::{Engine, EngineError, EngineOptions};
 use crate::limits::Limits;
-use crate::loaded::{ComputeDtype, DeviceKind, LoadedModel, UnsupportedDtype};
+use crate::loaded::{ComputeDtype, DeviceKind, LoadedModel, SamplerPlace, UnsupportedDtype};
 use crate::manifest::{BaseEntry, Manifest, ManifestError, VariantEntry, VariantKind};
 use crate::registry::{Base, ExtraDirs, Registry, RegistryError};
 use crate::scheduler::{
@@ -56,8 +56,8 @@ pub struct EngineSettings {
     pub data_parallel: usize,
     /// Admit a request only when KV for its prompt and all of `max_tokens` fits (no preemption).
     pub reserve_max_tokens: bool,
-    /// CUDA: draw sampled tokens on the device instead of sending logits rows to the host.
-    pub device_sampling: bool,
+    /// Where sampled tokens are drawn (`--sampler`).
+    pub sampler: SamplerPlace,
 }
 
 /// Wraps each engine a base's loop builds (tests inject faults through it).
@@ -135,11 +135,9 @@ fn start_base(name: &str, source: &str, s: &EngineSettings) -> Result<Arc<Base>,
             "--enable-prefix-caching runs on the CPU engine only; the CUDA paged cache does not keep prefixes yet".into(),
         ));
     }
-    if s.device_sampling && s.device != DeviceKind::Cuda {
-        return Err(ServeError::Usage(
-            "--device-sampling draws on a CUDA device; the CPU engine samples on the host".into(),
-        ));
-    }
+    s.sampler
+        .on_device(s.device)
+        .map_err(|e| ServeError::Usage(e.into()))?;
     let path = resolve_source(source)?;
     let dtype = s.dtype.on(s.device)?;
     let (device, _) = s.device.open()?;
@@ -166,7 +164,8 @@ pub fn start_loaded(
             .kv_cache_gb
             .map(|gb| (gb * f64::from(1u32 << 30)) as usize),
         prefix_caching: s.prefix_caching,
-        device_sampling: s.device_sampling,
+        // Checked by `start_base`.
+        device_sampling: s.sampler.on_device(s.device).unwrap_or(false),
         ..EngineOptions::default()
     };
     let engine_err = |error| ServeError::Engine {

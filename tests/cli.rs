@@ -253,8 +253,8 @@ fn options_the_device_cannot_run_are_refused_in_one_line() {
             "--dtype f16 is not available on cuda",
         ),
         (
-            &["--device", "cpu", "--device-sampling"],
-            "--device-sampling draws on a CUDA device",
+            &["--device", "cpu", "--sampler", "device"],
+            "--sampler device draws on a CUDA device",
         ),
     ] {
         let mut args = vec!["serve", "--model", base.to_str().unwrap(), "--port", "0"];

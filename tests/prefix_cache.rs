@@ -2,8 +2,9 @@
 //! equals generation without it (greedy and seeded tokens identical, logprobs within float
 //! reordering) on the base, on a plan that runs the base's first layers (which reuses the base's
 //! cached KV), on single-layer drops (which cannot), with a LoRA adapter (kept apart), when entries
-//! are evicted mid-way and when sequences are preempted; prompt logprobs are never taken from it.
-//! The server counts queried and hit tokens under vLLM's names.
+//! are evicted mid-way and when sequences are preempted. Prompt logprobs come from the cache only
+//! for the plan that computed them, and equal computed ones within float reordering. The server
+//! counts queried and hit tokens under vLLM's names.
 
 mod common;
 
@@ -77,28 +78,41 @@ fn assert_same(a: &[Vec<GenOutput>], b: &[Vec<GenOutput>], what: &str) {
                 );
             }
             assert_eq!(x.prompt_scores.len(), y.prompt_scores.len());
-            for (s, t) in x.prompt_scores.iter().zip(&y.prompt_scores) {
+            for (j, (s, t)) in x.prompt_scores.iter().zip(&y.prompt_scores).enumerate() {
+                assert_eq!(s.token, t.token);
+                assert!(
+                    (s.logprob - t.logprob).abs() < 1e-4,
+                    "{what}: request {i} prompt token {j}: {} vs {}",
+                    s.logprob,
+                    t.logprob
+                );
+                let ids = |s: &[(u32, f32)]| s.iter().map(|e| e.0).collect::<Vec<_>>();
                 assert_eq!(
-                    s.logprob, t.logprob,
-                    "{what}: prompt logprobs are computed, not cached"
+                    ids(&s.top),
+                    ids(&t.top),
+                    "{what}: top-k of prompt token {j}"
                 );
             }
         }
     }
 }
 
+/// A tiny random 6-layer Llama (seeded) and three plans: the base, its first four layers (which
+/// reuse the base's KV), and layer 2 dropped (which cannot).
+fn model_and_plans(dir: &std::path::Path, seed: u64) -> (Arc<DecoderModel>, [Arc<LayerPlan>; 3]) {
+    let model = load_cpu(&write_tiny(dir, "m", tiny_config("LlamaForCausalLM"), seed));
+    let plans = [
+        Arc::new(LayerPlan::full(6)),
+        Arc::new(LayerPlan::new(vec![0, 1, 2, 3], 6).unwrap()),
+        Arc::new(LayerPlan::new(vec![0, 1, 3, 4, 5], 6).unwrap()),
+    ];
+    (model, plans)
+}
+
 #[test]
 fn hits_are_exact_across_plans_and_counted() {
     let tmp = tempfile::tempdir().unwrap();
-    let model = load_cpu(&write_tiny(
-        tmp.path(),
-        "m",
-        tiny_config("LlamaForCausalLM"),
-        5,
-    ));
-    let base = Arc::new(LayerPlan::full(6));
-    let first4 = Arc::new(LayerPlan::new(vec![0, 1, 2, 3], 6).unwrap());
-    let drop2 = Arc::new(LayerPlan::new(vec![0, 1, 3, 4, 5], 6).unwrap());
+    let (model, [base, first4, drop2]) = model_and_plans(tmp.path(), 5);
     let groups = || {
         vec![
             requests(&base, 1, 10),
@@ -191,29 +205,61 @@ fn eviction_preemption_adapters_and_scoring_stay_exact() {
     let (on, (_, hits), _) = run(&model, true, 4096, mixed());
     assert_same(&off, &on, "adapter");
     assert!(hits > 0, "the second adapter group reuses the first's");
+}
 
-    // Scoring requests compute every prompt logprob themselves.
-    let scoring = || {
-        vec![
-            requests(&base, 2, 100),
-            requests(&base, 2, 110)
-                .into_iter()
-                .map(|r| GenRequest {
-                    prompt_logprobs: Some(2),
-                    ..r
-                })
-                .collect(),
-        ]
+/// `reqs` scoring their prompts with top-`k`.
+fn scoring(reqs: Vec<GenRequest>, k: usize) -> Vec<GenRequest> {
+    reqs.into_iter()
+        .map(|r| GenRequest {
+            prompt_logprobs: Some(k),
+            ..r
+        })
+        .collect()
+}
+
+#[test]
+fn scoring_reuses_prompt_logprobs_of_its_own_plan_only() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (model, [base, first4, drop2]) = model_and_plans(tmp.path(), 8);
+    // Each plan scores once, then again with other tails; then base top-3 after top-2.
+    let groups = || {
+        let mut g = Vec::new();
+        for (plan, salt) in [(&base, 100), (&first4, 200), (&drop2, 300)] {
+            g.push(scoring(requests(plan, 1, salt), 2));
+            g.push(scoring(requests(plan, 3, salt + 10), 2));
+        }
+        g.push(scoring(requests(&base, 2, 400), 3));
+        g
     };
-    let (off, _, _) = run(&model, false, 4096, scoring());
-    let (on, (queries, _), _) = run(&model, true, 4096, scoring());
-    assert_same(&off, &on, "scoring");
-    assert!(on[1].iter().all(|o| !o.prompt_scores.is_empty()));
-    assert_eq!(
-        queries,
-        2 * 70 + 3 + 4,
-        "only the generation group was looked up"
-    );
+    let (off, _, _) = run(&model, false, 4096, groups());
+    let (on, (_, hits), _) = run(&model, true, 4096, groups());
+    assert_same(&off, &on, "scoring, cache on vs off");
+    assert!(on.iter().flatten().all(|o| o.prompt_scores.len() > 70));
+    // Per plan, the second group's three requests reuse the first's 64 scored tokens.
+    println!("scoring: {hits} tokens hit");
+    assert!(hits >= 3 * 3 * 64, "{hits}");
+
+    // No scores from another plan (first4 runs the base's first layers, but its logprobs are
+    // its own), nor top-3 from a top-2 memo.
+    for later in [
+        scoring(requests(&first4, 2, 500), 2),
+        scoring(requests(&base, 2, 510), 3),
+    ] {
+        let (_, (_, hits), _) = run(
+            &model,
+            true,
+            4096,
+            vec![scoring(requests(&base, 1, 100), 2), later],
+        );
+        assert_eq!(hits, 0);
+    }
+
+    // A pool too small for the entries: they are evicted mid-way, sequences preempted, and the
+    // scores are still the computed ones.
+    let (tight, (_, hits), preemptions) = run(&model, true, 11, groups());
+    assert_same(&off, &tight, "scoring, small pool");
+    println!("scoring, 11-block pool: {hits} tokens hit, {preemptions} preemptions");
+    assert!(preemptions > 0);
 }
 
 #[test]
@@ -234,6 +280,37 @@ fn the_server_counts_prefix_cache_tokens_and_refuses_it_on_cuda() {
         (200.0, 96.0),
         "the second request reuses 6 whole blocks"
     );
+    assert_eq!(s.metric("pruneserve:prefix_cache_blocks{"), Some(6.0));
+    assert_eq!(s.metric("pruneserve:prefix_cache_memo_bytes{"), Some(0.0));
+
+    // Echo scoring (lm-eval's loglikelihood request): the second one takes the first one's
+    // prompt logprobs from the cache.
+    let other = pseudo_tokens(100, 300, 4);
+    let score = json!({"model": "m", "prompt": [other], "max_tokens": 0, "echo": true,
+        "logprobs": 2, "temperature": 0});
+    let (status, first) = s.post("/v1/completions", &score.to_string());
+    assert_eq!(status, 200, "{first}");
+    let (_, second) = s.post("/v1/completions", &score.to_string());
+    let lp = |v: &serde_json::Value| v["choices"][0]["logprobs"].clone();
+    let (a, b) = (lp(&first), lp(&second));
+    assert_eq!(a["tokens"], b["tokens"]);
+    assert_eq!(a["top_logprobs"].as_array().unwrap().len(), 100);
+    for (x, y) in a["token_logprobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(b["token_logprobs"].as_array().unwrap())
+        .skip(1)
+    {
+        assert!((x.as_f64().unwrap() - y.as_f64().unwrap()).abs() < 1e-4);
+    }
+    let hits = s.metric("pruneserve:prefix_cache_hits_total{").unwrap();
+    assert_eq!(
+        hits,
+        96.0 + 96.0,
+        "the second scoring request reused 6 blocks"
+    );
+    assert!(s.metric("pruneserve:prefix_cache_memo_bytes{").unwrap() > 0.0);
 
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_pruneserve"))
         .args([

@@ -89,7 +89,7 @@ fn start_faulty_server(root: &std::path::Path, engines: usize, max_restarts: usi
         prefix_caching: false,
         data_parallel: engines,
         reserve_max_tokens: false,
-        device_sampling: false,
+        sampler: Default::default(),
     };
     let wrap: EngineWrapper = Arc::new(|inner| {
         Box::new(Faulty {

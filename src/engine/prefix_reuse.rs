@@ -5,7 +5,8 @@
 
 use std::sync::Arc;
 
-use super::kv::prefix::{position_keys, Pin};
+use super::kv::prefix::{position_keys, Pin, ScoreMemo};
+use super::sample::scoring::TokenScore;
 use super::{Engine, EngineError, RunSpec, SeqId};
 
 /// Identity of what a run adds to its plan: the adapter's and the overlay's addresses (kept alive,
@@ -35,28 +36,34 @@ impl Engine {
     }
 
     /// Gives a sequence that holds nothing yet the cached KV of the longest reusable start of
-    /// `tokens`; returns how many tokens it now holds (feed the rest).
-    pub fn attach_prefix(&mut self, seq: SeqId, tokens: &[u32]) -> Result<usize, EngineError> {
+    /// `tokens`; returns how many tokens it now holds (feed the rest). A sequence scoring its
+    /// prompt with top-`k` passes `scoring: Some(k)` and also gets the scores of tokens `1..=n`.
+    pub fn attach_prefix(
+        &mut self,
+        seq: SeqId,
+        tokens: &[u32],
+        scoring: Option<usize>,
+    ) -> Result<(usize, Vec<TokenScore>), EngineError> {
         if !self.prefix_caching() {
-            return Ok(0);
+            return Ok((0, Vec::new()));
         }
         let Some(state) = self.seqs.get_mut(&seq) else {
-            return Ok(0);
+            return Ok((0, Vec::new()));
         };
         if state.len != 0 {
-            return Ok(0);
+            return Ok((0, Vec::new()));
         }
         let keys = position_keys(state.spec.plan.layers(), extras_key(&state.spec));
-        let n = self.cache.attach_prefix(seq, &keys, tokens)?;
+        let (n, scores) = self.cache.attach_prefix(seq, &keys, tokens, scoring)?;
         state.len = n;
         self.prefix_queries += tokens.len() as u64;
         self.prefix_hits += n as u64;
-        Ok(n)
+        Ok((n, scores))
     }
 
-    /// Offers the KV a sequence holds for its first `tokens` to the prefix cache (call before
-    /// releasing it). Failures only lose the offer.
-    pub fn offer_prefix(&mut self, seq: SeqId, tokens: &[u32]) {
+    /// Offers the KV a sequence holds for its first `tokens`, and the prompt scores it computed,
+    /// to the prefix cache (call before releasing it). Failures only lose the offer.
+    pub fn offer_prefix(&mut self, seq: SeqId, tokens: &[u32], memo: Option<Arc<ScoreMemo>>) {
         if !self.prefix_caching() {
             return;
         }
@@ -66,7 +73,7 @@ impl Engine {
         let n = tokens.len().min(state.len);
         let keys = position_keys(state.spec.plan.layers(), extras_key(&state.spec));
         let pins = pins(&state.spec);
-        if let Err(e) = self.cache.offer_prefix(seq, keys, &tokens[..n], pins) {
+        if let Err(e) = self.cache.offer_prefix(seq, keys, &tokens[..n], memo, pins) {
             tracing::warn!(error = %e, "a prefix was not cached");
         }
     }

@@ -205,6 +205,8 @@ impl Replicas {
                     used_blocks: a.used_blocks + b.used_blocks,
                     total_blocks: a.total_blocks + b.total_blocks,
                     block_size: a.block_size,
+                    cached_blocks: a.cached_blocks + b.cached_blocks,
+                    memo_bytes: a.memo_bytes + b.memo_bytes,
                 }),
                 (a, b) => a.or(b),
             };

@@ -246,23 +246,29 @@ impl Batcher {
         }
     }
 
-    /// Starts an admitted sequence from cached KV where the prefix cache has its start (not when
-    /// its prompt logprobs are still to be computed).
+    /// Starts an admitted sequence from cached KV where the prefix cache has its start; a
+    /// sequence still to score its prompt also takes the cached scores of those tokens (and keeps
+    /// its own scores, to offer them with its KV).
     fn reuse_prefix(&mut self, id: SeqId, seq: &mut Sequence) {
-        if seq.wants_prompt_scores() {
+        if !self.engine.prefix_caching() {
             return;
         }
-        match self.engine.attach_prefix(id, seq.context()) {
-            Ok(n) => seq.start_at(n),
+        seq.keep_prompt_scores();
+        match self
+            .engine
+            .attach_prefix(id, seq.context(), seq.scoring_top_k())
+        {
+            Ok((n, scores)) => seq.start_at(n, scores),
             Err(e) => tracing::warn!(error = %e, "prefix cache lookup failed"),
         }
     }
 
-    /// Frees a sequence's KV, offering it to the prefix cache first (when there is one: the token
-    /// list is not built otherwise).
+    /// Frees a sequence's KV, offering it and its prompt scores to the prefix cache first (when
+    /// there is one: the token list is not built otherwise).
     fn release_kv(&mut self, id: SeqId, seq: &Sequence) {
         if self.engine.prefix_caching() {
-            self.engine.offer_prefix(id, &seq.kv_tokens());
+            self.engine
+                .offer_prefix(id, &seq.kv_tokens(), seq.score_memo());
         }
         self.engine.release(id);
     }

@@ -3,8 +3,12 @@
 //! (so its RNG continues where it stopped) and recomputes its KV from the prompt and the tokens it
 //! generated, scoring nothing twice.
 
+use std::sync::Arc;
+
 use super::{FinishReason, GenOutput, GenRequest};
+use crate::engine::kv::prefix::ScoreMemo;
 use crate::engine::sample::sampler::{DeviceDraw, Sampled, Sampler};
+use crate::engine::sample::scoring::TokenScore;
 use crate::engine::{ScoreSpec, SeqId, StepItem};
 
 pub(super) struct Sequence {
@@ -21,6 +25,10 @@ pub(super) struct Sequence {
     in_kv: usize,
     /// Prompt logprobs are asked for and not yet delivered.
     scoring: bool,
+    /// Keep the prompt's scores once delivered, for the prefix cache.
+    keep_scores: bool,
+    /// The delivered prompt scores, when kept.
+    memo: Option<Arc<ScoreMemo>>,
     pub(super) out: GenOutput,
 }
 
@@ -30,6 +38,8 @@ impl Sequence {
         Self {
             context: req.prompt.clone(),
             scoring: req.prompt_logprobs.is_some(),
+            keep_scores: false,
+            memo: None,
             req,
             sampler,
             fed: 0,
@@ -44,19 +54,33 @@ impl Sequence {
         }
     }
 
-    /// Prompt logprobs are asked for and not yet delivered (a cached prefix cannot give them).
-    pub(super) fn wants_prompt_scores(&self) -> bool {
-        self.scoring
+    /// `Some(top_k)` while the prompt's logprobs are still to be computed.
+    pub(super) fn scoring_top_k(&self) -> Option<usize> {
+        self.req.prompt_logprobs.filter(|_| self.scoring)
+    }
+
+    /// Keeps the prompt's scores once computed ([`Sequence::score_memo`]).
+    pub(super) fn keep_prompt_scores(&mut self) {
+        self.keep_scores = true;
+    }
+
+    /// The prompt's scores, kept for the prefix cache.
+    pub(super) fn score_memo(&self) -> Option<Arc<ScoreMemo>> {
+        self.memo.clone()
     }
 
     pub(super) fn context(&self) -> &[u32] {
         &self.context
     }
 
-    /// The cache already holds the first `n` context tokens (a prefix cache hit).
-    pub(super) fn start_at(&mut self, n: usize) {
+    /// The cache already holds the first `n` context tokens (a prefix cache hit) and gave the
+    /// scores of tokens `1..=n` when the prompt is being scored.
+    pub(super) fn start_at(&mut self, n: usize, scores: Vec<TokenScore>) {
         self.fed = n;
         self.in_kv = n;
+        if self.scoring {
+            self.out.prompt_scores = scores;
+        }
     }
 
     /// The tokens whose KV the cache holds, in order: the prompt, then generated tokens.
@@ -157,7 +181,17 @@ impl Sequence {
         self.out.prompt_scores.extend(scores);
         if self.scoring && self.fed == self.context.len() {
             self.scoring = false;
-            return Some(std::mem::take(&mut self.out.prompt_scores));
+            let scores = std::mem::take(&mut self.out.prompt_scores);
+            if self.keep_scores {
+                self.memo = self.req.prompt_logprobs.map(|top_k| {
+                    Arc::new(ScoreMemo {
+                        top_k,
+                        tokens: self.req.prompt.clone(),
+                        scores: scores.clone(),
+                    })
+                });
+            }
+            return Some(scores);
         }
         None
     }

@@ -9,10 +9,12 @@ pub mod prefix;
 pub mod tables;
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use candle_core::{DType, Tensor};
 
 use crate::engine::attention::{attend_chunk, chunk_heads, AttnParams, MaskCache};
+use crate::engine::sample::scoring::TokenScore;
 use crate::engine::SeqId;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -33,11 +35,15 @@ pub enum KvError {
 }
 
 /// Occupancy figures, for metrics and admission.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct KvUsage {
     pub used_blocks: usize,
     pub total_blocks: usize,
     pub block_size: usize,
+    /// Blocks held by prefix-cache entries (beside `used_blocks`, within `total_blocks`).
+    pub cached_blocks: usize,
+    /// Host bytes of the prefix cache's prompt-score memos.
+    pub memo_bytes: usize,
 }
 
 /// How much one sequence can ever hold: blocks of `block_size` tokens, counted per sequence at full
@@ -102,22 +108,26 @@ pub trait KvCache: Send {
         false
     }
     /// Gives a fresh sequence with position `keys` the cached KV of the longest reusable start of
-    /// `tokens`; returns how many tokens it now holds.
+    /// `tokens` (for a sequence scoring its prompt with top-`k`, `scoring: Some(k)`: only what a
+    /// memo of its plan scored); returns how many tokens it now holds and, when scoring, their
+    /// scores.
     fn attach_prefix(
         &mut self,
         _seq: SeqId,
         _keys: &[u64],
         _tokens: &[u32],
-    ) -> candle_core::Result<usize> {
-        Ok(0)
+        _scoring: Option<usize>,
+    ) -> candle_core::Result<(usize, Vec<TokenScore>)> {
+        Ok((0, Vec::new()))
     }
-    /// Offers the KV `seq` holds for `tokens` (its first tokens) to the prefix cache; called
-    /// before the sequence is released.
+    /// Offers the KV `seq` holds for `tokens` (its first tokens), and the prompt scores it
+    /// computed, to the prefix cache; called before the sequence is released.
     fn offer_prefix(
         &mut self,
         _seq: SeqId,
         _keys: Vec<u64>,
         _tokens: &[u32],
+        _memo: Option<Arc<prefix::ScoreMemo>>,
         _pins: Vec<prefix::Pin>,
     ) -> candle_core::Result<()> {
         Ok(())
@@ -279,6 +289,8 @@ impl KvCache for ContiguousKvCache {
             used_blocks: self.used_blocks,
             total_blocks: self.total_blocks,
             block_size: self.block_size,
+            cached_blocks: self.prefixes.as_ref().map_or(0, |p| p.used_blocks),
+            memo_bytes: self.prefixes.as_ref().map_or(0, |p| p.memo_bytes()),
         }
     }
 
@@ -299,20 +311,21 @@ impl KvCache for ContiguousKvCache {
         seq: SeqId,
         keys: &[u64],
         tokens: &[u32],
-    ) -> candle_core::Result<usize> {
+        scoring: Option<usize>,
+    ) -> candle_core::Result<(usize, Vec<TokenScore>)> {
         let (Some(store), Some(s)) = (self.prefixes.as_mut(), self.seqs.get_mut(&seq)) else {
-            return Ok(0);
+            return Ok((0, Vec::new()));
         };
         if s.layers.len() != keys.len() || s.layers.iter().any(Option::is_some) {
-            return Ok(0);
+            return Ok((0, Vec::new()));
         }
-        let Some(hit) = store.lookup(keys, tokens)? else {
-            return Ok(0);
+        let Some(hit) = store.lookup(keys, tokens, scoring)? else {
+            return Ok((0, Vec::new()));
         };
         for (slot, kv) in s.layers.iter_mut().zip(hit.kv) {
             *slot = Some(kv);
         }
-        Ok(hit.tokens)
+        Ok((hit.tokens, hit.scores))
     }
 
     fn offer_prefix(
@@ -320,6 +333,7 @@ impl KvCache for ContiguousKvCache {
         seq: SeqId,
         keys: Vec<u64>,
         tokens: &[u32],
+        memo: Option<Arc<prefix::ScoreMemo>>,
         pins: Vec<prefix::Pin>,
     ) -> candle_core::Result<()> {
         let (Some(store), Some(s)) = (self.prefixes.as_mut(), self.seqs.get(&seq)) else {
@@ -339,6 +353,6 @@ impl KvCache for ContiguousKvCache {
             return Ok(());
         }
         store.shrink_to(beside_live - blocks);
-        store.offer(keys, tokens, &kv, pins)
+        store.offer(keys, tokens, &kv, memo, pins)
     }
 }

@@ -13,14 +13,47 @@
 //! Entries occupy blocks of the pool as sequences do (full plan depth); the least recently used is
 //! evicted when room is needed. Hits never show in results beyond the float reordering of chunked
 //! prefill (a continued chunk attends to cached history in the cache's dtype, f32 on the CPU).
+//!
+//! Prompt logprobs: an entry offered by a sequence that scored its prompt keeps those scores (a
+//! [`ScoreMemo`]). A scoring sequence reuses only an entry of exactly its own plan (same keys: the
+//! logprobs depend on every layer), only as many tokens as the memo scored with the same tokens,
+//! and takes the memo's scores for them, cut to its own top-k (the top lists are ordered with
+//! ties to the lower id, so a longer list cut is the shorter one). Memos are held in host memory
+//! beside the entry's blocks ([`PrefixStore::memo_bytes`]).
 
 use std::sync::Arc;
 
 use candle_core::Tensor;
 
+use crate::engine::sample::scoring::TokenScore;
+
 /// Keeps what an entry's keys name alive (its adapter, its overlay), so the address a key was
 /// made from is never reused by another while the entry exists.
 pub type Pin = Arc<dyn std::any::Any + Send + Sync>;
+
+/// The prompt logprobs a scoring sequence computed: `scores[i]` is the score of `tokens[i + 1]`
+/// with its top-`top_k` alternatives (`tokens` is the sequence's whole prompt).
+#[derive(Debug, Clone)]
+pub struct ScoreMemo {
+    pub top_k: usize,
+    pub tokens: Vec<u32>,
+    pub scores: Vec<TokenScore>,
+}
+
+impl ScoreMemo {
+    /// Whether this memo holds every score `other` holds, with at least its alternatives.
+    fn covers(&self, other: &ScoreMemo) -> bool {
+        self.top_k >= other.top_k
+            && self.tokens.starts_with(&other.tokens)
+            && self.scores.len() >= other.scores.len()
+    }
+
+    /// Host bytes held.
+    fn bytes(&self) -> usize {
+        let top: usize = self.scores.iter().map(|s| s.top.len()).sum();
+        self.tokens.len() * 4 + self.scores.len() * std::mem::size_of::<TokenScore>() + top * 8
+    }
+}
 
 /// One cached prefix.
 struct Entry {
@@ -29,9 +62,30 @@ struct Entry {
     tokens: Vec<u32>,
     /// Per plan position, keys and values `[kv_heads, tokens, head_dim]`.
     kv: Vec<(Tensor, Tensor)>,
+    memo: Option<Arc<ScoreMemo>>,
     blocks: usize,
     last_used: u64,
     _pins: Vec<Pin>,
+}
+
+impl Entry {
+    /// How many of `tokens` a sequence can take from this entry, in whole blocks of `block` and
+    /// at most `limit`: for a scoring sequence (`Some(top_k)`) also no more than the memo scored
+    /// with the same tokens (the score of token `d` included).
+    fn usable(&self, keys: &[u64], tokens: &[u32], scoring: Option<usize>, limit: usize) -> usize {
+        let common = |a: &[u32]| a.iter().zip(tokens).take_while(|(a, b)| a == b).count();
+        let mut n = common(&self.tokens).min(limit);
+        match (scoring, &self.memo) {
+            (None, _) if self.keys.starts_with(keys) => {}
+            (Some(k), Some(m)) if self.keys == keys && m.top_k >= k => {
+                n = n
+                    .min(common(&m.tokens).saturating_sub(1))
+                    .min(m.scores.len());
+            }
+            _ => return 0,
+        }
+        n
+    }
 }
 
 pub struct PrefixStore {
@@ -43,10 +97,11 @@ pub struct PrefixStore {
 }
 
 /// What a lookup found: the KV of the first `tokens` tokens for each of the asking plan's
-/// positions.
+/// positions, and for a scoring sequence the scores of tokens `1..=tokens`.
 pub struct PrefixHit {
     pub tokens: usize,
     pub kv: Vec<(Tensor, Tensor)>,
+    pub scores: Vec<TokenScore>,
 }
 
 impl PrefixStore {
@@ -59,26 +114,27 @@ impl PrefixStore {
         }
     }
 
+    /// Host bytes held by the entries' prompt-logprob memos.
+    pub fn memo_bytes(&self) -> usize {
+        self.entries
+            .iter()
+            .filter_map(|e| e.memo.as_ref().map(|m| m.bytes()))
+            .sum()
+    }
+
     /// The longest reusable prefix for a sequence with position `keys` and `tokens`, in whole
-    /// blocks, leaving at least one token to compute (its logits are needed).
+    /// blocks, leaving at least one token to compute (its logits are needed). A sequence that
+    /// scores its prompt with top-`k` passes `scoring: Some(k)` and gets the scores too.
     pub fn lookup(
         &mut self,
         keys: &[u64],
         tokens: &[u32],
+        scoring: Option<usize>,
     ) -> candle_core::Result<Option<PrefixHit>> {
-        let limit = tokens.len().saturating_sub(1) / self.block_size * self.block_size;
+        let limit = tokens.len().saturating_sub(1);
         let mut best: Option<(usize, usize)> = None;
         for (i, e) in self.entries.iter().enumerate() {
-            if !e.keys.starts_with(keys) {
-                continue;
-            }
-            let common = e
-                .tokens
-                .iter()
-                .zip(tokens)
-                .take_while(|(a, b)| a == b)
-                .count();
-            let usable = common.min(limit) / self.block_size * self.block_size;
+            let usable = e.usable(keys, tokens, scoring, limit) / self.block_size * self.block_size;
             if usable > 0 && best.is_none_or(|(_, n)| usable > n) {
                 best = Some((i, usable));
             }
@@ -93,16 +149,33 @@ impl PrefixStore {
             .iter()
             .map(|(k, v)| Ok((k.narrow(1, 0, n)?, v.narrow(1, 0, n)?)))
             .collect::<candle_core::Result<Vec<_>>>()?;
-        Ok(Some(PrefixHit { tokens: n, kv }))
+        let scores = match (scoring, &e.memo) {
+            (Some(k), Some(m)) => m.scores[..n]
+                .iter()
+                .map(|s| TokenScore {
+                    token: s.token,
+                    logprob: s.logprob,
+                    top: s.top[..k.min(s.top.len())].to_vec(),
+                })
+                .collect(),
+            _ => Vec::new(),
+        };
+        Ok(Some(PrefixHit {
+            tokens: n,
+            kv,
+            scores,
+        }))
     }
 
     /// Keeps the whole blocks of `tokens` whose KV `kv` holds (per position, at least that many
-    /// tokens), unless an entry already covers them; an entry this one extends is replaced.
+    /// tokens) and the prompt scores `memo` of the sequence that computed them, unless an entry
+    /// already covers both; an entry this one covers is replaced.
     pub fn offer(
         &mut self,
         keys: Vec<u64>,
         tokens: &[u32],
         kv: &[(Tensor, Tensor)],
+        memo: Option<Arc<ScoreMemo>>,
         pins: Vec<Pin>,
     ) -> candle_core::Result<()> {
         let n = tokens.len() / self.block_size * self.block_size;
@@ -110,17 +183,14 @@ impl PrefixStore {
             return Ok(());
         }
         let tokens = &tokens[..n];
-        if self
-            .entries
-            .iter()
-            .any(|e| extends((&e.keys, &e.tokens), (&keys, tokens)))
-        {
+        let new = (&keys[..], tokens, memo.as_deref());
+        if self.entries.iter().any(|e| covers(e.view(), new)) {
             return Ok(());
         }
-        // Entries this one extends are dropped.
+        // Entries this one covers are dropped.
         let mut kept = Vec::with_capacity(self.entries.len());
         for e in self.entries.drain(..) {
-            if extends((&keys, tokens), (&e.keys, &e.tokens)) {
+            if covers(new, e.view()) {
                 self.used_blocks -= e.blocks;
             } else {
                 kept.push(e);
@@ -142,6 +212,7 @@ impl PrefixStore {
             keys,
             tokens: tokens.to_vec(),
             kv,
+            memo,
             blocks,
             last_used: self.clock,
             _pins: pins,
@@ -166,10 +237,24 @@ impl PrefixStore {
     }
 }
 
-/// Whether `long` (position keys, tokens) starts with `short`: same keys or more, same tokens or
-/// more, so its KV holds all of `short`'s.
-fn extends(long: (&[u64], &[u32]), short: (&[u64], &[u32])) -> bool {
-    long.0.starts_with(short.0) && long.1.starts_with(short.1)
+/// An entry as [`covers`] sees it: position keys, tokens, memo.
+type EntryView<'a> = (&'a [u64], &'a [u32], Option<&'a ScoreMemo>);
+
+impl Entry {
+    fn view(&self) -> EntryView<'_> {
+        (&self.keys, &self.tokens, self.memo.as_deref())
+    }
+}
+
+/// Whether `long` holds all `short` holds: same keys or more, same tokens or more (so its KV holds
+/// all of `short`'s), and a memo covering `short`'s, if any, for the same plan.
+fn covers(long: EntryView<'_>, short: EntryView<'_>) -> bool {
+    let memo = match (long.2, short.2) {
+        (_, None) => true,
+        (Some(l), Some(s)) => long.0 == short.0 && l.covers(s),
+        (None, Some(_)) => false,
+    };
+    long.0.starts_with(short.0) && long.1.starts_with(short.1) && memo
 }
 
 /// Position keys of a plan: key `p` names `layers[0..=p]` and `extras` (adapter and overlay
@@ -209,7 +294,7 @@ mod tests {
         let mut s = PrefixStore::new(4);
         let base = position_keys(&[0, 1, 2, 3], 0);
         let tokens: Vec<u32> = (0..11).collect();
-        s.offer(base.clone(), &tokens, &kv(4, 11, 0.0), vec![])
+        s.offer(base.clone(), &tokens, &kv(4, 11, 0.0), None, vec![])
             .unwrap();
         assert_eq!(s.used_blocks, 2);
         // The first two layers of the same base: its keys are the base's first two.
@@ -217,7 +302,7 @@ mod tests {
         assert_eq!(rev[..], base[..2]);
         let mut asked: Vec<u32> = (0..9).collect();
         asked.push(99);
-        let hit = s.lookup(&rev, &asked).unwrap().unwrap();
+        let hit = s.lookup(&rev, &asked, None).unwrap().unwrap();
         assert_eq!(hit.tokens, 8);
         assert_eq!(hit.kv.len(), 2);
         let want = kv(4, 11, 0.0)[1].0.narrow(1, 0, 8).unwrap();
@@ -233,11 +318,11 @@ mod tests {
         assert_eq!(d, 0.0);
         // A dropped middle layer, an adapter, or other tokens: no hit.
         for keys in [position_keys(&[0, 2], 0), position_keys(&[0, 1], 7)] {
-            assert!(s.lookup(&keys, &asked).unwrap().is_none());
+            assert!(s.lookup(&keys, &asked, None).unwrap().is_none());
         }
-        assert!(s.lookup(&rev, &[5, 6, 7, 8, 9]).unwrap().is_none());
+        assert!(s.lookup(&rev, &[5, 6, 7, 8, 9], None).unwrap().is_none());
         // At least one token is left to compute.
-        let hit = s.lookup(&base, &tokens[..8]).unwrap().unwrap();
+        let hit = s.lookup(&base, &tokens[..8], None).unwrap().unwrap();
         assert_eq!(hit.tokens, 4);
     }
 
@@ -246,27 +331,92 @@ mod tests {
         let mut s = PrefixStore::new(4);
         let k = position_keys(&[0, 1], 0);
         let long: Vec<u32> = (0..12).collect();
-        s.offer(k.clone(), &long[..8], &kv(2, 8, 0.0), vec![])
+        s.offer(k.clone(), &long[..8], &kv(2, 8, 0.0), None, vec![])
             .unwrap();
-        s.offer(k.clone(), &long, &kv(2, 12, 0.0), vec![]).unwrap();
+        s.offer(k.clone(), &long, &kv(2, 12, 0.0), None, vec![])
+            .unwrap();
         assert_eq!(
             (s.entries.len(), s.used_blocks),
             (1, 3),
             "the longer one replaces it"
         );
-        s.offer(k.clone(), &long[..4], &kv(2, 4, 0.0), vec![])
+        s.offer(k.clone(), &long[..4], &kv(2, 4, 0.0), None, vec![])
             .unwrap();
         assert_eq!(s.entries.len(), 1, "a covered prefix is not stored");
         let other: Vec<u32> = (100..108).collect();
-        s.offer(k.clone(), &other, &kv(2, 8, 1.0), vec![]).unwrap();
-        s.lookup(&k, &[0, 1, 2, 3, 4]).unwrap().unwrap();
+        s.offer(k.clone(), &other, &kv(2, 8, 1.0), None, vec![])
+            .unwrap();
+        s.lookup(&k, &[0, 1, 2, 3, 4], None).unwrap().unwrap();
         assert!(s.evict_one());
         assert_eq!(
             s.used_blocks, 3,
             "the least recently used (the other) went first"
         );
-        assert!(s.lookup(&k, &[100, 101, 102, 103, 104]).unwrap().is_none());
+        assert!(s
+            .lookup(&k, &[100, 101, 102, 103, 104], None)
+            .unwrap()
+            .is_none());
         assert!(s.evict_one() && !s.evict_one());
         assert_eq!(s.used_blocks, 0);
+    }
+
+    /// Scores whose logprob encodes (token, position) and whose top lists are `k` long.
+    fn memo(tokens: &[u32], k: usize) -> Arc<ScoreMemo> {
+        let scores = tokens[1..]
+            .iter()
+            .enumerate()
+            .map(|(i, &t)| TokenScore {
+                token: t,
+                logprob: -(i as f32) - t as f32 / 1000.0,
+                top: (0..k as u32).map(|j| (j, -(j as f32))).collect(),
+            })
+            .collect();
+        Arc::new(ScoreMemo {
+            top_k: k,
+            tokens: tokens.to_vec(),
+            scores,
+        })
+    }
+
+    #[test]
+    fn scoring_sequences_reuse_only_what_the_memo_of_their_own_plan_scored() {
+        let mut s = PrefixStore::new(4);
+        let base = position_keys(&[0, 1, 2, 3], 0);
+        let prompt: Vec<u32> = (0..11).collect();
+        // A generation entry (no memo) serves generation only.
+        s.offer(base.clone(), &prompt, &kv(4, 11, 0.0), None, vec![])
+            .unwrap();
+        assert!(s.lookup(&base, &prompt, Some(1)).unwrap().is_none());
+        // The same tokens with a memo replace it (they cover it) and serve scoring.
+        s.offer(
+            base.clone(),
+            &prompt,
+            &kv(4, 11, 0.0),
+            Some(memo(&prompt, 3)),
+            vec![],
+        )
+        .unwrap();
+        assert_eq!(s.entries.len(), 1);
+        let hit = s.lookup(&base, &prompt, Some(2)).unwrap().unwrap();
+        assert_eq!(hit.tokens, 8);
+        assert_eq!(hit.scores.len(), 8, "the scores of tokens 1..=8");
+        assert_eq!(hit.scores[7].token, 8);
+        assert_eq!(hit.scores[7].logprob, memo(&prompt, 3).scores[7].logprob);
+        assert!(hit.scores.iter().all(|s| s.top.len() == 2), "cut to top-2");
+        // More alternatives than the memo kept, another plan (rev: its first two layers), or a
+        // token 8 that differs from the memo's: the score of token 8 is not known.
+        assert!(s.lookup(&base, &prompt, Some(4)).unwrap().is_none());
+        let rev = position_keys(&[0, 1], 0);
+        assert!(s.lookup(&rev, &prompt, Some(1)).unwrap().is_none());
+        assert_eq!(s.lookup(&rev, &prompt, None).unwrap().unwrap().tokens, 8);
+        let mut other = prompt.clone();
+        other[8] = 99;
+        assert_eq!(s.lookup(&base, &other, Some(1)).unwrap().unwrap().tokens, 4);
+        assert_eq!(s.lookup(&base, &other, None).unwrap().unwrap().tokens, 8);
+        // A generation entry over the same tokens does not replace the memo.
+        s.offer(base.clone(), &prompt, &kv(4, 11, 0.0), None, vec![])
+            .unwrap();
+        assert!(s.lookup(&base, &prompt, Some(1)).unwrap().is_some());
+        assert!(s.memo_bytes() > 0);
     }
 }

@@ -103,6 +103,8 @@ impl BlockPool {
             used_blocks: self.total - self.free.len(),
             total_blocks: self.total,
             block_size: self.block_size,
+            cached_blocks: 0,
+            memo_bytes: 0,
         }
     }
 
