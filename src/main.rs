@@ -119,9 +119,10 @@ enum Command {
         /// Highest LoRA rank accepted.
         #[arg(long, default_value_t = 64)]
         max_lora_rank: usize,
-        /// Keep finished sequences' KV and reuse it for prompts that start the same way, on any
-        /// plan that runs the same layers first (CPU engine; generation requests, not prompt
-        /// logprobs).
+        /// Compute shared work once (CPU engine): keep finished sequences' KV and prompt logprobs
+        /// and reuse them for prompts that start the same way (KV on any plan that runs the same
+        /// layers first, logprobs on the same plan), and run the common leading layers of plans
+        /// fed the same fresh prompt in one step once.
         #[arg(long)]
         enable_prefix_caching: bool,
         /// Engine loops per base, each with its own KV pool and requests routed to the least

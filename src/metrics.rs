@@ -36,6 +36,7 @@ pub struct Metrics {
     prefix_queries: IntCounterVec,
     prefix_hits: IntCounterVec,
     prefix_blocks: IntGaugeVec,
+    shared_layer_rows: IntCounterVec,
     prefix_memo_bytes: IntGaugeVec,
     ad_hoc_seen: Mutex<HashSet<String>>,
 }
@@ -162,6 +163,13 @@ impl Metrics {
                 ),
                 label,
             )?,
+            shared_layer_rows: IntCounterVec::new(
+                Opts::new(
+                    "pruneserve:shared_prefix_layer_rows_total",
+                    "Rows times layers a plan took from another plan's rows fed the same fresh prompt in one step (--enable-prefix-caching).",
+                ),
+                label,
+            )?,
             prefix_blocks: gauge(
                 "pruneserve:prefix_cache_blocks",
                 "KV blocks held by prefix-cache entries (within the pool's blocks).",
@@ -190,6 +198,7 @@ impl Metrics {
         m.registry.register(Box::new(m.prefix_queries.clone()))?;
         m.registry.register(Box::new(m.prefix_hits.clone()))?;
         m.registry.register(Box::new(m.prefix_blocks.clone()))?;
+        m.registry.register(Box::new(m.shared_layer_rows.clone()))?;
         m.registry.register(Box::new(m.prefix_memo_bytes.clone()))?;
         m.registry.register(Box::new(m.preemptions.clone()))?;
         Ok(m)
@@ -269,12 +278,13 @@ impl Metrics {
                     .set(kv_fraction(&e.stats));
                 catch_up(&self.engine_sequences, &labels, e.routed);
             }
-            let (queries, hits) = s.prefix_cache;
+            let shared = s.prefix_cache;
             for (counter, total) in [
                 (&self.engine_restarts, s.restarts),
                 (&self.preemptions, s.preemptions),
-                (&self.prefix_queries, queries),
-                (&self.prefix_hits, hits),
+                (&self.prefix_queries, shared.queried_tokens),
+                (&self.prefix_hits, shared.hit_tokens),
+                (&self.shared_layer_rows, shared.shared_layer_rows),
             ] {
                 catch_up(counter, &[&base.name], total);
             }

@@ -331,3 +331,74 @@ fn the_server_counts_prefix_cache_tokens_and_refuses_it_on_cuda() {
         "{err}"
     );
 }
+
+#[test]
+fn plans_feeding_the_same_fresh_prompt_in_one_step_run_their_common_layers_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (model, [base, first4, drop2]) = model_and_plans(tmp.path(), 9);
+    // Four prompts, each scored on the base, its first four layers and layer 2 dropped, and
+    // generated from on the first four layers, all in one step (a budget for every prompt).
+    let batch = || {
+        let mut reqs = Vec::new();
+        for p in 0..4 {
+            let one = |plan: &Arc<LayerPlan>| requests(plan, 1, 600 + p).remove(0);
+            for plan in [&base, &first4, &drop2] {
+                reqs.push(GenRequest {
+                    prompt_logprobs: Some(3),
+                    ..one(plan)
+                });
+            }
+            reqs.push(one(&first4));
+        }
+        reqs
+    };
+    let run_one = |sharing: bool| {
+        let opts = EngineOptions {
+            kv_blocks: 4096,
+            prefix_caching: sharing,
+            ..EngineOptions::default()
+        };
+        let mut b = Batcher::new(Engine::with_contiguous_cache(model.clone(), &opts), 4096);
+        let outs: Vec<GenOutput> = b.run_all(batch()).into_iter().map(|o| o.unwrap()).collect();
+        (outs, b.engine().shared_layer_rows())
+    };
+    let (alone, none) = run_one(false);
+    let (shared, rows) = run_one(true);
+    assert_eq!(none, 0);
+    assert_same(&[alone], &[shared], "shared hidden states");
+    // Per 73-token prompt: the first-four-layers scoring and generation requests take 4 layers
+    // from the base's rows, the layer-2-dropped one 2 layers.
+    assert_eq!(rows, 4 * 73 * (4 + 4 + 2));
+}
+
+#[test]
+fn a_prompt_and_its_twins_on_other_plans_are_scheduled_into_one_step() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (model, [base, first4, _]) = model_and_plans(tmp.path(), 10);
+    // Pairs (base, first four layers) of 73-token prompts; a step budget of 160 tokens holds one
+    // pair whole and would split the next one (a chunk of 14) if pairs were not kept together.
+    let batch = || {
+        (0..4)
+            .flat_map(|p| {
+                [&base, &first4].map(|plan| GenRequest {
+                    prompt_logprobs: Some(1),
+                    ..requests(plan, 1, 700 + p).remove(0)
+                })
+            })
+            .collect::<Vec<_>>()
+    };
+    let run_one = |sharing: bool| {
+        let opts = EngineOptions {
+            kv_blocks: 4096,
+            prefix_caching: sharing,
+            ..EngineOptions::default()
+        };
+        let mut b = Batcher::new(Engine::with_contiguous_cache(model.clone(), &opts), 160);
+        let outs: Vec<GenOutput> = b.run_all(batch()).into_iter().map(|o| o.unwrap()).collect();
+        (outs, b.engine().shared_layer_rows())
+    };
+    let (alone, _) = run_one(false);
+    let (shared, rows) = run_one(true);
+    assert_same(&[alone], &[shared], "twins scheduled together");
+    assert_eq!(rows, 4 * 73 * 4, "every pair met in one step");
+}

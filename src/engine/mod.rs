@@ -11,6 +11,7 @@ pub mod model;
 pub mod ops;
 mod prefix_reuse;
 pub mod sample;
+mod shared_prefix;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -180,6 +181,11 @@ pub struct Engine {
     prefix_queries: u64,
     prefix_hits: u64,
     device_sampling: bool,
+    /// Fresh prompts of plans sharing leading layers run those layers once per step
+    /// ([`shared_prefix`]; with prefix caching, on caches that can share KV).
+    share_hidden: bool,
+    /// Rows times plan positions not recomputed thanks to that.
+    shared_layer_rows: u64,
 }
 
 impl Engine {
@@ -188,6 +194,8 @@ impl Engine {
         let max_len = opts.max_model_len.map_or(model_max, |m| m.min(model_max));
         Self {
             model,
+            share_hidden: opts.prefix_caching && cache.shares_kv(),
+            shared_layer_rows: 0,
             cache,
             seqs: HashMap::new(),
             max_len,
@@ -349,23 +357,32 @@ impl Engine {
                 None => groups.push((spec.clone(), vec![i])),
             }
         }
-        for (spec, members) in groups {
-            let outcome = self.run_group(&spec, items, &members, tap.as_deref_mut());
-            match outcome {
-                Ok(outs) => {
-                    for (i, out) in members.iter().zip(outs) {
-                        if let Some(s) = self.seqs.get_mut(&items[*i].seq) {
-                            s.len += items[*i].tokens.len();
-                        }
-                        results[*i] = Some(Ok(out));
-                    }
-                }
-                Err(e) => {
-                    for i in &members {
-                        results[*i] = Some(Err(e.clone()));
-                    }
-                }
+        let share = self.plan_sharing(items, &groups, tap.is_none());
+        let mut captured: HashMap<(usize, usize), Tensor> = HashMap::new();
+        for &g in &share.order {
+            let (spec, members) = &groups[g];
+            let (forked, whole): (Vec<&usize>, Vec<&usize>) =
+                members.iter().partition(|i| share.forks.contains_key(*i));
+            let (forked, whole): (Vec<usize>, Vec<usize>) = (
+                forked.into_iter().copied().collect(),
+                whole.into_iter().copied().collect(),
+            );
+            let mut capture = share.captures_from(spec, items, &whole);
+            let t: Option<&mut dyn LayerTap> = if capture.is_empty() {
+                tap.as_deref_mut()
+            } else {
+                Some(&mut capture)
+            };
+            let outcome = self.run_group(spec, items, &whole, t, None);
+            self.record(items, &whole, outcome, &mut results);
+            captured.extend(capture.got.drain());
+            let (runs, unshared) = self.fork_runs(items, &forked, &share, &captured);
+            for (depth, branch, x0) in runs {
+                let outcome = self.run_group(spec, items, &branch, None, Some((depth, &x0)));
+                self.record(items, &branch, outcome, &mut results);
             }
+            let outcome = self.run_group(spec, items, &unshared, None, None);
+            self.record(items, &unshared, outcome, &mut results);
         }
         results
             .into_iter()
@@ -374,13 +391,44 @@ impl Engine {
             .collect()
     }
 
+    /// Stores a group's outcome per item (and advances the sequences that ran).
+    fn record(
+        &mut self,
+        items: &[StepItem],
+        members: &[usize],
+        outcome: Result<Vec<StepOutput>, EngineError>,
+        results: &mut [Option<Result<StepOutput, EngineError>>],
+    ) {
+        match outcome {
+            Ok(outs) => {
+                for (i, out) in members.iter().zip(outs) {
+                    if let Some(s) = self.seqs.get_mut(&items[*i].seq) {
+                        s.len += items[*i].tokens.len();
+                    }
+                    results[*i] = Some(Ok(out));
+                }
+            }
+            Err(e) => {
+                for i in members {
+                    results[*i] = Some(Err(e.clone()));
+                }
+            }
+        }
+    }
+
+    /// One packed forward of `members` (same plan and overlay), from the embeddings or, with
+    /// `start = (depth, x)`, from hidden states `x` after the plan's first `depth` positions.
     fn run_group<'t>(
         &mut self,
         spec: &RunSpec,
         items: &[StepItem],
         members: &[usize],
         tap: Option<&mut (dyn LayerTap + 't)>,
+        start: Option<(usize, &Tensor)>,
     ) -> Result<Vec<StepOutput>, EngineError> {
+        if members.is_empty() {
+            return Ok(Vec::new());
+        }
         let mut tokens = Vec::new();
         let mut chunks = Vec::with_capacity(members.len());
         let mut row_adapters = Vec::new();
@@ -407,6 +455,7 @@ impl Engine {
             self.cache.as_mut(),
             &extras,
             tap,
+            start,
         )?;
         // Only rows whose logits are needed go through the LM head.
         let mut rows: Vec<u32> = Vec::new();

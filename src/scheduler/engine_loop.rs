@@ -12,7 +12,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::output::OutputMsg;
-use super::{BatchLoop, Command, EngineFactory, Job, QueuedTask, RestartPolicy, Shared};
+use super::{
+    BatchLoop, Command, EngineFactory, Job, QueuedTask, RestartPolicy, Shared, SharedWork,
+};
 use crate::engine::batch::BatchEvent;
 use crate::engine::{EngineError, SeqId};
 
@@ -28,7 +30,7 @@ pub(super) struct EngineLoop {
     /// Preemptions counted by engines dropped after a failure.
     /// Counters of engines replaced after a failure (preemptions, prefix-cache queries and hits),
     /// so the exported counters keep counting.
-    retired: (u64, (u64, u64)),
+    retired: (u64, SharedWork),
     /// Engine tasks in arrival order; the first advances each turn.
     tasks: VecDeque<QueuedTask>,
 }
@@ -57,7 +59,7 @@ impl EngineLoop {
             live: HashSet::new(),
             failures: VecDeque::new(),
             restarts: 0,
-            retired: (0, (0, 0)),
+            retired: (0, SharedWork::default()),
             tasks: VecDeque::new(),
         }
     }
@@ -221,10 +223,9 @@ impl EngineLoop {
         let mut stats = self.engine.as_ref().map(|e| e.stats()).unwrap_or_default();
         stats.restarts = self.restarts;
         // Counts of engines that were replaced after a failure still count.
-        let (preemptions, (queries, hits)) = self.retired;
+        let (preemptions, shared) = self.retired;
         stats.preemptions += preemptions;
-        stats.prefix_cache.0 += queries;
-        stats.prefix_cache.1 += hits;
+        stats.prefix_cache += shared;
         if let Ok(mut s) = self.shared.stats.lock() {
             *s = stats;
         }

@@ -71,7 +71,14 @@ impl BatchLoop for Batcher {
             kv: Some(self.engine().kv_usage()),
             restarts: 0,
             preemptions: self.num_preemptions(),
-            prefix_cache: self.prefix_counts(),
+            prefix_cache: {
+                let (queried_tokens, hit_tokens) = self.prefix_counts();
+                SharedWork {
+                    queried_tokens,
+                    hit_tokens,
+                    shared_layer_rows: self.engine().shared_layer_rows(),
+                }
+            },
         }
     }
 }
@@ -125,8 +132,25 @@ pub struct LoopStats {
     pub restarts: u64,
     /// Sequences preempted (KV freed, recomputed later) since start.
     pub preemptions: u64,
-    /// Prompt tokens looked up in the prefix cache and found there, since the loop started.
-    pub prefix_cache: (u64, u64),
+    /// Work not redone (`--enable-prefix-caching`), since the loop started.
+    pub prefix_cache: SharedWork,
+}
+
+/// Work the engine did not redo: prompt tokens looked up in the prefix cache and found there,
+/// and rows times layers that plans sharing leading layers took from another plan's rows.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SharedWork {
+    pub queried_tokens: u64,
+    pub hit_tokens: u64,
+    pub shared_layer_rows: u64,
+}
+
+impl std::ops::AddAssign for SharedWork {
+    fn add_assign(&mut self, o: Self) {
+        self.queried_tokens += o.queried_tokens;
+        self.hit_tokens += o.hit_tokens;
+        self.shared_layer_rows += o.shared_layer_rows;
+    }
 }
 
 /// Whether a base's engine serves.

@@ -198,8 +198,7 @@ impl Replicas {
             sum.waiting += s.waiting;
             sum.restarts += s.restarts;
             sum.preemptions += s.preemptions;
-            sum.prefix_cache.0 += s.prefix_cache.0;
-            sum.prefix_cache.1 += s.prefix_cache.1;
+            sum.prefix_cache += s.prefix_cache;
             sum.kv = match (sum.kv, s.kv) {
                 (Some(a), Some(b)) => Some(KvUsage {
                     used_blocks: a.used_blocks + b.used_blocks,

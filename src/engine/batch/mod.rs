@@ -283,21 +283,67 @@ impl Batcher {
     }
 
     /// Decode rows first (one token each), then prefill chunks, within the step budget; both in
-    /// admission order.
+    /// admission order. When the engine shares hidden states across plans, a fresh prompt goes
+    /// with as many of its twins (other fresh sequences of the same context, on other plans) as
+    /// fit whole beside it; when not even one fits beside what the step holds but would in an
+    /// emptier step, the prompt waits for the next.
     fn plan_step(&self) -> Vec<StepItem> {
         let mut items: Vec<StepItem> = self
             .order
             .iter()
             .filter_map(|id| self.active[id].decode_item(*id))
             .collect();
-        let mut budget = self.max_step_tokens.saturating_sub(items.len());
+        let decode_rows = items.len();
+        let mut budget = self.max_step_tokens.saturating_sub(decode_rows);
+        let mut taken: Vec<SeqId> = Vec::new();
         for id in &self.order {
-            if let Some(item) = self.active[id].prefill_item(*id, budget) {
-                budget -= item.tokens.len();
-                items.push(item);
+            if taken.contains(id) {
+                continue;
             }
+            let seq = &self.active[id];
+            let Some(item) = seq.prefill_item(*id, budget) else {
+                continue;
+            };
+            let twins = self.twins(*id, &taken);
+            if !twins.is_empty() {
+                let len = seq.context().len().max(1);
+                let fit = (budget / len).min(1 + twins.len());
+                if fit >= 2 {
+                    for &t in &twins[..fit - 1] {
+                        if let Some(it) = self.active[&t].prefill_item(t, budget) {
+                            budget -= it.tokens.len();
+                            items.push(it);
+                            taken.push(t);
+                        }
+                    }
+                } else if items.len() > decode_rows
+                    && 2 * len <= self.max_step_tokens.saturating_sub(decode_rows)
+                {
+                    continue;
+                }
+            }
+            budget -= item.tokens.len();
+            items.push(item);
+            taken.push(*id);
         }
         items
+    }
+
+    /// The other fresh sequences (in admission order, not yet `taken` into the step) with the
+    /// same context as `id`, when it is fresh and the engine shares hidden states.
+    fn twins(&self, id: SeqId, taken: &[SeqId]) -> Vec<SeqId> {
+        let seq = &self.active[&id];
+        if !self.engine.shares_hidden() || !seq.is_fresh() {
+            return Vec::new();
+        }
+        self.order
+            .iter()
+            .filter(|&&t| {
+                let s = &self.active[&t];
+                t != id && !taken.contains(&t) && s.is_fresh() && s.context() == seq.context()
+            })
+            .copied()
+            .collect()
     }
 
     /// Reserves the KV each planned item needs, in plan order. When the pool runs out, the most

@@ -73,6 +73,11 @@ impl Sequence {
         &self.context
     }
 
+    /// Nothing of the context has run yet (and no prefix-cache hit gave any of it).
+    pub(super) fn is_fresh(&self) -> bool {
+        self.fed == 0 && self.in_kv == 0 && self.pending.is_none()
+    }
+
     /// The cache already holds the first `n` context tokens (a prefix cache hit) and gave the
     /// scores of tokens `1..=n` when the prompt is being scored.
     pub(super) fn start_at(&mut self, n: usize, scores: Vec<TokenScore>) {

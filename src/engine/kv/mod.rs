@@ -107,6 +107,21 @@ pub trait KvCache: Send {
     fn prefix_caching(&self) -> bool {
         false
     }
+    /// Whether [`KvCache::share_kv`] can give one sequence another's keys and values.
+    fn shares_kv(&self) -> bool {
+        false
+    }
+    /// Gives `to` the keys and values `from` holds at plan positions `0..positions` (both fed
+    /// the same tokens from position 0 through the same layers there); `false` when this cache
+    /// cannot.
+    fn share_kv(
+        &mut self,
+        _from: SeqId,
+        _to: SeqId,
+        _positions: usize,
+    ) -> candle_core::Result<bool> {
+        Ok(false)
+    }
     /// Gives a fresh sequence with position `keys` the cached KV of the longest reusable start of
     /// `tokens` (for a sequence scoring its prompt with top-`k`, `scoring: Some(k)`: only what a
     /// memo of its plan scored); returns how many tokens it now holds and, when scoring, their
@@ -304,6 +319,30 @@ impl KvCache for ContiguousKvCache {
 
     fn prefix_caching(&self) -> bool {
         self.prefixes.is_some()
+    }
+
+    fn shares_kv(&self) -> bool {
+        true
+    }
+
+    fn share_kv(&mut self, from: SeqId, to: SeqId, positions: usize) -> candle_core::Result<bool> {
+        let Some(src) = self.seqs.get(&from) else {
+            return Ok(false);
+        };
+        let Some(kv) = src.layers.get(..positions).map(<[_]>::to_vec) else {
+            return Ok(false);
+        };
+        let Some(dst) = self.seqs.get_mut(&to) else {
+            return Ok(false);
+        };
+        if dst.layers.len() < positions || kv.iter().any(Option::is_none) {
+            return Ok(false);
+        }
+        // Tensors are shared, not copied: a later chunk concatenates into new ones.
+        for (slot, kv) in dst.layers.iter_mut().zip(kv) {
+            *slot = kv;
+        }
+        Ok(true)
     }
 
     fn attach_prefix(

@@ -357,7 +357,10 @@ impl DecoderModel {
     }
 
     /// Runs `plan` over the packed rows of `chunks` (tokens concatenated in chunk order) and
-    /// returns the final-normed hidden states `[T, hidden]` in the step's activation dtype.
+    /// returns the final-normed hidden states `[T, hidden]` in the step's activation dtype. With
+    /// `start = (depth, x)` the rows begin as `x`, the residual stream after the plan's first
+    /// `depth` positions (whose keys and values the cache already holds), and run the rest.
+    #[allow(clippy::too_many_arguments)]
     pub fn forward_hidden<'t>(
         &self,
         plan: &LayerPlan,
@@ -366,21 +369,18 @@ impl DecoderModel {
         cache: &mut dyn KvCache,
         extras: &Extras<'_>,
         mut tap: Option<&mut (dyn LayerTap + 't)>,
+        start: Option<(usize, &Tensor)>,
     ) -> candle_core::Result<Tensor> {
         let overlay = extras.overlay;
-        let ids = Tensor::new(tokens, &self.device)?;
         let positions: Vec<u32> = chunks
             .iter()
             .flat_map(|c| (c.start..c.start + c.len).map(|p| p as u32))
             .collect();
         let (cos, sin) = self.rope.gather(&positions)?;
-        let embed = overlay
-            .and_then(|o| o.embed.as_ref())
-            .unwrap_or(&self.embed);
-        let mut x = embed.embedding(&ids)?.to_dtype(DType::F32)?;
-        if let Some(s) = self.embed_scale {
-            x = (x * s)?;
-        }
+        let (skip, mut x) = match start {
+            Some((depth, x)) => (depth, x.clone()),
+            None => (0, self.embed_rows(tokens, overlay)?),
+        };
         let act = activation_dtype(self.dtype, chunks);
         phase_times::set_step_kind(if decode_only(chunks) {
             "decode"
@@ -390,7 +390,7 @@ impl DecoderModel {
         phase(&self.device, "begin_step", || {
             cache.begin_step(chunks, plan.layers().len())
         })?;
-        for (plan_pos, &layer) in plan.layers().iter().enumerate() {
+        for (plan_pos, &layer) in plan.layers().iter().enumerate().skip(skip) {
             let at = LayerAt {
                 plan_pos,
                 layer,
@@ -410,6 +410,23 @@ impl DecoderModel {
             .and_then(|o| o.final_norm.as_ref())
             .unwrap_or(&self.final_norm);
         phase(&self.device, "norms", || final_norm.forward(&x, act))
+    }
+
+    /// The residual stream's first rows: the tokens' embeddings in f32 (scaled for Gemma2).
+    fn embed_rows(
+        &self,
+        tokens: &[u32],
+        overlay: Option<&overlay::ModelOverlay>,
+    ) -> candle_core::Result<Tensor> {
+        let ids = Tensor::new(tokens, &self.device)?;
+        let embed = overlay
+            .and_then(|o| o.embed.as_ref())
+            .unwrap_or(&self.embed);
+        let x = embed.embedding(&ids)?.to_dtype(DType::F32)?;
+        match self.embed_scale {
+            Some(s) => x * s,
+            None => Ok(x),
+        }
     }
 
     /// Logits `[rows, vocab]` in f32 for final-normed hidden rows (bf16 rows in one GEMM, f32
