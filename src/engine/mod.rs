@@ -361,12 +361,10 @@ impl Engine {
         let mut captured: HashMap<(usize, usize), Tensor> = HashMap::new();
         for &g in &share.order {
             let (spec, members) = &groups[g];
-            let (forked, whole): (Vec<&usize>, Vec<&usize>) =
-                members.iter().partition(|i| share.forks.contains_key(*i));
-            let (forked, whole): (Vec<usize>, Vec<usize>) = (
-                forked.into_iter().copied().collect(),
-                whole.into_iter().copied().collect(),
-            );
+            let (forked, whole): (Vec<usize>, Vec<usize>) = members
+                .iter()
+                .copied()
+                .partition(|i| share.forks.contains_key(i));
             let mut capture = share.captures_from(spec, items, &whole);
             let t: Option<&mut dyn LayerTap> = if capture.is_empty() {
                 tap.as_deref_mut()

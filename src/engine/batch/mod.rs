@@ -330,7 +330,8 @@ impl Batcher {
     }
 
     /// The other fresh sequences (in admission order, not yet `taken` into the step) with the
-    /// same context as `id`, when it is fresh and the engine shares hidden states.
+    /// same context as `id` on another plan, when it is fresh and the engine shares hidden
+    /// states.
     fn twins(&self, id: SeqId, taken: &[SeqId]) -> Vec<SeqId> {
         let seq = &self.active[&id];
         if !self.engine.shares_hidden() || !seq.is_fresh() {
@@ -340,7 +341,11 @@ impl Batcher {
             .iter()
             .filter(|&&t| {
                 let s = &self.active[&t];
-                t != id && !taken.contains(&t) && s.is_fresh() && s.context() == seq.context()
+                t != id
+                    && !taken.contains(&t)
+                    && s.is_fresh()
+                    && *s.req.plan != *seq.req.plan
+                    && s.context() == seq.context()
             })
             .copied()
             .collect()
