@@ -9,13 +9,12 @@
 set -euo pipefail
 BIN=${1:-target/release} DATA=${2:-../shared/data}
 N=${N:-100} CONCURRENCY=${CONCURRENCY:-8} PORT=${PORT:-8133}
+source "$(dirname "$0")/lib.sh"
 OUT=$(mktemp -d)
 for mode in off on; do
-  flag=""
-  [ "$mode" = on ] && flag=--enable-prefix-caching
-  "$BIN/pruneserve" serve --port "$PORT" --variant rev25=reverse:0.25 $flag > "$OUT/server-$mode.log" 2>&1 &
-  pid=$!
-  for _ in $(seq 120); do curl -sf "localhost:$PORT/health" >/dev/null && break; sleep 0.5; done
+  FLAG=()
+  [ "$mode" = on ] && FLAG=(--enable-prefix-caching)
+  start_server "$OUT/server-$mode.log" "$PORT" --variant rev25=reverse:0.25 "${FLAG[@]}"
   python3 - "$DATA/gsm8k/train.jsonl" "$PORT" "$N" "$CONCURRENCY" "$OUT/$mode.json" "$mode" <<'PY'
 import json, sys, time, urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -41,7 +40,7 @@ print(f"cache {mode}: together / alone = {res['together']['wall_s'] / res['alone
 json.dump(res, open(out, "w"))
 PY
   curl -s "localhost:$PORT/metrics" | grep -E "^pruneserve:(prompt_tokens_total|prefix_cache_(hits|queries)_total|shared_prefix_layer_rows_total)" | sed "s/^/cache $mode: /" || true
-  kill $pid; wait $pid 2>/dev/null || true
+  stop_server
 done
 python3 - "$OUT/off.json" "$OUT/on.json" <<'PY'
 import json, sys

@@ -8,18 +8,17 @@
 set -euo pipefail
 BIN=${1:-target/release} DATA=${2:-../shared/data}
 LIMIT=${LIMIT:-200} CONCURRENCY=${CONCURRENCY:-8} PORT=${PORT:-8132}
+source "$(dirname "$0")/lib.sh"
 OUT=$(mktemp -d)
 for mode in off on; do
-  flag=""
-  [ "$mode" = on ] && flag=--enable-prefix-caching
-  "$BIN/pruneserve" serve --port "$PORT" $flag > "$OUT/server-$mode.log" 2>&1 &
-  pid=$!
-  for _ in $(seq 120); do curl -sf "localhost:$PORT/health" >/dev/null && break; sleep 0.5; done
+  FLAG=()
+  [ "$mode" = on ] && FLAG=(--enable-prefix-caching)
+  start_server "$OUT/server-$mode.log" "$PORT" "${FLAG[@]}"
   "$BIN/pruneval" eval --base-url "http://127.0.0.1:$PORT" --model smollm2-135m --tasks mmlu \
     --limit "$LIMIT" --concurrency "$CONCURRENCY" --data-dir "$DATA" \
     --out-dir "$OUT/$mode/results" --cache-dir "$OUT/$mode/cache" | grep -E "items/s" | sed "s/^/cache $mode: /"
   curl -s "localhost:$PORT/metrics" | grep -E "^pruneserve:(prefix_cache|prompt_tokens)" | sed "s/^/cache $mode: /" || true
-  kill $pid; wait $pid 2>/dev/null || true
+  stop_server
 done
 python3 - "$OUT/off/results/smollm2-135m/mmlu.json" "$OUT/on/results/smollm2-135m/mmlu.json" <<'PY'
 import json, sys

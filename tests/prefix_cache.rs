@@ -332,6 +332,27 @@ fn the_server_counts_prefix_cache_tokens_and_refuses_it_on_cuda() {
     );
 }
 
+/// Runs `reqs` together on one batcher with a step budget of `step_tokens`, with or without
+/// prefix caching (and so shared hidden states); returns the outputs and the rows × layers shared.
+fn run_in_one_batch(
+    model: &Arc<DecoderModel>,
+    sharing: bool,
+    step_tokens: usize,
+    reqs: Vec<GenRequest>,
+) -> (Vec<GenOutput>, u64) {
+    let opts = EngineOptions {
+        kv_blocks: 4096,
+        prefix_caching: sharing,
+        ..EngineOptions::default()
+    };
+    let mut b = Batcher::new(
+        Engine::with_contiguous_cache(model.clone(), &opts),
+        step_tokens,
+    );
+    let outs = b.run_all(reqs).into_iter().map(|o| o.unwrap()).collect();
+    (outs, b.engine().shared_layer_rows())
+}
+
 #[test]
 fn plans_feeding_the_same_fresh_prompt_in_one_step_run_their_common_layers_once() {
     let tmp = tempfile::tempdir().unwrap();
@@ -352,16 +373,7 @@ fn plans_feeding_the_same_fresh_prompt_in_one_step_run_their_common_layers_once(
         }
         reqs
     };
-    let run_one = |sharing: bool| {
-        let opts = EngineOptions {
-            kv_blocks: 4096,
-            prefix_caching: sharing,
-            ..EngineOptions::default()
-        };
-        let mut b = Batcher::new(Engine::with_contiguous_cache(model.clone(), &opts), 4096);
-        let outs: Vec<GenOutput> = b.run_all(batch()).into_iter().map(|o| o.unwrap()).collect();
-        (outs, b.engine().shared_layer_rows())
-    };
+    let run_one = |sharing: bool| run_in_one_batch(&model, sharing, 4096, batch());
     let (alone, none) = run_one(false);
     let (shared, rows) = run_one(true);
     assert_eq!(none, 0);
@@ -387,16 +399,7 @@ fn a_prompt_and_its_twins_on_other_plans_are_scheduled_into_one_step() {
             })
             .collect::<Vec<_>>()
     };
-    let run_one = |sharing: bool| {
-        let opts = EngineOptions {
-            kv_blocks: 4096,
-            prefix_caching: sharing,
-            ..EngineOptions::default()
-        };
-        let mut b = Batcher::new(Engine::with_contiguous_cache(model.clone(), &opts), 160);
-        let outs: Vec<GenOutput> = b.run_all(batch()).into_iter().map(|o| o.unwrap()).collect();
-        (outs, b.engine().shared_layer_rows())
-    };
+    let run_one = |sharing: bool| run_in_one_batch(&model, sharing, 160, batch());
     let (alone, _) = run_one(false);
     let (shared, rows) = run_one(true);
     assert_same(&[alone], &[shared], "twins scheduled together");

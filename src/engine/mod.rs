@@ -375,9 +375,10 @@ impl Engine {
             self.record(items, &whole, outcome, &mut results);
             captured.extend(capture.got.drain());
             let (runs, unshared) = self.fork_runs(items, &forked, &share, &captured);
-            for (depth, branch, x0) in runs {
-                let outcome = self.run_group(spec, items, &branch, None, Some((depth, &x0)));
-                self.record(items, &branch, outcome, &mut results);
+            for run in runs {
+                let start = Some((run.depth, &run.hidden));
+                let outcome = self.run_group(spec, items, &run.items, None, start);
+                self.record(items, &run.items, outcome, &mut results);
             }
             let outcome = self.run_group(spec, items, &unshared, None, None);
             self.record(items, &unshared, outcome, &mut results);

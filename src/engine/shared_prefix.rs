@@ -26,6 +26,14 @@ pub(super) struct Fork {
     pub depth: usize,
 }
 
+/// Branch items of one group that start after the same number of plan positions, and their
+/// hidden states there (packed in item order).
+pub(super) struct BranchRun {
+    pub depth: usize,
+    pub items: Vec<usize>,
+    pub hidden: Tensor,
+}
+
 /// How a step's groups share work: the order they run in and each item's fork, if any.
 pub(super) struct SharePlan {
     /// Group indices in run order (longest plans first, so they can be trunks).
@@ -106,17 +114,16 @@ impl Engine {
         SharePlan { order, forks }
     }
 
-    /// The branch runs of one group's `forked` items, one per depth: (depth, items, their
-    /// hidden states), each branch given its trunk's keys and values for those positions; and
-    /// the items that cannot fork after all (their trunk failed), to run whole.
-    #[allow(clippy::type_complexity)]
+    /// The branch runs of one group's `forked` items, one per depth, each branch given its
+    /// trunk's keys and values for those positions; and the items that cannot fork after all
+    /// (their trunk failed), to run whole.
     pub(super) fn fork_runs(
         &mut self,
         items: &[StepItem],
         forked: &[usize],
         share: &SharePlan,
         captured: &HashMap<(usize, usize), Tensor>,
-    ) -> (Vec<(usize, Vec<usize>, Tensor)>, Vec<usize>) {
+    ) -> (Vec<BranchRun>, Vec<usize>) {
         let mut by_depth: Vec<(usize, Vec<usize>, Vec<Tensor>)> = Vec::new();
         let mut unshared = Vec::new();
         for &b in forked {
@@ -143,10 +150,14 @@ impl Engine {
             }
         }
         let mut runs = Vec::with_capacity(by_depth.len());
-        for (depth, bs, xs) in by_depth {
+        for (depth, items, xs) in by_depth {
             match Tensor::cat(&xs, 0) {
-                Ok(x) => runs.push((depth, bs, x)),
-                Err(_) => unshared.extend(bs),
+                Ok(hidden) => runs.push(BranchRun {
+                    depth,
+                    items,
+                    hidden,
+                }),
+                Err(_) => unshared.extend(items),
             }
         }
         (runs, unshared)

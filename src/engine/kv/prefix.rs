@@ -63,14 +63,16 @@ struct Entry {
     /// Per plan position, keys and values `[kv_heads, tokens, head_dim]`.
     kv: Vec<(Tensor, Tensor)>,
     memo: Option<Arc<ScoreMemo>>,
+    /// Host bytes of `memo` (counted once, when the entry is made).
+    memo_bytes: usize,
     blocks: usize,
     last_used: u64,
     _pins: Vec<Pin>,
 }
 
 impl Entry {
-    /// How many of `tokens` a sequence can take from this entry, in whole blocks of `block` and
-    /// at most `limit`: for a scoring sequence (`Some(top_k)`) also no more than the memo scored
+    /// How many of `tokens` a sequence can take from this entry, at most `limit` (the caller
+    /// rounds down to whole blocks): for a scoring sequence (`Some(top_k)`) also no more than the memo scored
     /// with the same tokens (the score of token `d` included).
     fn usable(&self, keys: &[u64], tokens: &[u32], scoring: Option<usize>, limit: usize) -> usize {
         let common = |a: &[u32]| a.iter().zip(tokens).take_while(|(a, b)| a == b).count();
@@ -94,6 +96,8 @@ pub struct PrefixStore {
     clock: u64,
     /// Blocks held by entries.
     pub used_blocks: usize,
+    /// Host bytes held by the entries' prompt-logprob memos.
+    memo_bytes: usize,
 }
 
 /// What a lookup found: the KV of the first `tokens` tokens for each of the asking plan's
@@ -111,15 +115,20 @@ impl PrefixStore {
             block_size,
             clock: 0,
             used_blocks: 0,
+            memo_bytes: 0,
         }
     }
 
-    /// Host bytes held by the entries' prompt-logprob memos.
+    /// Host bytes held by the entries' prompt-logprob memos (a running total: the engine loop
+    /// reads it after every step).
     pub fn memo_bytes(&self) -> usize {
-        self.entries
-            .iter()
-            .filter_map(|e| e.memo.as_ref().map(|m| m.bytes()))
-            .sum()
+        self.memo_bytes
+    }
+
+    /// Takes a removed entry's blocks and memo bytes off the totals.
+    fn forget(&mut self, e: &Entry) {
+        self.used_blocks -= e.blocks;
+        self.memo_bytes -= e.memo_bytes;
     }
 
     /// The longest reusable prefix for a sequence with position `keys` and `tokens`, in whole
@@ -189,9 +198,9 @@ impl PrefixStore {
         }
         // Entries this one covers are dropped.
         let mut kept = Vec::with_capacity(self.entries.len());
-        for e in self.entries.drain(..) {
+        for e in std::mem::take(&mut self.entries) {
             if covers(new, e.view()) {
-                self.used_blocks -= e.blocks;
+                self.forget(&e);
             } else {
                 kept.push(e);
             }
@@ -207,17 +216,20 @@ impl PrefixStore {
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
         let blocks = n / self.block_size;
+        let memo_bytes = memo.as_ref().map_or(0, |m| m.bytes());
         self.clock += 1;
         self.entries.push(Entry {
             keys,
             tokens: tokens.to_vec(),
             kv,
             memo,
+            memo_bytes,
             blocks,
             last_used: self.clock,
             _pins: pins,
         });
         self.used_blocks += blocks;
+        self.memo_bytes += memo_bytes;
         Ok(())
     }
 
@@ -232,7 +244,7 @@ impl PrefixStore {
             return false;
         };
         let e = self.entries.swap_remove(i);
-        self.used_blocks -= e.blocks;
+        self.forget(&e);
         true
     }
 }
@@ -417,6 +429,8 @@ mod tests {
         s.offer(base.clone(), &prompt, &kv(4, 11, 0.0), None, vec![])
             .unwrap();
         assert!(s.lookup(&base, &prompt, Some(1)).unwrap().is_some());
-        assert!(s.memo_bytes() > 0);
+        assert_eq!(s.memo_bytes(), memo(&prompt, 3).bytes());
+        assert!(s.evict_one() && !s.evict_one());
+        assert_eq!((s.used_blocks, s.memo_bytes()), (0, 0));
     }
 }
