@@ -5,20 +5,22 @@
 # engine step), served without and with --enable-prefix-caching (which turns on shared hidden
 # states: `rev25` takes its 22 layers from the base's rows). Wall time of each, the ratio of
 # together to alone, and the largest difference between the logprobs of the two servers.
-# Usage: bench/ab-scoring.sh [BIN_DIR] [DATA_DIR]   (N=100 prompts of 4 GSM8K questions, CONCURRENCY=8)
+# Usage: bench/ab-scoring.sh [BIN_DIR] [DATA_DIR]   (N=100 prompts of 4 GSM8K questions, CONCURRENCY=8;
+#   another model and device through MODEL=served-name SERVE_ARGS="--model DIR --served-model-name
+#   NAME --device cuda ..."; the GPU command is in docs/benchmarks.md, session 9)
 set -euo pipefail
 BIN=${1:-target/release} DATA=${2:-../shared/data}
-N=${N:-100} CONCURRENCY=${CONCURRENCY:-8} PORT=${PORT:-8133}
+N=${N:-100} CONCURRENCY=${CONCURRENCY:-8} PORT=${PORT:-8133} MODEL=${MODEL:-smollm2-135m}
 source "$(dirname "$0")/lib.sh"
-OUT=$(mktemp -d)
+OUT=${OUT:-$(mktemp -d)}; mkdir -p "$OUT"
 for mode in off on; do
   FLAG=()
   [ "$mode" = on ] && FLAG=(--enable-prefix-caching)
-  start_server "$OUT/server-$mode.log" "$PORT" --variant rev25=reverse:0.25 "${FLAG[@]}"
-  python3 - "$DATA/gsm8k/train.jsonl" "$PORT" "$N" "$CONCURRENCY" "$OUT/$mode.json" "$mode" <<'PY'
+  start_server "$OUT/server-$mode.log" "$PORT" --variant rev25=reverse:0.25 "${FLAG[@]}" ${SERVE_ARGS:-}
+  python3 - "$DATA/gsm8k/train.jsonl" "$PORT" "$N" "$CONCURRENCY" "$OUT/$mode.json" "$mode" "$MODEL" <<'PY'
 import json, sys, time, urllib.request
 from concurrent.futures import ThreadPoolExecutor
-src, port, n, conc, out, mode = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], sys.argv[6]
+src, port, n, conc, out, mode, base = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], sys.argv[6], sys.argv[7]
 qs = [json.loads(l)["question"] for l in open(src)]
 # Other prompts for each phase, so nothing the first phase left in the prefix cache is reused.
 prompts = ["\n\n".join(qs[(4 * i + k) % len(qs)] for k in range(4)) for i in range(2 * n)]
@@ -28,8 +30,8 @@ def score(model, prompt):
                                {"content-type": "application/json"})
     return json.load(urllib.request.urlopen(r))["choices"][0]["logprobs"]["token_logprobs"]
 res = {}
-for name, models, part in (("alone", ["smollm2-135m"], prompts[:n]),
-                           ("together", ["smollm2-135m", "rev25"], prompts[n:])):
+for name, models, part in (("alone", [base], prompts[:n]),
+                           ("together", [base, "rev25"], prompts[n:])):
     t = time.time()
     with ThreadPoolExecutor(conc * len(models)) as ex:
         futs = [(m, i, ex.submit(score, m, p)) for i, p in enumerate(part) for m in models]

@@ -130,11 +130,6 @@ pub fn parse_variant_flag(text: &str) -> Result<VariantEntry, ServeError> {
 }
 
 fn start_base(name: &str, source: &str, s: &EngineSettings) -> Result<Arc<Base>, ServeError> {
-    if s.prefix_caching && s.device != DeviceKind::Cpu {
-        return Err(ServeError::Usage(
-            "--enable-prefix-caching runs on the CPU engine only; the CUDA paged cache does not keep prefixes yet".into(),
-        ));
-    }
     s.sampler
         .on_device(s.device)
         .map_err(|e| ServeError::Usage(e.into()))?;

@@ -26,6 +26,8 @@ struct StreamTiming {
     ttft: Duration,
     total: Duration,
     output_tokens: usize,
+    /// Milliseconds between successive streamed chunks after the first (inter-token latency).
+    gaps_ms: Vec<f64>,
 }
 
 /// A generation load level's figures.
@@ -39,6 +41,9 @@ pub struct LevelReport {
     pub output_tok_per_s: f64,
     pub ttft_p50_ms: f64,
     pub ttft_p99_ms: f64,
+    /// Inter-token latency over every gap between streamed tokens of every request.
+    pub itl_p50_ms: f64,
+    pub itl_p99_ms: f64,
     /// Per request: (output tokens - 1) / (total - ttft), averaged.
     pub decode_tok_per_s_per_request: f64,
 }
@@ -130,6 +135,7 @@ impl LoadGen {
         let resp = self.post(&body)?;
         let mut ttft = None;
         let mut output_tokens = None;
+        let (mut last, mut gaps_ms) = (None::<Instant>, Vec::new());
         for line in BufReader::new(resp).lines() {
             let line = line.map_err(|e| LoadError::Stream(e.to_string()))?;
             let Some(data) = line.strip_prefix("data: ") else {
@@ -140,8 +146,13 @@ impl LoadGen {
             }
             let v: Value =
                 serde_json::from_str(data).map_err(|e| LoadError::Stream(e.to_string()))?;
-            if ttft.is_none() && v["choices"].as_array().is_some_and(|c| !c.is_empty()) {
-                ttft = Some(start.elapsed());
+            if v["choices"].as_array().is_some_and(|c| !c.is_empty()) {
+                let now = Instant::now();
+                match last {
+                    Some(t) => gaps_ms.push((now - t).as_secs_f64() * 1e3),
+                    None => ttft = Some(now - start),
+                }
+                last = Some(now);
             }
             if let Some(n) = v["usage"]["completion_tokens"].as_u64() {
                 output_tokens = Some(n as usize);
@@ -152,6 +163,7 @@ impl LoadGen {
             total: start.elapsed(),
             output_tokens: output_tokens
                 .ok_or_else(|| LoadError::Stream("no usage in the stream".into()))?,
+            gaps_ms,
         })
     }
 
@@ -179,6 +191,11 @@ impl LoadGen {
         let output_tokens: usize = timings.iter().map(|t| t.output_tokens).sum();
         let mut ttfts: Vec<f64> = timings.iter().map(|t| t.ttft.as_secs_f64() * 1e3).collect();
         ttfts.sort_by(f64::total_cmp);
+        let mut gaps: Vec<f64> = timings
+            .iter()
+            .flat_map(|t| t.gaps_ms.iter().copied())
+            .collect();
+        gaps.sort_by(f64::total_cmp);
         let per_request: Vec<f64> = timings
             .iter()
             .filter(|t| t.output_tokens > 1 && t.total > t.ttft)
@@ -193,6 +210,8 @@ impl LoadGen {
             output_tok_per_s: output_tokens as f64 / wall,
             ttft_p50_ms: quantile(&ttfts, 0.5),
             ttft_p99_ms: quantile(&ttfts, 0.99),
+            itl_p50_ms: quantile(&gaps, 0.5),
+            itl_p99_ms: quantile(&gaps, 0.99),
             decode_tok_per_s_per_request: per_request.iter().sum::<f64>()
                 / per_request.len().max(1) as f64,
         })

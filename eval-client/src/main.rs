@@ -115,8 +115,8 @@ fn run(cli: Cli) -> Result<()> {
                     for _ in 0..repeats.max(1) {
                         let r = gen.generation_level(group, c, c.max(4), prompt_len, output_len)?;
                         println!(
-                            "{m} c={c}: {:.0} output tok/s, TTFT p50 {:.1} ms p99 {:.1} ms, {:.1} tok/s per request",
-                            r.output_tok_per_s, r.ttft_p50_ms, r.ttft_p99_ms, r.decode_tok_per_s_per_request
+                            "{m} c={c}: {:.0} output tok/s, TTFT p50 {:.1} ms p99 {:.1} ms, ITL p50 {:.1} ms p99 {:.1} ms, {:.1} tok/s per request",
+                            r.output_tok_per_s, r.ttft_p50_ms, r.ttft_p99_ms, r.itl_p50_ms, r.itl_p99_ms, r.decode_tok_per_s_per_request
                         );
                         levels.push(r);
                     }

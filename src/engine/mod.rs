@@ -26,6 +26,7 @@ use kv::{ChunkRef, KvCache, KvError, KvUsage};
 use model::overlay::ModelOverlay;
 use model::DecoderModel;
 use model::Extras;
+use ops::gemm::ExactRows;
 use sample::sampler::Sampled;
 use sample::scoring::TokenScore;
 
@@ -83,9 +84,9 @@ pub struct EngineOptions {
     pub max_model_len: Option<usize>,
     /// On CUDA: bytes of the paged KV pool (replaces `kv_blocks`).
     pub kv_cache_bytes: Option<usize>,
-    /// Keep finished sequences' prefixes for reuse (the contiguous cache; [`kv::prefix`]).
+    /// Keep finished sequences' prefixes for reuse ([`kv::prefix`]; both caches).
     pub prefix_caching: bool,
-    /// On CUDA: draw sampled tokens on the device (`serve --device-sampling`).
+    /// On CUDA: draw sampled tokens on the device (`serve --sampler`).
     pub device_sampling: bool,
 }
 
@@ -235,7 +236,7 @@ impl Engine {
                 ),
                 None => opts.kv_blocks * cfg.num_hidden_layers,
             };
-            let cache = kv::paged::PagedKvCache::new(
+            let mut cache = kv::paged::PagedKvCache::new(
                 model.device(),
                 model.dtype(),
                 blocks,
@@ -243,6 +244,9 @@ impl Engine {
                 kv_heads,
                 head_dim,
             )?;
+            if opts.prefix_caching {
+                cache = cache.with_prefix_caching();
+            }
             return Ok(Self::new(model, Box::new(cache), opts));
         }
         Ok(Self::with_contiguous_cache(model, opts))
@@ -439,6 +443,7 @@ impl Engine {
                 offset: tokens.len(),
                 len: it.tokens.len(),
                 start: seq.len,
+                scored: it.score.is_some(),
             });
             tokens.extend_from_slice(&it.tokens);
             row_adapters.extend(std::iter::repeat_n(&seq.spec.lora, it.tokens.len()).cloned());
@@ -456,25 +461,31 @@ impl Engine {
             tap,
             start,
         )?;
-        // Only rows whose logits are needed go through the LM head.
+        // Only rows whose logits are needed go through the LM head (exact for scored chunks).
         let mut rows: Vec<u32> = Vec::new();
+        let mut exact = Vec::new();
         for (c, &i) in chunks.iter().zip(members) {
             let it = &items[i];
+            let first = rows.len();
             if let Some(s) = &it.score {
                 rows.extend((0..s.targets.len()).map(|r| (c.offset + r) as u32));
             }
             if it.want_logits {
                 rows.push((c.offset + c.len - 1) as u32);
             }
+            if c.scored {
+                exact.push(first..rows.len());
+            }
         }
         let logits = if rows.is_empty() {
             None
         } else {
             let idx = Tensor::new(rows.as_slice(), hidden.device())?;
-            Some(
-                self.model
-                    .logits(&hidden.index_select(&idx, 0)?, spec.overlay.as_deref())?,
-            )
+            Some(self.model.logits(
+                &hidden.index_select(&idx, 0)?,
+                spec.overlay.as_deref(),
+                &ExactRows::from_runs(exact),
+            )?)
         };
         // Last-position rows: greedy ones are decided on the device, the others come back whole
         // in one transfer.

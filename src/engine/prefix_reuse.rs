@@ -10,12 +10,13 @@ use super::sample::scoring::TokenScore;
 use super::{Engine, EngineError, RunSpec, SeqId};
 
 /// Identity of what a run adds to its plan: the adapter's and the overlay's addresses (kept alive,
-/// hence unique, by every cache entry that names them).
-fn extras_key(spec: &RunSpec) -> u64 {
+/// hence unique, by every cache entry that names them), and whether its prompt rows were exact
+/// where exact and rounded rows differ (see [`Engine::exact_class`]).
+fn extras_key(spec: &RunSpec, exact: bool) -> u64 {
     let addr = |p: Option<usize>| p.unwrap_or(0) as u64;
     let lora = addr(spec.lora.as_ref().map(|l| Arc::as_ptr(l) as usize));
     let overlay = addr(spec.overlay.as_ref().map(|o| Arc::as_ptr(o) as usize));
-    lora ^ overlay.rotate_left(32)
+    lora ^ overlay.rotate_left(32) ^ u64::from(exact)
 }
 
 fn pins(spec: &RunSpec) -> Vec<Pin> {
@@ -47,13 +48,14 @@ impl Engine {
         if !self.prefix_caching() {
             return Ok((0, Vec::new()));
         }
+        let exact = self.exact_class(scoring.is_some());
         let Some(state) = self.seqs.get_mut(&seq) else {
             return Ok((0, Vec::new()));
         };
         if state.len != 0 {
             return Ok((0, Vec::new()));
         }
-        let keys = position_keys(state.spec.plan.layers(), extras_key(&state.spec));
+        let keys = position_keys(state.spec.plan.layers(), extras_key(&state.spec, exact));
         let (n, scores) = self.cache.attach_prefix(seq, &keys, tokens, scoring)?;
         state.len = n;
         self.prefix_queries += tokens.len() as u64;
@@ -71,11 +73,20 @@ impl Engine {
             return;
         };
         let n = tokens.len().min(state.len);
-        let keys = position_keys(state.spec.plan.layers(), extras_key(&state.spec));
+        let exact = self.exact_class(memo.is_some());
+        let keys = position_keys(state.spec.plan.layers(), extras_key(&state.spec, exact));
         let pins = pins(&state.spec);
         if let Err(e) = self.cache.offer_prefix(seq, keys, &tokens[..n], memo, pins) {
             tracing::warn!(error = %e, "a prefix was not cached");
         }
+    }
+
+    /// Whether a prompt that is `scored` runs its rows exact in a way that changes its keys and
+    /// values: with bf16 weights scored rows are compensated and others rounded (see
+    /// [`super::model::activation_dtype`]), so their KV must not stand in for each other; with
+    /// f32 weights both are the same f32 computation.
+    pub(super) fn exact_class(&self, scored: bool) -> bool {
+        scored && self.model.dtype() != candle_core::DType::F32
     }
 
     /// Prompt tokens looked up in the prefix cache and those found, since the engine started.

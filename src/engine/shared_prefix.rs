@@ -8,8 +8,9 @@
 //! Contract: a branch's results equal those of running it alone within float reordering (the
 //! rows are computed in another packed forward); only fresh prompts share (a continued chunk's
 //! history may differ), only caches that can share keys and values take part
-//! ([`crate::engine::kv::KvCache::share_kv`]: the CPU's contiguous cache), and never while a
-//! layer tap is observing the step.
+//! ([`crate::engine::kv::KvCache::share_kv`]: the CPU's contiguous cache, and the paged pool,
+//! which shares whole blocks and copies a partly filled last one), and never while a layer tap
+//! is observing the step.
 
 use std::collections::HashMap;
 
@@ -84,6 +85,7 @@ impl Engine {
                 .as_ref()
                 .map(|l| std::sync::Arc::as_ptr(l) as usize)
         };
+        let exact = |i: usize| self.exact_class(items[i].score.is_some());
         for (n, &g) in order.iter().enumerate() {
             for &b in &groups[g].1 {
                 if !fresh(b) {
@@ -99,6 +101,7 @@ impl Engine {
                                 && fresh(a)
                                 && items[a].tokens == items[b].tokens
                                 && lora(a) == lora(b)
+                                && exact(a) == exact(b)
                         })?;
                         (depth > 0).then_some(Fork {
                             trunk_item: a,
@@ -133,7 +136,10 @@ impl Engine {
                 continue;
             };
             let (from, to) = (items[f.trunk_item].seq, items[b].seq);
-            match self.cache.share_kv(from, to, f.depth) {
+            match self
+                .cache
+                .share_kv(from, to, f.depth, items[b].tokens.len())
+            {
                 Ok(true) => {}
                 _ => {
                     unshared.push(b);

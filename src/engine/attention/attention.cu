@@ -239,7 +239,8 @@ INSTANTIATE(bf16, __nv_bfloat16)
 // of one step in one launch, f32 throughout (flash-attention style online softmax over key
 // tiles, so no [len, len] score matrix is written). q [T, heads, hd], k/v [T, kv_heads, hd]
 // are the step's packed rows; chunk c has q/k/v rows [row0, row0 + len) and writes output rows
-// [out0, out0 + len) of out [*, heads * hd]. chunks: [n, 3] u32 (row0, len, out0).
+// [out0, out0 + len) of out [*, heads * hd]. chunks: [n, 6] u32 as prefill_mma's below, of
+// which it reads q_row0 (= k_row0), len and out0 (start is 0).
 // Grid (tiles of R rows, heads, chunks), PREFILL_THREADS threads; R = 32 rows for hd <= 128,
 // else 16 (hd <= 256, a multiple of 16).
 #define PREFILL_THREADS 256
@@ -250,7 +251,7 @@ __device__ void prefill_attention(const float *q, const float *k, const float *v
                                   int window, float scale, float softcap, float *q_s,
                                   float *kv_s, float *s_s) {
   const int tile = blockIdx.x, h = blockIdx.y, c = blockIdx.z;
-  const int row0 = chunks[3 * c], len = chunks[3 * c + 1], out0 = chunks[3 * c + 2];
+  const int row0 = chunks[6 * c], len = chunks[6 * c + 1], out0 = chunks[6 * c + 4];
   const int q0 = tile * R;
   if (q0 >= len) return;
   const int kvh = h / (heads / kv_heads);
@@ -366,3 +367,226 @@ extern "C" __global__ void __launch_bounds__(PREFILL_THREADS)
                           kv_s, s_s);
   }
 }
+
+// prefill_mma: the tensor-core prefill attention (mma.sync m16n8k16, bf16 inputs, f32
+// accumulation, online softmax; flash-attention 2's structure). A block of 4 warps serves 64
+// query rows of one head of one chunk, each warp 16 rows; key tiles of BC rows are staged in
+// shared memory as bf16, values transposed. Chunk c's query i (row q_row0 + i of q, absolute
+// position start + i) attends causally to keys 0 ..= start + i, which are rows k_row0 + j of k/v
+// (a fresh chunk: its own rows, start 0; a continued chunk: its gathered history and itself).
+// Exact chunks take every product as three bf16 terms (hi·hi + hi·lo + lo·hi, x = hi + lo: 16
+// significant bits, the compensated GEMMs' precision); the others one (inputs rounded to bf16).
+// chunks: [n, 6] u32 (q_row0, len, k_row0, start, out0, exact). q [*, heads, hd] and out
+// [*, heads * hd] are f32; k and v are [*, kv_heads, hd] as bf16 terms (split_bf16 in fused.cu:
+// the hi values, then at + kv_len the lo values), staged with 16-byte loads; hd <= D, a multiple
+// of 8.
+// Grid (tiles of 64 query rows, heads, chunks), 128 threads, dynamic shared memory
+// prefill_mma_smem(D, BC) bytes.
+#define MMA_WARPS 4
+#define MMA_ROWS (16 * MMA_WARPS)
+
+__device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                         uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Two floats as bf16x2 (the first in the low half), and the rounding rests of both.
+__device__ __forceinline__ uint32_t pack_bf16(float a, float b) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(a, b);
+  return *reinterpret_cast<uint32_t *>(&v);
+}
+__device__ __forceinline__ uint32_t pack_rest(float a, float b) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(a, b);
+  return pack_bf16(a - __low2float(v), b - __high2float(v));
+}
+__device__ __forceinline__ uint32_t ld32(const __nv_bfloat16 *p) {
+  return *reinterpret_cast<const uint32_t *>(p);
+}
+// Stores x as its bf16 hi term at p and its lo term at p + lo_off.
+__device__ __forceinline__ void put_terms(__nv_bfloat16 *p, size_t lo_off, float x) {
+  __nv_bfloat16 hi = __float2bfloat16_rn(x);
+  p[0] = hi;
+  p[lo_off] = __float2bfloat16_rn(x - __bfloat162float(hi));
+}
+
+// c += a·b: one bf16 product, or for exact ones three (a·b + a·b_lo + a_lo·b); b's fragment is
+// read from shared memory at `b` (hi term) and `b + lo` (lo term).
+template <bool EXACT>
+__device__ __forceinline__ void mma_terms(float (&c)[4], const uint32_t (&a)[4],
+                                          const uint32_t (&a_lo)[4], const __nv_bfloat16 *b,
+                                          int lo) {
+  mma_bf16(c, a, ld32(b), ld32(b + 8));
+  if (EXACT) {
+    mma_bf16(c, a, ld32(b + lo), ld32(b + lo + 8));
+    mma_bf16(c, a_lo, ld32(b), ld32(b + 8));
+  }
+}
+
+template <int D, int BC, bool EXACT>
+__device__ void prefill_mma(const float *q, const __nv_bfloat16 *k, const __nv_bfloat16 *v,
+                            size_t kv_len, float *out, const uint32_t *ch, int heads,
+                            int kv_heads, int hd, int window, float scale, float softcap,
+                            __nv_bfloat16 *smem) {
+  constexpr int LD = D + 8;         // row stride of Q and K tiles (bank-conflict free)
+  constexpr int LDV = BC + 8;       // row stride of the transposed V tile
+  constexpr int Q_TERM = MMA_ROWS * LD, K_TERM = BC * LD, V_TERM = D * LDV;
+  __nv_bfloat16 *q_s = smem, *k_s = q_s + 2 * Q_TERM, *v_s = k_s + 2 * K_TERM;
+  const int q_row0 = ch[0], len = ch[1], k_row0 = ch[2], start = ch[3], out0 = ch[4];
+  const int h = blockIdx.y, kvh = h / (heads / kv_heads);
+  const int q0 = blockIdx.x * MMA_ROWS;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, tig = lane % 4;
+  for (int i = tid; i < MMA_ROWS * D; i += 32 * MMA_WARPS) {
+    const int r = i / D, d = i % D;
+    const float x = (q0 + r < len && d < hd) ? q[((size_t)(q_row0 + q0 + r) * heads + h) * hd + d]
+                                             : 0.f;
+    put_terms(q_s + r * LD + d, Q_TERM, x);
+  }
+  float o[D / 8][4];
+#pragma unroll
+  for (int n = 0; n < D / 8; n++) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+  // This thread's two query rows (absolute positions) and the block's last one.
+  const int wq = q0 + warp * 16 + g;
+  const int pos[2] = {start + wq, start + wq + 8};
+  const int last = start + min(q0 + MMA_ROWS, len) - 1;
+  const int first = window > 0 ? max(0, start + q0 - window + 1) / BC * BC : 0;
+  for (int k0 = first; k0 <= last; k0 += BC) {
+    __syncthreads();
+    // 8 values per thread and load; keys along d (row-major stores), values along r (their
+    // transposed scalar stores then fall in distinct banks).
+    constexpr int TERMS = EXACT ? 2 : 1;
+    for (int i = tid; i < BC * D / 8; i += 32 * MMA_WARPS) {
+      const int kr = i / (D / 8), kd = i % (D / 8) * 8, vr = i % BC, vd = i / BC * 8;
+      const bool k_in = k0 + kr <= last && kd < hd, v_in = k0 + vr <= last && vd < hd;
+      const size_t k_at = ((size_t)(k_row0 + k0 + kr) * kv_heads + kvh) * hd + kd;
+      const size_t v_at = ((size_t)(k_row0 + k0 + vr) * kv_heads + kvh) * hd + vd;
+#pragma unroll
+      for (int t = 0; t < TERMS; t++) {
+        const uint4 zero = make_uint4(0, 0, 0, 0);
+        const uint4 kx = k_in ? *reinterpret_cast<const uint4 *>(k + t * kv_len + k_at) : zero;
+        *reinterpret_cast<uint4 *>(k_s + t * K_TERM + kr * LD + kd) = kx;
+        const uint4 vx = v_in ? *reinterpret_cast<const uint4 *>(v + t * kv_len + v_at) : zero;
+        const __nv_bfloat16 *ve = reinterpret_cast<const __nv_bfloat16 *>(&vx);
+#pragma unroll
+        for (int j = 0; j < 8; j++) v_s[t * V_TERM + (vd + j) * LDV + vr] = ve[j];
+      }
+    }
+    __syncthreads();
+    // S = Q Kᵀ for this warp's 16 rows and the tile's BC keys.
+    float s[BC / 8][4];
+#pragma unroll
+    for (int j = 0; j < BC / 8; j++) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; kk++) {
+      const __nv_bfloat16 *qa = q_s + (warp * 16 + g) * LD + kk * 16 + tig * 2;
+      uint32_t a[4] = {ld32(qa), ld32(qa + 8 * LD), ld32(qa + 8), ld32(qa + 8 * LD + 8)};
+      uint32_t al[4] = {0, 0, 0, 0};
+      if (EXACT) {
+        const __nv_bfloat16 *ql = qa + Q_TERM;
+        al[0] = ld32(ql), al[1] = ld32(ql + 8 * LD), al[2] = ld32(ql + 8),
+        al[3] = ld32(ql + 8 * LD + 8);
+      }
+#pragma unroll
+      for (int j = 0; j < BC / 8; j++) {
+        mma_terms<EXACT>(s[j], a, al, k_s + (j * 8 + g) * LD + kk * 16 + tig * 2, K_TERM);
+      }
+    }
+    // Scale, cap and mask; the online softmax of rows g and g + 8 (a row's 4 lanes share it).
+    float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int j = 0; j < BC / 8; j++) {
+#pragma unroll
+      for (int e = 0; e < 4; e++) {
+        const int kp = k0 + j * 8 + tig * 2 + (e & 1), qp = pos[e / 2];
+        float x = s[j][e] * scale;
+        if (softcap > 0.f) x = softcap * tanhf(x / softcap);
+        const bool seen = kp <= qp && (window <= 0 || qp - kp < window);
+        s[j][e] = seen ? x : -INFINITY;
+        mx[e / 2] = fmaxf(mx[e / 2], s[j][e]);
+      }
+    }
+    float alpha[2];
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffff, mx[r], 1));
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffff, mx[r], 2));
+      const float m_new = fmaxf(m[r], mx[r]);
+      const float m_use = m_new == -INFINITY ? 0.f : m_new;
+      alpha[r] = EXACT ? expf(m[r] - m_use) : __expf(m[r] - m_use);
+      m[r] = m_new;
+      float sum = 0.f;
+#pragma unroll
+      for (int j = 0; j < BC / 8; j++) {
+#pragma unroll
+        for (int e = 2 * r; e < 2 * r + 2; e++) {
+          s[j][e] = EXACT ? expf(s[j][e] - m_use) : __expf(s[j][e] - m_use);
+          sum += s[j][e];
+        }
+      }
+      l[r] = l[r] * alpha[r] + sum;
+    }
+#pragma unroll
+    for (int n = 0; n < D / 8; n++) {
+      o[n][0] *= alpha[0], o[n][1] *= alpha[0], o[n][2] *= alpha[1], o[n][3] *= alpha[1];
+    }
+    // O += P V: P's accumulators of two key n-tiles are the A fragment of 16 keys.
+#pragma unroll
+    for (int kc = 0; kc < BC / 16; kc++) {
+      const float *p0 = s[2 * kc], *p1 = s[2 * kc + 1];
+      uint32_t a[4] = {pack_bf16(p0[0], p0[1]), pack_bf16(p0[2], p0[3]), pack_bf16(p1[0], p1[1]),
+                       pack_bf16(p1[2], p1[3])};
+      uint32_t al[4] = {0, 0, 0, 0};
+      if (EXACT) {
+        al[0] = pack_rest(p0[0], p0[1]), al[1] = pack_rest(p0[2], p0[3]),
+        al[2] = pack_rest(p1[0], p1[1]), al[3] = pack_rest(p1[2], p1[3]);
+      }
+#pragma unroll
+      for (int n = 0; n < D / 8; n++) {
+        mma_terms<EXACT>(o[n], a, al, v_s + (n * 8 + g) * LDV + kc * 16 + tig * 2, V_TERM);
+      }
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < 2; r++) {
+    l[r] += __shfl_xor_sync(0xffffffff, l[r], 1);
+    l[r] += __shfl_xor_sync(0xffffffff, l[r], 2);
+  }
+#pragma unroll
+  for (int r = 0; r < 2; r++) {
+    const int row = wq + 8 * r;
+    if (row >= len) continue;
+    float *dst = out + ((size_t)(out0 + row) * heads + h) * hd;
+    const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
+#pragma unroll
+    for (int n = 0; n < D / 8; n++) {
+      const int d = n * 8 + tig * 2;
+      if (d < hd) dst[d] = o[n][2 * r] * inv;
+      if (d + 1 < hd) dst[d + 1] = o[n][2 * r + 1] * inv;
+    }
+  }
+}
+
+#define PREFILL_MMA(D, BC)                                                                     \
+  extern "C" __global__ void __launch_bounds__(32 * MMA_WARPS)                                 \
+      prefill_mma_d##D(const float *q, const __nv_bfloat16 *k, const __nv_bfloat16 *v,        \
+                       size_t kv_len, float *out, const uint32_t *chunks, int heads,           \
+                       int kv_heads, int hd, int window, float scale, float softcap) {         \
+    extern __shared__ __align__(16) unsigned char smem_raw[];                                  \
+    __nv_bfloat16 *smem = reinterpret_cast<__nv_bfloat16 *>(smem_raw);                         \
+    const uint32_t *ch = chunks + 6 * blockIdx.z;                                              \
+    if ((int)(blockIdx.x * MMA_ROWS) >= (int)ch[1]) return;                                    \
+    if (ch[5])                                                                                 \
+      prefill_mma<D, BC, true>(q, k, v, kv_len, out, ch, heads, kv_heads, hd, window, scale,   \
+                               softcap, smem);                                                 \
+    else                                                                                       \
+      prefill_mma<D, BC, false>(q, k, v, kv_len, out, ch, heads, kv_heads, hd, window, scale,  \
+                                softcap, smem);                                                \
+  }
+
+PREFILL_MMA(64, 64)
+PREFILL_MMA(128, 64)
+PREFILL_MMA(256, 32)

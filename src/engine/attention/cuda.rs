@@ -4,8 +4,11 @@
 //! - [`paged_decode`]: one query token per sequence against its paged KV history, grouped-query
 //!   aware (a thread block per kv head serves its whole group of query heads, so each cached key
 //!   and value is read once per group, not once per query head);
-//! - [`prefill_attention`]: every fresh prompt chunk of a step in one launch, f32 throughout,
-//!   causal over the chunk's own rows with an online softmax (no score matrix in memory).
+//! - [`prefill_attention`]: every prompt chunk of a step in one launch, causal with an online
+//!   softmax (no score matrix in memory): on tensor cores (`prefill_mma`, bf16 terms and f32
+//!   accumulation; three terms per product for scored chunks, one for the others; fresh chunks
+//!   and chunks continuing a gathered history), or f32 FMA throughout (`prefill_attention_f32`,
+//!   fresh chunks; f32 caches).
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{CudaView, LaunchConfig, PushKernelArg};
@@ -13,6 +16,7 @@ use candle_core::cuda_backend::{CudaDevice, CudaStorage, WrapErr};
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Storage, Tensor};
 
 use crate::engine::attention::AttnParams;
+use crate::engine::ops::gemm::cuda::split_bf16;
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/attention.ptx"));
 /// Tokens per decode partition (PART in the kernel).
@@ -204,32 +208,62 @@ impl CustomOp1 for PagedDecode {
     }
 }
 
-/// One fresh prompt chunk for [`prefill_attention`]: its rows in the step's packed q/k/v and the
-/// first row it writes in the output.
+/// One prompt chunk for [`prefill_attention`]: its `len` query rows from `q_row0` in the step's
+/// packed queries, at absolute positions `start..start + len`; its keys and values (positions
+/// `0..start + len`) from row `k_row0` of `k`/`v`; its output from row `out0`. `exact` chunks
+/// are computed at 16 significant bits (scored prompts), the others on bf16-rounded inputs.
 #[derive(Debug, Clone, Copy)]
-pub struct FreshChunk {
-    pub row0: usize,
+pub struct PrefillChunk {
+    pub q_row0: usize,
     pub len: usize,
+    pub k_row0: usize,
+    pub start: usize,
     pub out0: usize,
+    pub exact: bool,
+}
+
+/// Which prefill kernel runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PrefillKernel {
+    /// f32 FMA throughout; fresh chunks only (`start` 0, keys at the queries' rows).
+    Simt,
+    /// Tensor cores (mma.sync, bf16 terms, f32 accumulation); fresh and continued chunks.
+    Mma,
+}
+
+impl PrefillKernel {
+    /// The tensor-core kernel, unless `PRUNESERVE_PREFILL_KERNEL=simt` asks for the f32 one
+    /// (kept for A/B measurements; f32 caches always use it).
+    pub fn for_bf16() -> Self {
+        static KERNEL: std::sync::OnceLock<PrefillKernel> = std::sync::OnceLock::new();
+        *KERNEL.get_or_init(
+            || match std::env::var("PRUNESERVE_PREFILL_KERNEL").as_deref() {
+                Ok("simt") => Self::Simt,
+                _ => Self::Mma,
+            },
+        )
+    }
 }
 
 struct PrefillAttention {
-    /// `[n, 3]` u32: row0, len, out0.
+    /// `[n, 6]` u32: q_row0, len, k_row0, start, out0, exact.
     chunks: Tensor,
     n_chunks: usize,
     max_len: usize,
     out_rows: usize,
     params: AttnParams,
+    kernel: PrefillKernel,
 }
 
-/// Causal attention of each fresh chunk's rows of the f32 queries `q` (`[T, heads, hd]`) to the
-/// same rows of `k`, `v` (`[T, kv_heads, hd]`); `[out_rows, heads * hd]` f32, chunk by chunk at
-/// their `out0` (rows no chunk covers are left unwritten).
+/// Causal attention of each chunk's rows of the f32 queries `q` (`[T, heads, hd]`) to its keys
+/// and values in `k`, `v` (`[*, kv_heads, hd]`, f32); `[out_rows, heads * hd]` f32, chunk by
+/// chunk at their `out0` (rows no chunk covers are left unwritten).
 pub fn prefill_attention(
     (q, k, v): (&Tensor, &Tensor, &Tensor),
-    chunks: &[FreshChunk],
+    chunks: &[PrefillChunk],
     out_rows: usize,
     params: &AttnParams,
+    kernel: PrefillKernel,
 ) -> Result<Tensor> {
     if params.head_dim > MAX_HEAD_DIM || !params.head_dim.is_multiple_of(16) {
         candle_core::bail!(
@@ -237,19 +271,78 @@ pub fn prefill_attention(
             params.head_dim
         );
     }
+    if kernel == PrefillKernel::Simt && chunks.iter().any(|c| c.start > 0 || c.k_row0 != c.q_row0) {
+        candle_core::bail!("the f32 prefill kernel takes fresh chunks only");
+    }
     let flat: Vec<u32> = chunks
         .iter()
-        .flat_map(|c| [c.row0 as u32, c.len as u32, c.out0 as u32])
+        .flat_map(|c| {
+            [
+                c.q_row0,
+                c.len,
+                c.k_row0,
+                c.start,
+                c.out0,
+                usize::from(c.exact),
+            ]
+            .map(|x| x as u32)
+        })
         .collect();
     let op = PrefillAttention {
-        chunks: Tensor::from_vec(flat, (chunks.len(), 3), q.device())?,
+        chunks: Tensor::from_vec(flat, (chunks.len(), 6), q.device())?,
         n_chunks: chunks.len(),
         max_len: chunks.iter().map(|c| c.len).max().unwrap_or(0),
         out_rows,
         params: *params,
+        kernel,
     };
     q.contiguous()?
         .apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &op)
+}
+
+/// Query rows per block of the tensor-core kernel (MMA_ROWS), and its instantiations: head
+/// size bound D and key tile BC (prefill_mma_d{D} in attention.cu).
+const MMA_ROWS: usize = 64;
+const MMA_THREADS: u32 = 128;
+
+fn mma_shape(hd: usize) -> (usize, usize) {
+    match hd {
+        0..=64 => (64, 64),
+        65..=128 => (128, 64),
+        _ => (256, 32),
+    }
+}
+
+/// Dynamic shared memory of prefill_mma: hi and lo terms of the Q tile, the K tile and the
+/// transposed V tile, bf16, rows padded by 8 elements.
+fn mma_smem_bytes(d: usize, bc: usize) -> usize {
+    2 * 2 * (MMA_ROWS * (d + 8) + bc * (d + 8) + d * (bc + 8))
+}
+
+impl PrefillAttention {
+    /// The kernel's name, grid width (query tiles), threads and dynamic shared memory.
+    fn launch_shape(&self, hd: usize) -> (String, usize, u32, usize) {
+        match self.kernel {
+            PrefillKernel::Simt => {
+                let rows_per_tile = if hd <= 128 { 32 } else { 16 };
+                (
+                    "prefill_attention_f32".to_string(),
+                    self.max_len.div_ceil(rows_per_tile),
+                    256,
+                    0,
+                )
+            }
+            PrefillKernel::Mma => {
+                let (d, bc) = mma_shape(hd);
+                (
+                    format!("prefill_mma_d{d}"),
+                    self.max_len.div_ceil(MMA_ROWS),
+                    MMA_THREADS,
+                    mma_smem_bytes(d, bc),
+                )
+            }
+        }
+    }
 }
 
 impl candle_core::CustomOp3 for PrefillAttention {
@@ -288,9 +381,21 @@ impl candle_core::CustomOp3 for PrefillAttention {
         let chunks = cuda_view::<u32>(&cg, cl, "chunk table")?;
         // SAFETY: the kernel writes every row the chunks cover; the caller reads only those.
         let out = unsafe { dev.alloc::<f32>(self.out_rows.max(1) * heads * hd)? };
-        let func =
-            dev.get_or_load_custom_func("prefill_attention_f32", "pruneserve_attention", PTX)?;
-        let rows_per_tile = if hd <= 128 { 32 } else { 16 };
+        let (name, grid_x, threads, smem) = self.launch_shape(hd);
+        // The tensor-core kernel stages keys and values from their bf16 terms.
+        let terms = match self.kernel {
+            PrefillKernel::Mma => Some((split_bf16(&dev, &k)?, split_bf16(&dev, &v)?, k.len())),
+            PrefillKernel::Simt => None,
+        };
+        let func = dev.get_or_load_custom_func(&name, "pruneserve_attention", PTX)?;
+        if smem > 0 {
+            use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum as Attr;
+            func.set_attribute(
+                Attr::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                smem as i32,
+            )
+            .w()?;
+        }
         let ints = [
             heads as i32,
             p.num_kv_heads as i32,
@@ -299,7 +404,12 @@ impl candle_core::CustomOp3 for PrefillAttention {
         ];
         let floats = [p.scale as f32, p.softcap.unwrap_or(0.0) as f32];
         let mut b = func.builder();
-        b.arg(&q).arg(&k).arg(&v).arg(&out).arg(&chunks);
+        b.arg(&q);
+        match &terms {
+            Some((kt, vt, len)) => b.arg(kt).arg(vt).arg(len),
+            None => b.arg(&k).arg(&v),
+        };
+        b.arg(&out).arg(&chunks);
         for i in &ints {
             b.arg(i);
         }
@@ -307,16 +417,13 @@ impl candle_core::CustomOp3 for PrefillAttention {
             b.arg(f);
         }
         let cfg = LaunchConfig {
-            grid_dim: (
-                self.max_len.div_ceil(rows_per_tile) as u32,
-                heads as u32,
-                self.n_chunks as u32,
-            ),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
+            grid_dim: (grid_x as u32, heads as u32, self.n_chunks as u32),
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: smem as u32,
         };
-        // SAFETY: the arguments match `prefill_attention_f32` in attention.cu; chunk rows lie
-        // inside q/k/v and output rows inside `out`.
+        // SAFETY: the arguments match `prefill_attention_f32` and `prefill_mma_d*` in
+        // attention.cu; chunk rows lie inside q/k/v and output rows inside `out`; the dynamic
+        // shared memory is what the instantiation's tiles take (allowed above).
         unsafe { b.launch(cfg) }.w()?;
         Ok((
             CudaStorage::wrap_cuda_slice(out, dev),

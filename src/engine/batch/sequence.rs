@@ -73,6 +73,11 @@ impl Sequence {
         &self.context
     }
 
+    /// Context tokens still to feed.
+    pub(super) fn unfed(&self) -> usize {
+        self.context.len() - self.fed
+    }
+
     /// Nothing of the context has run yet (and no prefix-cache hit gave any of it).
     pub(super) fn is_fresh(&self) -> bool {
         self.fed == 0 && self.in_kv == 0 && self.pending.is_none()

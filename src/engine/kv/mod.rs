@@ -75,6 +75,8 @@ pub struct ChunkRef {
     pub offset: usize,
     pub len: usize,
     pub start: usize,
+    /// The chunk's prompt logprobs are asked for: its rows are computed at full precision.
+    pub scored: bool,
 }
 
 /// Storage and attention for cached keys/values. `plan_pos` is the layer's position in the
@@ -111,14 +113,15 @@ pub trait KvCache: Send {
     fn shares_kv(&self) -> bool {
         false
     }
-    /// Gives `to` the keys and values `from` holds at plan positions `0..positions` (both fed
-    /// the same tokens from position 0 through the same layers there); `false` when this cache
-    /// cannot.
+    /// Gives `to` the keys and values `from` holds at plan positions `0..positions` for their
+    /// first `tokens` tokens (both fed the same tokens from position 0 through the same layers
+    /// there, `to` nothing yet); `false` when this cache cannot.
     fn share_kv(
         &mut self,
         _from: SeqId,
         _to: SeqId,
         _positions: usize,
+        _tokens: usize,
     ) -> candle_core::Result<bool> {
         Ok(false)
     }
@@ -164,7 +167,7 @@ pub struct ContiguousKvCache {
     dtype: DType,
     masks: MaskCache,
     /// Cached prefixes, when prefix caching is on; their blocks come out of the same pool.
-    prefixes: Option<prefix::PrefixStore>,
+    prefixes: Option<prefix::PrefixStore<Vec<(Tensor, Tensor)>>>,
 }
 
 impl ContiguousKvCache {
@@ -325,7 +328,13 @@ impl KvCache for ContiguousKvCache {
         true
     }
 
-    fn share_kv(&mut self, from: SeqId, to: SeqId, positions: usize) -> candle_core::Result<bool> {
+    fn share_kv(
+        &mut self,
+        from: SeqId,
+        to: SeqId,
+        positions: usize,
+        _tokens: usize,
+    ) -> candle_core::Result<bool> {
         let Some(src) = self.seqs.get(&from) else {
             return Ok(false);
         };
@@ -391,7 +400,8 @@ impl KvCache for ContiguousKvCache {
         if blocks > beside_live {
             return Ok(());
         }
+        // Dropped entries' tensors are freed with them.
         store.shrink_to(beside_live - blocks);
-        store.offer(keys, tokens, &kv, memo, pins)
+        store.offer(keys, tokens, &kv, memo, pins).map(drop)
     }
 }

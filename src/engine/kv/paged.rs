@@ -1,16 +1,23 @@
 //! The CUDA paged KV cache: one pool of layer-blocks per base (every plan over it draws from the
 //! same pool), written with mistralrs-paged-attn's `reshape_and_cache` and read on decode by our
-//! grouped-query kernel; fresh prompt chunks attend to their own keys/values in one kernel launch
-//! per layer ([`crate::engine::attention::cuda`]), continued ones with candle ops against their history
-//! gathered from the pool.
+//! grouped-query kernel; prompt chunks attend in one kernel launch per layer and kind
+//! ([`crate::engine::attention::cuda`]): fresh ones to their own keys/values, continued ones (bf16
+//! caches) to their history gathered from the pool; f32 caches take continued chunks through
+//! candle ops.
+
+use std::sync::Arc;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
 use mistralrs_paged_attn::{gather_kv_cache, reshape_and_cache};
 
-use crate::engine::attention::cuda::{paged_decode, prefill_attention, FreshChunk, BLOCK_SIZE};
+use crate::engine::attention::cuda::{
+    paged_decode, prefill_attention, PrefillChunk, PrefillKernel, BLOCK_SIZE,
+};
 use crate::engine::attention::{attend_chunk, chunk_heads, AttnParams, MaskCache};
-use crate::engine::kv::tables::{BlockPool, StepTables};
+use crate::engine::kv::prefix::{Pin, PrefixStore, ScoreMemo};
+use crate::engine::kv::tables::{BlockPool, BlockTables, StepTables};
 use crate::engine::kv::{ChunkRef, KvCache, KvCapacity, KvError, KvUsage};
+use crate::engine::sample::scoring::TokenScore;
 use crate::engine::SeqId;
 
 struct DecodeIndex {
@@ -44,6 +51,8 @@ pub struct PagedKvCache {
     dtype: DType,
     step: Option<UploadedStep>,
     masks: MaskCache,
+    /// Prefix caching: entries name pool blocks, which they hold beside the sequences using them.
+    prefixes: Option<PrefixStore<BlockTables>>,
 }
 
 fn kernel_err(e: KvError) -> candle_core::Error {
@@ -91,10 +100,74 @@ impl PagedKvCache {
             dtype,
             step: None,
             masks: MaskCache::default(),
+            prefixes: None,
         })
     }
 
-    /// Keys and values `[kv_heads, len, d]` of `seq`'s first `len` tokens at `plan_pos`.
+    /// Keeps the prefixes of finished sequences (`--enable-prefix-caching`).
+    pub fn with_prefix_caching(mut self) -> Self {
+        self.prefixes = Some(PrefixStore::new(self.pool.block_size()));
+        self
+    }
+
+    /// Copies whole blocks of both caches, (source, destination) pairs, on the device's stream.
+    fn copy_blocks(&self, pairs: &[(u32, u32)]) -> candle_core::Result<()> {
+        use candle_core::backend::BackendStorage;
+        use candle_core::cuda_backend::cudarc::driver::{result::memcpy_dtod_async, DevicePtr};
+        use candle_core::cuda_backend::WrapErr;
+        if pairs.is_empty() {
+            return Ok(());
+        }
+        let blocks = self.pool.total_blocks();
+        for cache in [&self.key_cache, &self.value_cache] {
+            let bytes = cache.elem_count() / blocks * self.dtype.size_in_bytes();
+            let (storage, layout) = cache.storage_and_layout();
+            let candle_core::Storage::Cuda(s) = &*storage else {
+                candle_core::bail!("kv: the paged cache is not on a CUDA device");
+            };
+            let stream = s.device().cuda_stream();
+            let view = match self.dtype {
+                DType::BF16 => {
+                    crate::engine::attention::cuda::storage_view::<half::bf16>(
+                        s,
+                        layout,
+                        "key/value cache",
+                    )?
+                    .device_ptr(&stream)
+                    .0
+                }
+                _ => {
+                    crate::engine::attention::cuda::storage_view::<f32>(
+                        s,
+                        layout,
+                        "key/value cache",
+                    )?
+                    .device_ptr(&stream)
+                    .0
+                }
+            };
+            for &(src, dst) in pairs {
+                let at = |b: u32| view + (b as usize * bytes) as u64;
+                // SAFETY: both blocks lie inside the cache (ids below its block count) and are
+                // distinct; the copy is ordered on candle's stream like every kernel using them.
+                unsafe { memcpy_dtod_async(at(dst), at(src), bytes, stream.cu_stream()) }.w()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Lets go of the least recently used prefix entry's blocks; `false` when there is none.
+    fn evict_prefix(&mut self) -> bool {
+        match self.prefixes.as_mut().and_then(PrefixStore::evict_one) {
+            Some(dropped) => {
+                self.pool.hold_for_entry(&dropped.tables, false);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Keys and values `[len, kv_heads, d]` of `seq`'s first `len` tokens at `plan_pos`.
     fn gather(
         &self,
         seq: SeqId,
@@ -114,10 +187,7 @@ impl PagedKvCache {
             &cu,
             self.dtype,
         )?;
-        Ok((
-            k.transpose(0, 1)?.contiguous()?,
-            v.transpose(0, 1)?.contiguous()?,
-        ))
+        Ok((k, v))
     }
 }
 
@@ -136,7 +206,13 @@ impl KvCache for PagedKvCache {
     }
 
     fn reserve(&mut self, seq: SeqId, total_len: usize) -> Result<(), KvError> {
-        self.pool.reserve(seq, total_len)
+        // Blocks only cached prefixes hold are given up, least recently used first.
+        loop {
+            match self.pool.reserve(seq, total_len) {
+                Err(KvError::OutOfBlocks { .. }) if self.evict_prefix() => continue,
+                other => return other,
+            }
+        }
     }
 
     fn begin_step(&mut self, chunks: &[ChunkRef], plan_len: usize) -> candle_core::Result<()> {
@@ -243,30 +319,49 @@ impl KvCache for PagedKvCache {
             // The output is in q's dtype, f32 on steps with prompt rows.
             parts.push(out.reshape((n_dec, width))?.to_dtype(q.dtype())?);
         }
-        // Fresh prompt chunks (f32 on prefill steps) attend to their own unrounded keys, all in
-        // one kernel launch; continued chunks to their history gathered from the pool.
-        let is_fresh = |c: &ChunkRef| c.len > 1 && c.start == 0 && q.dtype() == DType::F32;
-        let mut fresh = Vec::new();
-        let mut fresh_rows = 0;
-        for c in chunks.iter().filter(|c| is_fresh(c)) {
-            fresh.push(FreshChunk {
-                row0: c.offset,
-                len: c.len,
-                out0: fresh_rows,
-            });
-            fresh_rows += c.len;
-        }
+        // Prompt chunks (f32 on prefill steps): fresh ones attend to their own unrounded keys,
+        // continued ones (bf16 caches) to their history gathered from the pool; each kind in one
+        // kernel launch.
+        let kernel = match self.dtype {
+            DType::BF16 => PrefillKernel::for_bf16(),
+            _ => PrefillKernel::Simt,
+        };
+        let prompt = |c: &ChunkRef| c.len > 1 && q.dtype() == DType::F32;
+        let is_fresh = |c: &ChunkRef| prompt(c) && c.start == 0;
+        let is_continued = |c: &ChunkRef| prompt(c) && c.start > 0 && kernel == PrefillKernel::Mma;
+        let fresh = prompt_chunks(chunks.iter().filter(|c| is_fresh(c)), |_, c| (c.offset, 0));
         let fresh_out = if fresh.is_empty() {
             None
         } else {
-            let out = prefill_attention((q, k, v), &fresh, fresh_rows, params)?;
-            if fresh.len() == chunks.len() {
+            let out = prefill_attention((q, k, v), &fresh.chunks, fresh.rows, params, kernel)?;
+            if fresh.chunks.len() == chunks.len() {
                 // Every chunk is a fresh prompt: the rows are already in packed order.
                 return Ok(out);
             }
             Some(out)
         };
-        let mut next_fresh = 0;
+        let continued = prompt_chunks(chunks.iter().filter(|c| is_continued(c)), |k_rows, c| {
+            (k_rows, c.start)
+        });
+        let continued_out = if continued.is_empty() {
+            None
+        } else {
+            let mut history = (Vec::new(), Vec::new());
+            for c in chunks.iter().filter(|c| is_continued(c)) {
+                let (hk, hv) = self.gather(c.seq, plan_pos, c.start + c.len)?;
+                history.0.push(hk.to_dtype(DType::F32)?);
+                history.1.push(hv.to_dtype(DType::F32)?);
+            }
+            let (hk, hv) = (Tensor::cat(&history.0, 0)?, Tensor::cat(&history.1, 0)?);
+            Some(prefill_attention(
+                (q, &hk, &hv),
+                &continued.chunks,
+                continued.rows,
+                params,
+                kernel,
+            )?)
+        };
+        let (mut next_fresh, mut next_continued) = (0, 0);
         for c in chunks {
             if fused && c.len == 1 {
                 continue;
@@ -276,10 +371,19 @@ impl KvCache for PagedKvCache {
                 next_fresh += c.len;
                 continue;
             }
+            if let (Some(out), true) = (&continued_out, is_continued(c)) {
+                parts.push(out.narrow(0, next_continued, c.len)?);
+                next_continued += c.len;
+                continue;
+            }
             let (keys, values) = if c.start == 0 {
                 (chunk_heads(k, c)?, chunk_heads(v, c)?)
             } else {
-                self.gather(c.seq, plan_pos, c.start + c.len)?
+                let (hk, hv) = self.gather(c.seq, plan_pos, c.start + c.len)?;
+                (
+                    hk.transpose(0, 1)?.contiguous()?,
+                    hv.transpose(0, 1)?.contiguous()?,
+                )
             };
             parts.push(attend_chunk(
                 q,
@@ -307,7 +411,10 @@ impl KvCache for PagedKvCache {
     }
 
     fn usage(&self) -> KvUsage {
-        self.pool.usage()
+        KvUsage {
+            memo_bytes: self.prefixes.as_ref().map_or(0, PrefixStore::memo_bytes),
+            ..self.pool.usage()
+        }
     }
 
     fn capacity(&self) -> KvCapacity {
@@ -318,4 +425,107 @@ impl KvCache for PagedKvCache {
             per_layer: true,
         }
     }
+
+    fn prefix_caching(&self) -> bool {
+        self.prefixes.is_some()
+    }
+
+    fn shares_kv(&self) -> bool {
+        true
+    }
+
+    fn share_kv(
+        &mut self,
+        from: SeqId,
+        to: SeqId,
+        positions: usize,
+        tokens: usize,
+    ) -> candle_core::Result<bool> {
+        match self.pool.share_prefix(from, to, positions, tokens) {
+            Some(copies) => {
+                self.copy_blocks(&copies)?;
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    fn attach_prefix(
+        &mut self,
+        seq: SeqId,
+        keys: &[u64],
+        tokens: &[u32],
+        scoring: Option<usize>,
+    ) -> candle_core::Result<(usize, Vec<TokenScore>)> {
+        let Some(store) = self.prefixes.as_mut() else {
+            return Ok((0, Vec::new()));
+        };
+        match store.lookup(keys, tokens, scoring)? {
+            Some(hit) if self.pool.attach(seq, &hit.kv.tables) => Ok((hit.tokens, hit.scores)),
+            _ => Ok((0, Vec::new())),
+        }
+    }
+
+    fn offer_prefix(
+        &mut self,
+        seq: SeqId,
+        keys: Vec<u64>,
+        tokens: &[u32],
+        memo: Option<Arc<ScoreMemo>>,
+        pins: Vec<Pin>,
+    ) -> candle_core::Result<()> {
+        let Some(store) = self.prefixes.as_mut() else {
+            return Ok(());
+        };
+        let block_size = self.pool.block_size();
+        let Some(tables) = self.pool.leading_blocks(seq, tokens.len() / block_size) else {
+            return Ok(());
+        };
+        let entry = BlockTables { block_size, tables };
+        let offered = store.offer(keys, tokens, &entry, memo, pins)?;
+        // The new entry takes its blocks before replaced ones let go of theirs (they may share).
+        if let Some(kept) = offered.kept {
+            self.pool.hold_for_entry(&kept.tables, true);
+        }
+        for dropped in &offered.dropped {
+            self.pool.hold_for_entry(&dropped.tables, false);
+        }
+        Ok(())
+    }
+}
+
+/// The chunks of one prefill launch and the output rows they fill.
+struct PromptChunks {
+    chunks: Vec<PrefillChunk>,
+    rows: usize,
+}
+
+impl PromptChunks {
+    fn is_empty(&self) -> bool {
+        self.chunks.is_empty()
+    }
+}
+
+/// `chunks` laid out for [`prefill_attention`]: outputs packed in order; `keys(k_rows, c)` gives
+/// a chunk's first key row and start position, with `k_rows` the key rows of the chunks before
+/// it (each takes `start + len`).
+fn prompt_chunks<'a>(
+    chunks: impl Iterator<Item = &'a ChunkRef>,
+    keys: impl Fn(usize, &ChunkRef) -> (usize, usize),
+) -> PromptChunks {
+    let (mut out, mut rows, mut k_rows) = (Vec::new(), 0, 0);
+    for c in chunks {
+        let (k_row0, start) = keys(k_rows, c);
+        out.push(PrefillChunk {
+            q_row0: c.offset,
+            len: c.len,
+            k_row0,
+            start,
+            out0: rows,
+            exact: c.scored,
+        });
+        rows += c.len;
+        k_rows += c.start + c.len;
+    }
+    PromptChunks { chunks: out, rows }
 }

@@ -1,6 +1,8 @@
-//! Automatic prefix caching for the contiguous cache: the keys and values of finished (or
-//! preempted) sequences, kept by what produced them, reused by later sequences that would compute
-//! the same ones.
+//! Automatic prefix caching: the keys and values of finished (or preempted) sequences, kept by
+//! what produced them, reused by later sequences that would compute the same ones. The store
+//! decides what is kept; what an entry holds is the cache's ([`CachedKv`]): copies of the
+//! tensors (the contiguous cache) or references to pool blocks (the paged cache, which counts
+//! them, so the store hands back what it drops).
 //!
 //! A cached entry holds, for each position of its plan, the KV of its first `n` tokens (whole
 //! blocks). The KV at plan position `p` depends on the tokens and on what ran up to and including
@@ -10,8 +12,9 @@
 //! entry's first `d` tokens. Reuse is all-or-nothing over the sequence's positions: a plan that
 //! diverges from the entry at some layer needs the hidden states there, which are not kept.
 //!
-//! Entries occupy blocks of the pool as sequences do (full plan depth); the least recently used is
-//! evicted when room is needed. Hits never show in results beyond the float reordering of chunked
+//! Entries occupy blocks of the pool as sequences do (full plan depth; the paged cache shares
+//! them with the sequences that use them); the least recently used is evicted when room is
+//! needed. Hits never show in results beyond the float reordering of chunked
 //! prefill (a continued chunk attends to cached history in the cache's dtype, f32 on the CPU).
 //!
 //! Prompt logprobs: an entry offered by a sequence that scored its prompt keeps those scores (a
@@ -55,13 +58,48 @@ impl ScoreMemo {
     }
 }
 
+/// What an entry holds per plan position for its tokens.
+pub trait CachedKv: Sized {
+    /// The first `tokens` tokens (whole blocks) at the first `positions` plan positions, for a
+    /// sequence that reuses them.
+    fn head(&self, positions: usize, tokens: usize) -> candle_core::Result<Self>;
+    /// The first `tokens` tokens at every position, as an entry keeps them.
+    fn keep(&self, tokens: usize) -> candle_core::Result<Self>;
+    fn positions(&self) -> usize;
+}
+
+/// The contiguous cache's: keys and values `[kv_heads, tokens, head_dim]` per position.
+impl CachedKv for Vec<(Tensor, Tensor)> {
+    fn head(&self, positions: usize, tokens: usize) -> candle_core::Result<Self> {
+        self[..positions.min(self.len())]
+            .iter()
+            .map(|(k, v)| Ok((k.narrow(1, 0, tokens)?, v.narrow(1, 0, tokens)?)))
+            .collect()
+    }
+
+    fn keep(&self, tokens: usize) -> candle_core::Result<Self> {
+        // Copies: the sequence's tensors also hold what comes after.
+        self.iter()
+            .map(|(k, v)| {
+                Ok((
+                    k.narrow(1, 0, tokens)?.contiguous()?,
+                    v.narrow(1, 0, tokens)?.contiguous()?,
+                ))
+            })
+            .collect()
+    }
+
+    fn positions(&self) -> usize {
+        self.len()
+    }
+}
+
 /// One cached prefix.
-struct Entry {
+struct Entry<P> {
     /// Per plan position, the key of what produced its KV.
     keys: Vec<u64>,
     tokens: Vec<u32>,
-    /// Per plan position, keys and values `[kv_heads, tokens, head_dim]`.
-    kv: Vec<(Tensor, Tensor)>,
+    kv: P,
     memo: Option<Arc<ScoreMemo>>,
     /// Host bytes of `memo` (counted once, when the entry is made).
     memo_bytes: usize,
@@ -70,7 +108,7 @@ struct Entry {
     _pins: Vec<Pin>,
 }
 
-impl Entry {
+impl<P> Entry<P> {
     /// How many of `tokens` a sequence can take from this entry, at most `limit` (the caller
     /// rounds down to whole blocks): for a scoring sequence (`Some(top_k)`) also no more than the memo scored
     /// with the same tokens (the score of token `d` included).
@@ -90,8 +128,8 @@ impl Entry {
     }
 }
 
-pub struct PrefixStore {
-    entries: Vec<Entry>,
+pub struct PrefixStore<P> {
+    entries: Vec<Entry<P>>,
     block_size: usize,
     clock: u64,
     /// Blocks held by entries.
@@ -102,13 +140,13 @@ pub struct PrefixStore {
 
 /// What a lookup found: the KV of the first `tokens` tokens for each of the asking plan's
 /// positions, and for a scoring sequence the scores of tokens `1..=tokens`.
-pub struct PrefixHit {
+pub struct PrefixHit<P> {
     pub tokens: usize,
-    pub kv: Vec<(Tensor, Tensor)>,
+    pub kv: P,
     pub scores: Vec<TokenScore>,
 }
 
-impl PrefixStore {
+impl<P: CachedKv> PrefixStore<P> {
     pub fn new(block_size: usize) -> Self {
         Self {
             entries: Vec::new(),
@@ -125,10 +163,11 @@ impl PrefixStore {
         self.memo_bytes
     }
 
-    /// Takes a removed entry's blocks and memo bytes off the totals.
-    fn forget(&mut self, e: &Entry) {
+    /// Takes a removed entry's blocks and memo bytes off the totals; returns what it held.
+    fn forget(&mut self, e: Entry<P>) -> P {
         self.used_blocks -= e.blocks;
         self.memo_bytes -= e.memo_bytes;
+        e.kv
     }
 
     /// The longest reusable prefix for a sequence with position `keys` and `tokens`, in whole
@@ -139,7 +178,7 @@ impl PrefixStore {
         keys: &[u64],
         tokens: &[u32],
         scoring: Option<usize>,
-    ) -> candle_core::Result<Option<PrefixHit>> {
+    ) -> candle_core::Result<Option<PrefixHit<P>>> {
         let limit = tokens.len().saturating_sub(1);
         let mut best: Option<(usize, usize)> = None;
         for (i, e) in self.entries.iter().enumerate() {
@@ -154,10 +193,7 @@ impl PrefixStore {
         self.clock += 1;
         let e = &mut self.entries[i];
         e.last_used = self.clock;
-        let kv = e.kv[..keys.len()]
-            .iter()
-            .map(|(k, v)| Ok((k.narrow(1, 0, n)?, v.narrow(1, 0, n)?)))
-            .collect::<candle_core::Result<Vec<_>>>()?;
+        let kv = e.kv.head(keys.len(), n)?;
         let scores = match (scoring, &e.memo) {
             (Some(k), Some(m)) => m.scores[..n]
                 .iter()
@@ -178,43 +214,40 @@ impl PrefixStore {
 
     /// Keeps the whole blocks of `tokens` whose KV `kv` holds (per position, at least that many
     /// tokens) and the prompt scores `memo` of the sequence that computed them, unless an entry
-    /// already covers both; an entry this one covers is replaced.
+    /// already covers both; an entry this one covers is replaced. Returns what was kept (`None`
+    /// when nothing was) and what the replaced entries held.
     pub fn offer(
         &mut self,
         keys: Vec<u64>,
         tokens: &[u32],
-        kv: &[(Tensor, Tensor)],
+        kv: &P,
         memo: Option<Arc<ScoreMemo>>,
         pins: Vec<Pin>,
-    ) -> candle_core::Result<()> {
+    ) -> candle_core::Result<Offered<'_, P>> {
         let n = tokens.len() / self.block_size * self.block_size;
-        if n == 0 || kv.len() != keys.len() {
-            return Ok(());
+        let mut offered = Offered {
+            kept: None,
+            dropped: Vec::new(),
+        };
+        if n == 0 || kv.positions() != keys.len() {
+            return Ok(offered);
         }
         let tokens = &tokens[..n];
         let new = (&keys[..], tokens, memo.as_deref());
         if self.entries.iter().any(|e| covers(e.view(), new)) {
-            return Ok(());
+            return Ok(offered);
         }
+        let kv = kv.keep(n)?;
         // Entries this one covers are dropped.
         let mut kept = Vec::with_capacity(self.entries.len());
         for e in std::mem::take(&mut self.entries) {
             if covers(new, e.view()) {
-                self.forget(&e);
+                offered.dropped.push(self.forget(e));
             } else {
                 kept.push(e);
             }
         }
         self.entries = kept;
-        let kv = kv
-            .iter()
-            .map(|(k, v)| {
-                Ok((
-                    k.narrow(1, 0, n)?.contiguous()?,
-                    v.narrow(1, 0, n)?.contiguous()?,
-                ))
-            })
-            .collect::<candle_core::Result<Vec<_>>>()?;
         let blocks = n / self.block_size;
         let memo_bytes = memo.as_ref().map_or(0, |m| m.bytes());
         self.clock += 1;
@@ -230,29 +263,42 @@ impl PrefixStore {
         });
         self.used_blocks += blocks;
         self.memo_bytes += memo_bytes;
-        Ok(())
+        offered.kept = self.entries.last().map(|e| &e.kv);
+        Ok(offered)
     }
 
-    /// Evicts least recently used entries until they hold at most `max_blocks`.
-    pub fn shrink_to(&mut self, max_blocks: usize) {
-        while self.used_blocks > max_blocks && self.evict_one() {}
+    /// Evicts least recently used entries until they hold at most `max_blocks`; returns what
+    /// they held.
+    pub fn shrink_to(&mut self, max_blocks: usize) -> Vec<P> {
+        let mut dropped = Vec::new();
+        while self.used_blocks > max_blocks {
+            match self.evict_one() {
+                Some(kv) => dropped.push(kv),
+                None => break,
+            }
+        }
+        dropped
     }
 
-    /// Drops the least recently used entry; `false` when none is left.
-    pub fn evict_one(&mut self) -> bool {
-        let Some(i) = (0..self.entries.len()).min_by_key(|&i| self.entries[i].last_used) else {
-            return false;
-        };
+    /// Drops the least recently used entry and returns what it held; `None` when none is left.
+    pub fn evict_one(&mut self) -> Option<P> {
+        let i = (0..self.entries.len()).min_by_key(|&i| self.entries[i].last_used)?;
         let e = self.entries.swap_remove(i);
-        self.forget(&e);
-        true
+        Some(self.forget(e))
     }
+}
+
+/// What [`PrefixStore::offer`] did: the entry it kept (what it holds), and what the entries it
+/// replaced held.
+pub struct Offered<'a, P> {
+    pub kept: Option<&'a P>,
+    pub dropped: Vec<P>,
 }
 
 /// An entry as [`covers`] sees it: position keys, tokens, memo.
 type EntryView<'a> = (&'a [u64], &'a [u32], Option<&'a ScoreMemo>);
 
-impl Entry {
+impl<P> Entry<P> {
     fn view(&self) -> EntryView<'_> {
         (&self.keys, &self.tokens, self.memo.as_deref())
     }
@@ -359,7 +405,7 @@ mod tests {
         s.offer(k.clone(), &other, &kv(2, 8, 1.0), None, vec![])
             .unwrap();
         s.lookup(&k, &[0, 1, 2, 3, 4], None).unwrap().unwrap();
-        assert!(s.evict_one());
+        assert!(s.evict_one().is_some());
         assert_eq!(
             s.used_blocks, 3,
             "the least recently used (the other) went first"
@@ -368,7 +414,7 @@ mod tests {
             .lookup(&k, &[100, 101, 102, 103, 104], None)
             .unwrap()
             .is_none());
-        assert!(s.evict_one() && !s.evict_one());
+        assert!(s.evict_one().is_some() && s.evict_one().is_none());
         assert_eq!(s.used_blocks, 0);
     }
 
@@ -430,7 +476,7 @@ mod tests {
             .unwrap();
         assert!(s.lookup(&base, &prompt, Some(1)).unwrap().is_some());
         assert_eq!(s.memo_bytes(), memo(&prompt, 3).bytes());
-        assert!(s.evict_one() && !s.evict_one());
+        assert!(s.evict_one().is_some() && s.evict_one().is_none());
         assert_eq!((s.used_blocks, s.memo_bytes()), (0, 0));
     }
 }

@@ -2,9 +2,15 @@
 //! every machine: a free list of layer-blocks shared by all plans of a base, per-sequence block
 //! tables (one per plan position, so a plan with fewer layers holds fewer blocks), and the
 //! per-step index arrays the kernels read (slot mapping, decode block tables, context lengths).
+//!
+//! Blocks are counted: a block is held by the sequences whose tables name it and by the prefix
+//! cache's entries, and returns to the free list when the last of them lets it go. A sequence
+//! that starts from cached blocks ([`BlockPool::attach`]) only ever writes after them: cached
+//! prefixes are whole blocks, and its next token opens a block of its own.
 
 use std::collections::HashMap;
 
+use crate::engine::kv::prefix::CachedKv;
 use crate::engine::kv::{ChunkRef, KvError, KvUsage};
 use crate::engine::SeqId;
 
@@ -13,12 +19,55 @@ struct SeqBlocks {
     tables: Vec<Vec<u32>>,
 }
 
+/// Who holds a block: how many sequences' tables and how many prefix-cache entries.
+#[derive(Debug, Clone, Copy, Default)]
+struct Holders {
+    seqs: u32,
+    entries: u32,
+}
+
 /// The pool of `total` layer-blocks of `block_size` tokens each.
 pub struct BlockPool {
     block_size: usize,
     total: usize,
     free: Vec<u32>,
+    holders: Vec<Holders>,
+    /// Blocks some sequence holds.
+    live: usize,
+    /// Blocks only prefix-cache entries hold.
+    cached: usize,
     seqs: HashMap<SeqId, SeqBlocks>,
+}
+
+/// Per plan position, the blocks holding a prefix's tokens (whole blocks): what a prefix-cache
+/// entry of the paged cache holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockTables {
+    pub block_size: usize,
+    pub tables: Vec<Vec<u32>>,
+}
+
+impl CachedKv for BlockTables {
+    fn head(&self, positions: usize, tokens: usize) -> candle_core::Result<Self> {
+        let blocks = tokens / self.block_size;
+        let tables = self.tables[..positions.min(self.tables.len())]
+            .iter()
+            .map(|t| t.get(..blocks).map(<[u32]>::to_vec))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| candle_core::Error::Msg("prefix entry shorter than asked".into()))?;
+        Ok(Self {
+            block_size: self.block_size,
+            tables,
+        })
+    }
+
+    fn keep(&self, tokens: usize) -> candle_core::Result<Self> {
+        self.head(self.tables.len(), tokens)
+    }
+
+    fn positions(&self) -> usize {
+        self.tables.len()
+    }
 }
 
 /// Index arrays for one step of one plan group (row-major, ready to upload).
@@ -43,7 +92,120 @@ impl BlockPool {
             block_size,
             total,
             free: (0..total as u32).rev().collect(),
+            holders: vec![Holders::default(); total],
+            live: 0,
+            cached: 0,
             seqs: HashMap::new(),
+        }
+    }
+
+    pub fn total_blocks(&self) -> usize {
+        self.total
+    }
+
+    /// Blocks no one holds.
+    pub fn free_blocks(&self) -> usize {
+        self.free.len()
+    }
+
+    /// Adds (`+1`) or removes (`-1`) one holder of `block`, a sequence or an entry, keeping the
+    /// live and cached counts and the free list.
+    fn hold(&mut self, block: u32, seq: bool, delta: i32) {
+        let h = &mut self.holders[block as usize];
+        let before = *h;
+        let count = if seq { &mut h.seqs } else { &mut h.entries };
+        *count = count.saturating_add_signed(delta);
+        let after = *h;
+        let state = |h: Holders| (h.seqs > 0, h.seqs == 0 && h.entries > 0);
+        let ((was_live, was_cached), (is_live, is_cached)) = (state(before), state(after));
+        self.live = self.live + usize::from(is_live) - usize::from(was_live);
+        self.cached = self.cached + usize::from(is_cached) - usize::from(was_cached);
+        if after.seqs == 0 && after.entries == 0 && (before.seqs > 0 || before.entries > 0) {
+            self.free.push(block);
+        }
+    }
+
+    /// Starts the sequence `seq` (nothing written yet) from `tables`: per plan position, the
+    /// blocks of its first tokens (whole blocks, as the prefix cache keeps them), in place of
+    /// the first blocks it reserved (those are given back); `false` (nothing changed) when the
+    /// position counts differ.
+    pub fn attach(&mut self, seq: SeqId, tables: &[Vec<u32>]) -> bool {
+        let Some(s) = self.seqs.get(&seq) else {
+            return false;
+        };
+        if s.tables.len() != tables.len() {
+            return false;
+        }
+        let own: Vec<Vec<u32>> = s.tables.clone();
+        for (p, blocks) in tables.iter().enumerate() {
+            for (i, &shared) in blocks.iter().enumerate() {
+                self.hold(shared, true, 1);
+                if let Some(&mine) = own[p].get(i) {
+                    self.hold(mine, true, -1);
+                }
+            }
+        }
+        if let Some(s) = self.seqs.get_mut(&seq) {
+            for (table, blocks) in s.tables.iter_mut().zip(tables) {
+                let rest = table.get(blocks.len()..).unwrap_or_default().to_vec();
+                *table = blocks.iter().copied().chain(rest).collect();
+            }
+        }
+        true
+    }
+
+    /// The first `blocks` blocks of each of `seq`'s plan positions (`None` when it holds fewer).
+    pub fn leading_blocks(&self, seq: SeqId, blocks: usize) -> Option<Vec<Vec<u32>>> {
+        let s = self.seqs.get(&seq)?;
+        s.tables
+            .iter()
+            .map(|t| t.get(..blocks).map(<[u32]>::to_vec))
+            .collect()
+    }
+
+    /// Gives `to` (fresh: nothing written yet, room reserved for `tokens`) the blocks `from`
+    /// wrote for its first `tokens` tokens at plan positions `0..positions`: whole blocks are
+    /// shared (`to`'s own are given back); a partly filled last block is not (both will write
+    /// after it), and is returned as (from's block, to's block) pairs whose contents the caller
+    /// copies. `None` (nothing changed) when either holds too few positions or blocks.
+    pub fn share_prefix(
+        &mut self,
+        from: SeqId,
+        to: SeqId,
+        positions: usize,
+        tokens: usize,
+    ) -> Option<Vec<(u32, u32)>> {
+        let need = tokens.div_ceil(self.block_size);
+        let full = tokens / self.block_size;
+        let src = self.seqs.get(&from)?.tables.get(..positions)?.to_vec();
+        let dst = self.seqs.get(&to)?.tables.get(..positions)?.to_vec();
+        if from == to || src.iter().chain(&dst).any(|t| t.len() < need) {
+            return None;
+        }
+        let mut copies = Vec::new();
+        let mut swaps = Vec::new();
+        for (p, (s, d)) in src.iter().zip(&dst).enumerate() {
+            for i in 0..full {
+                swaps.push((p, i, d[i], s[i]));
+            }
+            if full < need {
+                copies.push((s[full], d[full]));
+            }
+        }
+        for (p, i, own, shared) in swaps {
+            self.hold(shared, true, 1);
+            self.hold(own, true, -1);
+            if let Some(t) = self.seqs.get_mut(&to) {
+                t.tables[p][i] = shared;
+            }
+        }
+        Some(copies)
+    }
+
+    /// A prefix-cache entry takes (`true`) or lets go of (`false`) `tables`' blocks.
+    pub fn hold_for_entry(&mut self, tables: &[Vec<u32>], take: bool) {
+        for &b in tables.iter().flatten() {
+            self.hold(b, false, if take { 1 } else { -1 });
         }
     }
 
@@ -81,29 +243,38 @@ impl BlockPool {
                 block_size: self.block_size,
             });
         }
+        let mut taken = Vec::with_capacity(needed);
         for table in &mut s.tables {
             for _ in 0..per_layer {
                 // Checked above: `needed` blocks are free.
-                table.extend(self.free.pop());
+                if let Some(b) = self.free.pop() {
+                    table.push(b);
+                    taken.push(b);
+                }
             }
+        }
+        for b in taken {
+            self.hold(b, true, 1);
         }
         Ok(())
     }
 
     pub fn release(&mut self, seq: SeqId) {
         if let Some(s) = self.seqs.remove(&seq) {
-            for table in s.tables {
-                self.free.extend(table);
+            for b in s.tables.into_iter().flatten() {
+                self.hold(b, true, -1);
             }
         }
     }
 
+    /// Blocks held by sequences (`used_blocks`) and only by prefix-cache entries
+    /// (`cached_blocks`); the prompt-score bytes are the cache's to fill in.
     pub fn usage(&self) -> KvUsage {
         KvUsage {
-            used_blocks: self.total - self.free.len(),
+            used_blocks: self.live,
             total_blocks: self.total,
             block_size: self.block_size,
-            cached_blocks: 0,
+            cached_blocks: self.cached,
             memo_bytes: 0,
         }
     }
@@ -220,12 +391,14 @@ mod tests {
                 offset: 0,
                 len: 5,
                 start: 0,
+                scored: false,
             },
             ChunkRef {
                 seq: 8,
                 offset: 5,
                 len: 1,
                 start: 8,
+                scored: false,
             },
         ];
         let t = pool.step_tables(&chunks, 2).unwrap();
@@ -247,5 +420,110 @@ mod tests {
         assert_eq!(t.decode_chunks, vec![1]);
         assert_eq!(t.decode_context_lens, vec![9]);
         assert_eq!((t.decode_max_blocks, t.decode_max_context), (3, 9));
+    }
+
+    #[test]
+    fn shared_blocks_return_to_the_pool_when_their_last_holder_lets_go() {
+        let mut pool = BlockPool::new(16, 4);
+        let counts = |p: &BlockPool| {
+            let u = p.usage();
+            (u.used_blocks, u.cached_blocks, p.free_blocks())
+        };
+        pool.allocate(1, 2).unwrap();
+        pool.reserve(1, 10).unwrap(); // 3 blocks x 2 positions
+        let head = pool.leading_blocks(1, 2).unwrap(); // 8 tokens x 2 positions
+        assert!(pool.leading_blocks(1, 4).is_none());
+        pool.hold_for_entry(&head, true);
+        assert_eq!(counts(&pool), (6, 0, 10));
+        pool.release(1);
+        assert_eq!(counts(&pool), (0, 4, 12), "the entry keeps its 4 blocks");
+        // A sequence that reserved room for its prompt starts from them instead of its own
+        // first blocks, and grows past them into blocks of its own.
+        pool.allocate(2, 2).unwrap();
+        pool.reserve(2, 9).unwrap(); // 3 blocks x 2 positions
+        assert_eq!(counts(&pool), (6, 4, 6));
+        assert!(pool.attach(2, &head));
+        assert_eq!(
+            counts(&pool),
+            (6, 0, 10),
+            "its own first two blocks were given back"
+        );
+        pool.reserve(2, 13).unwrap();
+        assert_eq!(counts(&pool), (8, 0, 8));
+        for (p, blocks) in head.iter().enumerate() {
+            assert_eq!(&pool.table(2, p).unwrap()[..2], blocks.as_slice());
+        }
+        pool.allocate(3, 3).unwrap();
+        assert!(!pool.attach(3, &head), "position counts must match");
+        // The entry lets go while the sequence still holds them: nothing is freed yet.
+        pool.hold_for_entry(&head, false);
+        assert_eq!(counts(&pool), (8, 0, 8));
+        pool.release(2);
+        pool.release(3);
+        assert_eq!(counts(&pool), (0, 0, 16));
+        let mut free = pool.free.clone();
+        free.sort();
+        assert_eq!(free, (0..16).collect::<Vec<u32>>(), "every block once");
+    }
+
+    #[test]
+    fn block_tables_hand_over_whole_blocks_of_the_positions_asked() {
+        let t = BlockTables {
+            block_size: 4,
+            tables: vec![vec![1, 2, 3], vec![4, 5, 6], vec![7, 8, 9]],
+        };
+        let head = t.head(2, 8).unwrap();
+        assert_eq!(head.tables, vec![vec![1, 2], vec![4, 5]]);
+        assert_eq!(t.keep(4).unwrap().tables, vec![vec![1], vec![4], vec![7]]);
+        assert!(t.head(3, 16).is_err());
+    }
+
+    #[test]
+    fn a_branch_shares_whole_blocks_and_copies_the_partial_one() {
+        let mut pool = BlockPool::new(32, 4);
+        for seq in [1, 2] {
+            pool.allocate(seq, 3).unwrap();
+            pool.reserve(seq, 10).unwrap(); // 3 blocks x 3 positions each
+        }
+        assert_eq!(pool.usage().used_blocks, 18);
+        let trunk: Vec<Vec<u32>> = (0..3).map(|p| pool.table(1, p).unwrap().to_vec()).collect();
+        let own: Vec<Vec<u32>> = (0..3).map(|p| pool.table(2, p).unwrap().to_vec()).collect();
+        // 10 tokens: two whole blocks shared, the third copied, at the first two positions.
+        let copies = pool.share_prefix(1, 2, 2, 10).unwrap();
+        assert_eq!(
+            copies,
+            vec![(trunk[0][2], own[0][2]), (trunk[1][2], own[1][2])]
+        );
+        for p in 0..2 {
+            let t = pool.table(2, p).unwrap();
+            assert_eq!(&t[..2], &trunk[p][..2]);
+            assert_eq!(t[2], own[p][2]);
+        }
+        assert_eq!(
+            pool.table(2, 2).unwrap(),
+            own[2].as_slice(),
+            "position 2 is its own"
+        );
+        assert_eq!(
+            pool.usage().used_blocks,
+            14,
+            "four of its own blocks given back"
+        );
+        assert!(
+            pool.share_prefix(1, 2, 4, 10).is_none(),
+            "more positions than held"
+        );
+        assert!(
+            pool.share_prefix(1, 2, 2, 20).is_none(),
+            "more tokens than reserved"
+        );
+        pool.release(1);
+        assert_eq!(
+            pool.usage().used_blocks,
+            9,
+            "the shared blocks stay with seq 2"
+        );
+        pool.release(2);
+        assert_eq!(pool.free_blocks(), 32);
     }
 }

@@ -17,7 +17,7 @@ use crate::engine::instrument::taps::LayerTap;
 use crate::engine::kv::{ChunkRef, KvCache};
 use crate::engine::model::rope::RopeTables;
 use crate::engine::ops::fused::{act_mul, rms_norm_to, rope_heads};
-use crate::engine::ops::gemm::linear_f32;
+use crate::engine::ops::gemm::{linear_rows, ExactRows};
 use crate::plan::LayerPlan;
 use config::Activation;
 
@@ -56,18 +56,23 @@ struct Mlp {
 
 impl Mlp {
     /// Normed rows in (`act` dtype), f32 rows out; the activation product is written in `act`.
-    fn forward(
-        &self,
-        x: &Tensor,
-        act: DType,
-        lora: &StepLora,
-        layer: usize,
-    ) -> candle_core::Result<Tensor> {
+    fn forward(&self, x: &Tensor, at: LayerAt<'_>) -> candle_core::Result<Tensor> {
+        let LayerAt {
+            layer,
+            act,
+            exact,
+            lora,
+            ..
+        } = at;
         let dev = x.device();
-        let gate_up = phase(dev, "gate_up gemm", || linear_f32(x, &self.gate_up, None))?;
+        let gate_up = phase(dev, "gate_up gemm", || {
+            linear_rows(x, &self.gate_up, None, exact)
+        })?;
         let gate_up = phase(dev, "lora", || lora.add(gate_up, x, layer, Group::GateUp))?;
         let m = phase(dev, "act_mul", || act_mul(&gate_up, self.act, act))?;
-        let down = phase(dev, "down gemm", || linear_f32(&m, &self.down, None))?;
+        let down = phase(dev, "down gemm", || {
+            linear_rows(&m, &self.down, None, exact)
+        })?;
         phase(dev, "lora", || lora.add(down, &m, layer, Group::Down))
     }
 }
@@ -215,6 +220,7 @@ impl DecoderLayer {
             plan_pos,
             layer,
             act,
+            exact,
             lora,
         } = at;
         let p = &self.attn.params;
@@ -222,7 +228,7 @@ impl DecoderLayer {
         let dev = x.device();
         let h = phase(dev, "norms", || self.attn_in_norm.forward(x, act))?;
         let qkv = phase(dev, "qkv gemm", || {
-            linear_f32(&h, &self.attn.qkv, self.attn.qkv_bias.as_ref())
+            linear_rows(&h, &self.attn.qkv, self.attn.qkv_bias.as_ref(), exact)
         })?;
         let qkv = phase(dev, "lora", || lora.add(qkv, &h, layer, Group::Qkv))?;
         // A fresh prompt attends to its own keys in `act`; the cache rounds what it stores.
@@ -236,14 +242,14 @@ impl DecoderLayer {
         let a = phase(dev, "attention", || {
             cache.attend(plan_pos, chunks, &q, &k, &v, p)
         })?;
-        let o = phase(dev, "o gemm", || linear_f32(&a, &self.attn.o, None))?;
+        let o = phase(dev, "o gemm", || linear_rows(&a, &self.attn.o, None, exact))?;
         let a = phase(dev, "lora", || lora.add(o, &a, layer, Group::O))?;
         let x = phase(dev, "norms", || match &self.attn_out_norm {
             Some(n) => x + n.forward(&a, DType::F32)?,
             None => x + a,
         })?;
         let h = phase(dev, "norms", || self.mlp_in_norm.forward(&x, act))?;
-        let m = self.mlp.forward(&h, act, lora, layer)?;
+        let m = self.mlp.forward(&h, at)?;
         phase(dev, "norms", || match &self.mlp_out_norm {
             Some(n) => x + n.forward(&m, DType::F32)?,
             None => x + m,
@@ -252,12 +258,13 @@ impl DecoderLayer {
 }
 
 /// Where a layer runs in a forward: its position in the plan (the KV cache's index), its base
-/// index, the step's activation dtype and the step's adapters.
+/// index, the step's activation dtype and exact rows, and the step's adapters.
 #[derive(Clone, Copy)]
 struct LayerAt<'a> {
     plan_pos: usize,
     layer: usize,
     act: DType,
+    exact: &'a ExactRows,
     lora: &'a StepLora,
 }
 
@@ -271,8 +278,10 @@ pub struct Extras<'a> {
 
 /// The precision of a step's activations, the inputs of every projection. The residual stream
 /// is f32 throughout and projections accumulate in f32; with bf16 weights:
-/// - steps with prompt rows keep activations in f32 and every projection takes them compensated
-///   (two bf16 terms, [`linear_f32`]), so prompt logprobs carry no bf16 rounding of activations;
+/// - steps with prompt rows keep activations in f32; the rows of scored chunks (prompt logprobs
+///   asked, [`exact_rows`]) take them compensated (two bf16 terms, [`linear_rows`]), so prompt
+///   logprobs carry no bf16 rounding of activations, and every other row takes them rounded
+///   once to bf16 (one GEMM, the cost of a bf16 prefill);
 /// - decode-only steps round them once to bf16 (one GEMM each, the memory-bound fast path), as
 ///   the paged decode kernel takes its queries.
 ///
@@ -283,6 +292,22 @@ pub fn activation_dtype(weights: DType, chunks: &[ChunkRef]) -> DType {
     } else {
         DType::F32
     }
+}
+
+/// The packed rows of the scored chunks: those whose projections are compensated (every row of
+/// the step with `PRUNESERVE_EXACT_ROWS=all`, the rule before scored-only compensation, kept for
+/// A/B measurements).
+pub fn exact_rows(chunks: &[ChunkRef]) -> ExactRows {
+    static ALL: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if *ALL.get_or_init(|| std::env::var("PRUNESERVE_EXACT_ROWS").is_ok_and(|v| v == "all")) {
+        return ExactRows::all(chunks.iter().map(|c| c.len).sum());
+    }
+    ExactRows::from_runs(
+        chunks
+            .iter()
+            .filter(|c| c.scored)
+            .map(|c| c.offset..c.offset + c.len),
+    )
 }
 
 /// A step of one-token chunks only (no prompt rows).
@@ -382,6 +407,7 @@ impl DecoderModel {
             None => (0, self.embed_rows(tokens, overlay)?),
         };
         let act = activation_dtype(self.dtype, chunks);
+        let exact = exact_rows(chunks);
         phase_times::set_step_kind(if decode_only(chunks) {
             "decode"
         } else {
@@ -395,6 +421,7 @@ impl DecoderModel {
                 plan_pos,
                 layer,
                 act,
+                exact: &exact,
                 lora: &extras.lora,
             };
             let weights = overlay
@@ -430,17 +457,19 @@ impl DecoderModel {
     }
 
     /// Logits `[rows, vocab]` in f32 for final-normed hidden rows (bf16 rows in one GEMM, f32
-    /// rows compensated, see [`linear_f32`]), through the overlay's LM head when it has one.
+    /// rows compensated where `exact`, see [`linear_rows`]), through the overlay's LM head when
+    /// it has one.
     pub fn logits(
         &self,
         hidden: &Tensor,
         overlay: Option<&overlay::ModelOverlay>,
+        exact: &ExactRows,
     ) -> candle_core::Result<Tensor> {
         let head = overlay
             .and_then(|o| o.lm_head.as_ref())
             .unwrap_or(&self.lm_head);
         let logits = phase(&self.device, "lm_head gemm", || {
-            linear_f32(hidden, head, None)
+            linear_rows(hidden, head, None, exact)
         })?;
         match self.cfg.final_logit_softcapping {
             Some(cap) => (logits / cap)?.tanh()? * cap,

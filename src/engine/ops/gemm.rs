@@ -1,10 +1,91 @@
 //! Projections with f32 output: `x · wᵀ` accumulated and returned in f32 whatever the weights'
 //! dtype. bf16 weights take bf16 activations in one GEMM, or f32 activations compensated as two
-//! bf16 terms (see [`linear_f32`]); on CUDA each GEMM is one cuBLAS GemmEx (bf16 inputs, f32
+//! bf16 terms (see [`linear_f32`]), on every row or only on the rows a step names exact
+//! ([`ExactRows`], [`linear_rows`]); on CUDA each GEMM is one cuBLAS GemmEx (bf16 inputs, f32
 //! compute and output) and the hi/lo split is `split_bf16` in `kernels/fused.cu`. The CPU path
 //! computes the same values and is what the CPU tests run.
 
+use std::ops::Range;
+
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
+
+/// The rows of a packed step whose f32 inputs are taken compensated (two bf16 terms); every
+/// other row takes its input rounded once to bf16. Sorted, disjoint and merged runs, so each
+/// row's product depends only on whether its own row is exact (batch invariance), and the
+/// second GEMM runs over the exact rows alone.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExactRows(Vec<Range<usize>>);
+
+impl ExactRows {
+    /// Every one of `rows` rows.
+    pub fn all(rows: usize) -> Self {
+        Self::from_runs(std::iter::once(0..rows))
+    }
+
+    /// The union of `runs` given in row order (empty runs are dropped, touching ones merged).
+    pub fn from_runs(runs: impl IntoIterator<Item = Range<usize>>) -> Self {
+        let mut out: Vec<Range<usize>> = Vec::new();
+        for r in runs.into_iter().filter(|r| !r.is_empty()) {
+            match out.last_mut() {
+                Some(last) if last.end >= r.start => last.end = last.end.max(r.end),
+                _ => out.push(r),
+            }
+        }
+        Self(out)
+    }
+
+    pub fn runs(&self) -> &[Range<usize>] {
+        &self.0
+    }
+
+    /// Whether the runs cover all of rows `0..rows`.
+    pub fn covers(&self, rows: usize) -> bool {
+        rows == 0 || (self.0.len() == 1 && self.0[0] == (0..rows))
+    }
+
+    /// A `[rows, 1]` f32 mask: 1 on exact rows, 0 elsewhere.
+    fn mask(&self, rows: usize, device: &candle_core::Device) -> Result<Tensor> {
+        let mut m = vec![0f32; rows];
+        for r in &self.0 {
+            m[r.start.min(rows)..r.end.min(rows)].fill(1.0);
+        }
+        Tensor::from_vec(m, (rows, 1), device)
+    }
+}
+
+/// [`linear_f32`] with the compensation of f32 inputs on the `exact` rows only: the others take
+/// one bf16 GEMM, as a bf16 input would (the same values a decode step computes). bf16 inputs
+/// and f32 weights are unaffected.
+pub fn linear_rows(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    exact: &ExactRows,
+) -> Result<Tensor> {
+    let rows = x.dims().first().copied().unwrap_or(0);
+    if x.dtype() != DType::F32 || w.dtype() == DType::F32 || exact.covers(rows) {
+        return linear_f32(x, w, b);
+    }
+    let x = x.contiguous()?;
+    let y = if w.device().is_cuda() {
+        x.apply_op2_no_bwd(
+            w,
+            &GemmF32Out {
+                lo_rows: Some(exact.clone()),
+            },
+        )?
+    } else {
+        let wf = w.to_dtype(DType::F32)?;
+        let hi = x.to_dtype(DType::BF16)?.to_dtype(DType::F32)?;
+        let lo = (&x - &hi)?.to_dtype(DType::BF16)?.to_dtype(DType::F32)?;
+        let lo = lo.broadcast_mul(&exact.mask(rows, x.device())?)?;
+        (hi.matmul(&wf.t()?)? + lo.matmul(&wf.t()?)?)?
+    };
+    match b {
+        Some(b) => y.broadcast_add(b),
+        None => Ok(y),
+    }
+}
 
 /// `x · wᵀ (+ b)` as f32 `[T, n]` for `x` `[T, k]` and weights `w` `[n, k]` (bias f32 `[n]`),
 /// with f32 products and sums. With bf16 weights the precision of `x` is kept as given:
@@ -17,7 +98,7 @@ pub fn linear_f32(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> 
     let y = if w.dtype() == DType::F32 {
         x.to_dtype(DType::F32)?.matmul(&w.t()?)?
     } else if w.device().is_cuda() {
-        x.apply_op2_no_bwd(w, &GemmF32Out)?
+        x.apply_op2_no_bwd(w, &GemmF32Out { lo_rows: None })?
     } else {
         // What GemmEx computes: bf16 inputs, f32 products and sums; f32 inputs as two terms.
         let w = w.to_dtype(DType::F32)?;
@@ -82,8 +163,12 @@ impl candle_core::InplaceOp3 for GemmAccumulate {
     }
 }
 
-/// x · bf16ᵀ → f32 with cuBLAS (CUDA only): x bf16 in one GEMM, or f32 split in two terms.
-struct GemmF32Out;
+/// x · bf16ᵀ → f32 with cuBLAS (CUDA only): x bf16 in one GEMM, or f32 split in two terms (the
+/// lo term over `lo_rows` only when given).
+struct GemmF32Out {
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    lo_rows: Option<ExactRows>,
+}
 
 impl CustomOp2 for GemmF32Out {
     fn name(&self) -> &'static str {
@@ -108,12 +193,12 @@ impl CustomOp2 for GemmF32Out {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        cuda::gemm_bf16_f32_out(s1, l1, s2, l2)
+        cuda::gemm_bf16_f32_out(s1, l1, s2, l2, self.lo_rows.as_ref())
     }
 }
 
 #[cfg(feature = "cuda")]
-mod cuda {
+pub(crate) mod cuda {
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::driver::{
         CudaSlice, CudaView, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
@@ -121,15 +206,18 @@ mod cuda {
     use candle_core::cuda_backend::{CudaStorage, WrapErr};
     use candle_core::{DType, Layout, Result, Shape};
 
+    use super::ExactRows;
     use crate::engine::ops::fused::cuda::PTX;
 
     /// `y[T, n] = x[T, k] · w[n, k]ᵀ` with bf16 weights, f32 compute and output; a bf16 `x` in
-    /// one GemmEx, an f32 `x` split into bf16 hi and lo terms accumulated by two.
+    /// one GemmEx, an f32 `x` split into bf16 hi and lo terms accumulated by two (the lo GEMM
+    /// once per run of `lo_rows` when given, over those rows only).
     pub fn gemm_bf16_f32_out(
         xs: &CudaStorage,
         xl: &Layout,
         ws: &CudaStorage,
         wl: &Layout,
+        lo_rows: Option<&ExactRows>,
     ) -> Result<(CudaStorage, Shape)> {
         let (t, k, n) = dims(xl, wl)?;
         let dev = xs.device().clone();
@@ -137,14 +225,18 @@ mod cuda {
         // SAFETY: the first GEMM writes every element (beta = 0).
         let mut y = unsafe { dev.alloc::<f32>(t * n)? };
         bf16_terms(xs, xl, |term, i| {
-            gemm(
-                &dev,
-                term,
-                &w,
-                &mut y,
-                (t, n, k),
-                if i == 0 { 0.0 } else { 1.0 },
-            )
+            if i == 0 {
+                return gemm(&dev, term, &w, &mut y, (t, n, k), 0.0);
+            }
+            let Some(rows) = lo_rows else {
+                return gemm(&dev, term, &w, &mut y, (t, n, k), 1.0);
+            };
+            for r in rows.runs().iter().filter(|r| r.end <= t) {
+                let lo = term.slice(r.start * k..r.end * k);
+                let mut out = y.slice_mut(r.start * n..r.end * n);
+                gemm(&dev, &lo, &w, &mut out, (r.len(), n, k), 1.0)?;
+            }
+            Ok(())
         })?;
         Ok((CudaStorage::wrap_cuda_slice(y, dev), Shape::from((t, n))))
     }
@@ -202,20 +294,7 @@ mod cuda {
             DType::F32 => {
                 let x = xs.as_cuda_slice::<f32>()?.slice(xa..xb);
                 let len = xb - xa;
-                // SAFETY: the kernel writes all 2 * len values.
-                let terms = unsafe { dev.alloc::<half::bf16>(2 * len)? };
-                let func = dev.get_or_load_custom_func("split_bf16", "pruneserve_fused", PTX)?;
-                let cfg = LaunchConfig {
-                    grid_dim: (len.div_ceil(256).min(65_535) as u32, 1, 1),
-                    block_dim: (256, 1, 1),
-                    shared_mem_bytes: 0,
-                };
-                let mut b = func.builder();
-                b.arg(&x);
-                b.arg(&terms);
-                b.arg(&len);
-                // SAFETY: the arguments match `split_bf16` in fused.cu.
-                unsafe { b.launch(cfg) }.w()?;
+                let terms = split_bf16(&dev, &x)?;
                 f(&terms.slice(..len), 0)?;
                 f(&terms.slice(len..), 1)
             }
@@ -223,12 +302,36 @@ mod cuda {
         }
     }
 
+    /// The bf16 terms of f32 values, `x = hi + lo`: the `n` hi values, then the `n` lo values
+    /// (`split_bf16` in fused.cu).
+    pub(crate) fn split_bf16(
+        dev: &candle_core::cuda_backend::CudaDevice,
+        x: &CudaView<'_, f32>,
+    ) -> Result<CudaSlice<half::bf16>> {
+        let len = x.len();
+        // SAFETY: the kernel writes all 2 * len values.
+        let terms = unsafe { dev.alloc::<half::bf16>(2 * len.max(1))? };
+        let func = dev.get_or_load_custom_func("split_bf16", "pruneserve_fused", PTX)?;
+        let cfg = LaunchConfig {
+            grid_dim: (len.div_ceil(256).clamp(1, 65_535) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut b = func.builder();
+        b.arg(x);
+        b.arg(&terms);
+        b.arg(&len);
+        // SAFETY: the arguments match `split_bf16` in fused.cu.
+        unsafe { b.launch(cfg) }.w()?;
+        Ok(terms)
+    }
+
     /// `y = x · wᵀ + beta · y` for bf16 `x` `[t, k]` and `w` `[n, k]`, f32 `y` `[t, n]`.
     fn gemm(
         dev: &candle_core::cuda_backend::CudaDevice,
         x: &CudaView<'_, half::bf16>,
         w: &CudaView<'_, half::bf16>,
-        y: &mut CudaSlice<f32>,
+        y: &mut impl DevicePtrMut<f32>,
         (t, n, k): (usize, usize, usize),
         beta: f32,
     ) -> Result<()> {
@@ -300,5 +403,32 @@ mod tests {
             rounded_err > 1e-3 && split_err < rounded_err / 50.0,
             "rounded {rounded_err:e}, split {split_err:e}"
         );
+    }
+
+    #[test]
+    fn linear_rows_compensates_only_the_exact_rows() {
+        let x = randn(&[5, 256], 9);
+        let w = randn(&[6, 256], 10).to_dtype(DType::BF16).unwrap();
+        let exact = ExactRows::from_runs([1..2, 2..3, 4..4]);
+        assert_eq!(exact.runs(), std::slice::from_ref(&(1..3)));
+        let mixed = linear_rows(&x, &w, None, &exact).unwrap();
+        let all = linear_f32(&x, &w, None).unwrap();
+        let rounded = linear_f32(&x.to_dtype(DType::BF16).unwrap(), &w, None).unwrap();
+        for r in 0..5 {
+            let want = if (1..3).contains(&r) { &all } else { &rounded };
+            let d = max_diff(
+                &mixed.narrow(0, r, 1).unwrap(),
+                &want.narrow(0, r, 1).unwrap(),
+            );
+            assert!(d < 1e-6, "row {r}: {d:e}");
+        }
+        // The rounded rows really differ from the compensated ones.
+        assert!(
+            max_diff(
+                &all.narrow(0, 0, 1).unwrap(),
+                &rounded.narrow(0, 0, 1).unwrap()
+            ) > 1e-3
+        );
+        assert!(ExactRows::all(5).covers(5) && !exact.covers(5) && ExactRows::default().covers(0));
     }
 }

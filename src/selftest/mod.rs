@@ -2,6 +2,10 @@
 //! the CPU f32 engine (the one the CPU test suite checks against independent references), and
 //! the paged KV cache against the contiguous one on the same device.
 
+#[cfg(feature = "cuda")]
+mod prefill;
+mod prefix;
+
 use std::sync::Arc;
 
 use candle_core::{DType, Device};
@@ -50,6 +54,25 @@ struct RunOut {
     prompt_lp: Vec<Vec<f32>>,
     tokens: Vec<Vec<u32>>,
     gen_lp: Vec<Vec<f32>>,
+}
+
+impl RunOut {
+    fn of(outs: &[GenOutput]) -> Self {
+        RunOut {
+            prompt_lp: outs
+                .iter()
+                .map(|o| o.prompt_scores.iter().map(|s| s.logprob).collect())
+                .collect(),
+            tokens: outs
+                .iter()
+                .map(|o| o.tokens.iter().map(|t| t.token).collect())
+                .collect(),
+            gen_lp: outs
+                .iter()
+                .map(|o| o.tokens.iter().map(|t| t.logprob).collect())
+                .collect(),
+        }
+    }
 }
 
 fn run(
@@ -175,20 +198,7 @@ fn run_with(
         .run_all(reqs)
         .into_iter()
         .collect::<Result<_, _>>()?;
-    Ok(RunOut {
-        prompt_lp: outs
-            .iter()
-            .map(|o| o.prompt_scores.iter().map(|s| s.logprob).collect())
-            .collect(),
-        tokens: outs
-            .iter()
-            .map(|o| o.tokens.iter().map(|t| t.token).collect())
-            .collect(),
-        gen_lp: outs
-            .iter()
-            .map(|o| o.tokens.iter().map(|t| t.logprob).collect())
-            .collect(),
-    })
+    Ok(RunOut::of(&outs))
 }
 
 /// How two runs differ: max abs difference of prompt logprobs, of generated logprobs up to the
@@ -445,24 +455,32 @@ pub fn run_all(
         }
     }
 
-    // 2. Seeded draws on the device (the tiny Llama of step 1, bf16 and f32).
+    // 2. The prefill attention kernels on random inputs against the CPU attention.
+    #[cfg(feature = "cuda")]
+    for c in prefill::prefill_checks(&cuda)? {
+        push(&mut checks, &mut report, c);
+    }
+
+    // 3. Seeded draws on the device, and prefix caching on the paged pool (the tiny Llama of
+    //    step 1, bf16 and f32).
     let dir = ModelDir::open(&root.join("LlamaForCausalLM"))?;
     let prompts = pseudo_prompts(512, &[5, 37, 64, 100]);
     for dtype in [DType::BF16, DType::F32] {
         let m = Arc::new(DecoderModel::load(&dir, &cuda, dtype)?);
-        let c = draw_check(
-            &m,
-            &prompts,
-            &format!("tiny LlamaForCausalLM CUDA {dtype:?}"),
-        )?;
+        let name = format!("tiny LlamaForCausalLM CUDA {dtype:?}");
+        let c = draw_check(&m, &prompts, &name)?;
+        push(&mut checks, &mut report, c);
+        let c = prefix::prefix_check(&m, &name, dtype == DType::F32)?;
+        push(&mut checks, &mut report, c);
+        let c = prefix::sharing_check(&m, &name, dtype == DType::F32)?;
         push(&mut checks, &mut report, c);
     }
 
-    // 3. A LoRA adapter (rank 16, all seven projections) on every other request of a batch:
+    // 4. A LoRA adapter (rank 16, all seven projections) on every other request of a batch:
     //    the grouped shrink/expand on the device against the CPU engine.
     adapter_checks(root, &cuda, &mut checks, &mut report)?;
 
-    // 4. SmolLM2: greedy CPU f32 vs CUDA bf16; the first 16 steps must agree.
+    // 5. SmolLM2: greedy CPU f32 vs CUDA bf16; the first 16 steps must agree.
     let Some(smollm2) = smollm2 else {
         return Ok(checks);
     };
@@ -500,11 +518,11 @@ pub fn run_all(
         },
     );
 
-    // 5. Seeded draws on the device over SmolLM2's 49,152 ids.
+    // 6. Seeded draws on the device over SmolLM2's 49,152 ids.
     let c = draw_check(&bf16, &prompts, "SmolLM2 CUDA bf16")?;
     push(&mut checks, &mut report, c);
 
-    // 6. Paged vs contiguous on the device, with chunked prefill mixed into decode steps
+    // 7. Paged vs contiguous on the device, with chunked prefill mixed into decode steps
     //    (a 24-token step budget) so history gathers and fused decode rows are exercised.
     let f32_model = Arc::new(DecoderModel::load(&md, &cuda, DType::F32)?);
     //    In f32 both must agree to float rounding; in bf16 the paged kernel and candle's
