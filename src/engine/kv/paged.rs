@@ -4,6 +4,12 @@
 //! ([`crate::engine::attention::cuda`]): fresh ones to their own keys/values, continued ones (bf16
 //! caches) to their history gathered from the pool; f32 caches take continued chunks through
 //! candle ops.
+//!
+//! With prefix caching, cached prefixes are blocks of the pool itself, counted by the pool
+//! ([`crate::engine::kv::tables`]): a hit puts them in place of a sequence's first blocks, and
+//! they are evicted (least recently used first) when a reservation runs short. A branch of shared
+//! hidden states takes its trunk's whole blocks and a device copy of the partly filled last one
+//! (copy-on-write: both write after it).
 
 use std::sync::Arc;
 
