@@ -92,6 +92,41 @@ pub fn run_loaded(
     }
 }
 
+/// [`run_loaded`] for several models of one tokenizer (plans of one base): a choice task sends
+/// each doc's requests for all of them together ([`run_task_together`]); a generative task runs
+/// one evaluation per model, all at once. One result per model, in order.
+pub fn run_loaded_together(
+    client: &Client,
+    models: &[String],
+    task: &str,
+    docs: &Loaded,
+    settings: &GenSettings,
+    concurrency: usize,
+) -> Result<Vec<TaskResult>, ClientError> {
+    match docs {
+        Loaded::Choice(d) => run_task_together(client, models, task, d, concurrency),
+        Loaded::Generative(d) => std::thread::scope(|scope| {
+            let running: Vec<_> = models
+                .iter()
+                .map(|m| {
+                    scope.spawn(move || run_gen_task(client, m, task, d, settings, concurrency))
+                })
+                .collect();
+            running
+                .into_iter()
+                .map(|h| {
+                    h.join().unwrap_or_else(|_| {
+                        Err(ClientError::Invalid {
+                            url: "/v1/completions".into(),
+                            message: "an evaluation stopped".into(),
+                        })
+                    })
+                })
+                .collect()
+        }),
+    }
+}
+
 /// A progress bar with items/s and ETA on stderr (hidden when stderr is not a terminal).
 pub fn progress(task: &str, len: usize) -> ProgressBar {
     let bar = ProgressBar::new(len as u64);
@@ -115,10 +150,48 @@ pub fn run_task(
     docs: &[Doc],
     concurrency: usize,
 ) -> Result<TaskResult, ClientError> {
+    let mut results = run_task_together(client, &[model.to_string()], task, docs, concurrency)?;
+    results.pop().ok_or_else(|| ClientError::Invalid {
+        url: "/v1/completions".into(),
+        message: "no result".into(),
+    })
+}
+
+/// [`run_task`] for several models of one tokenizer at once, each doc's one-forward requests
+/// for all of them sent together ([`shared_choice::score_docs_together`]); one result per model.
+pub fn run_task_together(
+    client: &Client,
+    models: &[String],
+    task: &str,
+    docs: &[Doc],
+    concurrency: usize,
+) -> Result<Vec<TaskResult>, ClientError> {
     let choices: usize = docs.iter().map(|d| d.continuations.len()).sum();
-    let bar = progress(task, choices);
-    let shared =
-        shared_choice::score_docs(client, model, docs, concurrency, &|n| bar.inc(n as u64))?;
+    let bar = progress(task, choices * models.len());
+    let on_done = |n: usize| bar.inc(n as u64);
+    let shared = shared_choice::score_docs_together(client, models, docs, concurrency, &on_done)?;
+    let results = models
+        .iter()
+        .zip(shared)
+        .map(|(model, shared)| {
+            choice_result(client, model, task, docs, shared, concurrency, &on_done)
+        })
+        .collect();
+    bar.finish_and_clear();
+    results
+}
+
+/// A choice task's result for `model` from its one-forward scores (`None`: the doc is scored
+/// pair by pair here).
+fn choice_result(
+    client: &Client,
+    model: &str,
+    task: &str,
+    docs: &[Doc],
+    shared: Vec<Option<Vec<f64>>>,
+    concurrency: usize,
+    on_done: &(dyn Fn(usize) + Sync),
+) -> Result<TaskResult, ClientError> {
     let pairs: Vec<(String, String)> = docs
         .iter()
         .zip(&shared)
@@ -130,10 +203,7 @@ pub fn run_task(
                 .zip(d.continuations.iter().cloned())
         })
         .collect();
-    let scores = score_pairs(client, model, &pairs, 16, concurrency, &|n| {
-        bar.inc(n as u64)
-    })?;
-    bar.finish_and_clear();
+    let scores = score_pairs(client, model, &pairs, 16, concurrency, on_done)?;
     let mut items = Vec::with_capacity(docs.len());
     let mut at = 0;
     for (i, (d, shared)) in docs.iter().zip(shared).enumerate() {

@@ -63,16 +63,27 @@ pub fn shape(
     }))
 }
 
-/// Token texts as the server spells them in `top_logprobs`, fetched once per token.
-#[derive(Default)]
-pub struct TokenTexts(Mutex<HashMap<u32, String>>);
+/// Token texts as the server spells them in `top_logprobs`, fetched once per token through one
+/// model (every model scored with them shares its tokenizer, and the requests stay the same from
+/// run to run, so the client's cache answers a rerun).
+pub struct TokenTexts {
+    model: String,
+    texts: Mutex<HashMap<u32, String>>,
+}
 
 impl TokenTexts {
-    pub fn get(&self, client: &Client, model: &str, id: u32) -> Result<String, ClientError> {
-        if let Some(t) = self.0.lock().ok().and_then(|m| m.get(&id).cloned()) {
+    pub fn new(model: &str) -> Self {
+        Self {
+            model: model.to_string(),
+            texts: Mutex::default(),
+        }
+    }
+
+    pub fn get(&self, client: &Client, id: u32) -> Result<String, ClientError> {
+        if let Some(t) = self.texts.lock().ok().and_then(|m| m.get(&id).cloned()) {
             return Ok(t);
         }
-        let v = client.post("/detokenize", &json!({"model": model, "tokens": [id]}))?;
+        let v = client.post("/detokenize", &json!({"model": self.model, "tokens": [id]}))?;
         let text = v["prompt"]
             .as_str()
             .ok_or_else(|| ClientError::Invalid {
@@ -80,7 +91,7 @@ impl TokenTexts {
                 message: "no prompt".into(),
             })?
             .to_string();
-        if let Ok(mut m) = self.0.lock() {
+        if let Ok(mut m) = self.texts.lock() {
             m.insert(id, text.clone());
         }
         Ok(text)
@@ -120,7 +131,7 @@ pub fn score(
     };
     let mut lls = Vec::with_capacity(shape.last.len());
     for &t in &shape.last {
-        let text = texts.get(client, model, t)?;
+        let text = texts.get(client, t)?;
         lls.push(
             next.get(&text)
                 .and_then(Value::as_f64)
@@ -138,25 +149,61 @@ pub fn score_docs(
     concurrency: usize,
     on_done: &(dyn Fn(usize) + Sync),
 ) -> Result<Vec<Option<Vec<f64>>>, ClientError> {
-    let texts = TokenTexts::default();
-    crate::workers::run_indexed(
+    let models = [model.to_string()];
+    let mut per_model = score_docs_together(client, &models, docs, concurrency, on_done)?;
+    Ok(per_model.pop().unwrap_or_default())
+}
+
+/// [`score_docs`] for several models of one tokenizer (plans of one base) at once: each doc's
+/// requests for all models are sent together, so a server that shares work between plans fed
+/// the same prompt in one step can (pruneserve's shared hidden states). Per model, per doc.
+pub fn score_docs_together(
+    client: &Client,
+    models: &[String],
+    docs: &[Doc],
+    concurrency: usize,
+    on_done: &(dyn Fn(usize) + Sync),
+) -> Result<Vec<Vec<Option<Vec<f64>>>>, ClientError> {
+    let Some(first) = models.first() else {
+        return Ok(Vec::new());
+    };
+    let texts = TokenTexts::new(first);
+    let per_doc = crate::workers::run_indexed(
         docs.len(),
         concurrency,
         |i| {
-            let r = match shape(&docs[i], |t| tokenize(client, model, t))? {
-                Some(s) => score(client, model, &s, &texts)?,
-                None => None,
+            let Some(s) = shape(&docs[i], |t| tokenize(client, first, t))? else {
+                return Ok(vec![None; models.len()]);
             };
-            if r.is_some() {
-                on_done(docs[i].continuations.len());
-            }
-            Ok(r)
+            let scored = std::thread::scope(|scope| {
+                let running: Vec<_> = models
+                    .iter()
+                    .map(|m| {
+                        let (s, texts) = (&s, &texts);
+                        scope.spawn(move || score(client, m, s, texts))
+                    })
+                    .collect();
+                running
+                    .into_iter()
+                    .map(|h| h.join().unwrap_or_else(|_| Err(not_scored())))
+                    .collect::<Result<Vec<_>, _>>()
+            })?;
+            let done = scored.iter().filter(|r| r.is_some()).count();
+            on_done(done * docs[i].continuations.len());
+            Ok(scored)
         },
-        || ClientError::Invalid {
-            url: "/v1/completions".into(),
-            message: "an item was not scored".into(),
-        },
-    )
+        not_scored,
+    )?;
+    Ok((0..models.len())
+        .map(|m| per_doc.iter().map(|d| d[m].clone()).collect())
+        .collect())
+}
+
+fn not_scored() -> ClientError {
+    ClientError::Invalid {
+        url: "/v1/completions".into(),
+        message: "an item was not scored".into(),
+    }
 }
 
 #[cfg(test)]

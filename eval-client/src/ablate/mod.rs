@@ -55,8 +55,9 @@ pub struct AblateSettings {
     /// Requests in flight per candidate evaluation.
     #[arg(long, default_value_t = 16)]
     pub concurrency: usize,
-    /// Candidates evaluated at once (each with --concurrency requests in flight): on a GPU server
-    /// several plans then share each engine step.
+    /// Candidates evaluated at once (each with --concurrency requests in flight). For
+    /// multiple-choice tasks each item's requests for all of them are sent together, so a
+    /// pruneserve server with --enable-prefix-caching runs their common leading layers once.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
     pub parallel_candidates: u16,
     #[arg(long)]
@@ -89,8 +90,6 @@ pub enum AblateError {
     Usage(String),
     #[error("writing {path}: {error}")]
     Write { path: PathBuf, error: String },
-    #[error("the evaluation of {0} panicked")]
-    Panicked(String),
 }
 
 /// One task's metric on a model.
@@ -219,26 +218,35 @@ struct Runner<'a> {
 impl Runner<'_> {
     /// Every task on `model`; each result is written like `pruneval eval`'s.
     fn score(&self, model: &str) -> Result<Vec<TaskScore>, AblateError> {
-        let mut out = Vec::new();
+        let mut scores = self.score_together(&[model.to_string()])?;
+        Ok(scores.pop().unwrap_or_default())
+    }
+
+    /// Every task on all `models` at once (a choice task sends each item's requests for all of
+    /// them together, so plans fed the same prompt can meet in one engine step); per model.
+    fn score_together(&self, models: &[String]) -> Result<Vec<Vec<TaskScore>>, AblateError> {
+        let mut out = vec![Vec::new(); models.len()];
         for (task, docs) in &self.tasks {
-            let r = eval::run_loaded(
+            let results = eval::run_loaded_together(
                 self.client,
-                model,
+                models,
                 task,
                 docs,
                 &self.gen,
                 self.settings.concurrency,
             )?;
-            let path = eval::result_path(&self.settings.out_dir, model, task);
-            eval::write_result(&self.settings.out_dir, &r).map_err(|e| AblateError::Write {
-                path,
-                error: e.to_string(),
-            })?;
-            out.push(TaskScore {
-                task: task.clone(),
-                metric: r.metrics[0].clone(),
-                value: r.acc,
-            });
+            for (r, scores) in results.iter().zip(&mut out) {
+                let path = eval::result_path(&self.settings.out_dir, &r.model, task);
+                eval::write_result(&self.settings.out_dir, r).map_err(|e| AblateError::Write {
+                    path,
+                    error: e.to_string(),
+                })?;
+                scores.push(TaskScore {
+                    task: task.clone(),
+                    metric: r.metrics[0].clone(),
+                    value: r.acc,
+                });
+            }
         }
         Ok(out)
     }
@@ -296,23 +304,19 @@ impl Runner<'_> {
     ) -> Result<Iteration, AblateError> {
         let mut candidates = Vec::with_capacity(pool.len());
         for group in pool.chunks(usize::from(self.settings.parallel_candidates.max(1))) {
-            let scored = std::thread::scope(|s| {
-                let running: Vec<_> = group
-                    .iter()
-                    .map(|&layer| {
-                        let plan: Vec<usize> = dropped.iter().copied().chain([layer]).collect();
-                        let model = plan_name(&self.settings.model, &plan);
-                        (layer, model.clone(), s.spawn(move || self.score(&model)))
-                    })
-                    .collect();
-                running
-                    .into_iter()
-                    .map(|(layer, model, handle)| match handle.join() {
-                        Ok(tasks) => tasks.map(|t| (layer, model, t)),
-                        Err(_) => Err(AblateError::Panicked(model)),
-                    })
-                    .collect::<Vec<_>>()
-            });
+            let plans: Vec<(usize, String)> = group
+                .iter()
+                .map(|&layer| {
+                    let plan: Vec<usize> = dropped.iter().copied().chain([layer]).collect();
+                    (layer, plan_name(&self.settings.model, &plan))
+                })
+                .collect();
+            let models: Vec<String> = plans.iter().map(|(_, m)| m.clone()).collect();
+            let scored = self
+                .score_together(&models)?
+                .into_iter()
+                .zip(plans)
+                .map(|(tasks, (layer, model))| Ok::<_, AblateError>((layer, model, tasks)));
             for result in scored {
                 let (layer, model, tasks) = result?;
                 let score = relative_score(&tasks, baseline);
