@@ -14,9 +14,7 @@ N=${N:-100} CONCURRENCY=${CONCURRENCY:-8} PORT=${PORT:-8133} MODEL=${MODEL:-smol
 source "$(dirname "$0")/lib.sh"
 OUT=${OUT:-$(mktemp -d)}; mkdir -p "$OUT"
 for mode in off on; do
-  FLAG=()
-  [ "$mode" = on ] && FLAG=(--enable-prefix-caching)
-  start_server "$OUT/server-$mode.log" "$PORT" --variant rev25=reverse:0.25 "${FLAG[@]}" ${SERVE_ARGS:-}
+  start_cache_server "$mode" --variant rev25=reverse:0.25
   python3 - "$DATA/gsm8k/train.jsonl" "$PORT" "$N" "$CONCURRENCY" "$OUT/$mode.json" "$mode" "$MODEL" <<'PY'
 import json, sys, time, urllib.request
 from concurrent.futures import ThreadPoolExecutor

@@ -13,9 +13,7 @@ MODEL=${MODEL:-smollm2-135m}
 source "$(dirname "$0")/lib.sh"
 OUT=${OUT:-$(mktemp -d)}; mkdir -p "$OUT"
 for mode in off on; do
-  FLAG=()
-  [ "$mode" = on ] && FLAG=(--enable-prefix-caching)
-  start_server "$OUT/server-$mode.log" "$PORT" "${FLAG[@]}" ${SERVE_ARGS:-}
+  start_cache_server "$mode"
   layers=$(curl -s "localhost:$PORT/v1/models" | python3 -c "import json,sys; print(next(m['base_num_layers'] for m in json.load(sys.stdin)['data'] if m['id']=='$MODEL'))")
   t0=$(date +%s.%N)
   "$BIN/pruneval" ablate --base-url "http://127.0.0.1:$PORT" --model "$MODEL" --tasks "$TASK" \

@@ -18,3 +18,12 @@ start_server() {
 }
 
 stop_server() { kill $SERVER 2>/dev/null || true; wait $SERVER 2>/dev/null || true; }
+
+# start_cache_server MODE ARGS... — start_server into $OUT/server-MODE.log on $PORT with ARGS, plus
+# --enable-prefix-caching when MODE is `on`, plus $SERVE_ARGS (another model or device).
+start_cache_server() {
+  local mode=$1 flag=()
+  shift
+  [ "$mode" = on ] && flag=(--enable-prefix-caching)
+  start_server "$OUT/server-$mode.log" "$PORT" "$@" "${flag[@]}" ${SERVE_ARGS:-}
+}

@@ -13,9 +13,7 @@ LIMIT=${LIMIT:-200} CONCURRENCY=${CONCURRENCY:-8} PORT=${PORT:-8132} MODEL=${MOD
 source "$(dirname "$0")/lib.sh"
 OUT=${OUT:-$(mktemp -d)}; mkdir -p "$OUT"
 for mode in off on; do
-  FLAG=()
-  [ "$mode" = on ] && FLAG=(--enable-prefix-caching)
-  start_server "$OUT/server-$mode.log" "$PORT" "${FLAG[@]}" ${SERVE_ARGS:-}
+  start_cache_server "$mode"
   "$BIN/pruneval" eval --base-url "http://127.0.0.1:$PORT" --model "$MODEL" --tasks mmlu \
     --limit "$LIMIT" --concurrency "$CONCURRENCY" --data-dir "$DATA" \
     --out-dir "$OUT/$mode/results" --cache-dir "$OUT/$mode/cache" | grep -E "items/s" | sed "s/^/cache $mode: /"

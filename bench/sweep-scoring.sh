@@ -13,9 +13,7 @@ N=${N:-20} LAYERS=${LAYERS:-30} PORT=${PORT:-8134} MODEL=${MODEL:-smollm2-135m}
 source "$(dirname "$0")/lib.sh"
 OUT=${OUT:-$(mktemp -d)}; mkdir -p "$OUT"
 for mode in off on; do
-  FLAG=()
-  [ "$mode" = on ] && FLAG=(--enable-prefix-caching)
-  start_server "$OUT/server-$mode.log" "$PORT" "${FLAG[@]}" ${SERVE_ARGS:-}
+  start_cache_server "$mode"
   python3 - "$DATA/gsm8k/train.jsonl" "$PORT" "$N" "$LAYERS" "$MODEL" "$OUT/$mode.json" "$mode" <<'PY'
 import json, sys, time, urllib.request
 from concurrent.futures import ThreadPoolExecutor

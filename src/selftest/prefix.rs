@@ -33,17 +33,9 @@ fn prompts(vocab: usize, salt: usize) -> Vec<Vec<u32>> {
 
 /// The rounds' outputs after the first, and the prompt tokens found in the cache.
 fn rounds(model: &Arc<DecoderModel>, caching: bool) -> Result<(RunOut, u64), SelftestError> {
-    let opts = EngineOptions {
-        prefix_caching: caching,
-        ..EngineOptions::default()
-    };
-    let mut batcher = Batcher::new(Engine::for_device(model.clone(), &opts)?, 4096);
+    let mut batcher = batcher(model, caching)?;
     let plan = Arc::new(LayerPlan::full(model.config().num_hidden_layers));
     let vocab = model.config().vocab_size;
-    let request = |prompt: Vec<u32>, scored: bool| GenRequest {
-        plan: plan.clone(),
-        ..request(prompt, scored)
-    };
     let first = prompts(vocab, 0);
     let second: Vec<Vec<u32>> = first.iter().cloned().chain(prompts(vocab, 1)).collect();
     let mut later: Vec<GenOutput> = Vec::new();
@@ -51,7 +43,10 @@ fn rounds(model: &Arc<DecoderModel>, caching: bool) -> Result<(RunOut, u64), Sel
         .into_iter()
         .enumerate()
     {
-        let reqs = set.iter().map(|p| request(p.clone(), scored)).collect();
+        let reqs = set
+            .iter()
+            .map(|p| request(&plan, p.clone(), scored))
+            .collect();
         let outs = batcher
             .run_all(reqs)
             .into_iter()
@@ -69,11 +64,7 @@ fn plans_together(
     model: &Arc<DecoderModel>,
     sharing: bool,
 ) -> Result<(RunOut, u64), SelftestError> {
-    let opts = EngineOptions {
-        prefix_caching: sharing,
-        ..EngineOptions::default()
-    };
-    let mut batcher = Batcher::new(Engine::for_device(model.clone(), &opts)?, 4096);
+    let mut batcher = batcher(model, sharing)?;
     let n = model.config().num_hidden_layers;
     let plans = [
         (0..n).collect::<Vec<_>>(),
@@ -84,12 +75,10 @@ fn plans_together(
     let mut reqs = Vec::new();
     for prompt in pseudo_prompts(model.config().vocab_size, &[30, 77, 140]) {
         for plan in &plans {
-            reqs.push(GenRequest {
-                plan: plan
-                    .clone()
-                    .map_err(|e| SelftestError::Usage(e.to_string()))?,
-                ..request(prompt.clone(), true)
-            });
+            let plan = plan
+                .as_ref()
+                .map_err(|e| SelftestError::Usage(e.to_string()))?;
+            reqs.push(request(plan, prompt.clone(), true));
         }
     }
     let outs = batcher
@@ -99,10 +88,22 @@ fn plans_together(
     Ok((RunOut::of(&outs), batcher.engine().shared_layer_rows()))
 }
 
-/// A request of the checks above: greedy, 12 tokens, scored or not, on the full plan.
-fn request(prompt: Vec<u32>, scored: bool) -> GenRequest {
+/// A batcher on the paged pool, with prefix caching (and so shared hidden states) or without.
+fn batcher(model: &Arc<DecoderModel>, sharing: bool) -> Result<Batcher, SelftestError> {
+    let opts = EngineOptions {
+        prefix_caching: sharing,
+        ..EngineOptions::default()
+    };
+    Ok(Batcher::new(
+        Engine::for_device(model.clone(), &opts)?,
+        4096,
+    ))
+}
+
+/// A request of the checks above: greedy, 12 tokens, scored or not.
+fn request(plan: &Arc<LayerPlan>, prompt: Vec<u32>, scored: bool) -> GenRequest {
     GenRequest {
-        plan: Arc::new(LayerPlan::full(1)),
+        plan: plan.clone(),
         overlay: None,
         lora: None,
         prompt,

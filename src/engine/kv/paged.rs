@@ -119,7 +119,7 @@ impl PagedKvCache {
     /// Copies whole blocks of both caches, (source, destination) pairs, on the device's stream.
     fn copy_blocks(&self, pairs: &[(u32, u32)]) -> candle_core::Result<()> {
         use candle_core::backend::BackendStorage;
-        use candle_core::cuda_backend::cudarc::driver::{result::memcpy_dtod_async, DevicePtr};
+        use candle_core::cuda_backend::cudarc::driver::result::memcpy_dtod_async;
         use candle_core::cuda_backend::WrapErr;
         if pairs.is_empty() {
             return Ok(());
@@ -132,28 +132,12 @@ impl PagedKvCache {
                 candle_core::bail!("kv: the paged cache is not on a CUDA device");
             };
             let stream = s.device().cuda_stream();
-            let view = match self.dtype {
-                DType::BF16 => {
-                    crate::engine::attention::cuda::storage_view::<half::bf16>(
-                        s,
-                        layout,
-                        "key/value cache",
-                    )?
-                    .device_ptr(&stream)
-                    .0
-                }
-                _ => {
-                    crate::engine::attention::cuda::storage_view::<f32>(
-                        s,
-                        layout,
-                        "key/value cache",
-                    )?
-                    .device_ptr(&stream)
-                    .0
-                }
+            let base = match self.dtype {
+                DType::BF16 => base_ptr::<half::bf16>(s, layout, &stream)?,
+                _ => base_ptr::<f32>(s, layout, &stream)?,
             };
             for &(src, dst) in pairs {
-                let at = |b: u32| view + (b as usize * bytes) as u64;
+                let at = |b: u32| base + (b as usize * bytes) as u64;
                 // SAFETY: both blocks lie inside the cache (ids below its block count) and are
                 // distinct; the copy is ordered on candle's stream like every kernel using them.
                 unsafe { memcpy_dtod_async(at(dst), at(src), bytes, stream.cu_stream()) }.w()?;
@@ -498,6 +482,18 @@ impl KvCache for PagedKvCache {
         }
         Ok(())
     }
+}
+
+/// The device address of a cache tensor's first element.
+fn base_ptr<T: candle_core::cuda_backend::CudaDType>(
+    s: &candle_core::CudaStorage,
+    layout: &candle_core::Layout,
+    stream: &std::sync::Arc<candle_core::cuda_backend::cudarc::driver::CudaStream>,
+) -> candle_core::Result<u64> {
+    use candle_core::cuda_backend::cudarc::driver::DevicePtr;
+    let view = crate::engine::attention::cuda::storage_view::<T>(s, layout, "key/value cache")?;
+    let (ptr, _sync) = view.device_ptr(stream);
+    Ok(ptr)
 }
 
 /// The chunks of one prefill launch and the output rows they fill.

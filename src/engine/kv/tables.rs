@@ -130,14 +130,22 @@ impl BlockPool {
     /// the first blocks it reserved (those are given back); `false` (nothing changed) when the
     /// position counts differ.
     pub fn attach(&mut self, seq: SeqId, tables: &[Vec<u32>]) -> bool {
-        let Some(s) = self.seqs.get(&seq) else {
-            return false;
-        };
-        if s.tables.len() != tables.len() {
-            return false;
+        match self.seqs.get(&seq) {
+            Some(s) if s.tables.len() == tables.len() => {
+                self.adopt(seq, tables);
+                true
+            }
+            _ => false,
         }
-        let own: Vec<Vec<u32>> = s.tables.clone();
-        for (p, blocks) in tables.iter().enumerate() {
+    }
+
+    /// Puts `leading[p]` in place of the first blocks of `seq`'s plan position `p` (appended
+    /// where it holds fewer), taking `seq`'s hold on them and giving back its own.
+    fn adopt(&mut self, seq: SeqId, leading: &[Vec<u32>]) {
+        let Some(own) = self.seqs.get(&seq).map(|s| s.tables.clone()) else {
+            return;
+        };
+        for (p, blocks) in leading.iter().enumerate() {
             for (i, &shared) in blocks.iter().enumerate() {
                 self.hold(shared, true, 1);
                 if let Some(&mine) = own[p].get(i) {
@@ -146,12 +154,11 @@ impl BlockPool {
             }
         }
         if let Some(s) = self.seqs.get_mut(&seq) {
-            for (table, blocks) in s.tables.iter_mut().zip(tables) {
+            for (table, blocks) in s.tables.iter_mut().zip(leading) {
                 let rest = table.get(blocks.len()..).unwrap_or_default().to_vec();
                 *table = blocks.iter().copied().chain(rest).collect();
             }
         }
-        true
     }
 
     /// The first `blocks` blocks of each of `seq`'s plan positions (`None` when it holds fewer).
@@ -182,23 +189,16 @@ impl BlockPool {
         if from == to || src.iter().chain(&dst).any(|t| t.len() < need) {
             return None;
         }
-        let mut copies = Vec::new();
-        let mut swaps = Vec::new();
-        for (p, (s, d)) in src.iter().zip(&dst).enumerate() {
-            for i in 0..full {
-                swaps.push((p, i, d[i], s[i]));
-            }
-            if full < need {
-                copies.push((s[full], d[full]));
-            }
-        }
-        for (p, i, own, shared) in swaps {
-            self.hold(shared, true, 1);
-            self.hold(own, true, -1);
-            if let Some(t) = self.seqs.get_mut(&to) {
-                t.tables[p][i] = shared;
-            }
-        }
+        let copies = if full < need {
+            src.iter()
+                .zip(&dst)
+                .map(|(s, d)| (s[full], d[full]))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let leading: Vec<Vec<u32>> = src.iter().map(|s| s[..full].to_vec()).collect();
+        self.adopt(to, &leading);
         Some(copies)
     }
 

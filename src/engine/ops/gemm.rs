@@ -63,28 +63,8 @@ pub fn linear_rows(
     exact: &ExactRows,
 ) -> Result<Tensor> {
     let rows = x.dims().first().copied().unwrap_or(0);
-    if x.dtype() != DType::F32 || w.dtype() == DType::F32 || exact.covers(rows) {
-        return linear_f32(x, w, b);
-    }
-    let x = x.contiguous()?;
-    let y = if w.device().is_cuda() {
-        x.apply_op2_no_bwd(
-            w,
-            &GemmF32Out {
-                lo_rows: Some(exact.clone()),
-            },
-        )?
-    } else {
-        let wf = w.to_dtype(DType::F32)?;
-        let hi = x.to_dtype(DType::BF16)?.to_dtype(DType::F32)?;
-        let lo = (&x - &hi)?.to_dtype(DType::BF16)?.to_dtype(DType::F32)?;
-        let lo = lo.broadcast_mul(&exact.mask(rows, x.device())?)?;
-        (hi.matmul(&wf.t()?)? + lo.matmul(&wf.t()?)?)?
-    };
-    match b {
-        Some(b) => y.broadcast_add(b),
-        None => Ok(y),
-    }
+    let lo_rows = (x.dtype() == DType::F32 && !exact.covers(rows)).then_some(exact);
+    linear_terms(x, w, b, lo_rows)
 }
 
 /// `x · wᵀ (+ b)` as f32 `[T, n]` for `x` `[T, k]` and weights `w` `[n, k]` (bias f32 `[n]`),
@@ -94,11 +74,22 @@ pub fn linear_rows(
 ///   `y = hi · wᵀ + lo · wᵀ`, two GEMMs over the same weights. The rounding error of the input
 ///   drops from 2⁻⁹ to 2⁻¹⁷ relative, for twice the multiply work.
 pub fn linear_f32(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    linear_terms(x, w, b, None)
+}
+
+/// [`linear_f32`], the lo term of an f32 `x` taken on `lo_rows` only when given.
+fn linear_terms(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    lo_rows: Option<&ExactRows>,
+) -> Result<Tensor> {
     let x = x.contiguous()?;
     let y = if w.dtype() == DType::F32 {
         x.to_dtype(DType::F32)?.matmul(&w.t()?)?
     } else if w.device().is_cuda() {
-        x.apply_op2_no_bwd(w, &GemmF32Out { lo_rows: None })?
+        let lo_rows = lo_rows.cloned();
+        x.apply_op2_no_bwd(w, &GemmF32Out { lo_rows })?
     } else {
         // What GemmEx computes: bf16 inputs, f32 products and sums; f32 inputs as two terms.
         let w = w.to_dtype(DType::F32)?;
@@ -106,6 +97,10 @@ pub fn linear_f32(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> 
         let y = hi.matmul(&w.t()?)?;
         if x.dtype() == DType::F32 {
             let lo = (&x - &hi)?.to_dtype(DType::BF16)?.to_dtype(DType::F32)?;
+            let lo = match lo_rows {
+                Some(rows) => lo.broadcast_mul(&rows.mask(x.dim(0)?, x.device())?)?,
+                None => lo,
+            };
             (y + lo.matmul(&w.t()?)?)?
         } else {
             y
