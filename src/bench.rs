@@ -62,13 +62,15 @@ pub struct Shape {
 /// Times prefill alone (`max_tokens = 0`), then prefill + `gen` decode steps; decode throughput is
 /// the difference. With phase times on (see [`crate::engine::instrument::phase_times`]) each row's phases
 /// are printed as it completes. With `lora`, the pruned plan is measured a second time with the
-/// adapter on every request.
+/// adapter on every request. `opts` are the engines' options (`--enforce-eager` sets
+/// `cuda_graph_max_batch` to 0).
 pub fn run(
     model: Arc<DecoderModel>,
     batches: &[usize],
     shape: Shape,
     reverse: f64,
     lora: Option<Arc<LoraAdapter>>,
+    opts: &EngineOptions,
 ) -> Result<Vec<BenchRow>, EngineError> {
     let Shape {
         prompt_len,
@@ -92,10 +94,7 @@ pub fn run(
     let mut rows = Vec::new();
     for (name, plan) in &plans {
         for &batch in batches {
-            let mut batcher = Batcher::new(
-                Engine::for_device(model.clone(), &EngineOptions::default())?,
-                step_tokens,
-            );
+            let mut batcher = Batcher::new(Engine::for_device(model.clone(), opts)?, step_tokens);
             // Warm-up.
             batcher
                 .run_all(requests(plan, 1, 8, 2, vocab))

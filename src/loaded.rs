@@ -26,9 +26,24 @@ impl DeviceKind {
     pub fn open_at(self, ordinal: usize) -> Result<(Device, DType), CheckpointError> {
         match self {
             DeviceKind::Cpu => Ok((Device::Cpu, DType::F32)),
-            DeviceKind::Cuda => Ok((Device::new_cuda(ordinal)?, DType::BF16)),
+            DeviceKind::Cuda => Ok((cuda_device(ordinal)?, DType::BF16)),
         }
     }
+}
+
+/// A CUDA device whose work goes to a stream of its own (the legacy default stream cannot be
+/// captured into CUDA graphs, see [`crate::engine::graphs`]). Everything runs on that one stream,
+/// so cudarc's per-buffer events (cross-stream synchronization) are turned off before anything
+/// is allocated: they would be recorded inside captures and waited on outside them.
+pub fn cuda_device(ordinal: usize) -> Result<Device, CheckpointError> {
+    let device = Device::new_cuda_with_stream(ordinal)?;
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(cuda) = &device {
+        // SAFETY: called before any buffer is allocated on this device's context; every launch
+        // and copy of the engine is ordered on the device's single stream.
+        unsafe { cuda.disable_event_tracking() };
+    }
+    Ok(device)
 }
 
 /// `--dtype`: the precision weights and activations are held in, as vLLM's flag.

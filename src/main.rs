@@ -141,6 +141,15 @@ enum Command {
         /// same tokens (`selftest --device cuda` checks it).
         #[arg(long, value_enum, default_value_t = SamplerPlace::Auto)]
         sampler: SamplerPlace,
+        /// CUDA: run every decode step launch by launch instead of replaying captured CUDA graphs
+        /// (as vLLM's flag).
+        #[arg(long)]
+        enforce_eager: bool,
+        /// CUDA: the largest decode step (rows) replayed from a captured graph; larger steps run
+        /// eagerly. Graphs are captured per plan, rows bucket (1, 2, 4, 8, multiples of 8 to 64,
+        /// then of 32) and context bucket (powers of two from 256) on their second use.
+        #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u16).range(1..=1024))]
+        max_cudagraph_batch: u16,
         #[arg(long, default_value_t = 32 << 20)]
         max_body_bytes: usize,
         /// Require `Authorization: Bearer KEY` on /v1/*.
@@ -283,6 +292,9 @@ enum Command {
         /// Also measure the pruned plan with this PEFT LoRA adapter on every request.
         #[arg(long)]
         adapter: Option<PathBuf>,
+        /// CUDA: launch every decode step's kernels (no CUDA graphs), as `serve --enforce-eager`.
+        #[arg(long)]
+        enforce_eager: bool,
     },
 }
 
@@ -347,6 +359,8 @@ fn run(cli: Cli) -> Result<()> {
             data_parallel,
             reserve_max_tokens,
             sampler,
+            enforce_eager,
+            max_cudagraph_batch,
             max_body_bytes,
             api_key,
             finetune,
@@ -368,6 +382,10 @@ fn run(cli: Cli) -> Result<()> {
                 data_parallel: data_parallel.into(),
                 reserve_max_tokens,
                 sampler,
+                cuda_graph_max_batch: match enforce_eager {
+                    true => 0,
+                    false => max_cudagraph_batch.into(),
+                },
             };
             let registry = Arc::new(serve::build_registry(&entries, &settings)?);
             let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -577,6 +595,7 @@ fn run(cli: Cli) -> Result<()> {
             gen,
             reverse,
             adapter,
+            enforce_eager,
         } => {
             let (model_id, loaded, dev, dtype) = load_on(model, device)?;
             let lora = adapter
@@ -590,8 +609,22 @@ fn run(cli: Cli) -> Result<()> {
                 gen,
                 step_tokens,
             };
-            let rows =
-                pruneserve::bench::run(loaded.model.clone(), &batches, shape, reverse, lora)?;
+            let defaults = pruneserve::engine::EngineOptions::default();
+            let opts = pruneserve::engine::EngineOptions {
+                cuda_graph_max_batch: match enforce_eager {
+                    true => 0,
+                    false => defaults.cuda_graph_max_batch,
+                },
+                ..defaults
+            };
+            let rows = pruneserve::bench::run(
+                loaded.model.clone(),
+                &batches,
+                shape,
+                reverse,
+                lora,
+                &opts,
+            )?;
             println!(
                 "model {model_id}, prompt {prompt_len} tokens, {gen} generated, {device:?} {dtype:?}, {} CPU threads",
                 std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)

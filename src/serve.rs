@@ -58,6 +58,8 @@ pub struct EngineSettings {
     pub reserve_max_tokens: bool,
     /// Where sampled tokens are drawn (`--sampler`).
     pub sampler: SamplerPlace,
+    /// CUDA: the largest decode step replayed from a captured graph; 0 with `--enforce-eager`.
+    pub cuda_graph_max_batch: usize,
 }
 
 /// Wraps each engine a base's loop builds (tests inject faults through it).
@@ -161,6 +163,7 @@ pub fn start_loaded(
         prefix_caching: s.prefix_caching,
         // Checked by `start_base`.
         device_sampling: s.sampler.on_device(s.device).unwrap_or(false),
+        cuda_graph_max_batch: s.cuda_graph_max_batch,
         ..EngineOptions::default()
     };
     let engine_err = |error| ServeError::Engine {

@@ -90,6 +90,7 @@ fn start_faulty_server(root: &std::path::Path, engines: usize, max_restarts: usi
         data_parallel: engines,
         reserve_max_tokens: false,
         sampler: Default::default(),
+        cuda_graph_max_batch: 0,
     };
     let wrap: EngineWrapper = Arc::new(|inner| {
         Box::new(Faulty {

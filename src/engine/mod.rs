@@ -5,6 +5,8 @@
 pub mod adapters;
 pub mod attention;
 pub mod batch;
+#[cfg(feature = "cuda")]
+pub mod graphs;
 pub mod instrument;
 pub mod kv;
 pub mod model;
@@ -88,6 +90,9 @@ pub struct EngineOptions {
     pub prefix_caching: bool,
     /// On CUDA: draw sampled tokens on the device (`serve --sampler`).
     pub device_sampling: bool,
+    /// On CUDA: decode steps of up to this many rows replay captured graphs ([`graphs`]); 0
+    /// runs every step eagerly (`serve --enforce-eager`).
+    pub cuda_graph_max_batch: usize,
 }
 
 impl Default for EngineOptions {
@@ -99,6 +104,7 @@ impl Default for EngineOptions {
             kv_cache_bytes: None,
             prefix_caching: false,
             device_sampling: false,
+            cuda_graph_max_batch: 256,
         }
     }
 }
@@ -187,6 +193,8 @@ pub struct Engine {
     share_hidden: bool,
     /// Rows times plan positions not recomputed thanks to that.
     shared_layer_rows: u64,
+    #[cfg(feature = "cuda")]
+    graphs: graphs::DecodeGraphs,
 }
 
 impl Engine {
@@ -203,7 +211,15 @@ impl Engine {
             prefix_queries: 0,
             prefix_hits: 0,
             device_sampling: opts.device_sampling,
+            #[cfg(feature = "cuda")]
+            graphs: graphs::DecodeGraphs::new(opts.cuda_graph_max_batch),
         }
+    }
+
+    /// What decode steps did on the graph path (CUDA).
+    #[cfg(feature = "cuda")]
+    pub fn graph_stats(&self) -> graphs::GraphStats {
+        self.graphs.stats()
     }
 
     /// Whether step items may carry a [`StepItem::draw`] (CUDA with `device_sampling`).
@@ -419,6 +435,26 @@ impl Engine {
         }
     }
 
+    /// The hidden rows of a plain decode step through a captured graph ([`graphs`]), or `None`
+    /// when it runs eagerly.
+    fn decode_graphed(
+        &mut self,
+        plan: &LayerPlan,
+        tokens: &[u32],
+        chunks: &[ChunkRef],
+    ) -> candle_core::Result<Option<Tensor>> {
+        #[cfg(feature = "cuda")]
+        {
+            self.graphs
+                .decode(&self.model, plan, tokens, chunks, self.cache.as_mut())
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = (plan, tokens, chunks);
+            Ok(None)
+        }
+    }
+
     /// One packed forward of `members` (same plan and overlay), from the embeddings or, with
     /// `start = (depth, x)`, from hidden states `x` after the plan's first `depth` positions.
     fn run_group<'t>(
@@ -448,19 +484,29 @@ impl Engine {
             tokens.extend_from_slice(&it.tokens);
             row_adapters.extend(std::iter::repeat_n(&seq.spec.lora, it.tokens.len()).cloned());
         }
-        let extras = Extras {
-            overlay: spec.overlay.as_deref(),
-            lora: StepLora::new(&row_adapters, self.model.device())?,
+        let plain = tap.is_none() && start.is_none() && spec.overlay.is_none();
+        let graphed = match plain && row_adapters.iter().all(Option::is_none) {
+            true => self.decode_graphed(&spec.plan, &tokens, &chunks)?,
+            false => None,
         };
-        let hidden = self.model.forward_hidden(
-            &spec.plan,
-            &tokens,
-            &chunks,
-            self.cache.as_mut(),
-            &extras,
-            tap,
-            start,
-        )?;
+        let hidden = match graphed {
+            Some(hidden) => hidden,
+            None => {
+                let extras = Extras {
+                    overlay: spec.overlay.as_deref(),
+                    lora: StepLora::new(&row_adapters, self.model.device())?,
+                };
+                self.model.forward_hidden(
+                    &spec.plan,
+                    &tokens,
+                    &chunks,
+                    self.cache.as_mut(),
+                    &extras,
+                    tap,
+                    start,
+                )?
+            }
+        };
         // Only rows whose logits are needed go through the LM head (exact for scored chunks).
         let mut rows: Vec<u32> = Vec::new();
         let mut exact = Vec::new();

@@ -143,6 +143,7 @@ impl ImportanceRun {
             kv_cache_bytes: None,
             prefix_caching: false,
             device_sampling: false,
+            ..EngineOptions::default()
         };
         let positions = plan.layers().len() + 1;
         let first = plan.layers().first().copied().unwrap_or(0);

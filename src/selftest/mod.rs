@@ -3,6 +3,8 @@
 //! the paged KV cache against the contiguous one on the same device.
 
 #[cfg(feature = "cuda")]
+mod graphs;
+#[cfg(feature = "cuda")]
 mod prefill;
 mod prefix;
 
@@ -54,6 +56,11 @@ struct RunOut {
     prompt_lp: Vec<Vec<f32>>,
     tokens: Vec<Vec<u32>>,
     gen_lp: Vec<Vec<f32>>,
+    /// Decode steps replayed from CUDA graphs, and graphs captured (CUDA builds).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    graph_replays: u64,
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    graph_captures: u64,
 }
 
 impl RunOut {
@@ -71,6 +78,8 @@ impl RunOut {
                 .iter()
                 .map(|o| o.tokens.iter().map(|t| t.logprob).collect())
                 .collect(),
+            graph_replays: 0,
+            graph_captures: 0,
         }
     }
 }
@@ -85,16 +94,19 @@ fn run(
     run_with(model, cache, prompts, max_tokens, step_tokens, None, GREEDY)
 }
 
-/// How the requests of a run pick tokens, and whether sampled ones are drawn on the device.
+/// How the requests of a run pick tokens, whether sampled ones are drawn on the device, and
+/// whether decode steps launch every kernel (no CUDA graphs).
 #[derive(Clone, Copy)]
 struct Picking {
     params: fn(usize) -> SamplingParams,
     on_device: bool,
+    eager: bool,
 }
 
 const GREEDY: Picking = Picking {
     params: |_| SamplingParams::greedy(),
     on_device: false,
+    eager: false,
 };
 
 /// Seeded sampling that exercises every truncation: top-p, top-k, min-p, a hot temperature.
@@ -131,7 +143,7 @@ fn draw_check(
     let steps = 32;
     let host = Picking {
         params: seeded,
-        on_device: false,
+        ..GREEDY
     };
     let device = Picking {
         on_device: true,
@@ -161,9 +173,14 @@ fn run_with(
     lora: Option<AdapterOn<'_>>,
     picking: Picking,
 ) -> Result<RunOut, SelftestError> {
+    let defaults = EngineOptions::default();
     let opts = EngineOptions {
         device_sampling: picking.on_device,
-        ..EngineOptions::default()
+        cuda_graph_max_batch: match picking.eager {
+            true => 0,
+            false => defaults.cuda_graph_max_batch,
+        },
+        ..defaults
     };
     let engine = match cache {
         CacheKind::Paged => Engine::for_device(model.clone(), &opts)?,
@@ -194,11 +211,19 @@ fn run_with(
             ignore_eos: true,
         })
         .collect();
-    let outs: Vec<GenOutput> = Batcher::new(engine, step_tokens)
+    let mut batcher = Batcher::new(engine, step_tokens);
+    let outs: Vec<GenOutput> = batcher
         .run_all(reqs)
         .into_iter()
         .collect::<Result<_, _>>()?;
-    Ok(RunOut::of(&outs))
+    #[allow(unused_mut)]
+    let mut out = RunOut::of(&outs);
+    #[cfg(feature = "cuda")]
+    {
+        let stats = batcher.engine().graph_stats();
+        (out.graph_replays, out.graph_captures) = (stats.replays, stats.captures);
+    }
+    Ok(out)
 }
 
 /// How two runs differ: max abs difference of prompt logprobs, of generated logprobs up to the
@@ -392,7 +417,7 @@ pub fn run_all(
             "selftest compares the CUDA engine with the CPU one: use --device cuda".into(),
         ));
     }
-    let cuda = Device::new_cuda(0).map_err(CheckpointError::from)?;
+    let cuda = crate::loaded::cuda_device(0)?;
     let cpu = Device::Cpu;
     let mut checks = Vec::new();
     let tmp = tempfile::tempdir()
@@ -474,6 +499,16 @@ pub fn run_all(
         push(&mut checks, &mut report, c);
         let c = prefix::sharing_check(&m, &name, dtype == DType::F32)?;
         push(&mut checks, &mut report, c);
+        // Seven requests (an 8-row bucket, one padded row) crossing the 256-token bucket.
+        #[cfg(feature = "cuda")]
+        {
+            let prompts = pseudo_prompts(512, &[5, 37, 64, 100, 230, 250, 300]);
+            push(
+                &mut checks,
+                &mut report,
+                graphs::graph_check(&m, &prompts, 40, &name)?,
+            );
+        }
     }
 
     // 4. A LoRA adapter (rank 16, all seven projections) on every other request of a batch:
@@ -518,9 +553,15 @@ pub fn run_all(
         },
     );
 
-    // 6. Seeded draws on the device over SmolLM2's 49,152 ids.
+    // 6. Seeded draws on the device over SmolLM2's 49,152 ids, and decode graphs.
     let c = draw_check(&bf16, &prompts, "SmolLM2 CUDA bf16")?;
     push(&mut checks, &mut report, c);
+    #[cfg(feature = "cuda")]
+    push(
+        &mut checks,
+        &mut report,
+        graphs::graph_check(&bf16, &prompts, steps, "SmolLM2 CUDA bf16")?,
+    );
 
     // 7. Paged vs contiguous on the device, with chunked prefill mixed into decode steps
     //    (a 24-token step budget) so history gathers and fused decode rows are exercised.

@@ -235,6 +235,58 @@ __device__ void paged_decode_combine(const float *part_out, const float *part_ma
 INSTANTIATE(f32, float)
 INSTANTIATE(bf16, __nv_bfloat16)
 
+// rope_cache: the rotary embedding of a decode step's packed f32 q|k|v projection rows
+// [T, (heads + 2 kv_heads) * hd], with the keys and values written straight into the paged
+// caches at each row's slot (skipped for slot < 0) and the queries returned [T, heads, hd]; every
+// value is rounded to T once, as rope_heads (fused.cu) followed by reshape_and_cache store them.
+// Grid (T), THREADS threads striding over the row's (heads + 2 kv_heads) * hd / 2 pairs.
+template <typename T>
+__device__ void rope_cache(const float *qkv, const float *cos, const float *sin,
+                           const int64_t *slots, T *kc, T *vc, T *q_out, int heads, int kv_heads,
+                           int hd) {
+  const int r = blockIdx.x, half = hd / 2, x = 16 / sizeof(T);
+  const float *row = qkv + (size_t)r * (heads + 2 * kv_heads) * hd;
+  const int64_t slot = slots[r];
+  const int64_t block = slot / BS, off = slot % BS;
+  for (int p = threadIdx.x; p < (heads + 2 * kv_heads) * half; p += blockDim.x) {
+    const int h = p / half, i = p % half;
+    const float x1 = row[h * hd + i], x2 = row[h * hd + i + half];
+    float y1 = x1, y2 = x2;
+    if (h < heads + kv_heads) {
+      const float c = cos[(size_t)r * half + i], s = sin[(size_t)r * half + i];
+      y1 = x1 * c - x2 * s;
+      y2 = x2 * c + x1 * s;
+    }
+    if (h < heads) {
+      T *q = q_out + ((size_t)r * heads + h) * hd;
+      put(q + i, y1);
+      put(q + i + half, y2);
+    } else if (slot >= 0 && h < heads + kv_heads) {
+      const int kh = h - heads;
+      T *k = kc + (block * kv_heads + kh) * (int64_t)(hd / x) * BS * x + off * x;
+      put(k + (i / x) * BS * x + i % x, y1);
+      put(k + ((i + half) / x) * BS * x + (i + half) % x, y2);
+    } else if (slot >= 0) {
+      const int vh = h - heads - kv_heads;
+      T *v = vc + (block * kv_heads + vh) * (int64_t)hd * BS + off;
+      put(v + (size_t)i * BS, y1);
+      put(v + (size_t)(i + half) * BS, y2);
+    }
+  }
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS)
+    rope_cache_f32(const float *qkv, const float *cos, const float *sin, const int64_t *slots,
+                   float *kc, float *vc, float *q, int heads, int kv_heads, int hd) {
+  rope_cache<float>(qkv, cos, sin, slots, kc, vc, q, heads, kv_heads, hd);
+}
+extern "C" __global__ void __launch_bounds__(THREADS)
+    rope_cache_bf16(const float *qkv, const float *cos, const float *sin, const int64_t *slots,
+                    __nv_bfloat16 *kc, __nv_bfloat16 *vc, __nv_bfloat16 *q, int heads,
+                    int kv_heads, int hd) {
+  rope_cache<__nv_bfloat16>(qkv, cos, sin, slots, kc, vc, q, heads, kv_heads, hd);
+}
+
 // prefill_attention: fresh prompt chunks (no history: each attends causally to its own rows)
 // of one step in one launch, f32 throughout (flash-attention style online softmax over key
 // tiles, so no [len, len] score matrix is written). q [T, heads, hd], k/v [T, kv_heads, hd]

@@ -208,6 +208,116 @@ impl CustomOp1 for PagedDecode {
     }
 }
 
+struct RopeCache {
+    cos: Tensor,
+    sin: Tensor,
+    /// `[T]` i64 (may start at an offset).
+    slots: Tensor,
+    key_cache: Tensor,
+    value_cache: Tensor,
+    params: AttnParams,
+}
+
+/// The rotary embedding of a decode step's packed f32 q|k|v projection rows `qkv` with the keys
+/// and values written straight into the paged caches at `slots` (`[T]` i64, < 0: not written),
+/// in one launch (`rope_cache` in attention.cu); returns the queries `[T, heads, head_dim]` in the
+/// caches' dtype. Stores the same values as [`crate::engine::ops::fused::rope_heads`] followed by
+/// `reshape_and_cache`, which the CPU engine's path and prompt steps take.
+pub fn rope_into_cache(
+    qkv: &Tensor,
+    (cos, sin): (&Tensor, &Tensor),
+    slots: &Tensor,
+    (key_cache, value_cache): (&Tensor, &Tensor),
+    params: &AttnParams,
+) -> Result<Tensor> {
+    qkv.apply_op1_no_bwd(&RopeCache {
+        cos: cos.clone(),
+        sin: sin.clone(),
+        slots: slots.clone(),
+        key_cache: key_cache.clone(),
+        value_cache: value_cache.clone(),
+        params: *params,
+    })
+}
+
+impl RopeCache {
+    fn run<T>(&self, qkv: (&CudaStorage, &Layout), suffix: &str) -> Result<CudaStorage>
+    where
+        T: candle_core::cuda_backend::CudaDType
+            + candle_core::cuda_backend::cudarc::driver::DeviceRepr,
+    {
+        let dev = qkv.0.device().clone();
+        let p = &self.params;
+        let (rows, cols) = qkv.1.shape().dims2()?;
+        if cols != (p.num_heads + 2 * p.num_kv_heads) * p.head_dim {
+            candle_core::bail!("rope_cache: {cols} columns do not hold q|k|v heads");
+        }
+        let qkv = storage_view::<f32>(qkv.0, qkv.1, "q|k|v rows")?;
+        let (cs, cl) = self.cos.storage_and_layout();
+        let (ss, sl) = self.sin.storage_and_layout();
+        let (sls, sll) = self.slots.storage_and_layout();
+        let (kc, kl) = self.key_cache.storage_and_layout();
+        let (vc, vl) = self.value_cache.storage_and_layout();
+        let cos = cuda_view::<f32>(&cs, cl, "cos")?;
+        let sin = cuda_view::<f32>(&ss, sl, "sin")?;
+        let slots = cuda_view::<i64>(&sls, sll, "slots")?;
+        let kc = cuda_view::<T>(&kc, kl, "key cache")?;
+        let vc = cuda_view::<T>(&vc, vl, "value cache")?;
+        if slots.len() != rows || cos.len() != rows * p.head_dim / 2 {
+            candle_core::bail!("rope_cache: slots or rotary rows do not match {rows} rows");
+        }
+        // SAFETY: the kernel writes every query element.
+        let q = unsafe { dev.alloc::<T>(rows * p.num_heads * p.head_dim)? };
+        let func = dev.get_or_load_custom_func(
+            &format!("rope_cache_{suffix}"),
+            "pruneserve_attention",
+            PTX,
+        )?;
+        let (h, kvh, hd) = (p.num_heads as i32, p.num_kv_heads as i32, p.head_dim as i32);
+        let mut b = func.builder();
+        b.arg(&qkv)
+            .arg(&cos)
+            .arg(&sin)
+            .arg(&slots)
+            .arg(&kc)
+            .arg(&vc)
+            .arg(&q);
+        b.arg(&h).arg(&kvh).arg(&hd);
+        let cfg = LaunchConfig {
+            grid_dim: (rows.max(1) as u32, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: the arguments match `rope_cache_*` in attention.cu. The caches are written
+        // through shared views, as reshape_and_cache writes them: only at the step's own slots
+        // (reserved for these rows, below the block count), ordered on candle's one stream
+        // before any kernel reading them.
+        unsafe { b.launch(cfg) }.w()?;
+        Ok(CudaStorage::wrap_cuda_slice(q, dev))
+    }
+}
+
+impl CustomOp1 for RopeCache {
+    fn name(&self) -> &'static str {
+        "rope-cache"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        candle_core::bail!("rope_cache runs on CUDA only (the CPU engine writes its own cache)")
+    }
+
+    fn cuda_fwd(&self, qkv: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+        let p = &self.params;
+        let shape = Shape::from((l.shape().dims2()?.0, p.num_heads, p.head_dim));
+        let out = match self.key_cache.dtype() {
+            DType::BF16 => self.run::<half::bf16>((qkv, l), "bf16")?,
+            DType::F32 => self.run::<f32>((qkv, l), "f32")?,
+            other => candle_core::bail!("rope_cache: unsupported cache dtype {other:?}"),
+        };
+        Ok((out, shape))
+    }
+}
+
 /// One prompt chunk for [`prefill_attention`]: its `len` query rows from `q_row0` in the step's
 /// packed queries, at absolute positions `start..start + len`; its keys and values (positions
 /// `0..start + len`) from row `k_row0` of `k`/`v`; its output from row `out0`. `exact` chunks

@@ -90,6 +90,19 @@ pub trait KvCache: Send {
     fn begin_step(&mut self, _chunks: &[ChunkRef], _plan_len: usize) -> candle_core::Result<()> {
         Ok(())
     }
+    /// Begins a decode-only step (every chunk one token) in place of [`KvCache::begin_step`],
+    /// writing its cache indices into the fixed buffers of a captured decode graph, padded to
+    /// their rows and blocks ([`paged::GraphKvInputs`]); `false` (nothing begun) when this cache
+    /// cannot or the step does not fit them.
+    #[cfg(feature = "cuda")]
+    fn begin_padded_decode(
+        &mut self,
+        _chunks: &[ChunkRef],
+        _plan_len: usize,
+        _into: &paged::GraphKvInputs,
+    ) -> candle_core::Result<bool> {
+        Ok(false)
+    }
     /// Appends this step's keys/values (`[T, kv_heads, d]`, packed over `chunks`) at `plan_pos` and
     /// returns attention outputs `[T, heads * d]` for the packed queries `[T, heads, d]`, in the
     /// queries' dtype.
@@ -102,6 +115,20 @@ pub trait KvCache: Send {
         v: &Tensor,
         params: &AttnParams,
     ) -> candle_core::Result<Tensor>;
+    /// A decode-only step's attention at `plan_pos` straight from the packed f32 q|k|v
+    /// projection rows `[T, (heads + 2 kv_heads) * d]`: rotates them with the `rope` rows (cos,
+    /// sin), stores the keys and values, and returns the attention output `[T, heads * d]` in the
+    /// cache's dtype, in fewer launches than rotating apart and calling [`KvCache::attend`];
+    /// `None` when this cache or step takes that path.
+    fn attend_packed(
+        &mut self,
+        _plan_pos: usize,
+        _qkv: &Tensor,
+        _rope: (&Tensor, &Tensor),
+        _params: &AttnParams,
+    ) -> candle_core::Result<Option<Tensor>> {
+        Ok(None)
+    }
     fn release(&mut self, seq: SeqId);
     fn usage(&self) -> KvUsage;
     fn capacity(&self) -> KvCapacity;

@@ -17,20 +17,19 @@ use candle_core::{DType, Device, IndexOp, Tensor};
 use mistralrs_paged_attn::{gather_kv_cache, reshape_and_cache};
 
 use crate::engine::attention::cuda::{
-    paged_decode, prefill_attention, PrefillChunk, PrefillKernel, BLOCK_SIZE,
+    paged_decode, prefill_attention, rope_into_cache, PrefillChunk, PrefillKernel, BLOCK_SIZE,
 };
 use crate::engine::attention::{attend_chunk, chunk_heads, AttnParams, MaskCache};
 use crate::engine::kv::prefix::{Pin, PrefixStore, ScoreMemo};
-use crate::engine::kv::tables::{BlockPool, BlockTables, StepTables};
+use crate::engine::kv::tables::{BlockPool, BlockTables};
 use crate::engine::kv::{ChunkRef, KvCache, KvCapacity, KvError, KvUsage};
 use crate::engine::sample::scoring::TokenScore;
 use crate::engine::SeqId;
 
 struct DecodeIndex {
-    /// Packed row of each decode chunk, `[decode]` u32.
-    rows: Tensor,
-    /// The decode rows are every packed row, in order (a pure decode step): no gather needed.
-    all_rows: bool,
+    /// Packed row of each decode chunk, `[decode]` u32; `None` when the decode rows are every
+    /// packed row, in order (a pure decode step): no gather needed.
+    rows: Option<Tensor>,
     /// `[plan_len, decode, max_blocks]` u32.
     tables: Tensor,
     /// `[decode]` u32.
@@ -39,7 +38,9 @@ struct DecodeIndex {
 
 /// The step's index arrays on the device.
 struct UploadedStep {
-    tables: StepTables,
+    /// Decode rows, and the longest context the decode kernel is launched for.
+    n_dec: usize,
+    max_context: usize,
     /// `[plan_len, T]` i64.
     slots: Tensor,
     /// Present when the step has decode rows.
@@ -47,6 +48,35 @@ struct UploadedStep {
     /// Restores packed row order after decode rows were computed first; `None` when the order
     /// already matches.
     fused_order: Option<Tensor>,
+}
+
+/// The fixed device buffers a captured decode graph reads its cache indices from
+/// ([`KvCache::begin_padded_decode`] writes them before each replay): `[plans, rows]` i64 slots,
+/// `[plans, rows, max_blocks]` u32 block tables and `[rows]` u32 context lengths, for plans of up
+/// to `plans` positions.
+pub struct GraphKvInputs {
+    pub rows: usize,
+    pub max_blocks: usize,
+    slots: Tensor,
+    tables: Tensor,
+    context_lens: Tensor,
+}
+
+impl GraphKvInputs {
+    pub fn new(
+        device: &Device,
+        plans: usize,
+        rows: usize,
+        max_blocks: usize,
+    ) -> candle_core::Result<Self> {
+        Ok(Self {
+            rows,
+            max_blocks,
+            slots: Tensor::zeros((plans, rows), DType::I64, device)?,
+            tables: Tensor::zeros((plans, rows, max_blocks), DType::U32, device)?,
+            context_lens: Tensor::ones(rows, DType::U32, device)?,
+        })
+    }
 }
 
 pub struct PagedKvCache {
@@ -220,12 +250,15 @@ impl KvCache for PagedKvCache {
             .map(|&i| chunks[i].offset as u32)
             .collect();
         // Zero-length device buffers are avoided: no decode rows, no index tensors.
+        let in_order = n_dec == total && rows.iter().enumerate().all(|(j, &r)| r == j as u32);
         let decode = if n_dec == 0 {
             None
         } else {
             Some(DecodeIndex {
-                rows: Tensor::from_slice(&rows, n_dec, dev)?,
-                all_rows: n_dec == total && rows.iter().enumerate().all(|(j, &r)| r == j as u32),
+                rows: match in_order {
+                    true => None,
+                    false => Some(Tensor::from_slice(&rows, n_dec, dev)?),
+                },
                 tables: Tensor::from_slice(
                     &tables.decode_tables,
                     (plan_len, n_dec, tables.decode_max_blocks),
@@ -253,12 +286,44 @@ impl KvCache for PagedKvCache {
         };
         self.masks.clear();
         self.step = Some(UploadedStep {
-            tables,
+            n_dec,
+            max_context: tables.decode_max_context,
             slots,
             decode,
             fused_order,
         });
         Ok(())
+    }
+
+    fn begin_padded_decode(
+        &mut self,
+        chunks: &[ChunkRef],
+        plan_len: usize,
+        into: &GraphKvInputs,
+    ) -> candle_core::Result<bool> {
+        let tables = self
+            .pool
+            .step_tables(chunks, plan_len)
+            .map_err(kernel_err)?;
+        let Some(padded) = tables.padded(into.rows, into.max_blocks) else {
+            return Ok(false);
+        };
+        write_into(&into.slots, &padded.slots)?;
+        write_into(&into.tables, &padded.tables)?;
+        write_into(&into.context_lens, &padded.context_lens)?;
+        self.masks.clear();
+        self.step = Some(UploadedStep {
+            n_dec: into.rows,
+            max_context: into.max_blocks * self.pool.block_size(),
+            slots: into.slots.narrow(0, 0, plan_len)?,
+            decode: Some(DecodeIndex {
+                rows: None,
+                tables: into.tables.narrow(0, 0, plan_len)?,
+                context_lens: into.context_lens.clone(),
+            }),
+            fused_order: None,
+        });
+        Ok(true)
     }
 
     fn attend(
@@ -288,22 +353,21 @@ impl KvCache for PagedKvCache {
             &slots,
         )?;
         let width = params.num_heads * params.head_dim;
-        let n_dec = step.tables.decode_chunks.len();
+        let n_dec = step.n_dec;
         let decode = step.decode.as_ref();
         let fused = decode.is_some();
         let mut parts = Vec::new();
         if let Some(dec) = decode {
-            let q_dec = if dec.all_rows {
-                q.to_dtype(self.dtype)?
-            } else {
-                q.index_select(&dec.rows, 0)?.to_dtype(self.dtype)?
+            let q_dec = match &dec.rows {
+                None => q.to_dtype(self.dtype)?,
+                Some(rows) => q.index_select(rows, 0)?.to_dtype(self.dtype)?,
             };
             let out = paged_decode(
                 &q_dec,
                 (&self.key_cache, &self.value_cache),
                 &dec.tables.i(plan_pos)?,
                 &dec.context_lens,
-                step.tables.decode_max_context,
+                step.max_context,
                 params,
             )?;
             // The output is in q's dtype, f32 on steps with prompt rows.
@@ -396,6 +460,38 @@ impl KvCache for PagedKvCache {
         }
     }
 
+    fn attend_packed(
+        &mut self,
+        plan_pos: usize,
+        qkv: &Tensor,
+        rope: (&Tensor, &Tensor),
+        params: &AttnParams,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let Some(step) = self.step.as_ref() else {
+            return Ok(None);
+        };
+        // Only steps whose rows are all decode rows, in order.
+        let pure = step.fused_order.is_none() && step.n_dec == qkv.dim(0)?;
+        let Some(dec) = step.decode.as_ref().filter(|d| pure && d.rows.is_none()) else {
+            return Ok(None);
+        };
+        let caches = (&self.key_cache, &self.value_cache);
+        let q = rope_into_cache(qkv, rope, &step.slots.i(plan_pos)?, caches, params)?;
+        let tables = dec.tables.i(plan_pos)?;
+        let out = paged_decode(
+            &q,
+            caches,
+            &tables,
+            &dec.context_lens,
+            step.max_context,
+            params,
+        )?;
+        Ok(Some(out.reshape((
+            step.n_dec,
+            params.num_heads * params.head_dim,
+        ))?))
+    }
+
     fn release(&mut self, seq: SeqId) {
         self.pool.release(seq);
     }
@@ -484,16 +580,45 @@ impl KvCache for PagedKvCache {
     }
 }
 
-/// The device address of a cache tensor's first element.
+/// The device address of a contiguous tensor's first element.
 fn base_ptr<T: candle_core::cuda_backend::CudaDType>(
     s: &candle_core::CudaStorage,
     layout: &candle_core::Layout,
     stream: &std::sync::Arc<candle_core::cuda_backend::cudarc::driver::CudaStream>,
 ) -> candle_core::Result<u64> {
     use candle_core::cuda_backend::cudarc::driver::DevicePtr;
-    let view = crate::engine::attention::cuda::storage_view::<T>(s, layout, "key/value cache")?;
+    let view = crate::engine::attention::cuda::storage_view::<T>(s, layout, "device buffer")?;
     let (ptr, _sync) = view.device_ptr(stream);
     Ok(ptr)
+}
+
+/// Copies `src` into the first elements of the contiguous CUDA tensor `dst` of the same element
+/// type, ordered on candle's stream after the work already queued (a captured graph reading
+/// `dst` sees the new values on its next replay).
+pub fn write_into<T>(dst: &Tensor, src: &[T]) -> candle_core::Result<()>
+where
+    T: candle_core::cuda_backend::CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRepr,
+{
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc::driver::result::memcpy_htod_async;
+    use candle_core::cuda_backend::WrapErr;
+    if src.len() > dst.elem_count() {
+        candle_core::bail!(
+            "{} values do not fit a buffer of {}",
+            src.len(),
+            dst.elem_count()
+        );
+    }
+    let (storage, layout) = dst.storage_and_layout();
+    let candle_core::Storage::Cuda(s) = &*storage else {
+        candle_core::bail!("the buffer is not on a CUDA device");
+    };
+    let stream = s.device().cuda_stream();
+    let ptr = base_ptr::<T>(s, layout, &stream)?;
+    // SAFETY: the destination holds at least `src.len()` elements of `T` (checked above) and
+    // lives while the copy runs (the tensor is borrowed and freed stream-ordered); a pageable
+    // source is staged by the driver before the call returns.
+    unsafe { memcpy_htod_async(ptr, src, stream.cu_stream()) }.w()
 }
 
 /// The chunks of one prefill launch and the output rows they fill.

@@ -86,6 +86,49 @@ pub struct StepTables {
     pub decode_max_context: usize,
 }
 
+/// A decode-only step's indices laid out for a captured decode graph of `rows` rows and
+/// `max_blocks` blocks per table ([`StepTables::padded`]): the step's rows first, then padding
+/// rows that write nowhere (slot -1) and attend to the first token of block 0.
+#[derive(Debug, PartialEq)]
+pub struct PaddedDecode {
+    /// `[plan_len, rows]`.
+    pub slots: Vec<i64>,
+    /// `[plan_len, rows, max_blocks]`, padded with block 0.
+    pub tables: Vec<u32>,
+    /// `[rows]`.
+    pub context_lens: Vec<u32>,
+}
+
+impl StepTables {
+    /// The step padded to `rows` rows and `max_blocks` blocks per table; `None` when it has
+    /// prompt rows or does not fit.
+    pub fn padded(&self, rows: usize, max_blocks: usize) -> Option<PaddedDecode> {
+        let n = self.decode_chunks.len();
+        let whole = self.slots.len() == self.plan_len * n;
+        if !whole || n > rows || self.decode_max_blocks > max_blocks {
+            return None;
+        }
+        let mut slots = vec![-1i64; self.plan_len * rows];
+        let mut tables = vec![0u32; self.plan_len * rows * max_blocks];
+        for p in 0..self.plan_len {
+            slots[p * rows..p * rows + n].copy_from_slice(&self.slots[p * n..(p + 1) * n]);
+            for r in 0..n {
+                let from = (p * n + r) * self.decode_max_blocks;
+                let to = (p * rows + r) * max_blocks;
+                tables[to..to + self.decode_max_blocks]
+                    .copy_from_slice(&self.decode_tables[from..from + self.decode_max_blocks]);
+            }
+        }
+        let mut context_lens = vec![1u32; rows];
+        context_lens[..n].copy_from_slice(&self.decode_context_lens);
+        Some(PaddedDecode {
+            slots,
+            tables,
+            context_lens,
+        })
+    }
+}
+
 impl BlockPool {
     pub fn new(total: usize, block_size: usize) -> Self {
         Self {
@@ -339,6 +382,49 @@ impl BlockPool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn padded_decode_tables_keep_every_row_and_pad_with_inert_rows() {
+        let mut pool = BlockPool::new(40, 4);
+        let chunk = |seq, start| ChunkRef {
+            seq,
+            offset: seq as usize - 1,
+            len: 1,
+            start,
+            scored: false,
+        };
+        for (seq, len) in [(1, 6), (2, 9)] {
+            pool.allocate(seq, 2).unwrap();
+            pool.reserve(seq, len).unwrap();
+        }
+        let chunks = [chunk(1, 5), chunk(2, 8)];
+        let t = pool.step_tables(&chunks, 2).unwrap();
+        let p = t.padded(4, 5).unwrap();
+        assert_eq!(p.context_lens, vec![6, 9, 1, 1]);
+        for pos in 0..2 {
+            for (r, c) in chunks.iter().enumerate() {
+                let table = pool.table(c.seq, pos).unwrap();
+                let used = (c.start + 1).div_ceil(4);
+                let row = &p.tables[(pos * 4 + r) * 5..(pos * 4 + r + 1) * 5];
+                assert_eq!(&row[..used], &table[..used]);
+                assert!(row[used..].iter().all(|&b| b == 0));
+                let slot = p.slots[pos * 4 + r];
+                assert_eq!(slot, pool.slot(table, c.start, c.seq).unwrap());
+            }
+            assert_eq!(&p.slots[pos * 4 + 2..pos * 4 + 4], &[-1, -1]);
+            assert!(p.tables[(pos * 4 + 2) * 5..(pos * 4 + 4) * 5]
+                .iter()
+                .all(|&b| b == 0));
+        }
+        // Too few rows or blocks, or a prompt row: no padded layout.
+        assert!(t.padded(1, 5).is_none());
+        assert!(t.padded(4, 2).is_none());
+        let prompt = [ChunkRef {
+            len: 2,
+            ..chunk(1, 4)
+        }];
+        assert!(pool.step_tables(&prompt, 2).unwrap().padded(4, 5).is_none());
+    }
 
     #[test]
     fn reserve_takes_blocks_per_plan_position_and_release_returns_them() {

@@ -16,8 +16,8 @@ use crate::engine::instrument::phase_times::{self, phase};
 use crate::engine::instrument::taps::LayerTap;
 use crate::engine::kv::{ChunkRef, KvCache};
 use crate::engine::model::rope::RopeTables;
-use crate::engine::ops::fused::{act_mul, rms_norm_to, rope_heads};
-use crate::engine::ops::gemm::{linear_rows, ExactRows};
+use crate::engine::ops::fused::{act_mul, gather_rows, rms_norm_to, rope_heads};
+use crate::engine::ops::gemm::{linear_f32_accumulate, linear_rows, ExactRows};
 use crate::plan::LayerPlan;
 use config::Activation;
 
@@ -55,8 +55,15 @@ struct Mlp {
 }
 
 impl Mlp {
-    /// Normed rows in (`act` dtype), f32 rows out; the activation product is written in `act`.
-    fn forward(&self, x: &Tensor, at: LayerAt<'_>) -> candle_core::Result<Tensor> {
+    /// Normed rows `x` in (`act` dtype), f32 rows out; the activation product is written in
+    /// `act`. With `residual`, the down projection accumulates into those rows in place and they
+    /// are returned (`residual + mlp(x)`; decode rows, see [`LayerAt::in_place`]).
+    fn forward(
+        &self,
+        x: &Tensor,
+        residual: Option<Tensor>,
+        at: LayerAt<'_>,
+    ) -> candle_core::Result<Tensor> {
         let LayerAt {
             layer,
             act,
@@ -70,8 +77,9 @@ impl Mlp {
         })?;
         let gate_up = phase(dev, "lora", || lora.add(gate_up, x, layer, Group::GateUp))?;
         let m = phase(dev, "act_mul", || act_mul(&gate_up, self.act, act))?;
-        let down = phase(dev, "down gemm", || {
-            linear_rows(&m, &self.down, None, exact)
+        let down = phase(dev, "down gemm", || match residual {
+            Some(r) => linear_f32_accumulate(r, &m, &self.down),
+            None => linear_rows(&m, &self.down, None, exact),
         })?;
         phase(dev, "lora", || lora.add(down, &m, layer, Group::Down))
     }
@@ -207,11 +215,13 @@ impl DecoderLayer {
     }
 
     /// One layer over the residual rows `x` (f32) whose activations (norm outputs, q/k/v,
-    /// attention output, MLP product) are written in `act` (see [`activation_dtype`]).
+    /// attention output, MLP product) are written in `act` (see [`activation_dtype`]). With
+    /// `at.in_place` the residual adds accumulate into `x` itself (the projections' GEMMs add
+    /// their products to it), so `x` must be held by nothing else.
     fn forward(
         &self,
-        x: &Tensor,
-        (cos, sin): (&Tensor, &Tensor),
+        x: Tensor,
+        rope: (&Tensor, &Tensor),
         chunks: &[ChunkRef],
         cache: &mut dyn KvCache,
         at: LayerAt<'_>,
@@ -222,43 +232,67 @@ impl DecoderLayer {
             act,
             exact,
             lora,
+            in_place,
         } = at;
         let p = &self.attn.params;
         let (nh, nkv, hd) = (p.num_heads, p.num_kv_heads, p.head_dim);
-        let dev = x.device();
-        let h = phase(dev, "norms", || self.attn_in_norm.forward(x, act))?;
+        let dev = x.device().clone();
+        let dev = &dev;
+        let h = phase(dev, "norms", || self.attn_in_norm.forward(&x, act))?;
         let qkv = phase(dev, "qkv gemm", || {
             linear_rows(&h, &self.attn.qkv, self.attn.qkv_bias.as_ref(), exact)
         })?;
         let qkv = phase(dev, "lora", || lora.add(qkv, &h, layer, Group::Qkv))?;
-        // A fresh prompt attends to its own keys in `act`; the cache rounds what it stores.
-        let (q, k, v) = phase(dev, "rope", || {
-            Ok((
-                rope_heads(&qkv, (cos, sin), (0, nh, hd), true, act)?,
-                rope_heads(&qkv, (cos, sin), (nh * hd, nkv, hd), true, act)?,
-                rope_heads(&qkv, (cos, sin), ((nh + nkv) * hd, nkv, hd), false, act)?,
-            ))
-        })?;
-        let a = phase(dev, "attention", || {
-            cache.attend(plan_pos, chunks, &q, &k, &v, p)
-        })?;
-        let o = phase(dev, "o gemm", || linear_rows(&a, &self.attn.o, None, exact))?;
-        let a = phase(dev, "lora", || lora.add(o, &a, layer, Group::O))?;
-        let x = phase(dev, "norms", || match &self.attn_out_norm {
-            Some(n) => x + n.forward(&a, DType::F32)?,
-            None => x + a,
-        })?;
+        // Decode steps on the paged cache rotate and store in one launch; otherwise a fresh
+        // prompt attends to its own keys in `act` and the cache rounds what it stores.
+        let a = match phase(dev, "attention", || {
+            cache.attend_packed(plan_pos, &qkv, rope, p)
+        })? {
+            Some(a) => a,
+            None => {
+                let (q, k, v) = phase(dev, "rope", || {
+                    Ok((
+                        rope_heads(&qkv, rope, (0, nh, hd), true, act)?,
+                        rope_heads(&qkv, rope, (nh * hd, nkv, hd), true, act)?,
+                        rope_heads(&qkv, rope, ((nh + nkv) * hd, nkv, hd), false, act)?,
+                    ))
+                })?;
+                phase(dev, "attention", || {
+                    cache.attend(plan_pos, chunks, &q, &k, &v, p)
+                })?
+            }
+        };
+        let x = match (&self.attn_out_norm, in_place) {
+            (None, true) => {
+                let x = phase(dev, "o gemm", || linear_f32_accumulate(x, &a, &self.attn.o))?;
+                phase(dev, "lora", || lora.add(x, &a, layer, Group::O))?
+            }
+            (norm, _) => {
+                let o = phase(dev, "o gemm", || linear_rows(&a, &self.attn.o, None, exact))?;
+                let o = phase(dev, "lora", || lora.add(o, &a, layer, Group::O))?;
+                phase(dev, "norms", || match norm {
+                    Some(n) => x + n.forward(&o, DType::F32)?,
+                    None => x + o,
+                })?
+            }
+        };
         let h = phase(dev, "norms", || self.mlp_in_norm.forward(&x, act))?;
-        let m = self.mlp.forward(&h, at)?;
-        phase(dev, "norms", || match &self.mlp_out_norm {
-            Some(n) => x + n.forward(&m, DType::F32)?,
-            None => x + m,
-        })
+        match (&self.mlp_out_norm, in_place) {
+            (None, true) => self.mlp.forward(&h, Some(x), at),
+            (norm, _) => {
+                let m = self.mlp.forward(&h, None, at)?;
+                phase(dev, "norms", || match norm {
+                    Some(n) => x + n.forward(&m, DType::F32)?,
+                    None => x + m,
+                })
+            }
+        }
     }
 }
 
 /// Where a layer runs in a forward: its position in the plan (the KV cache's index), its base
-/// index, the step's activation dtype and exact rows, and the step's adapters.
+/// index, the step's activation dtype and exact rows, the step's adapters, and whether the
+/// residual rows may be updated in place (decode steps from the embeddings, no taps).
 #[derive(Clone, Copy)]
 struct LayerAt<'a> {
     plan_pos: usize,
@@ -266,6 +300,7 @@ struct LayerAt<'a> {
     act: DType,
     exact: &'a ExactRows,
     lora: &'a StepLora,
+    in_place: bool,
 }
 
 /// What one packed forward runs beyond its plan: an overlay's replacement tensors, and the LoRA
@@ -393,7 +428,7 @@ impl DecoderModel {
         chunks: &[ChunkRef],
         cache: &mut dyn KvCache,
         extras: &Extras<'_>,
-        mut tap: Option<&mut (dyn LayerTap + 't)>,
+        tap: Option<&mut (dyn LayerTap + 't)>,
         start: Option<(usize, &Tensor)>,
     ) -> candle_core::Result<Tensor> {
         let overlay = extras.overlay;
@@ -401,11 +436,52 @@ impl DecoderModel {
             .iter()
             .flat_map(|c| (c.start..c.start + c.len).map(|p| p as u32))
             .collect();
-        let (cos, sin) = self.rope.gather(&positions)?;
-        let (skip, mut x) = match start {
+        let rope = self
+            .rope
+            .gather(&Tensor::new(positions.as_slice(), &self.device)?)?;
+        let (skip, x) = match start {
             Some((depth, x)) => (depth, x.clone()),
-            None => (0, self.embed_rows(tokens, overlay)?),
+            None => {
+                let ids = Tensor::new(tokens, &self.device)?;
+                (0, self.embed_rows(&ids, overlay)?)
+            }
         };
+        phase(&self.device, "begin_step", || {
+            cache.begin_step(chunks, plan.layers().len())
+        })?;
+        self.run_layers(plan, (skip, x), &rope, chunks, cache, extras, tap)
+    }
+
+    /// The layers of a decode-only step whose inputs are already on the device: token ids and
+    /// positions `[rows]` u32, and a cache whose step was begun
+    /// ([`KvCache::begin_padded_decode`](crate::engine::kv::KvCache)). No host data is read, so
+    /// the launches can be captured into a CUDA graph and replayed with new inputs.
+    pub fn decode_hidden(
+        &self,
+        plan: &LayerPlan,
+        (ids, positions): (&Tensor, &Tensor),
+        chunks: &[ChunkRef],
+        cache: &mut dyn KvCache,
+    ) -> candle_core::Result<Tensor> {
+        let rope = self.rope.gather(positions)?;
+        let x = self.embed_rows(ids, None)?;
+        self.run_layers(plan, (0, x), &rope, chunks, cache, &Extras::default(), None)
+    }
+
+    /// Runs the plan's layers from position `skip` over the residual rows `x` and returns the
+    /// final-normed hidden states in the step's activation dtype.
+    #[allow(clippy::too_many_arguments)]
+    fn run_layers<'t>(
+        &self,
+        plan: &LayerPlan,
+        (skip, mut x): (usize, Tensor),
+        (cos, sin): &(Tensor, Tensor),
+        chunks: &[ChunkRef],
+        cache: &mut dyn KvCache,
+        extras: &Extras<'_>,
+        mut tap: Option<&mut (dyn LayerTap + 't)>,
+    ) -> candle_core::Result<Tensor> {
+        let overlay = extras.overlay;
         let act = activation_dtype(self.dtype, chunks);
         let exact = exact_rows(chunks);
         phase_times::set_step_kind(if decode_only(chunks) {
@@ -413,9 +489,9 @@ impl DecoderModel {
         } else {
             "prefill"
         });
-        phase(&self.device, "begin_step", || {
-            cache.begin_step(chunks, plan.layers().len())
-        })?;
+        // The residual rows are this loop's own from the embeddings on: updated in place on
+        // decode steps unless a tap reads each layer's input afterwards.
+        let in_place = decode_only(chunks) && skip == 0 && tap.is_none();
         for (plan_pos, &layer) in plan.layers().iter().enumerate().skip(skip) {
             let at = LayerAt {
                 plan_pos,
@@ -423,15 +499,19 @@ impl DecoderModel {
                 act,
                 exact: &exact,
                 lora: &extras.lora,
+                in_place,
             };
             let weights = overlay
                 .and_then(|o| o.layer(layer))
                 .unwrap_or(&self.layers[layer]);
-            let y = weights.forward(&x, (&cos, &sin), chunks, cache, at)?;
-            if let Some(tap) = tap.as_deref_mut() {
-                tap.observe(layer, &x, &y)?;
-            }
-            x = y;
+            x = match tap.as_deref_mut() {
+                Some(tap) => {
+                    let y = weights.forward(x.clone(), (cos, sin), chunks, cache, at)?;
+                    tap.observe(layer, &x, &y)?;
+                    y
+                }
+                None => weights.forward(x, (cos, sin), chunks, cache, at)?,
+            };
         }
         let final_norm = overlay
             .and_then(|o| o.final_norm.as_ref())
@@ -442,14 +522,13 @@ impl DecoderModel {
     /// The residual stream's first rows: the tokens' embeddings in f32 (scaled for Gemma2).
     fn embed_rows(
         &self,
-        tokens: &[u32],
+        ids: &Tensor,
         overlay: Option<&overlay::ModelOverlay>,
     ) -> candle_core::Result<Tensor> {
-        let ids = Tensor::new(tokens, &self.device)?;
         let embed = overlay
             .and_then(|o| o.embed.as_ref())
             .unwrap_or(&self.embed);
-        let x = embed.embedding(&ids)?.to_dtype(DType::F32)?;
+        let x = gather_rows(embed, ids)?;
         match self.embed_scale {
             Some(s) => x * s,
             None => Ok(x),

@@ -3,6 +3,7 @@
 use candle_core::{Device, Tensor};
 
 use crate::checkpoint::ModelConfig;
+use crate::engine::ops::fused::gather_rows;
 
 /// `cos`/`sin` tables `[max_positions, head_dim / 2]`.
 pub struct RopeTables {
@@ -58,12 +59,11 @@ impl RopeTables {
         })
     }
 
-    /// Rows for the given absolute positions, in the table's dtype cast to match activations.
-    pub fn gather(&self, positions: &[u32]) -> candle_core::Result<(Tensor, Tensor)> {
-        let idx = Tensor::new(positions, self.cos.device())?;
+    /// Rows for the given absolute positions (`[rows]` u32 on the tables' device), f32.
+    pub fn gather(&self, positions: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
         Ok((
-            self.cos.index_select(&idx, 0)?,
-            self.sin.index_select(&idx, 0)?,
+            gather_rows(&self.cos, positions)?,
+            gather_rows(&self.sin, positions)?,
         ))
     }
 }

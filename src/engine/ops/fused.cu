@@ -92,6 +92,34 @@ __device__ void act_mul(const float *gu, T *out, int rows, int n, int act) {
 INSTANTIATE(f32, float)
 INSTANTIATE(bf16, __nv_bfloat16)
 
+// Rows `ids` of a [n, cols] table (f32 or bf16; `_f32` / `_bf16` name the table here) as f32
+// rows [rows, cols]; an id at or above n gives a zero row. Grid: (rows).
+template <typename T>
+__device__ void gather_rows(const T *table, const uint32_t *ids, float *out, int cols, int n) {
+  const uint32_t id = ids[blockIdx.x];
+  float *dst = out + (size_t)blockIdx.x * cols;
+  for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+    dst[c] = id < (uint32_t)n ? (float)table[(size_t)id * cols + c] : 0.f;
+  }
+}
+
+extern "C" __global__ void gather_rows_f32(const float *table, const uint32_t *ids, float *out,
+                                           int cols, int n) {
+  gather_rows<float>(table, ids, out, cols, n);
+}
+extern "C" __global__ void gather_rows_bf16(const __nv_bfloat16 *table, const uint32_t *ids,
+                                            float *out, int cols, int n) {
+  gather_rows<__nv_bfloat16>(table, ids, out, cols, n);
+}
+
+// y[r, c] += b[c] for f32 rows of n columns, in place (a projection's bias).
+extern "C" __global__ void add_row_bias(float *y, const float *b, int n, size_t total) {
+  for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < total;
+       i += (size_t)gridDim.x * blockDim.x) {
+    y[i] += b[i % n];
+  }
+}
+
 // Splits f32 values into two bf16 terms, x ~ hi + lo (16 significant bits): hi = bf16(x),
 // lo = bf16(x - hi). `out` holds the n hi values, then the n lo values.
 extern "C" __global__ void split_bf16(const float *x, __nv_bfloat16 *out, size_t n) {

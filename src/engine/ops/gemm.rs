@@ -107,7 +107,8 @@ fn linear_terms(
         }
     };
     match b {
-        Some(b) => y.broadcast_add(b),
+        // `y` is the GEMM's fresh output: nothing else holds it.
+        Some(b) => crate::engine::ops::fused::add_row_bias(y, b),
         None => Ok(y),
     }
 }
