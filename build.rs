@@ -1,5 +1,5 @@
 //! With the `cuda` feature, compiles the engine's kernels (each `.cu` beside the Rust that launches
-//! it: engine/ops/fused.cu, engine/attention/attention.cu, engine/sample/sampling.cu, engine/adapters/lora.cu) to PTX with nvcc (`$NVCC`, `$CUDA_HOME/bin/nvcc` or
+//! it: engine/ops/fused.cu, engine/ops/gemm.cu, engine/attention/attention.cu, engine/sample/sampling.cu, engine/adapters/lora.cu) to PTX with nvcc (`$NVCC`, `$CUDA_HOME/bin/nvcc` or
 //! `nvcc` on PATH) for `compute_$CUDA_COMPUTE_CAP` (default 80, JIT-compiled by the driver for
 //! newer GPUs). Without the feature it does nothing.
 
@@ -21,6 +21,7 @@ fn main() {
     let out_dir = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
     for (name, src) in [
         ("fused", "src/engine/ops/fused.cu"),
+        ("gemm", "src/engine/ops/gemm.cu"),
         ("attention", "src/engine/attention/attention.cu"),
         ("sampling", "src/engine/sample/sampling.cu"),
         ("lora", "src/engine/adapters/lora.cu"),

@@ -1,14 +1,72 @@
-//! Decode steps replayed from captured CUDA graphs against the same engine launching every
-//! kernel itself (`--enforce-eager`): requests of different lengths generate past a context
-//! bucket (256 tokens), so graphs of several buckets are captured and replayed, padded rows
-//! included. On f32 both are held to 1e-4 with every token equal; on bf16 (the GEMMs see the
-//! padded row count) the first 16 tokens must agree and the figures are reported. A run in which
-//! no graph was replayed fails.
+//! The decode path on the device:
+//! - projections of 1 to 9 rows (one row through `gemm.cu`'s skinny kernel, more through cuBLAS),
+//!   plain and accumulated, against the CPU's f32 product of the same bf16 values;
+//! - decode steps replayed from captured CUDA graphs against the same engine launching every
+//!   kernel itself (`--enforce-eager`): requests of different lengths generate past a context
+//!   bucket (256 tokens), so graphs of several buckets are captured and replayed, padded rows
+//!   included. On f32 both are held to 1e-4 with every token equal; on bf16 (the GEMMs see the
+//!   padded row count) the first 16 tokens must agree and the figures are reported. A run in
+//!   which no graph was replayed fails.
 
 use std::sync::Arc;
 
+use candle_core::{DType, Device, Tensor};
+
 use super::{compare, run_with, CacheKind, Check, Picking, SelftestError, GREEDY};
 use crate::engine::model::DecoderModel;
+use crate::engine::ops::gemm::{linear_f32_accumulate, linear_rows, ExactRows};
+
+/// Pseudo-random values in [-1, 1), rounded to bf16, on the CPU.
+fn values(shape: (usize, usize), seed: usize) -> candle_core::Result<Tensor> {
+    let v: Vec<f32> = (0..shape.0 * shape.1)
+        .map(|i| ((i * 2_654_435_761 + seed * 97) % 2000) as f32 / 1000.0 - 1.0)
+        .collect();
+    Tensor::from_vec(v, shape, &Device::Cpu)?.to_dtype(DType::BF16)
+}
+
+/// Projections of 1 to 9 rows (one through the skinny kernel, more through cuBLAS), plain
+/// and accumulated into existing rows, against the CPU's f32 product of the same bf16 values.
+pub(super) fn skinny_check(cuda: &Device) -> Result<Check, SelftestError> {
+    skinny_diffs(cuda).map_err(|e| SelftestError::Engine(e.into()))
+}
+
+fn skinny_diffs(cuda: &Device) -> candle_core::Result<Check> {
+    let (n, k) = (300, 1032);
+    let mut worst = 0f32;
+    let mut report = Vec::new();
+    for t in 1..=9 {
+        let (x, w) = (values((t, k), t)?, values((n, k), 100 + t)?);
+        let base = values((t, n), 200 + t)?.to_dtype(DType::F32)?;
+        let f32 = |a: &Tensor| a.to_dtype(DType::F32);
+        let want = f32(&x)?.matmul(&f32(&w)?.t()?)?;
+        // Each output's error is measured against the sum of its products' magnitudes.
+        let scale = f32(&x)?.abs()?.matmul(&f32(&w)?.abs()?.t()?)?;
+        let (xd, wd) = (x.to_device(cuda)?, w.to_device(cuda)?);
+        let got = linear_rows(&xd, &wd, None, &ExactRows::from_runs([]))?;
+        let acc = linear_f32_accumulate(base.to_device(cuda)?, &xd, &wd)?;
+        let d1 = max_relative(&got.to_device(&Device::Cpu)?, &want, &scale)?;
+        let d2 = max_relative(&acc.to_device(&Device::Cpu)?, &(&want + &base)?, &scale)?;
+        worst = worst.max(d1).max(d2);
+        report.push(format!("{t}: {:.1e}", d1.max(d2)));
+    }
+    Ok(Check {
+        name: format!(
+            "projections of 1 (skinny kernel) to 9 rows (cuBLAS) vs CPU f32, {n}x{k}, \
+             within 3e-5 of the products' magnitude"
+        ),
+        passed: worst <= 3e-5,
+        informational: false,
+        detail: format!("max |d| / sum |x w| by rows {}", report.join(", ")),
+    })
+}
+
+/// The largest `|a - b| / scale` over the elements.
+fn max_relative(a: &Tensor, b: &Tensor, scale: &Tensor) -> candle_core::Result<f32> {
+    ((a - b)?.abs()? / scale)?
+        .flatten_all()?
+        .max(0)?
+        .to_scalar::<f32>()
+}
 
 /// Graphs vs eager on `model` over `prompts`, `steps` greedy tokens each.
 pub(super) fn graph_check(

@@ -480,11 +480,14 @@ pub fn run_all(
         }
     }
 
-    // 2. The prefill attention kernels on random inputs against the CPU attention.
+    // 2. The prefill attention kernels on random inputs against the CPU attention, and the
+    //    skinny projections of decode steps against the CPU product.
     #[cfg(feature = "cuda")]
     for c in prefill::prefill_checks(&cuda)? {
         push(&mut checks, &mut report, c);
     }
+    #[cfg(feature = "cuda")]
+    push(&mut checks, &mut report, graphs::skinny_check(&cuda)?);
 
     // 3. Seeded draws on the device, and prefix caching on the paged pool (the tiny Llama of
     //    step 1, bf16 and f32).

@@ -2,7 +2,8 @@
 //! dtype. bf16 weights take bf16 activations in one GEMM, or f32 activations compensated as two
 //! bf16 terms (see [`linear_f32`]), on every row or only on the rows a step names exact
 //! ([`ExactRows`], [`linear_rows`]); on CUDA each GEMM is one cuBLAS GemmEx (bf16 inputs, f32
-//! compute and output) and the hi/lo split is `split_bf16` in `kernels/fused.cu`. The CPU path
+//! compute and output), or for a single row (batch-1 decode) a skinny kernel of `gemm.cu` with
+//! the same products and f32 sums, and the hi/lo split is `split_bf16` in `fused.cu`. The CPU path
 //! computes the same values and is what the CPU tests run.
 
 use std::ops::Range;
@@ -322,6 +323,51 @@ pub(crate) mod cuda {
         Ok(terms)
     }
 
+    /// The skinny kernel of gemm.cu (a warp per output column, f32 sums) for up to this many
+    /// rows; more rows go to cuBLAS. Measured on the 8B shape: one row 5.25 -> 5.08 ms per decode
+    /// step; eight rows through an 8-row instantiation took 1.8x cuBLAS's time (every weight
+    /// vector re-reads eight x vectors from L1), so only single rows take it.
+    pub(crate) const SKINNY_ROWS: usize = 1;
+
+    /// `y = x · wᵀ (+ y)` by `skinny_gemm_{t}` (gemm.cu) when it applies — at most
+    /// [`SKINNY_ROWS`] rows, `beta` 0 or 1, `k` a multiple of 8 and 16-byte aligned rows, and not
+    /// turned off by `PRUNESERVE_SKINNY_GEMM=0` (cuBLAS for A/B runs); `false` when it does not.
+    fn skinny(
+        dev: &candle_core::cuda_backend::CudaDevice,
+        (xp, wp, yp): (u64, u64, u64),
+        (t, n, k): (usize, usize, usize),
+        beta: f32,
+    ) -> Result<bool> {
+        static ON: std::sync::LazyLock<bool> = std::sync::LazyLock::new(|| {
+            std::env::var("PRUNESERVE_SKINNY_GEMM").map_or(true, |v| v != "0")
+        });
+        let aligned = xp % 16 == 0 && wp % 16 == 0 && k.is_multiple_of(8);
+        if !*ON || t == 0 || t > SKINNY_ROWS || !aligned || (beta != 0.0 && beta != 1.0) {
+            return Ok(false);
+        }
+        const GEMM_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/gemm.ptx"));
+        let func =
+            dev.get_or_load_custom_func(&format!("skinny_gemm_{t}"), "pruneserve_gemm", GEMM_PTX)?;
+        let (n32, k32, accumulate) = (n as i32, k as i32, i32::from(beta != 0.0));
+        let mut b = func.builder();
+        b.arg(&xp)
+            .arg(&wp)
+            .arg(&yp)
+            .arg(&n32)
+            .arg(&k32)
+            .arg(&accumulate);
+        let cfg = LaunchConfig {
+            grid_dim: ((n * 32).div_ceil(256) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: the arguments match `skinny_gemm_*` in gemm.cu; x holds t rows of k, w n rows
+        // of k and y t rows of n (the caller's views), all on candle's stream; rows are 16-byte
+        // aligned (checked above, k a multiple of 8).
+        unsafe { b.launch(cfg) }.w()?;
+        Ok(true)
+    }
+
     /// `y = x · wᵀ + beta · y` for bf16 `x` `[t, k]` and `w` `[n, k]`, f32 `y` `[t, n]`.
     fn gemm(
         dev: &candle_core::cuda_backend::CudaDevice,
@@ -338,6 +384,9 @@ pub(crate) mod cuda {
         let (xp, _gx) = x.device_ptr(&stream);
         let (wp, _gw) = w.device_ptr(&stream);
         let (yp, _gy) = y.device_ptr_mut(&stream);
+        if skinny(dev, (xp, wp, yp), (t, n, k), beta)? {
+            return Ok(());
+        }
         // Column-major view: yᵀ[n, T] = (w stored [k, n])ᵀ · (x stored [k, T]).
         // SAFETY: the pointers are valid for the sizes given, on candle's stream.
         unsafe {
