@@ -23,7 +23,7 @@ use std::time::Instant;
 use candle_core::cuda_backend::cudarc::driver::{sys, CudaGraph};
 use candle_core::{DType, Device, Tensor};
 
-use crate::engine::kv::paged::{write_into, GraphKvInputs};
+use crate::engine::kv::buffers::{write_into, GraphKvInputs};
 use crate::engine::kv::{ChunkRef, KvCache};
 use crate::engine::model::DecoderModel;
 use crate::plan::LayerPlan;

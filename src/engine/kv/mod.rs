@@ -4,6 +4,8 @@
 //! them, so limits surface the same way on every backend.
 
 #[cfg(feature = "cuda")]
+pub mod buffers;
+#[cfg(feature = "cuda")]
 pub mod paged;
 pub mod prefix;
 pub mod tables;
@@ -92,14 +94,14 @@ pub trait KvCache: Send {
     }
     /// Begins a decode-only step (every chunk one token) in place of [`KvCache::begin_step`],
     /// writing its cache indices into the fixed buffers of a captured decode graph, padded to
-    /// their rows and blocks ([`paged::GraphKvInputs`]); `false` (nothing begun) when this cache
+    /// their rows and blocks ([`buffers::GraphKvInputs`]); `false` (nothing begun) when this cache
     /// cannot or the step does not fit them.
     #[cfg(feature = "cuda")]
     fn begin_padded_decode(
         &mut self,
         _chunks: &[ChunkRef],
         _plan_len: usize,
-        _into: &paged::GraphKvInputs,
+        _into: &buffers::GraphKvInputs,
     ) -> candle_core::Result<bool> {
         Ok(false)
     }

@@ -20,6 +20,7 @@ use crate::engine::attention::cuda::{
     paged_decode, prefill_attention, rope_into_cache, PrefillChunk, PrefillKernel, BLOCK_SIZE,
 };
 use crate::engine::attention::{attend_chunk, chunk_heads, AttnParams, MaskCache};
+use crate::engine::kv::buffers::{base_ptr, write_into, GraphKvInputs};
 use crate::engine::kv::prefix::{Pin, PrefixStore, ScoreMemo};
 use crate::engine::kv::tables::{BlockPool, BlockTables};
 use crate::engine::kv::{ChunkRef, KvCache, KvCapacity, KvError, KvUsage};
@@ -48,35 +49,6 @@ struct UploadedStep {
     /// Restores packed row order after decode rows were computed first; `None` when the order
     /// already matches.
     fused_order: Option<Tensor>,
-}
-
-/// The fixed device buffers a captured decode graph reads its cache indices from
-/// ([`KvCache::begin_padded_decode`] writes them before each replay): `[plans, rows]` i64 slots,
-/// `[plans, rows, max_blocks]` u32 block tables and `[rows]` u32 context lengths, for plans of up
-/// to `plans` positions.
-pub struct GraphKvInputs {
-    pub rows: usize,
-    pub max_blocks: usize,
-    slots: Tensor,
-    tables: Tensor,
-    context_lens: Tensor,
-}
-
-impl GraphKvInputs {
-    pub fn new(
-        device: &Device,
-        plans: usize,
-        rows: usize,
-        max_blocks: usize,
-    ) -> candle_core::Result<Self> {
-        Ok(Self {
-            rows,
-            max_blocks,
-            slots: Tensor::zeros((plans, rows), DType::I64, device)?,
-            tables: Tensor::zeros((plans, rows, max_blocks), DType::U32, device)?,
-            context_lens: Tensor::ones(rows, DType::U32, device)?,
-        })
-    }
 }
 
 pub struct PagedKvCache {
@@ -578,47 +550,6 @@ impl KvCache for PagedKvCache {
         }
         Ok(())
     }
-}
-
-/// The device address of a contiguous tensor's first element.
-fn base_ptr<T: candle_core::cuda_backend::CudaDType>(
-    s: &candle_core::CudaStorage,
-    layout: &candle_core::Layout,
-    stream: &std::sync::Arc<candle_core::cuda_backend::cudarc::driver::CudaStream>,
-) -> candle_core::Result<u64> {
-    use candle_core::cuda_backend::cudarc::driver::DevicePtr;
-    let view = crate::engine::attention::cuda::storage_view::<T>(s, layout, "device buffer")?;
-    let (ptr, _sync) = view.device_ptr(stream);
-    Ok(ptr)
-}
-
-/// Copies `src` into the first elements of the contiguous CUDA tensor `dst` of the same element
-/// type, ordered on candle's stream after the work already queued (a captured graph reading
-/// `dst` sees the new values on its next replay).
-pub fn write_into<T>(dst: &Tensor, src: &[T]) -> candle_core::Result<()>
-where
-    T: candle_core::cuda_backend::CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRepr,
-{
-    use candle_core::backend::BackendStorage;
-    use candle_core::cuda_backend::cudarc::driver::result::memcpy_htod_async;
-    use candle_core::cuda_backend::WrapErr;
-    if src.len() > dst.elem_count() {
-        candle_core::bail!(
-            "{} values do not fit a buffer of {}",
-            src.len(),
-            dst.elem_count()
-        );
-    }
-    let (storage, layout) = dst.storage_and_layout();
-    let candle_core::Storage::Cuda(s) = &*storage else {
-        candle_core::bail!("the buffer is not on a CUDA device");
-    };
-    let stream = s.device().cuda_stream();
-    let ptr = base_ptr::<T>(s, layout, &stream)?;
-    // SAFETY: the destination holds at least `src.len()` elements of `T` (checked above) and
-    // lives while the copy runs (the tensor is borrowed and freed stream-ordered); a pageable
-    // source is staged by the driver before the call returns.
-    unsafe { memcpy_htod_async(ptr, src, stream.cu_stream()) }.w()
 }
 
 /// The chunks of one prefill launch and the output rows they fill.

@@ -16,8 +16,9 @@ use crate::engine::instrument::phase_times::{self, phase};
 use crate::engine::instrument::taps::LayerTap;
 use crate::engine::kv::{ChunkRef, KvCache};
 use crate::engine::model::rope::RopeTables;
-use crate::engine::ops::fused::{act_mul, gather_rows, rms_norm_to, rope_heads};
+use crate::engine::ops::fused::{act_mul, rms_norm_to, rope_heads};
 use crate::engine::ops::gemm::{linear_f32_accumulate, linear_rows, ExactRows};
+use crate::engine::ops::rows::gather_rows;
 use crate::plan::LayerPlan;
 use config::Activation;
 
@@ -303,6 +304,24 @@ struct LayerAt<'a> {
     in_place: bool,
 }
 
+/// The residual rows a forward starts from, after the plan's first `skip` positions; `owned`
+/// when nothing else holds them (fresh embeddings), so decode steps may update them in place.
+struct Residual {
+    skip: usize,
+    rows: Tensor,
+    owned: bool,
+}
+
+impl Residual {
+    fn embedded(rows: Tensor) -> Self {
+        Self {
+            skip: 0,
+            rows,
+            owned: true,
+        }
+    }
+}
+
 /// What one packed forward runs beyond its plan: an overlay's replacement tensors, and the LoRA
 /// adapters of its rows.
 #[derive(Default)]
@@ -439,17 +458,21 @@ impl DecoderModel {
         let rope = self
             .rope
             .gather(&Tensor::new(positions.as_slice(), &self.device)?)?;
-        let (skip, x) = match start {
-            Some((depth, x)) => (depth, x.clone()),
+        let residual = match start {
+            Some((skip, x)) => Residual {
+                skip,
+                rows: x.clone(),
+                owned: false,
+            },
             None => {
                 let ids = Tensor::new(tokens, &self.device)?;
-                (0, self.embed_rows(&ids, overlay)?)
+                Residual::embedded(self.embed_rows(&ids, overlay)?)
             }
         };
         phase(&self.device, "begin_step", || {
             cache.begin_step(chunks, plan.layers().len())
         })?;
-        self.run_layers(plan, (skip, x), &rope, chunks, cache, extras, tap)
+        self.run_layers(plan, residual, &rope, chunks, cache, extras, tap)
     }
 
     /// The layers of a decode-only step whose inputs are already on the device: token ids and
@@ -464,17 +487,17 @@ impl DecoderModel {
         cache: &mut dyn KvCache,
     ) -> candle_core::Result<Tensor> {
         let rope = self.rope.gather(positions)?;
-        let x = self.embed_rows(ids, None)?;
-        self.run_layers(plan, (0, x), &rope, chunks, cache, &Extras::default(), None)
+        let x = Residual::embedded(self.embed_rows(ids, None)?);
+        self.run_layers(plan, x, &rope, chunks, cache, &Extras::default(), None)
     }
 
-    /// Runs the plan's layers from position `skip` over the residual rows `x` and returns the
-    /// final-normed hidden states in the step's activation dtype.
+    /// Runs the plan's layers from the residual's position on and returns the final-normed
+    /// hidden states in the step's activation dtype.
     #[allow(clippy::too_many_arguments)]
     fn run_layers<'t>(
         &self,
         plan: &LayerPlan,
-        (skip, mut x): (usize, Tensor),
+        residual: Residual,
         (cos, sin): &(Tensor, Tensor),
         chunks: &[ChunkRef],
         cache: &mut dyn KvCache,
@@ -489,9 +512,14 @@ impl DecoderModel {
         } else {
             "prefill"
         });
-        // The residual rows are this loop's own from the embeddings on: updated in place on
-        // decode steps unless a tap reads each layer's input afterwards.
-        let in_place = decode_only(chunks) && skip == 0 && tap.is_none();
+        let Residual {
+            skip,
+            rows: mut x,
+            owned,
+        } = residual;
+        // Rows this loop owns are updated in place on decode steps, unless a tap reads each
+        // layer's input afterwards.
+        let in_place = decode_only(chunks) && owned && tap.is_none();
         for (plan_pos, &layer) in plan.layers().iter().enumerate().skip(skip) {
             let at = LayerAt {
                 plan_pos,

@@ -3,7 +3,7 @@
 use candle_core::{Device, Tensor};
 
 use crate::checkpoint::ModelConfig;
-use crate::engine::ops::fused::gather_rows;
+use crate::engine::ops::rows::gather_rows;
 
 /// `cos`/`sin` tables `[max_positions, head_dim / 2]`.
 pub struct RopeTables {

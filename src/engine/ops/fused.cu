@@ -92,6 +92,7 @@ __device__ void act_mul(const float *gu, T *out, int rows, int n, int act) {
 INSTANTIATE(f32, float)
 INSTANTIATE(bf16, __nv_bfloat16)
 
+// Row ops launched by src/engine/ops/rows.rs (which defines them on the CPU).
 // Rows `ids` of a [n, cols] table (f32 or bf16; `_f32` / `_bf16` name the table here) as f32
 // rows [rows, cols]; an id at or above n gives a zero row. Grid: (rows).
 template <typename T>

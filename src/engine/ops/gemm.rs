@@ -109,7 +109,7 @@ fn linear_terms(
     };
     match b {
         // `y` is the GEMM's fresh output: nothing else holds it.
-        Some(b) => crate::engine::ops::fused::add_row_bias(y, b),
+        Some(b) => crate::engine::ops::rows::add_row_bias(y, b),
         None => Ok(y),
     }
 }
