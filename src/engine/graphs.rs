@@ -70,13 +70,11 @@ struct Inputs {
     out: Option<Tensor>,
 }
 
-/// Counts of what decode steps did, for the log and `/metrics`.
+/// Decode steps replayed from graphs, and graphs captured (read by `selftest`).
 #[derive(Debug, Default, Clone, Copy)]
 pub struct GraphStats {
     pub replays: u64,
     pub captures: u64,
-    pub eager: u64,
-    pub failures: u64,
 }
 
 pub struct DecodeGraphs {
@@ -127,9 +125,6 @@ impl DecodeGraphs {
         };
         let longest = chunks.iter().map(|c| c.start + 1).max().unwrap_or(1);
         let context = context_bucket(longest);
-        if context > model.config().max_position_embeddings.next_power_of_two() {
-            return Ok(None);
-        }
         let key = (plan.layers().to_vec(), rows, context);
         if !self.graphs.contains_key(&key) && self.graphs.len() >= MAX_GRAPHS {
             return Ok(None);
@@ -179,7 +174,6 @@ impl DecodeGraphs {
         let next = match state {
             None | Some(State::Eager) => {
                 run(inputs, cache)?;
-                self.stats.eager += 1;
                 match state {
                     None => State::Warm,
                     _ => State::Eager,
@@ -199,7 +193,6 @@ impl DecodeGraphs {
                 }
                 Err(e) => {
                     tracing::warn!("decode graph capture failed, rows {rows}, context {context}: {e}; running eagerly");
-                    self.stats.failures += 1;
                     run(inputs, cache)?;
                     State::Eager
                 }

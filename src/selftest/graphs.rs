@@ -16,11 +16,9 @@ use super::{compare, run_with, CacheKind, Check, Picking, SelftestError, GREEDY}
 use crate::engine::model::DecoderModel;
 use crate::engine::ops::gemm::{linear_f32_accumulate, linear_rows, ExactRows};
 
-/// Pseudo-random values in [-1, 1), rounded to bf16, on the CPU.
-fn values(shape: (usize, usize), seed: usize) -> candle_core::Result<Tensor> {
-    let v: Vec<f32> = (0..shape.0 * shape.1)
-        .map(|i| ((i * 2_654_435_761 + seed * 97) % 2000) as f32 / 1000.0 - 1.0)
-        .collect();
+/// [`super::prefill::values`] as a bf16 matrix on the CPU.
+fn values(shape: (usize, usize), seed: u64) -> candle_core::Result<Tensor> {
+    let v = super::prefill::values(shape.0 * shape.1, seed);
     Tensor::from_vec(v, shape, &Device::Cpu)?.to_dtype(DType::BF16)
 }
 
@@ -35,8 +33,9 @@ fn skinny_diffs(cuda: &Device) -> candle_core::Result<Check> {
     let mut worst = 0f32;
     let mut report = Vec::new();
     for t in 1..=9 {
-        let (x, w) = (values((t, k), t)?, values((n, k), 100 + t)?);
-        let base = values((t, n), 200 + t)?.to_dtype(DType::F32)?;
+        let seed = t as u64;
+        let (x, w) = (values((t, k), seed)?, values((n, k), 100 + seed)?);
+        let base = values((t, n), 200 + seed)?.to_dtype(DType::F32)?;
         let f32 = |a: &Tensor| a.to_dtype(DType::F32);
         let want = f32(&x)?.matmul(&f32(&w)?.t()?)?;
         // Each output's error is measured against the sum of its products' magnitudes.

@@ -31,7 +31,7 @@ const CHUNKS: [(usize, usize, bool); 4] = [
 ];
 
 /// `n` values of a fixed pseudo-random sequence, roughly uniform in [-2, 2).
-fn values(n: usize, seed: u64) -> Vec<f32> {
+pub(super) fn values(n: usize, seed: u64) -> Vec<f32> {
     let mut x = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
     (0..n)
         .map(|_| {

@@ -442,9 +442,8 @@ impl KvCache for PagedKvCache {
         let Some(step) = self.step.as_ref() else {
             return Ok(None);
         };
-        // Only steps whose rows are all decode rows, in order.
-        let pure = step.fused_order.is_none() && step.n_dec == qkv.dim(0)?;
-        let Some(dec) = step.decode.as_ref().filter(|d| pure && d.rows.is_none()) else {
+        // Only steps whose rows are all decode rows, in order (no row index to gather by).
+        let Some(dec) = step.decode.as_ref().filter(|d| d.rows.is_none()) else {
             return Ok(None);
         };
         let caches = (&self.key_cache, &self.value_cache);
