@@ -3,6 +3,8 @@
 //! the paged KV cache against the contiguous one on the same device.
 
 #[cfg(feature = "cuda")]
+mod decode;
+#[cfg(feature = "cuda")]
 mod graphs;
 #[cfg(feature = "cuda")]
 mod prefill;
@@ -488,6 +490,8 @@ pub fn run_all(
     }
     #[cfg(feature = "cuda")]
     push(&mut checks, &mut report, graphs::skinny_check(&cuda)?);
+    #[cfg(feature = "cuda")]
+    push(&mut checks, &mut report, decode::decode_check(&cuda)?);
 
     // 3. Seeded draws on the device, and prefix caching on the paged pool (the tiny Llama of
     //    step 1, bf16 and f32).

@@ -43,6 +43,23 @@ pub(super) fn values(n: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
+/// Attention settings of a test case (the usual 1 / sqrt(head size) scale).
+pub(super) fn test_params(
+    hd: usize,
+    (heads, kv_heads): (usize, usize),
+    window: Option<usize>,
+    softcap: Option<f64>,
+) -> AttnParams {
+    AttnParams {
+        scale: 1.0 / (hd as f64).sqrt(),
+        softcap,
+        window,
+        num_heads: heads,
+        num_kv_heads: kv_heads,
+        head_dim: hd,
+    }
+}
+
 fn rounded(t: &Tensor) -> candle_core::Result<Tensor> {
     t.to_dtype(DType::BF16)?.to_dtype(DType::F32)
 }
@@ -57,14 +74,7 @@ fn run_case(
     (hd, heads, kv_heads, window, softcap): Case,
     kernel: PrefillKernel,
 ) -> candle_core::Result<(f32, f32)> {
-    let params = AttnParams {
-        scale: 1.0 / (hd as f64).sqrt(),
-        softcap,
-        window,
-        num_heads: heads,
-        num_kv_heads: kv_heads,
-        head_dim: hd,
-    };
+    let params = test_params(hd, (heads, kv_heads), window, softcap);
     // The f32 kernel takes fresh chunks only, their keys at their query rows.
     let specs: Vec<_> = CHUNKS
         .iter()

@@ -1,9 +1,8 @@
-//! The CUDA attention kernels (kernels/attention.cu), with the semantics of
-//! [`crate::engine::attention::attend`] (sliding windows, score soft-capping) and checked against it by
-//! `pruneserve selftest --device cuda`:
-//! - [`paged_decode`]: one query token per sequence against its paged KV history, grouped-query
-//!   aware (a thread block per kv head serves its whole group of query heads, so each cached key
-//!   and value is read once per group, not once per query head);
+//! The CUDA attention kernels of prompt steps and the decode path's rotary write (attention.cu),
+//! with the semantics of [`crate::engine::attention::attend`] (sliding windows, score
+//! soft-capping) and checked against it by `pruneserve selftest --device cuda` (the decode
+//! kernels are in [`super::decode`]):
+//! - [`rope_into_cache`]: a decode step's rotary embedding and paged-cache write in one launch;
 //! - [`prefill_attention`]: every prompt chunk of a step in one launch, causal with an online
 //!   softmax (no score matrix in memory): on tensor cores (`prefill_mma`, bf16 terms and f32
 //!   accumulation; three terms per product for scored chunks, one for the others; fresh chunks
@@ -12,59 +11,17 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{CudaView, LaunchConfig, PushKernelArg};
-use candle_core::cuda_backend::{CudaDevice, CudaStorage, WrapErr};
+use candle_core::cuda_backend::{CudaStorage, WrapErr};
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Storage, Tensor};
 
 use crate::engine::attention::AttnParams;
 use crate::engine::ops::gemm::cuda::split_bf16;
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/attention.ptx"));
-/// Tokens per decode partition (PART in the kernel).
-const PARTITION: usize = 128;
 /// Tokens per cache block the kernel is built for (BS).
 pub const BLOCK_SIZE: usize = 16;
-const MAX_GROUP: usize = 8;
-const MAX_HEAD_DIM: usize = 256;
 const THREADS: u32 = 128;
-
-struct PagedDecode {
-    key_cache: Tensor,
-    value_cache: Tensor,
-    /// `[seqs, max_blocks]` u32.
-    tables: Tensor,
-    /// `[seqs]` u32.
-    context_lens: Tensor,
-    max_context: usize,
-    params: AttnParams,
-}
-
-/// Attention of the decode queries `q` (`[seqs, heads, head_dim]`, the caches' dtype) against
-/// their cached histories; `[seqs, heads, head_dim]` in the same dtype.
-pub fn paged_decode(
-    q: &Tensor,
-    (key_cache, value_cache): (&Tensor, &Tensor),
-    tables: &Tensor,
-    context_lens: &Tensor,
-    max_context: usize,
-    params: &AttnParams,
-) -> Result<Tensor> {
-    let group = params.num_heads / params.num_kv_heads;
-    if group > MAX_GROUP || params.head_dim > MAX_HEAD_DIM || !params.head_dim.is_multiple_of(8) {
-        candle_core::bail!(
-            "paged decode supports up to {MAX_GROUP} query heads per kv head and head_dim up to \
-             {MAX_HEAD_DIM} (a multiple of 8), got {group} and {}",
-            params.head_dim
-        );
-    }
-    q.apply_op1_no_bwd(&PagedDecode {
-        key_cache: key_cache.clone(),
-        value_cache: value_cache.clone(),
-        tables: tables.contiguous()?,
-        context_lens: context_lens.clone(),
-        max_context,
-        params: *params,
-    })
-}
+const MAX_HEAD_DIM: usize = 256;
 
 /// The contiguous elements of CUDA storage as a view of `T`.
 pub(crate) fn storage_view<'a, T: candle_core::cuda_backend::CudaDType>(
@@ -79,7 +36,7 @@ pub(crate) fn storage_view<'a, T: candle_core::cuda_backend::CudaDType>(
 }
 
 /// [`storage_view`] of a tensor's storage (as `storage_and_layout` gives it).
-fn cuda_view<'a, T: candle_core::cuda_backend::CudaDType>(
+pub(crate) fn cuda_view<'a, T: candle_core::cuda_backend::CudaDType>(
     storage: &'a Storage,
     layout: &Layout,
     what: &str,
@@ -88,124 +45,6 @@ fn cuda_view<'a, T: candle_core::cuda_backend::CudaDType>(
         candle_core::bail!("CUDA kernel: {what} must be on the CUDA device");
     };
     storage_view(s, layout, what)
-}
-
-impl PagedDecode {
-    fn run<T>(
-        &self,
-        dev: &CudaDevice,
-        (q, ql): (&CudaStorage, &Layout),
-        suffix: &str,
-    ) -> Result<CudaStorage>
-    where
-        T: candle_core::cuda_backend::CudaDType
-            + candle_core::cuda_backend::cudarc::driver::DeviceRepr,
-    {
-        let (seqs, heads, hd) = ql.shape().dims3()?;
-        let q = storage_view::<T>(q, ql, "queries")?;
-        let (kc, kl) = self.key_cache.storage_and_layout();
-        let (vc, vl) = self.value_cache.storage_and_layout();
-        let (tb, tl) = self.tables.storage_and_layout();
-        let (cl, cll) = self.context_lens.storage_and_layout();
-        let kc = cuda_view::<T>(&kc, kl, "key cache")?;
-        let vc = cuda_view::<T>(&vc, vl, "value cache")?;
-        let tables = cuda_view::<u32>(&tb, tl, "block tables")?;
-        let ctx = cuda_view::<u32>(&cl, cll, "context lengths")?;
-        let max_blocks = tl.shape().dims2()?.1;
-        let p = &self.params;
-        let parts = self.max_context.div_ceil(PARTITION).max(1);
-        // SAFETY: the kernels write every output element before it is read (the partial
-        // buffers only when there are several partitions).
-        let out = unsafe { dev.alloc::<T>(seqs * heads * hd)? };
-        let partial = if parts > 1 { parts * seqs * heads } else { 1 };
-        let (part_out, part_max, part_sum) = unsafe {
-            (
-                dev.alloc::<f32>(partial * hd)?,
-                dev.alloc::<f32>(partial)?,
-                dev.alloc::<f32>(partial)?,
-            )
-        };
-        // The instantiation sized for this group and head size (see attention.cu).
-        let g = if p.num_heads / p.num_kv_heads <= 4 {
-            4
-        } else {
-            8
-        };
-        let d = match hd {
-            0..=64 => 64,
-            65..=128 => 128,
-            _ => 256,
-        };
-        let func = dev.get_or_load_custom_func(
-            &format!("paged_decode_{suffix}_g{g}_d{d}"),
-            "pruneserve_attention",
-            PTX,
-        )?;
-        let ints = [
-            heads as i32,
-            p.num_kv_heads as i32,
-            hd as i32,
-            max_blocks as i32,
-            p.window.unwrap_or(0) as i32,
-        ];
-        let floats = [p.scale as f32, p.softcap.unwrap_or(0.0) as f32];
-        let mut b = func.builder();
-        b.arg(&q).arg(&kc).arg(&vc).arg(&tables).arg(&ctx);
-        b.arg(&out).arg(&part_out).arg(&part_max).arg(&part_sum);
-        for i in &ints {
-            b.arg(i);
-        }
-        for f in &floats {
-            b.arg(f);
-        }
-        let cfg = LaunchConfig {
-            grid_dim: (p.num_kv_heads as u32, seqs as u32, parts as u32),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        // SAFETY: the arguments match `paged_decode_*` in attention.cu; every index the kernel
-        // reads is below the context lengths and block-table sizes uploaded for this step.
-        unsafe { b.launch(cfg) }.w()?;
-        if parts > 1 {
-            let func = dev.get_or_load_custom_func(
-                &format!("paged_decode_combine_{suffix}"),
-                "pruneserve_attention",
-                PTX,
-            )?;
-            let mut b = func.builder();
-            let (h, d, n) = (heads as i32, hd as i32, parts as i32);
-            b.arg(&part_out).arg(&part_max).arg(&part_sum).arg(&out);
-            b.arg(&h).arg(&d).arg(&n);
-            let cfg = LaunchConfig {
-                grid_dim: (heads as u32, seqs as u32, 1),
-                block_dim: (THREADS, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            // SAFETY: the arguments match `paged_decode_combine_*` in attention.cu.
-            unsafe { b.launch(cfg) }.w()?;
-        }
-        Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
-    }
-}
-
-impl CustomOp1 for PagedDecode {
-    fn name(&self) -> &'static str {
-        "paged-decode"
-    }
-
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        candle_core::bail!("paged decode runs on CUDA only")
-    }
-
-    fn cuda_fwd(&self, q: &CudaStorage, ql: &Layout) -> Result<(CudaStorage, Shape)> {
-        let dev = q.device().clone();
-        let out = match q.dtype() {
-            DType::BF16 => self.run::<half::bf16>(&dev, (q, ql), "bf16")?,
-            DType::F32 => self.run::<f32>(&dev, (q, ql), "f32")?,
-            other => candle_core::bail!("paged decode: unsupported dtype {other:?}"),
-        };
-        Ok((out, ql.shape().clone()))
-    }
 }
 
 struct RopeCache {

@@ -17,8 +17,9 @@ use candle_core::{DType, Device, IndexOp, Tensor};
 use mistralrs_paged_attn::{gather_kv_cache, reshape_and_cache};
 
 use crate::engine::attention::cuda::{
-    paged_decode, prefill_attention, rope_into_cache, PrefillChunk, PrefillKernel, BLOCK_SIZE,
+    prefill_attention, rope_into_cache, PrefillChunk, PrefillKernel, BLOCK_SIZE,
 };
+use crate::engine::attention::decode::{paged_decode, DecodeKernel};
 use crate::engine::attention::{attend_chunk, chunk_heads, AttnParams, MaskCache};
 use crate::engine::kv::buffers::{base_ptr, write_into, GraphKvInputs};
 use crate::engine::kv::prefix::{Pin, PrefixStore, ScoreMemo};
@@ -337,10 +338,10 @@ impl KvCache for PagedKvCache {
             let out = paged_decode(
                 &q_dec,
                 (&self.key_cache, &self.value_cache),
-                &dec.tables.i(plan_pos)?,
-                &dec.context_lens,
+                (&dec.tables.i(plan_pos)?, &dec.context_lens),
                 step.max_context,
                 params,
+                DecodeKernel::configured(),
             )?;
             // The output is in q's dtype, f32 on steps with prompt rows.
             parts.push(out.reshape((n_dec, width))?.to_dtype(q.dtype())?);
@@ -452,10 +453,10 @@ impl KvCache for PagedKvCache {
         let out = paged_decode(
             &q,
             caches,
-            &tables,
-            &dec.context_lens,
+            (&tables, &dec.context_lens),
             step.max_context,
             params,
+            DecodeKernel::configured(),
         )?;
         Ok(Some(out.reshape((
             step.n_dec,

@@ -1,0 +1,22 @@
+// Helpers shared by the attention kernels (decode.cu, attention.cu): element conversion and
+// rounding, warp reductions, and the paged cache's tokens per block.
+#pragma once
+#include <cuda_bf16.h>
+#include <stdint.h>
+
+// Tokens per KV-cache block (the engine's block size).
+#define BS 16
+
+__device__ __forceinline__ float to_f(float v) { return v; }
+__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ void put(float *p, float v) { *p = v; }
+__device__ __forceinline__ void put(__nv_bfloat16 *p, float v) { *p = __float2bfloat16_rn(v); }
+
+__device__ __forceinline__ float warp_max(float v) {
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, o));
+  return v;
+}
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
+  return v;
+}

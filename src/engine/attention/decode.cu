@@ -1,0 +1,404 @@
+// The decode attention kernels (see src/engine/attention/cuda.rs for how they are called and
+// src/engine/attention/mod.rs for the semantics they share with the candle-ops path): one query
+// token per sequence against its paged KV history, grouped-query aware (a thread block serves
+// one (kv head, sequence, partition) and every query head of that kv head's group, so each key
+// and value is read from memory once per group). Scores, softmax and sums are f32. The caches
+// have vLLM's layout:
+//   keys   [blocks, kv_heads, head_dim / X, block_size, X]   (X = 16 bytes of elements)
+//   values [blocks, kv_heads, head_dim, block_size]
+// A sequence longer than one partition is split over blocks whose partial results
+// (unnormalized sums, max, sum of exponentials) are merged by paged_decode_combine.
+// - paged_decode_split (bf16, head sizes 64 and 128, and 256 for groups up to 4): each warp keeps its own online softmax
+//   over its KV blocks of the partition, loading a block's keys and values together before it
+//   uses either; the warps merge at the end. Partitions of `part` tokens (a multiple of BS).
+// - paged_decode (f32, and the other bf16 shapes up to head size 256): partitions of PART tokens; the block's warps
+//   write all scores to shared memory, then one softmax, then the values.
+#include "common.cuh"
+
+#define PART 128
+#define THREADS 128
+
+// q [seqs, heads, hd]; out [seqs, heads, hd] (single partition) or the partial buffers
+// part_out [seqs, heads, parts, hd], part_max / part_sum [seqs, heads, parts].
+// Grid (kv_heads, seqs, parts), THREADS threads. `window` 0: none; `softcap` 0: none.
+// MAX_G: query heads per kv head (4 or 8), MAX_HD: head_dim bound (64, 128 or 256); the
+// instantiations are sized for them so that small groups and heads keep occupancy high.
+template <typename T, int MAX_G, int MAX_HD>
+__device__ void paged_decode(const T *q, const T *kc, const T *vc, const uint32_t *tables,
+                             const uint32_t *ctx_lens, T *out, float *part_out,
+                             float *part_max, float *part_sum, int heads, int kv_heads, int hd,
+                             int max_blocks, int window, float scale, float softcap) {
+  constexpr int X = 16 / sizeof(T);
+  const int kvh = blockIdx.x, seq = blockIdx.y, part = blockIdx.z, parts = gridDim.z;
+  const int G = heads / kv_heads;
+  const int ctx = ctx_lens[seq];
+  const int first = window > 0 ? max(0, ctx - window) : 0;
+  const int p_start = part * PART;
+  const int p_end = min(ctx, p_start + PART);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, nwarps = THREADS / 32;
+  __shared__ float q_s[MAX_G * MAX_HD];
+  __shared__ float s_s[MAX_G * PART];
+  __shared__ float m_s[MAX_G], l_s[MAX_G];
+  const size_t head0 = (size_t)seq * heads + (size_t)kvh * G;
+  if (p_start >= p_end || p_end <= first) {
+    // Nothing of this sequence in this partition: an empty partial result (a single partition
+    // always holds the query's own token, so this is never the final output).
+    if (parts == 1) return;
+    for (int i = threadIdx.x; i < G * hd; i += THREADS) {
+      int g = i / hd, d = i % hd;
+      part_out[((head0 + g) * parts + part) * hd + d] = 0.f;
+    }
+    if (threadIdx.x < G) {
+      part_max[(head0 + threadIdx.x) * parts + part] = -INFINITY;
+      part_sum[(head0 + threadIdx.x) * parts + part] = 0.f;
+    }
+    return;
+  }
+  for (int i = threadIdx.x; i < G * hd; i += THREADS) q_s[i] = to_f(q[head0 * hd + i]);
+  __syncthreads();
+
+  // Scores: a warp takes a whole KV block; lane reads 16-byte vectors i = lane + 32k, which
+  // hold X dims (slab i / BS) of token i % BS = lane % BS.
+  const int vecs = (hd / X) * BS;
+  const size_t block_stride = (size_t)kv_heads * hd * BS;
+  for (int blk = p_start / BS + warp; blk * BS < p_end; blk += nwarps) {
+    const size_t phys = tables[(size_t)seq * max_blocks + blk];
+    const T *kb = kc + phys * block_stride + (size_t)kvh * hd * BS;
+    float acc[MAX_G];
+#pragma unroll
+    for (int g = 0; g < MAX_G; g++) acc[g] = 0.f;
+    for (int i = lane; i < vecs; i += 32) {
+      const int slab = i / BS;
+      T k[X];
+      *reinterpret_cast<int4 *>(k) = *reinterpret_cast<const int4 *>(kb + (size_t)i * X);
+#pragma unroll
+      for (int e = 0; e < X; e++) {
+        const float kv = to_f(k[e]);
+#pragma unroll
+        for (int g = 0; g < MAX_G; g++)
+          if (g < G) acc[g] += q_s[g * hd + slab * X + e] * kv;
+      }
+    }
+    for (int o = BS; o < 32; o <<= 1) {
+#pragma unroll
+      for (int g = 0; g < MAX_G; g++) acc[g] += __shfl_xor_sync(0xffffffff, acc[g], o);
+    }
+    if (lane < BS) {
+      const int t = blk * BS + lane;
+      if (t < p_end) {
+        for (int g = 0; g < G; g++) {
+          float s = acc[g] * scale;
+          if (softcap > 0.f) s = softcap * tanhf(s / softcap);
+          s_s[g * PART + (t - p_start)] = t >= first ? s : -INFINITY;
+        }
+      }
+    }
+  }
+  __syncthreads();
+
+  // Softmax pieces per query head: max, then exp in place, then the sum.
+  const int n = p_end - p_start;
+  for (int g = warp; g < G; g += nwarps) {
+    float m = -INFINITY;
+    for (int t = lane; t < n; t += 32) m = fmaxf(m, s_s[g * PART + t]);
+    m = warp_max(m);
+    float l = 0.f;
+    for (int t = lane; t < n; t += 32) {
+      float p = m == -INFINITY ? 0.f : __expf(s_s[g * PART + t] - m);
+      s_s[g * PART + t] = p;
+      l += p;
+    }
+    l = warp_sum(l);
+    if (lane == 0) {
+      m_s[g] = m;
+      l_s[g] = l;
+    }
+  }
+  __syncthreads();
+
+  // Values: warp w takes the partition's KV blocks w, w + nwarps, ...; lane owns dims
+  // d = lane + 32k, whose BS values in a block are contiguous. Warps' sums meet in o_s.
+  __shared__ float o_s[THREADS / 32][MAX_G * MAX_HD];
+  {
+    float acc[MAX_G][MAX_HD / 32];
+#pragma unroll
+    for (int g = 0; g < MAX_G; g++)
+#pragma unroll
+      for (int k = 0; k < MAX_HD / 32; k++) acc[g][k] = 0.f;
+    for (int blk = p_start / BS + warp; blk * BS < p_end; blk += nwarps) {
+      const size_t phys = tables[(size_t)seq * max_blocks + blk];
+      const T *vbase = vc + phys * block_stride + (size_t)kvh * hd * BS;
+      const int t0 = blk * BS;
+#pragma unroll
+      for (int k = 0; k < MAX_HD / 32; k++) {
+        const int d = lane + 32 * k;
+        if (d >= hd) break;
+        const int4 *vb = reinterpret_cast<const int4 *>(vbase + (size_t)d * BS);
+        T vals[BS];
+#pragma unroll
+        for (int c = 0; c < BS * (int)sizeof(T) / 16; c++)
+          reinterpret_cast<int4 *>(vals)[c] = vb[c];
+#pragma unroll
+        for (int b = 0; b < BS; b++) {
+          const int t = t0 + b;
+          if (t >= p_end) break;
+          const float v = to_f(vals[b]);
+#pragma unroll
+          for (int g = 0; g < MAX_G; g++)
+            if (g < G) acc[g][k] += s_s[g * PART + (t - p_start)] * v;
+        }
+      }
+    }
+#pragma unroll
+    for (int g = 0; g < MAX_G; g++)
+#pragma unroll
+      for (int k = 0; k < MAX_HD / 32; k++) {
+        const int d = lane + 32 * k;
+        if (g < G && d < hd) o_s[warp][g * hd + d] = acc[g][k];
+      }
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < G * hd; i += THREADS) {
+    const int g = i / hd, d = i % hd;
+    float acc = 0.f;
+    for (int w = 0; w < nwarps; w++) acc += o_s[w][i];
+    if (parts == 1) {
+      put(out + (head0 + g) * hd + d, l_s[g] > 0.f ? acc / l_s[g] : 0.f);
+    } else {
+      part_out[((head0 + g) * parts + part) * hd + d] = acc;
+    }
+  }
+  if (parts > 1 && threadIdx.x < G) {
+    part_max[(head0 + threadIdx.x) * parts + part] = m_s[threadIdx.x];
+    part_sum[(head0 + threadIdx.x) * parts + part] = l_s[threadIdx.x];
+  }
+}
+
+// Merges the partitions of paged_decode. Grid (heads, seqs), THREADS threads.
+template <typename T>
+__device__ void paged_decode_combine(const float *part_out, const float *part_max,
+                                     const float *part_sum, T *out, int heads, int hd,
+                                     int parts) {
+  const size_t head = (size_t)blockIdx.y * heads + blockIdx.x;
+  float m = -INFINITY;
+  for (int p = 0; p < parts; p++) m = fmaxf(m, part_max[head * parts + p]);
+  float l = 0.f;
+  for (int p = 0; p < parts; p++) {
+    float mp = part_max[head * parts + p];
+    if (mp != -INFINITY) l += part_sum[head * parts + p] * __expf(mp - m);
+  }
+  for (int d = threadIdx.x; d < hd; d += THREADS) {
+    float acc = 0.f;
+    for (int p = 0; p < parts; p++) {
+      float mp = part_max[head * parts + p];
+      if (mp != -INFINITY) acc += part_out[(head * parts + p) * hd + d] * __expf(mp - m);
+    }
+    put(out + head * hd + d, l > 0.f ? acc / l : 0.f);
+  }
+}
+
+#define DECODE(SUFFIX, T, G, HD)                                                                \
+  extern "C" __global__ void __launch_bounds__(THREADS) paged_decode_##SUFFIX##_g##G##_d##HD(  \
+      const T *q, const T *kc, const T *vc, const uint32_t *tables, const uint32_t *ctx_lens,  \
+      T *out, float *part_out, float *part_max, float *part_sum, int heads, int kv_heads,      \
+      int hd, int max_blocks, int window, float scale, float softcap) {                        \
+    paged_decode<T, G, HD>(q, kc, vc, tables, ctx_lens, out, part_out, part_max, part_sum,    \
+                           heads, kv_heads, hd, max_blocks, window, scale, softcap);           \
+  }
+
+#define INSTANTIATE(SUFFIX, T)                                                                  \
+  DECODE(SUFFIX, T, 4, 64)                                                                      \
+  DECODE(SUFFIX, T, 4, 128)                                                                     \
+  DECODE(SUFFIX, T, 4, 256)                                                                     \
+  DECODE(SUFFIX, T, 8, 64)                                                                      \
+  DECODE(SUFFIX, T, 8, 128)                                                                     \
+  DECODE(SUFFIX, T, 8, 256)                                                                     \
+  extern "C" __global__ void __launch_bounds__(THREADS) paged_decode_combine_##SUFFIX(        \
+      const float *part_out, const float *part_max, const float *part_sum, T *out, int heads, \
+      int hd, int parts) {                                                                      \
+    paged_decode_combine<T>(part_out, part_max, part_sum, out, heads, hd, parts);              \
+  }
+
+INSTANTIATE(f32, float)
+INSTANTIATE(bf16, __nv_bfloat16)
+
+
+// paged_decode_split. Grid (kv_heads, seqs, parts), THREADS threads; arguments as paged_decode's
+// plus `part`, the partition's tokens.
+template <int MAX_G, int HD>
+__device__ void paged_decode_split(const __nv_bfloat16 *q, const __nv_bfloat16 *kc,
+                                   const __nv_bfloat16 *vc, const uint32_t *tables,
+                                   const uint32_t *ctx_lens, __nv_bfloat16 *out, float *part_out,
+                                   float *part_max, float *part_sum, int heads, int kv_heads,
+                                   int max_blocks, int window, float scale, float softcap,
+                                   int part) {
+  typedef __nv_bfloat16 T;
+  constexpr int X = 8, NW = THREADS / 32;
+  constexpr int KVEC = (HD / X) * BS / 32;  // key vectors per lane and block
+  constexpr int DPL = HD / 32;              // value dims per lane
+  constexpr int VPD = BS * 2 / 16;          // vectors per value dim and block
+  const int kvh = blockIdx.x, seq = blockIdx.y, parts = gridDim.z;
+  const int G = heads / kv_heads;
+  const int ctx = ctx_lens[seq];
+  const int first = window > 0 ? max(0, ctx - window) : 0;
+  const int p_start = blockIdx.z * part, p_end = min(ctx, p_start + part);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  // The queries dim-major and the weights token-major, heads innermost (zero-padded to MAX_G),
+  // so one 16-byte shared load serves four heads: scalar loads, one per FMA, bound the kernel.
+  __shared__ __align__(16) float q_t[HD][MAX_G];
+  __shared__ __align__(16) float p_s[NW][BS][MAX_G];
+  __shared__ float o_s[NW][MAX_G * HD];
+  __shared__ float m_s[NW][MAX_G], l_s[NW][MAX_G];
+  const size_t head0 = (size_t)seq * heads + (size_t)kvh * G;
+  if (p_start >= p_end || p_end <= first) {  // the empty partial result, as paged_decode
+    if (parts == 1) return;
+    for (int i = threadIdx.x; i < G * HD; i += THREADS)
+      part_out[((head0 + i / HD) * parts + blockIdx.z) * HD + i % HD] = 0.f;
+    if (threadIdx.x < G) {
+      part_max[(head0 + threadIdx.x) * parts + blockIdx.z] = -INFINITY;
+      part_sum[(head0 + threadIdx.x) * parts + blockIdx.z] = 0.f;
+    }
+    return;
+  }
+  for (int i = threadIdx.x; i < MAX_G * HD; i += THREADS) {
+    const int d = i / MAX_G, g = i % MAX_G;
+    q_t[d][g] = g < G ? to_f(q[(head0 + g) * HD + d]) : 0.f;
+  }
+  for (int i = threadIdx.x; i < NW * BS * MAX_G; i += THREADS) (&p_s[0][0][0])[i] = 0.f;
+  __syncthreads();
+
+  float m[MAX_G], l[MAX_G], acc[MAX_G][DPL];
+#pragma unroll
+  for (int g = 0; g < MAX_G; g++) {
+    m[g] = -INFINITY;
+    l[g] = 0.f;
+#pragma unroll
+    for (int k = 0; k < DPL; k++) acc[g][k] = 0.f;
+  }
+  const size_t block_stride = (size_t)kv_heads * HD * BS;
+  // Blocks before the window's first token hold nothing; every block visited holds at least one
+  // token in [first, p_end), so each running max is finite after its first block.
+  for (int blk = max(p_start, first) / BS + warp; blk * BS < p_end; blk += NW) {
+    const size_t at = tables[(size_t)seq * max_blocks + blk] * block_stride + (size_t)kvh * HD * BS;
+    int4 k4[KVEC], v4[DPL][VPD];
+#pragma unroll
+    for (int j = 0; j < KVEC; j++)
+      k4[j] = *reinterpret_cast<const int4 *>(kc + at + (size_t)(lane + 32 * j) * X);
+#pragma unroll
+    for (int k = 0; k < DPL; k++)
+#pragma unroll
+      for (int c = 0; c < VPD; c++)
+        v4[k][c] = reinterpret_cast<const int4 *>(vc + at + (size_t)(lane + 32 * k) * BS)[c];
+
+    // Lane holds vectors lane + 32 j: token lane % 16, dims slab (lane / 16 + 2 j) * X + e; the
+    // lanes l and l ^ 16 together hold a token's whole dot product.
+    float s[MAX_G];
+#pragma unroll
+    for (int g = 0; g < MAX_G; g++) s[g] = 0.f;
+#pragma unroll
+    for (int j = 0; j < KVEC; j++) {
+      const T *kv = reinterpret_cast<const T *>(&k4[j]);
+      const int slab = lane / 16 + 2 * j;
+#pragma unroll
+      for (int e = 0; e < X; e++) {
+        const float x = to_f(kv[e]);
+        const float4 *qv = reinterpret_cast<const float4 *>(q_t[slab * X + e]);
+#pragma unroll
+        for (int c = 0; c < MAX_G / 4; c++) {
+          const float4 qq = qv[c];
+          s[4 * c] += qq.x * x;
+          s[4 * c + 1] += qq.y * x;
+          s[4 * c + 2] += qq.z * x;
+          s[4 * c + 3] += qq.w * x;
+        }
+      }
+    }
+    const int t = blk * BS + lane % 16;
+    const bool valid = t < p_end && t >= first;
+#pragma unroll
+    for (int g = 0; g < MAX_G; g++) {
+      if (g >= G) break;
+      float sc = (s[g] + __shfl_xor_sync(0xffffffff, s[g], 16)) * scale;
+      if (softcap > 0.f) sc = softcap * tanhf(sc / softcap);
+      sc = valid ? sc : -INFINITY;
+      float mx = sc;
+      for (int o = 8; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, o));
+      const float m_new = fmaxf(m[g], mx);
+      const float corr = __expf(m[g] - m_new);
+      const float p = valid ? __expf(sc - m_new) : 0.f;
+      float ps = p;
+      for (int o = 8; o > 0; o >>= 1) ps += __shfl_xor_sync(0xffffffff, ps, o);
+      l[g] = l[g] * corr + ps;
+      m[g] = m_new;
+#pragma unroll
+      for (int k = 0; k < DPL; k++) acc[g][k] *= corr;
+      if (lane < BS) p_s[warp][lane][g] = p;
+    }
+    __syncwarp();
+    // Values: lane owns dims lane + 32 k, whose BS values in the block are contiguous.
+#pragma unroll
+    for (int b = 0; b < BS; b++) {
+      float pb[MAX_G];
+#pragma unroll
+      for (int c = 0; c < MAX_G / 4; c++)
+        *reinterpret_cast<float4 *>(&pb[4 * c]) = reinterpret_cast<const float4 *>(p_s[warp][b])[c];
+#pragma unroll
+      for (int k = 0; k < DPL; k++) {
+        const float v = to_f(reinterpret_cast<const T *>(v4[k])[b]);
+#pragma unroll
+        for (int g = 0; g < MAX_G; g++)
+          if (g < G) acc[g][k] += pb[g] * v;
+      }
+    }
+    __syncwarp();
+  }
+
+  // The warps' softmax states merged, as paged_decode_combine merges partitions.
+#pragma unroll
+  for (int g = 0; g < MAX_G; g++) {
+    if (g >= G) break;
+#pragma unroll
+    for (int k = 0; k < DPL; k++) o_s[warp][g * HD + lane + 32 * k] = acc[g][k];
+    if (lane == 0) {
+      m_s[warp][g] = m[g];
+      l_s[warp][g] = l[g];
+    }
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < G * HD; i += THREADS) {
+    const int g = i / HD, d = i % HD;
+    float mm = -INFINITY;
+    for (int w = 0; w < NW; w++) mm = fmaxf(mm, m_s[w][g]);
+    float ll = 0.f, o = 0.f;
+    for (int w = 0; w < NW; w++) {
+      if (m_s[w][g] == -INFINITY) continue;
+      const float f = __expf(m_s[w][g] - mm);
+      ll += l_s[w][g] * f;
+      o += o_s[w][i] * f;
+    }
+    if (parts == 1) {
+      put(out + (head0 + g) * HD + d, ll > 0.f ? o / ll : 0.f);
+    } else {
+      part_out[((head0 + g) * parts + blockIdx.z) * HD + d] = o;
+      if (d == 0) {
+        part_max[(head0 + g) * parts + blockIdx.z] = mm;
+        part_sum[(head0 + g) * parts + blockIdx.z] = ll;
+      }
+    }
+  }
+}
+
+#define DECODE_SPLIT(G, HD)                                                                     \
+  extern "C" __global__ void __launch_bounds__(THREADS) paged_decode_split_g##G##_d##HD(       \
+      const __nv_bfloat16 *q, const __nv_bfloat16 *kc, const __nv_bfloat16 *vc,                \
+      const uint32_t *tables, const uint32_t *ctx_lens, __nv_bfloat16 *out, float *part_out,   \
+      float *part_max, float *part_sum, int heads, int kv_heads, int max_blocks, int window,  \
+      float scale, float softcap, int part) {                                                   \
+    paged_decode_split<G, HD>(q, kc, vc, tables, ctx_lens, out, part_out, part_max, part_sum,   \
+                              heads, kv_heads, max_blocks, window, scale, softcap, part);       \
+  }
+DECODE_SPLIT(4, 64)
+DECODE_SPLIT(4, 128)
+DECODE_SPLIT(8, 64)
+DECODE_SPLIT(8, 128)
+DECODE_SPLIT(4, 256)
