@@ -5,6 +5,8 @@
 #[cfg(feature = "cuda")]
 mod decode;
 #[cfg(feature = "cuda")]
+mod draw;
+#[cfg(feature = "cuda")]
 mod graphs;
 #[cfg(feature = "cuda")]
 mod prefill;
@@ -492,6 +494,10 @@ pub fn run_all(
     push(&mut checks, &mut report, graphs::skinny_check(&cuda)?);
     #[cfg(feature = "cuda")]
     push(&mut checks, &mut report, decode::decode_check(&cuda)?);
+    #[cfg(feature = "cuda")]
+    for c in draw::draw_kernel_checks(&cuda)? {
+        push(&mut checks, &mut report, c);
+    }
 
     // 3. Seeded draws on the device, and prefix caching on the paged pool (the tiny Llama of
     //    step 1, bf16 and f32).

@@ -116,6 +116,11 @@ __device__ double block_sum(double v, double *scratch) {
   return v;
 }
 
+__device__ __forceinline__ unsigned long long warp_sum_u64(unsigned long long v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
+  return v;
+}
+
 // Which ids are still candidates: key above `key`, or equal to it with id <= `last_id`.
 struct Cut {
   unsigned int key;
@@ -151,6 +156,114 @@ __device__ unsigned long long block_scan(unsigned long long v, unsigned long lon
   return v + (warp > 0 ? scratch[warp - 1] : 0ull);
 }
 
+// Walks in id order. The ids are cut into DRAW_WARPS contiguous chunks, one per warp; a pass
+// sums each chunk (exact integers, so in any order), then only the chunk where the running sum
+// crosses the target is walked tile by tile. `A` gives an id's amount (0: not counted).
+#define DRAW_WARPS (DRAW_THREADS / 32)
+
+__device__ __forceinline__ int chunk_len(int vocab) {
+  return ((vocab + DRAW_WARPS - 1) / DRAW_WARPS + 31) / 32 * 32;
+}
+
+// Every chunk's sum into chunk_sum[warp]; returns the total (every thread), and the largest id
+// with an amount in `last` (-1: none).
+template <typename A>
+__device__ unsigned long long chunk_sums(int vocab, const A &amount,
+                                         unsigned long long *chunk_sum, int *last) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, len = chunk_len(vocab);
+  if (threadIdx.x == 0) *last = -1;
+  __syncthreads();
+  unsigned long long sum = 0;
+  int mine = -1;
+  const int end = min(vocab, (warp + 1) * len);
+  for (int i = warp * len + lane; i < end; i += 32) {
+    const unsigned long long a = amount(i);
+    sum += a;
+    if (a > 0) mine = i;
+  }
+  sum = warp_sum_u64(sum);
+  if (lane == 0) chunk_sum[warp] = sum;
+  if (mine >= 0) atomicMax(last, mine);
+  __syncthreads();
+  unsigned long long total = warp_sum_u64(chunk_sum[lane]);
+  __syncthreads();
+  return total;
+}
+
+// The id where the running sum (id order, starting from `carry`) crosses `target`: with STRICT
+// the first id whose sum passes it (sum > target >= sum - amount), else the first whose sum
+// reaches it (sum >= target > sum - amount). -1 when no id does. chunk_sum from chunk_sums.
+template <bool STRICT, typename A>
+__device__ int chunk_crossing(int vocab, const A &amount, unsigned long long carry,
+                              unsigned long long target, const unsigned long long *chunk_sum,
+                              unsigned long long *scan, int *found) {
+  const int len = chunk_len(vocab);
+  if (threadIdx.x == 0) {
+    int c = -1;
+    for (int w = 0; w < DRAW_WARPS; w++) {
+      const unsigned long long upto = carry + chunk_sum[w];
+      if (STRICT ? upto > target : upto >= target) {
+        c = w;
+        break;
+      }
+      carry = upto;
+    }
+    found[0] = c;
+    found[1] = -1;
+    scan[32] = carry;
+  }
+  __syncthreads();
+  const int c = found[0];
+  carry = scan[32];
+  __syncthreads();
+  if (c < 0) return -1;
+  const int end = min(vocab, (c + 1) * len);
+  for (int base = c * len; base < end; base += DRAW_THREADS) {
+    const int i = base + threadIdx.x;
+    const unsigned long long a = i < end ? amount(i) : 0ull;
+    unsigned long long tile_total;
+    const unsigned long long upto = carry + block_scan(a, scan, tile_total);
+    const bool crossed =
+        a > 0 && (STRICT ? upto > target && upto - a <= target : upto >= target && upto - a < target);
+    if (crossed) found[1] = i;
+    __syncthreads();
+    if (found[1] >= 0) break;
+    carry += tile_total;
+  }
+  __syncthreads();
+  const int r = found[1];
+  __syncthreads();
+  return r;
+}
+
+// An id's amount at the threshold key of select_prefix (ties at that key, id order).
+struct TieAmount {
+  const float *row;
+  Cut within;
+  unsigned int key;
+  bool by_mass;
+  float max, inv_t;
+  __device__ unsigned long long operator()(int i) const {
+    const float x = row[i];
+    const unsigned int k = order_key(x);
+    if (k != key || !passes(within, k, i)) return 0ull;
+    return by_mass ? fixed_mass(x, max, inv_t) : 1ull;
+  }
+};
+
+// An id's mass in the final draw (0 when truncation dropped it).
+struct KeptMass {
+  const float *row;
+  Cut keep;
+  unsigned long long floor_mass;
+  float max, inv_t;
+  __device__ unsigned long long operator()(int i) const {
+    const float x = row[i];
+    const unsigned long long m = fixed_mass(x, max, inv_t);
+    return passes(keep, order_key(x), i) && (m >= floor_mass || x == max) ? m : 0ull;
+  }
+};
+
 // The shortest prefix (value descending, lower id first) of the candidates passing `within` whose
 // amount reaches `target` (amount: 1 per id when `by_mass` is false, else the fixed-point mass):
 // a radix select over the 32 key bits, 8 per pass, then the tied ids in id order.
@@ -162,12 +275,30 @@ __device__ Cut select_prefix(const float *row, int vocab, Cut within, bool by_ma
   for (int shift = 24; shift >= 0; shift -= 8) {
     for (int b = threadIdx.x; b < 256; b += DRAW_THREADS) hist[b] = 0;
     __syncthreads();
-    for (int i = threadIdx.x; i < vocab; i += DRAW_THREADS) {
-      const float x = row[i];
-      const unsigned int key = order_key(x);
-      if (passes(within, key, i) && (key & mask) == prefix)
-        atomicAdd(&hist[(key >> shift) & 255u],
-                  by_mass ? fixed_mass(x, max, inv_t) : 1ull);
+    // Most of a warp's ids share the top digits: when every counted id of the warp falls in one
+    // bin, the warp adds its sum once (same-address atomics serialize).
+    for (int base = 0; base < vocab; base += DRAW_THREADS) {
+      const int i = base + threadIdx.x;
+      int bin = -1;
+      unsigned long long a = 0;
+      if (i < vocab) {
+        const float x = row[i];
+        const unsigned int key = order_key(x);
+        if (passes(within, key, i) && (key & mask) == prefix) {
+          bin = (int)((key >> shift) & 255u);
+          a = by_mass ? fixed_mass(x, max, inv_t) : 1ull;
+        }
+      }
+      const unsigned counted = __ballot_sync(0xffffffff, bin >= 0);
+      if (counted == 0) continue;
+      const int src = __ffs(counted) - 1;
+      const int b0 = __shfl_sync(0xffffffff, bin, src);
+      if (__all_sync(0xffffffff, bin < 0 || bin == b0)) {
+        a = warp_sum_u64(a);
+        if (threadIdx.x % 32 == src) atomicAdd(&hist[b0], a);
+      } else if (bin >= 0) {
+        atomicAdd(&hist[bin], a);
+      }
     }
     __syncthreads();
     if (threadIdx.x == 0) {
@@ -195,33 +326,14 @@ __device__ Cut select_prefix(const float *row, int vocab, Cut within, bool by_ma
     above = scan[32];
     __syncthreads();
   }
-  // Ties at the threshold key, in id order, until the target is reached.
-  if (threadIdx.x == 0) found[0] = vocab - 1;
-  __syncthreads();
-  unsigned long long carry = above;
-  for (int base = 0; base < vocab; base += DRAW_THREADS) {
-    const int i = base + threadIdx.x;
-    unsigned long long amount = 0;
-    if (i < vocab) {
-      const float x = row[i];
-      const unsigned int key = order_key(x);
-      if (key == prefix && passes(within, key, i))
-        amount = by_mass ? fixed_mass(x, max, inv_t) : 1ull;
-    }
-    unsigned long long tile_total;
-    const unsigned long long upto = carry + block_scan(amount, scan, tile_total);
-    const bool crossed = amount > 0 && upto >= target && upto - amount < target;
-    __syncthreads();
-    if (crossed) found[0] = i;
-    __syncthreads();
-    if (found[0] != vocab - 1 || carry + tile_total >= target) break;
-    carry += tile_total;
-  }
-  __syncthreads();
+  // Ties at the threshold key, in id order, until the target is reached (all of them when it
+  // is not).
+  const TieAmount ties{row, within, prefix, by_mass, max, inv_t};
+  chunk_sums(vocab, ties, hist, found + 2);
+  const int crossing = chunk_crossing<false>(vocab, ties, above, target, hist, scan, found);
   Cut c;
   c.key = prefix;
-  c.last_id = found[0];
-  __syncthreads();
+  c.last_id = crossing < 0 ? vocab - 1 : crossing;
   return c;
 }
 
@@ -236,7 +348,7 @@ extern "C" __global__ void __launch_bounds__(DRAW_THREADS)
   __shared__ double dscratch[32];
   __shared__ unsigned long long hist[256];
   __shared__ unsigned long long scan[33];
-  __shared__ int found[1];
+  __shared__ int found[3];
 
   float max = -INFINITY;
   for (int i = threadIdx.x; i < vocab; i += DRAW_THREADS) max = fmaxf(max, row[i]);
@@ -252,56 +364,30 @@ extern "C" __global__ void __launch_bounds__(DRAW_THREADS)
     keep = select_prefix(row, vocab, keep, false, max, inv_t, (unsigned long long)top_k, hist,
                          scan, found);
   if (top_p < 1.0) {
-    double mass = 0.0;
+    unsigned long long mass = 0;
     for (int i = threadIdx.x; i < vocab; i += DRAW_THREADS) {
       const float x = row[i];
-      if (passes(keep, order_key(x), i)) mass += (double)fixed_mass(x, max, inv_t);
+      if (passes(keep, order_key(x), i)) mass += fixed_mass(x, max, inv_t);
     }
-    const double total = block_sum(mass, dscratch);
+    mass = warp_sum_u64(mass);
+    if (threadIdx.x % 32 == 0) hist[threadIdx.x / 32] = mass;
+    __syncthreads();
+    const double total = (double)warp_sum_u64(hist[threadIdx.x % 32]);
+    __syncthreads();
     const unsigned long long target = (unsigned long long)ceil(top_p * total);
     keep = select_prefix(row, vocab, keep, true, max, inv_t, target, hist, scan, found);
   }
   const unsigned long long floor_mass = (unsigned long long)(min_p * FIXED_ONE);
 
-  // The kept mass, then the id where the running mass (id order) passes u times it.
-  double kept = 0.0;
-  for (int i = threadIdx.x; i < vocab; i += DRAW_THREADS) {
-    const float x = row[i];
-    const unsigned long long w = fixed_mass(x, max, inv_t);
-    if (passes(keep, order_key(x), i) && (w >= floor_mass || x == max)) kept += (double)w;
-  }
-  const double kept_total = block_sum(kept, dscratch);
+  // The kept mass, then the id where the running mass (id order) passes u times it; when
+  // rounding runs past the end, the last kept id.
+  const KeptMass kept{row, keep, floor_mass, max, inv_t};
+  const double kept_total = (double)chunk_sums(vocab, kept, hist, found + 2);
+  const int last_kept = found[2];
   const unsigned long long target = (unsigned long long)(u * kept_total);
-  if (threadIdx.x == 0) found[0] = -1;
-  __syncthreads();
-  unsigned long long carry = 0;
-  int last_kept = -1;
-  for (int base = 0; base < vocab; base += DRAW_THREADS) {
-    const int i = base + threadIdx.x;
-    unsigned long long w = 0;
-    if (i < vocab) {
-      const float x = row[i];
-      const unsigned long long m = fixed_mass(x, max, inv_t);
-      if (passes(keep, order_key(x), i) && (m >= floor_mass || x == max)) {
-        w = m;
-        last_kept = i;
-      }
-    }
-    unsigned long long tile_total;
-    const unsigned long long upto = carry + block_scan(w, scan, tile_total);
-    if (w > 0 && upto > target && upto - w <= target) found[0] = i;
-    __syncthreads();
-    if (found[0] >= 0) break;
-    carry += tile_total;
-  }
-  // Rounding ran past the end: the last kept id.
-  __syncthreads();
-  const bool none = found[0] < 0;
-  __syncthreads();
-  if (none) atomicMax(&found[0], last_kept);
-  __syncthreads();
+  const int crossing = chunk_crossing<true>(vocab, kept, 0ull, target, hist, scan, found);
   if (threadIdx.x == 0) {
-    const int token = found[0] < 0 ? 0 : found[0];
+    const int token = crossing >= 0 ? crossing : last_kept < 0 ? 0 : last_kept;
     out[2 * blockIdx.x] = (float)token;
     out[2 * blockIdx.x + 1] = (float)((double)row[token] - lse);
   }

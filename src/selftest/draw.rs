@@ -1,0 +1,126 @@
+//! The device draw kernel (`draw_f32` in sampling.cu) against the host sampler on the same
+//! logits and uniform numbers, at Llama-3's vocabulary size (128,256 ids), where the engine checks'
+//! small vocabularies do not reach: flat, peaked and heavily tied logits (every value a multiple of
+//! 0.5, so the truncation boundaries fall inside runs of equal values) under the paper's
+//! sampling and top-k / top-p / min-p mixes. Tokens must be equal and logprobs within 1e-4. The
+//! kernel's time for one row and for 256 rows is reported (informational).
+
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+
+use super::prefill::values;
+use super::{Check, SelftestError};
+use crate::checkpoint::CheckpointError;
+use crate::engine::sample::sampler::{DeviceDraw, Sampler, SamplingParams};
+use crate::engine::sample::scoring::draw_rows;
+
+const VOCAB: usize = 128_256;
+const SEEDS: u64 = 4;
+
+/// (temperature, top_p, top_k, min_p).
+const SETTINGS: [(f32, f32, usize, f32); 6] = [
+    (0.9, 0.95, 0, 0.0),
+    (1.0, 1.0, 50, 0.0),
+    (0.7, 0.8, 0, 0.05),
+    (1.3, 1.0, 0, 0.0),
+    (1.0, 0.9, 1000, 0.0),
+    (0.5, 0.5, 0, 0.2),
+];
+
+/// A row of logits in one of three shapes.
+fn logits_row(style: usize, seed: u64) -> Vec<f32> {
+    values(VOCAB, seed)
+        .into_iter()
+        .map(|v| match style {
+            0 => v * 1.5,
+            1 => v * 8.0,
+            _ => (v * 4.0).round() / 2.0,
+        })
+        .collect()
+}
+
+/// Host and device picks for every (shape, setting, seed) row: (rows, tokens differing, largest
+/// logprob difference).
+fn compare(cuda: &Device) -> candle_core::Result<(usize, usize, f32)> {
+    let (mut rows, mut draws, mut want) = (Vec::new(), Vec::new(), Vec::new());
+    for style in 0..3 {
+        for (k, &(temperature, top_p, top_k, min_p)) in SETTINGS.iter().enumerate() {
+            for seed in 0..SEEDS {
+                let params = SamplingParams {
+                    temperature,
+                    top_p,
+                    top_k,
+                    min_p,
+                    seed: Some(seed * 101 + k as u64),
+                    ..SamplingParams::default()
+                };
+                let row = logits_row(style, 1000 + seed * 7 + k as u64);
+                want.push(Sampler::new(params.clone()).sample(&row, &[], &[]));
+                let u = Sampler::new(params.clone()).next_uniform();
+                draws.push(DeviceDraw::new(&params, u));
+                rows.extend(row);
+            }
+        }
+    }
+    let n = draws.len();
+    let logits = Tensor::from_vec(rows, (n, VOCAB), cuda)?;
+    let got = draw_rows(&logits, &draws)?;
+    let differ = got
+        .iter()
+        .zip(&want)
+        .filter(|(g, w)| g.token != w.token)
+        .count();
+    let worst = got
+        .iter()
+        .zip(&want)
+        .map(|(g, w)| (g.logprob - w.logprob).abs())
+        .fold(0f32, f32::max);
+    Ok((n, differ, worst))
+}
+
+/// Milliseconds of one `draw_rows` call over `rows` rows of paper-sampled flat logits (the best
+/// of three, after a warm-up).
+fn time_draws(cuda: &Device, rows: usize) -> candle_core::Result<f64> {
+    let params = SamplingParams {
+        temperature: 0.9,
+        top_p: 0.95,
+        ..SamplingParams::default()
+    };
+    let logits: Vec<f32> = (0..rows as u64).flat_map(|r| logits_row(0, r)).collect();
+    let logits = Tensor::from_vec(logits, (rows, VOCAB), cuda)?;
+    let draws: Vec<_> = (0..rows)
+        .map(|r| DeviceDraw::new(&params, (r as f64 + 0.5) / rows as f64))
+        .collect();
+    draw_rows(&logits, &draws)?;
+    let mut best = f64::INFINITY;
+    for _ in 0..3 {
+        let t = Instant::now();
+        draw_rows(&logits, &draws)?;
+        best = best.min(t.elapsed().as_secs_f64() * 1e3);
+    }
+    Ok(best)
+}
+
+/// The check, and the informational timing.
+pub(super) fn draw_kernel_checks(cuda: &Device) -> Result<Vec<Check>, SelftestError> {
+    let (n, differ, worst) = compare(cuda).map_err(CheckpointError::from)?;
+    let check = Check {
+        name: format!(
+            "device draws vs the host sampler over {VOCAB} ids (flat, peaked and tied logits; \
+             tokens equal, logprobs within 1e-4)"
+        ),
+        passed: differ == 0 && worst <= 1e-4,
+        informational: false,
+        detail: format!("{n} rows: {differ} tokens differ; max |dlogprob| {worst:.1e}"),
+    };
+    let one = time_draws(cuda, 1).map_err(CheckpointError::from)?;
+    let many = time_draws(cuda, 256).map_err(CheckpointError::from)?;
+    let timing = Check {
+        name: format!("device draw time over {VOCAB} ids (T 0.9, top_p 0.95)"),
+        passed: true,
+        informational: true,
+        detail: format!("1 row {one:.2} ms; 256 rows {many:.2} ms (best of 3, with the readback)"),
+    };
+    Ok(vec![check, timing])
+}
