@@ -1,5 +1,9 @@
 //! `pruneserve bench`: prefill and decode throughput of a model at several batch sizes, for the
 //! full plan and a reverse-pruned plan, measured in one run so the ratios are like for like.
+//! Beside the decode figure (the generating run's time less the prefill-only run's, which at
+//! large batches and long prompts also counts decode rows riding in prompt steps), the decode-only
+//! steps of the generating runs: their time per step, rows per step and rows per second, the
+//! steady decode rate serving sees.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -7,6 +11,7 @@ use std::time::Instant;
 use crate::engine::adapters::LoraAdapter;
 use crate::engine::batch::{Batcher, GenRequest};
 use crate::engine::instrument::phase_times;
+use crate::engine::instrument::step_stats::DecodeOnly;
 use crate::engine::model::DecoderModel;
 use crate::engine::sample::sampler::SamplingParams;
 use crate::engine::{Engine, EngineError, EngineOptions};
@@ -20,6 +25,8 @@ pub struct BenchRow {
     /// `None` when the generating run took no longer than the prefill-only one (decode time
     /// lost in the noise, e.g. with very few generated tokens).
     pub decode_tok_s: Option<f64>,
+    /// Decode-only steps of the generating runs (`steps` 0: none ran).
+    pub decode_steps: DecodeOnly,
 }
 
 fn requests(
@@ -100,8 +107,8 @@ pub fn run(
                 .run_all(requests(plan, 1, 8, 2, vocab))
                 .into_iter()
                 .collect::<Result<Vec<_>, _>>()?;
-            let mut timed = |gen: usize| -> Result<f64, EngineError> {
-                let mut best = f64::INFINITY;
+            let mut timed = |gen: usize| -> Result<(f64, DecodeOnly), EngineError> {
+                let (mut best, before) = (f64::INFINITY, batcher.decode_only_steps());
                 for _ in 0..REPEATS {
                     let t = Instant::now();
                     batcher
@@ -110,11 +117,12 @@ pub fn run(
                         .collect::<Result<Vec<_>, _>>()?;
                     best = best.min(t.elapsed().as_secs_f64());
                 }
-                Ok(best)
+                Ok((best, batcher.decode_only_steps().since(&before)))
             };
             phase_times::take_report();
-            let prefill = timed(0)?;
-            let decode = timed(gen)? - prefill;
+            let (prefill, _) = timed(0)?;
+            let (generating, decode_steps) = timed(gen)?;
+            let decode = generating - prefill;
             for line in phase_times::take_report() {
                 println!("{name} batch {batch}: {line}");
             }
@@ -123,26 +131,43 @@ pub fn run(
                 batch,
                 prefill_tok_s: (batch * prompt_len) as f64 / prefill,
                 decode_tok_s: (decode > 0.0).then(|| (batch * gen) as f64 / decode),
+                decode_steps,
             });
         }
     }
     Ok(rows)
 }
 
+/// "ms per step × rows per step (rows per second)" of decode-only steps.
+fn describe_steps(d: &DecodeOnly) -> String {
+    if d.steps == 0 || d.seconds <= 0.0 {
+        return "none".into();
+    }
+    let n = d.steps as f64;
+    format!(
+        "{:.2} ms × {:.1} rows ({:.0} tok/s)",
+        1e3 * d.seconds / n,
+        d.rows as f64 / n,
+        d.rows as f64 / d.seconds
+    )
+}
+
 /// A markdown table with pruned/full ratios.
 pub fn report(rows: &[BenchRow]) -> String {
-    let mut s =
-        String::from("| plan | batch | prefill tok/s | decode tok/s |\n|---|---|---|---|\n");
+    let mut s = String::from(
+        "| plan | batch | prefill tok/s | decode tok/s | decode-only steps |\n|---|---|---|---|---|\n",
+    );
     for r in rows {
         s += &format!(
-            "| {} | {} | {:.0} | {} |\n",
+            "| {} | {} | {:.0} | {} | {} |\n",
             r.plan,
             r.batch,
             r.prefill_tok_s,
             r.decode_tok_s
                 .map_or("n/a (within the prefill run's noise)".into(), |d| format!(
                     "{d:.1}"
-                ))
+                )),
+            describe_steps(&r.decode_steps)
         );
     }
     let full: Vec<&BenchRow> = rows.iter().filter(|r| r.plan == "full").collect();
@@ -174,9 +199,17 @@ mod tests {
             batch: 4,
             prefill_tok_s: 100.0,
             decode_tok_s: decode,
+            decode_steps: DecodeOnly {
+                steps: 4,
+                seconds: 0.02,
+                rows: 12,
+            },
         };
         let s = report(&[row("full", Some(10.0)), row("reverse 0.25", None)]);
-        assert!(s.contains("| full | 4 | 100 | 10.0 |"), "{s}");
+        assert!(
+            s.contains("| full | 4 | 100 | 10.0 | 5.00 ms × 3.0 rows (600 tok/s) |"),
+            "{s}"
+        );
         assert!(s.contains("| reverse 0.25 | 4 | 100 | n/a"), "{s}");
         assert!(s.contains("prefill 1.00x, decode n/a"), "{s}");
         let s = report(&[row("full", Some(10.0)), row("reverse 0.25", Some(13.0))]);

@@ -123,6 +123,11 @@ pub struct Batcher {
 }
 
 impl Batcher {
+    /// Decode-only steps this batcher has run (see [`StepStats`](super::instrument::step_stats)).
+    pub fn decode_only_steps(&self) -> super::instrument::step_stats::DecodeOnly {
+        self.stats.decode_only()
+    }
+
     pub fn new(engine: Engine, max_step_tokens: usize) -> Self {
         Self {
             engine,
