@@ -337,6 +337,15 @@ fn main() {
     }
 }
 
+/// The largest decode step replayed from a CUDA graph: none with `--enforce-eager`.
+fn graph_rows(enforce_eager: bool, max_rows: usize) -> usize {
+    if enforce_eager {
+        0
+    } else {
+        max_rows
+    }
+}
+
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Serve {
@@ -382,10 +391,7 @@ fn run(cli: Cli) -> Result<()> {
                 data_parallel: data_parallel.into(),
                 reserve_max_tokens,
                 sampler,
-                cuda_graph_max_batch: match enforce_eager {
-                    true => 0,
-                    false => max_cudagraph_batch.into(),
-                },
+                cuda_graph_max_batch: graph_rows(enforce_eager, max_cudagraph_batch.into()),
             };
             let registry = Arc::new(serve::build_registry(&entries, &settings)?);
             let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -611,10 +617,7 @@ fn run(cli: Cli) -> Result<()> {
             };
             let defaults = pruneserve::engine::EngineOptions::default();
             let opts = pruneserve::engine::EngineOptions {
-                cuda_graph_max_batch: match enforce_eager {
-                    true => 0,
-                    false => defaults.cuda_graph_max_batch,
-                },
+                cuda_graph_max_batch: graph_rows(enforce_eager, defaults.cuda_graph_max_batch),
                 ..defaults
             };
             let rows = pruneserve::bench::run(

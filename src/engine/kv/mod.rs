@@ -121,7 +121,7 @@ pub trait KvCache: Send {
     /// projection rows `[T, (heads + 2 kv_heads) * d]`: rotates them with the `rope` rows (cos,
     /// sin), stores the keys and values, and returns the attention output `[T, heads * d]` in the
     /// cache's dtype, in fewer launches than rotating apart and calling [`KvCache::attend`];
-    /// `None` when this cache or step takes that path.
+    /// `None` when this cache or step does not take that path.
     fn attend_packed(
         &mut self,
         _plan_pos: usize,
