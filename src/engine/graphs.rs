@@ -14,14 +14,21 @@
 //!   rows are copied into a fixed output buffer.
 //! - A capture that fails ends the capture, marks its key as eager-only and runs the step eagerly:
 //!   graphs are a speed path, never a reason for a step to fail.
-//! - Steps with prompt rows, adapters, overlays, taps or shared hidden states, steps above the
-//!   largest bucket, and runs with `PRUNESERVE_PHASE_TIMES` stay eager.
+//! - LoRA adapters run from a slot table in a fixed buffer (`adapters/cuda.rs`), sized by the
+//!   key's slot capacity and rank (powers of two): a graph replays for any adapters that fit, as
+//!   the kernels read each row's adapter from the table when they run.
+//! - Steps with prompt rows, overlays, taps or shared hidden states, adapters not in bf16 on
+//!   CUDA, steps above the largest bucket, and runs with `PRUNESERVE_PHASE_TIMES` stay eager.
 
 use std::collections::HashMap;
 use std::time::Instant;
 
 use candle_core::cuda_backend::cudarc::driver::{sys, CudaGraph};
+use std::sync::Arc;
+
 use candle_core::{DType, Device, Tensor};
+
+use crate::engine::adapters::{cuda::table_len, LoraAdapter, StepLora};
 
 use crate::engine::kv::buffers::{write_into, GraphKvInputs};
 use crate::engine::kv::{ChunkRef, KvCache};
@@ -46,6 +53,9 @@ fn context_bucket(context: usize) -> usize {
 /// Graphs kept at most; further keys run eagerly.
 const MAX_GRAPHS: usize = 512;
 
+/// Plan layers, rows bucket, context bucket, LoRA (slot capacity, rank) (`(0, 0)`: none).
+type GraphKey = (Vec<usize>, usize, usize, (usize, usize));
+
 /// A captured graph, owned by one engine.
 struct Graph(CudaGraph);
 
@@ -66,6 +76,8 @@ struct Inputs {
     ids: Tensor,
     positions: Tensor,
     kv: GraphKvInputs,
+    /// LoRA slot tables by slot capacity.
+    lora: HashMap<usize, Tensor>,
     /// The step's final-normed hidden rows, allocated by the first eager run.
     out: Option<Tensor>,
 }
@@ -80,7 +92,7 @@ pub struct GraphStats {
 pub struct DecodeGraphs {
     buckets: Vec<usize>,
     inputs: HashMap<(usize, usize), Inputs>,
-    graphs: HashMap<(Vec<usize>, usize, usize), State>,
+    graphs: HashMap<GraphKey, State>,
     stats: GraphStats,
     /// Synchronized replay time since the last report (`PRUNESERVE_GRAPH_TIMES`).
     replay_time: std::time::Duration,
@@ -108,11 +120,12 @@ impl DecodeGraphs {
 
     /// The final-normed hidden rows `[chunks, hidden]` of a decode-only step run through the
     /// graph path, or `None` when the step is not one it takes (the caller runs it eagerly).
+    /// `adapters[i]` is the LoRA adapter of chunk `i`.
     pub fn decode(
         &mut self,
         model: &DecoderModel,
         plan: &LayerPlan,
-        tokens: &[u32],
+        (tokens, adapters): (&[u32], &[Option<Arc<LoraAdapter>>]),
         chunks: &[ChunkRef],
         cache: &mut dyn KvCache,
     ) -> candle_core::Result<Option<Tensor>> {
@@ -123,9 +136,12 @@ impl DecodeGraphs {
         let Some(&rows) = self.buckets.iter().find(|&&b| b >= n).filter(|_| eligible) else {
             return Ok(None);
         };
+        let Some(lora_shape) = StepLora::graph_shape(adapters) else {
+            return Ok(None);
+        };
         let longest = chunks.iter().map(|c| c.start + 1).max().unwrap_or(1);
         let context = context_bucket(longest);
-        let key = (plan.layers().to_vec(), rows, context);
+        let key = (plan.layers().to_vec(), rows, context, lora_shape);
         if !self.graphs.contains_key(&key) && self.graphs.len() >= MAX_GRAPHS {
             return Ok(None);
         }
@@ -137,6 +153,7 @@ impl DecodeGraphs {
                 ids: Tensor::zeros(rows, DType::U32, &device)?,
                 positions: Tensor::zeros(rows, DType::U32, &device)?,
                 kv: GraphKvInputs::new(&device, max_plan, rows, context / 16)?,
+                lora: HashMap::new(),
                 out: None,
             }),
         };
@@ -151,6 +168,21 @@ impl DecodeGraphs {
         }
         write_into(&inputs.ids, &ids)?;
         write_into(&inputs.positions, &positions)?;
+        let lora = match lora_shape {
+            (0, _) => StepLora::default(),
+            (capacity, _) => {
+                let words = table_len(rows, max_plan, capacity);
+                let buffer = match inputs.lora.entry(capacity) {
+                    std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                    std::collections::hash_map::Entry::Vacant(e) => {
+                        e.insert(Tensor::zeros(words, DType::I64, &device)?)
+                    }
+                };
+                let mut padded = adapters.to_vec();
+                padded.resize(rows, None);
+                StepLora::graphed(&padded, buffer, max_plan, lora_shape)?
+            }
+        };
         let padded: Vec<ChunkRef> = (0..rows)
             .map(|r| ChunkRef {
                 seq: chunks.get(r).map_or(u64::MAX, |c| c.seq),
@@ -161,7 +193,13 @@ impl DecodeGraphs {
             })
             .collect();
         let run = |inputs: &mut Inputs, cache: &mut dyn KvCache| -> candle_core::Result<()> {
-            let h = model.decode_hidden(plan, (&inputs.ids, &inputs.positions), &padded, cache)?;
+            let h = model.decode_hidden(
+                plan,
+                (&inputs.ids, &inputs.positions),
+                &padded,
+                cache,
+                lora.clone(),
+            )?;
             match &inputs.out {
                 Some(out) => out.slice_set(&h, 0, 0),
                 None => {

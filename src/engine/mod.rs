@@ -440,17 +440,17 @@ impl Engine {
     fn decode_graphed(
         &mut self,
         plan: &LayerPlan,
-        tokens: &[u32],
+        rows: (&[u32], &[Option<Arc<LoraAdapter>>]),
         chunks: &[ChunkRef],
     ) -> candle_core::Result<Option<Tensor>> {
         #[cfg(feature = "cuda")]
         {
             self.graphs
-                .decode(&self.model, plan, tokens, chunks, self.cache.as_mut())
+                .decode(&self.model, plan, rows, chunks, self.cache.as_mut())
         }
         #[cfg(not(feature = "cuda"))]
         {
-            let _ = (plan, tokens, chunks);
+            let _ = (plan, rows, chunks);
             Ok(None)
         }
     }
@@ -485,8 +485,8 @@ impl Engine {
             row_adapters.extend(std::iter::repeat_n(&seq.spec.lora, it.tokens.len()).cloned());
         }
         let plain = tap.is_none() && start.is_none() && spec.overlay.is_none();
-        let graphed = match plain && row_adapters.iter().all(Option::is_none) {
-            true => self.decode_graphed(&spec.plan, &tokens, &chunks)?,
+        let graphed = match plain {
+            true => self.decode_graphed(&spec.plan, (&tokens, &row_adapters), &chunks)?,
             false => None,
         };
         let hidden = match graphed {

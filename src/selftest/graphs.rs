@@ -6,18 +6,19 @@
 //!   bucket (256 tokens), so graphs of several buckets are captured and replayed, padded rows
 //!   included. On f32 both are held to 1e-4 with every token equal; on bf16 (the GEMMs see the
 //!   padded row count) the first 16 tokens must agree and the figures are reported. A run in
-//!   which no graph was replayed fails.
+//!   which no graph was replayed fails. The same holds with LoRA adapters on some requests (two
+//!   adapters of different ranks mixed with plain rows: the graphs' slot tables).
 
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 
-use super::{compare, run_with, CacheKind, Check, Picking, SelftestError, GREEDY};
+use super::{compare, run_with, AdapterOn, CacheKind, Check, Picking, SelftestError, GREEDY};
 use crate::engine::model::DecoderModel;
 use crate::engine::ops::gemm::{linear_f32_accumulate, linear_rows, ExactRows};
 
 /// [`super::prefill::values`] as a bf16 matrix on the CPU.
-fn values(shape: (usize, usize), seed: u64) -> candle_core::Result<Tensor> {
+pub(super) fn values(shape: (usize, usize), seed: u64) -> candle_core::Result<Tensor> {
     let v = super::prefill::values(shape.0 * shape.1, seed);
     Tensor::from_vec(v, shape, &Device::Cpu)?.to_dtype(DType::BF16)
 }
@@ -67,19 +68,21 @@ fn max_relative(a: &Tensor, b: &Tensor, scale: &Tensor) -> candle_core::Result<f
         .to_scalar::<f32>()
 }
 
-/// Graphs vs eager on `model` over `prompts`, `steps` greedy tokens each.
+/// Graphs vs eager on `model` over `prompts`, `steps` greedy tokens each, with `lora`'s adapters
+/// on the requests it picks.
 pub(super) fn graph_check(
     model: &Arc<DecoderModel>,
     prompts: &[Vec<u32>],
     steps: usize,
+    lora: Option<AdapterOn<'_>>,
     name: &str,
 ) -> Result<Check, SelftestError> {
     let eager = Picking {
         eager: true,
         ..GREEDY
     };
-    let want = run_with(model, CacheKind::Paged, prompts, steps, 4096, None, eager)?;
-    let got = run_with(model, CacheKind::Paged, prompts, steps, 4096, None, GREEDY)?;
+    let want = run_with(model, CacheKind::Paged, prompts, steps, 4096, lora, eager)?;
+    let got = run_with(model, CacheKind::Paged, prompts, steps, 4096, lora, GREEDY)?;
     let d = compare(&got, &want);
     let strict = model.dtype() == candle_core::DType::F32;
     let agree = match strict {

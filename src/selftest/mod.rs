@@ -8,6 +8,7 @@ mod decode;
 mod draw;
 #[cfg(feature = "cuda")]
 mod graphs;
+mod lora;
 #[cfg(feature = "cuda")]
 mod prefill;
 mod prefix;
@@ -17,9 +18,8 @@ use std::sync::Arc;
 use candle_core::{DType, Device};
 use serde_json::json;
 
-use crate::checkpoint::random_init::{init_random, init_random_adapter, AdapterInit};
+use crate::checkpoint::random_init::init_random;
 use crate::checkpoint::{CheckpointError, ModelDir};
-use crate::engine::adapters::peft::PROJECTION_NAMES;
 use crate::engine::adapters::LoraAdapter;
 use crate::engine::batch::{Batcher, GenOutput, GenRequest};
 use crate::engine::kv::ContiguousKvCache;
@@ -164,8 +164,8 @@ fn draw_check(
     })
 }
 
-/// An adapter and which requests (by index) run it.
-type AdapterOn<'a> = (&'a Arc<LoraAdapter>, fn(usize) -> bool);
+/// Adapters, and which of them each request (by index) runs.
+type AdapterOn<'a> = (&'a [Arc<LoraAdapter>], fn(usize) -> Option<usize>);
 
 /// [`run`], with `lora` on the requests `on` picks.
 fn run_with(
@@ -205,7 +205,7 @@ fn run_with(
         .map(|(i, p)| GenRequest {
             plan: plan.clone(),
             overlay: None,
-            lora: lora.filter(|(_, on)| on(i)).map(|(l, _)| l.clone()),
+            lora: lora.and_then(|(l, on)| on(i).and_then(|k| l.get(k)).cloned()),
             prompt: p.clone(),
             max_tokens,
             sampling: (picking.params)(i),
@@ -315,90 +315,6 @@ fn tiny(root: &std::path::Path, arch: &str) -> Result<ModelDir, SelftestError> {
     // bf16 weights, so the CPU f32 run holds exactly the same model (an exact upcast).
     init_random(cfg, None, DType::BF16, 7, &dir)?;
     Ok(ModelDir::open(&dir)?)
-}
-
-fn adapter_checks(
-    root: &std::path::Path,
-    cuda: &Device,
-    checks: &mut Vec<Check>,
-    report: &mut impl FnMut(&Check),
-) -> Result<(), SelftestError> {
-    let arch = "LlamaForCausalLM";
-    let dir = ModelDir::open(&root.join(arch))?;
-    let adapter_dir = root.join("lora-r16");
-    if !adapter_dir.exists() {
-        let init = AdapterInit {
-            rank: 16,
-            // alpha = r: scale 1, so the bf16 B the device holds is the file's exactly.
-            alpha: 16.0,
-            targets: &PROJECTION_NAMES,
-            std: 0.05,
-            dtype: DType::BF16,
-            seed: 16,
-        };
-        init_random_adapter(&dir.config, &init, &adapter_dir)?;
-    }
-    let load = |device: &Device, dtype: DType| -> Result<_, SelftestError> {
-        let model = Arc::new(DecoderModel::load(&dir, device, dtype)?);
-        let lora = LoraAdapter::load(&adapter_dir, &dir.config, device, dtype, 64)
-            .map_err(|e| SelftestError::Usage(format!("adapter: {e}")))?;
-        Ok((model, Arc::new(lora)))
-    };
-    let (cpu_model, cpu_lora) = load(&Device::Cpu, DType::F32)?;
-    // Every other request of a short batch: the device's slot-table kernels on mixed rows.
-    // Every request, with an 1100-token prompt: its prefill step runs the adapter as GEMMs.
-    // Every request of 20: decode steps of 20 rows run it as GEMMs on bf16 activations.
-    let every_other: fn(usize) -> bool = |i| i % 2 == 0;
-    let every: fn(usize) -> bool = |_| true;
-    let cases = [
-        (
-            "every other request",
-            pseudo_prompts(512, &[7, 40, 90, 300]),
-            every_other,
-        ),
-        (
-            "every request, 1100-token prompt",
-            pseudo_prompts(512, &[1100, 30]),
-            every,
-        ),
-        ("every request of 20", pseudo_prompts(512, &[9; 20]), every),
-    ];
-    for (what, prompts, on) in cases {
-        let want = run_with(
-            &cpu_model,
-            CacheKind::Contiguous,
-            &prompts,
-            24,
-            4096,
-            Some((&cpu_lora, on)),
-            GREEDY,
-        )?;
-        let plain = run(&cpu_model, CacheKind::Contiguous, &prompts, 24, 4096)?;
-        let moved = compare(&want, &plain).prompt;
-        for (dtype, limit) in [(DType::BF16, 2e-2f32), (DType::F32, 1e-3)] {
-            let (m, lora) = load(cuda, dtype)?;
-            let lora = Some((&lora, on));
-            let got = run_with(&m, CacheKind::Paged, &prompts, 24, 4096, lora, GREEDY)?;
-            let d = compare(&got, &want);
-            let (held, tokens_ok) = match dtype {
-                DType::BF16 => (d.prompt, true),
-                _ => (d.max(), d.diverge.iter().all(Option::is_none)),
-            };
-            push(
-                checks,
-                report,
-                Check {
-                    name: format!(
-                        "tiny {arch} + LoRA r16 on {what}: CUDA {dtype:?} vs CPU f32 (within {limit:.0e}; the adapter moves prompt logprobs by {moved:.2e})"
-                    ),
-                    passed: held <= limit && tokens_ok && moved > 10.0 * limit,
-                    informational: false,
-                    detail: d.describe(24),
-                },
-            );
-        }
-    }
-    Ok(())
 }
 
 fn push(checks: &mut Vec<Check>, report: &mut impl FnMut(&Check), c: Check) {
@@ -519,14 +435,14 @@ pub fn run_all(
             push(
                 &mut checks,
                 &mut report,
-                graphs::graph_check(&m, &prompts, 40, &name)?,
+                graphs::graph_check(&m, &prompts, 40, None, &name)?,
             );
         }
     }
 
     // 4. A LoRA adapter (rank 16, all seven projections) on every other request of a batch:
     //    the grouped shrink/expand on the device against the CPU engine.
-    adapter_checks(root, &cuda, &mut checks, &mut report)?;
+    lora::adapter_checks(root, &cuda, &mut checks, &mut report)?;
 
     // 5. SmolLM2: greedy CPU f32 vs CUDA bf16; the first 16 steps must agree.
     let Some(smollm2) = smollm2 else {
@@ -573,7 +489,7 @@ pub fn run_all(
     push(
         &mut checks,
         &mut report,
-        graphs::graph_check(&bf16, &prompts, steps, "SmolLM2 CUDA bf16")?,
+        graphs::graph_check(&bf16, &prompts, steps, None, "SmolLM2 CUDA bf16")?,
     );
 
     // 7. Paged vs contiguous on the device, with chunked prefill mixed into decode steps

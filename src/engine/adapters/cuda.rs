@@ -1,7 +1,8 @@
-//! The CUDA path of [`super::StepLora`]: `lora.cu`'s shrink and expand kernels serve every row of
-//! a step with its own adapter in two launches per packed projection group (Punica's BGMV), from
-//! one table uploaded per step. The candle path in `mod.rs` defines what they compute; `selftest`
-//! compares the two.
+//! The CUDA path of [`super::StepLora`]: one slot table per step (uploaded, or written into a
+//! decode graph's fixed buffer) serves every row with its own adapter in two launches per packed
+//! projection group: bf16 rows of longer steps on tensor cores (`mma.rs`, over the table's tiles
+//! of rows sorted by adapter), the rest through `lora.cu`'s BGMV kernels (Punica's split). The
+//! candle path in `mod.rs` defines what they compute; `selftest` checks both against it.
 
 use std::sync::Arc;
 
@@ -12,7 +13,7 @@ use candle_core::{
     CpuStorage, CustomOp2, DType, Device, InplaceOp3, Layout, Result, Shape, Storage, Tensor,
 };
 
-use super::{Delta, Group, LoraAdapter, GROUPS};
+use super::{mma, Delta, Group, LoraAdapter, GROUPS};
 use crate::engine::attention::cuda::storage_view;
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/lora.ptx"));
@@ -24,7 +25,8 @@ const EXPAND_THREADS: usize = 256;
 /// A slot-table entry: A pointer, B pointer, R.
 pub type Entry = [u64; 3];
 
-/// The device address of a contiguous bf16 tensor's first element.
+/// The device address of a contiguous bf16 tensor's first element, which the tensor-core loads
+/// need 32-byte aligned (device allocations are).
 fn device_ptr(t: &Tensor) -> Result<u64> {
     let (storage, layout) = t.storage_and_layout();
     let Storage::Cuda(s) = &*storage else {
@@ -33,7 +35,11 @@ fn device_ptr(t: &Tensor) -> Result<u64> {
     let slice = s.as_cuda_slice::<half::bf16>()?;
     let stream = s.device().cuda_stream();
     let (ptr, _sync) = slice.device_ptr(&stream);
-    Ok(ptr + (layout.start_offset() * 2) as u64)
+    let ptr = ptr + (layout.start_offset() * 2) as u64;
+    if !ptr.is_multiple_of(32) {
+        candle_core::bail!("a LoRA tensor at {ptr:#x} is not 32-byte aligned");
+    }
+    Ok(ptr)
 }
 
 /// Each layer's entries per group (zeros where the adapter leaves the group alone), computed once
@@ -59,6 +65,60 @@ pub fn entries(layers: &[Option<super::LayerLora>]) -> Result<Vec<[Entry; GROUPS
         .collect()
 }
 
+/// Tiles of the tensor-core path (`lora.cu`): rows of one slot, at most [`mma::TILE`] each.
+fn max_tiles(rows: usize, capacity: usize) -> usize {
+    rows.div_ceil(mma::TILE) + capacity
+}
+
+/// The i64 words of a table of `rows` rows and `capacity` slots over `layers` base layers.
+pub fn table_len(rows: usize, layers: usize, capacity: usize) -> usize {
+    rows + layers * GROUPS * capacity * 3 + 2 + 3 * max_tiles(rows, capacity) + rows
+}
+
+/// A table's words and the widest R per layer and group: the row slots (`-1`: none), the
+/// `[layer][group][slot]` entries (zeros past the adapters), then the tiles of the tensor-core
+/// path: their count, the adapted rows' count, `{slot, start, rows}` per tile (zeros past them)
+/// and the rows sorted by slot.
+fn table_words(
+    slots: &[Arc<LoraAdapter>],
+    row_slots: &[Option<usize>],
+    layers: usize,
+    capacity: usize,
+) -> (Vec<i64>, Vec<[usize; GROUPS]>) {
+    let rows = row_slots.len();
+    let mut meta = Vec::with_capacity(table_len(rows, layers, capacity));
+    meta.extend(row_slots.iter().map(|s| s.map_or(-1, |s| s as i64)));
+    let mut rmax = vec![[0usize; GROUPS]; layers];
+    for (layer, widest) in rmax.iter_mut().enumerate() {
+        for (g, w) in widest.iter_mut().enumerate() {
+            for k in 0..capacity {
+                let e = slots
+                    .get(k)
+                    .and_then(|a| a.cuda_entries.get(layer))
+                    .map_or([0; 3], |l| l[g]);
+                *w = (*w).max(e[2] as usize);
+                meta.extend(e.map(|w| w as i64));
+            }
+        }
+    }
+    let mut order = Vec::with_capacity(rows);
+    let mut tiles = Vec::new();
+    for k in 0..slots.len() {
+        let first = order.len();
+        order.extend((0..rows as i64).filter(|&t| row_slots[t as usize] == Some(k)));
+        for start in (first..order.len()).step_by(mma::TILE) {
+            let n = (order.len() - start).min(mma::TILE);
+            tiles.extend([k as i64, start as i64, n as i64]);
+        }
+    }
+    meta.extend([(tiles.len() / 3) as i64, order.len() as i64]);
+    meta.extend(&tiles);
+    meta.resize(meta.len() + 3 * max_tiles(rows, capacity) - tiles.len(), 0);
+    meta.extend(&order);
+    meta.resize(table_len(rows, layers, capacity), 0);
+    (meta, rmax)
+}
+
 /// One step's rows and slots on the device.
 #[derive(Debug, Clone)]
 pub struct LoraTable {
@@ -66,6 +126,8 @@ pub struct LoraTable {
     meta: Tensor,
     rows: usize,
     slots: usize,
+    /// Tile slots of the tensor-core path.
+    max_tiles: usize,
     /// Widest R per layer and group among the slots (0: no slot adapts it).
     rmax: Vec<[usize; GROUPS]>,
     /// Keeps the tensors the table points into alive.
@@ -80,26 +142,44 @@ impl LoraTable {
         layers: usize,
         device: &Device,
     ) -> Result<Self> {
-        let mut meta: Vec<i64> = row_slots
-            .iter()
-            .map(|s| s.map_or(-1, |s| s as i64))
-            .collect();
-        let mut rmax = vec![[0usize; GROUPS]; layers];
-        for (layer, widest) in rmax.iter_mut().enumerate() {
-            for g in 0..GROUPS {
-                for a in &slots {
-                    let e = a.cuda_entries.get(layer).map_or([0; 3], |l| l[g]);
-                    widest[g] = widest[g].max(e[2] as usize);
-                    meta.extend(e.map(|w| w as i64));
-                }
-            }
-        }
+        let (meta, rmax) = table_words(&slots, row_slots, layers, slots.len());
         let len = meta.len();
         Ok(Self {
             meta: Tensor::from_vec(meta, len, device)?,
             rows: row_slots.len(),
             slots: slots.len(),
+            max_tiles: max_tiles(row_slots.len(), slots.len()),
             rmax,
+            _adapters: slots,
+        })
+    }
+
+    /// The table of a decode graph: written into `buffer` (a fixed input of
+    /// [`table_len`]`(rows, layers, capacity)` i64 words) with room for `capacity` slots, and
+    /// launching every layer and group at rank `rank`, so that its launches depend only on
+    /// (rows, capacity, rank) and a captured graph replays them for any adapters that fit.
+    pub fn in_buffer(
+        buffer: &Tensor,
+        slots: Vec<Arc<LoraAdapter>>,
+        row_slots: &[Option<usize>],
+        layers: usize,
+        (capacity, rank): (usize, usize),
+    ) -> Result<Self> {
+        let (meta, widest) = table_words(&slots, row_slots, layers, capacity);
+        let wider = widest.iter().flatten().any(|&r| r > rank);
+        if slots.len() > capacity || wider || meta.len() != buffer.elem_count() {
+            candle_core::bail!(
+                "a LoRA table of {} slots does not fit a graph's table of {capacity} slots, rank {rank}",
+                slots.len()
+            );
+        }
+        crate::engine::kv::buffers::write_into(buffer, &meta)?;
+        Ok(Self {
+            meta: buffer.clone(),
+            rows: row_slots.len(),
+            slots: capacity,
+            max_tiles: max_tiles(row_slots.len(), capacity),
+            rmax: vec![[rank; GROUPS]; layers],
             _adapters: slots,
         })
     }
@@ -113,6 +193,19 @@ impl LoraTable {
         }
         let entries = self.rows + (layer * GROUPS + g) * self.slots * 3;
         let x = fresh(x)?;
+        let out = y.dim(1)?;
+        if mma::takes(&x, out)? {
+            let y = fresh(&y)?;
+            let tiles_at = self.rows + self.rmax.len() * GROUPS * self.slots * 3;
+            let op = mma::Mma {
+                rows: self.rows,
+                entries,
+                tiles: (tiles_at, self.max_tiles),
+                rmax,
+            };
+            y.inplace_op3(&x, &self.meta, &op)?;
+            return Ok(y);
+        }
         let h = x.apply_op2_no_bwd(
             &self.meta,
             &Shrink {

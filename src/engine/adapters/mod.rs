@@ -13,6 +13,8 @@
 
 #[cfg(feature = "cuda")]
 pub mod cuda;
+#[cfg(feature = "cuda")]
+mod mma;
 pub mod peft;
 
 use std::collections::BTreeSet;
@@ -109,6 +111,11 @@ impl Delta {
     /// The f32 delta `[T, out]` of rows `x` `[T, in]` (in the step's activation dtype).
     pub fn apply(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         linear_f32(&self.shrink(x)?, &self.b, None)
+    }
+
+    /// (in, out) of the projection group.
+    pub fn dims(&self) -> candle_core::Result<(usize, usize)> {
+        Ok((self.a.dim(1)?, self.b.dim(0)?))
     }
 
     /// `y` plus the delta of `x`, accumulated in place where the device allows it.
@@ -285,13 +292,15 @@ fn pack(
         .iter()
         .map(|(_, _, w)| w.map_or(0, |w| w.a.dim(0).unwrap_or(0)))
         .collect();
-    // The total is padded with zero rows/columns to a multiple of 8 (the CUDA kernels load 8
-    // values at a time); zeros add nothing.
+    // The total is padded with zero rows/columns to a multiple of 8 (the CUDA BGMV kernels load
+    // 8 values at a time), on CUDA of 16 (the tensor-core path takes 16-rank fragments); zeros
+    // add nothing. (The CPU keeps 8: at 16, tests/lora.rs saw a batched request's logprobs move
+    // by more than 1e-5 from the same request alone.)
     let used: usize = ranks.iter().sum();
     if used == 0 {
         return Ok(None);
     }
-    let total = used.next_multiple_of(8);
+    let total = used.next_multiple_of(if device.is_cuda() { 16 } else { 8 });
     let mut a_parts = Vec::new();
     let mut b_rows = Vec::new();
     let mut before = 0;
@@ -548,28 +557,37 @@ pub struct StepLora {
     table: Option<cuda::LoraTable>,
 }
 
+/// The distinct adapters of a step's rows in order of first use, each row's slot among them, and
+/// each slot's rows.
+type Slots = (Vec<Arc<LoraAdapter>>, Vec<Option<usize>>, Vec<Vec<u32>>);
+
+fn slots_of(rows: &[Option<Arc<LoraAdapter>>]) -> Slots {
+    let mut slots: Vec<Arc<LoraAdapter>> = Vec::new();
+    let mut row_slots = Vec::with_capacity(rows.len());
+    let mut members: Vec<Vec<u32>> = Vec::new();
+    for (i, a) in rows.iter().enumerate() {
+        let slot = a
+            .as_ref()
+            .map(|a| match slots.iter().position(|s| Arc::ptr_eq(s, a)) {
+                Some(k) => k,
+                None => {
+                    slots.push(a.clone());
+                    members.push(Vec::new());
+                    slots.len() - 1
+                }
+            });
+        if let Some(k) = slot {
+            members[k].push(i as u32);
+        }
+        row_slots.push(slot);
+    }
+    (slots, row_slots, members)
+}
+
 impl StepLora {
     /// Groups packed rows by adapter: `rows[i]` is the adapter of packed row `i`.
     pub fn new(rows: &[Option<Arc<LoraAdapter>>], device: &Device) -> candle_core::Result<Self> {
-        let mut slots: Vec<Arc<LoraAdapter>> = Vec::new();
-        let mut row_slots = Vec::with_capacity(rows.len());
-        let mut members: Vec<Vec<u32>> = Vec::new();
-        for (i, a) in rows.iter().enumerate() {
-            let slot = a
-                .as_ref()
-                .map(|a| match slots.iter().position(|s| Arc::ptr_eq(s, a)) {
-                    Some(k) => k,
-                    None => {
-                        slots.push(a.clone());
-                        members.push(Vec::new());
-                        slots.len() - 1
-                    }
-                });
-            if let Some(k) = slot {
-                members[k].push(i as u32);
-            }
-            row_slots.push(slot);
-        }
+        let (slots, row_slots, members) = slots_of(rows);
         #[cfg(feature = "cuda")]
         if device.is_cuda()
             && !slots.is_empty()
@@ -582,6 +600,8 @@ impl StepLora {
                 table: Some(cuda::LoraTable::new(slots, &row_slots, layers, device)?),
             });
         }
+        #[cfg(not(feature = "cuda"))]
+        let _ = row_slots;
         let groups = slots
             .into_iter()
             .zip(members)
@@ -598,6 +618,50 @@ impl StepLora {
             #[cfg(feature = "cuda")]
             table: None,
         })
+    }
+
+    /// The slot table of a decode graph's step ([`cuda::LoraTable::in_buffer`]): `rows[i]` is
+    /// the adapter of padded row `i`; `shape` is the graph's (slot capacity, rank).
+    #[cfg(feature = "cuda")]
+    pub fn graphed(
+        rows: &[Option<Arc<LoraAdapter>>],
+        buffer: &Tensor,
+        layers: usize,
+        shape: (usize, usize),
+    ) -> candle_core::Result<Self> {
+        let (slots, row_slots, _) = slots_of(rows);
+        Ok(Self {
+            groups: Vec::new(),
+            table: Some(cuda::LoraTable::in_buffer(
+                buffer, slots, &row_slots, layers, shape,
+            )?),
+        })
+    }
+
+    /// The (slot capacity, rank) of a decode graph serving these rows' adapters: the number of
+    /// distinct adapters and their widest rank, each rounded up to a power of two (rank from 16),
+    /// so that steps over similar adapters share graphs. `None` when an adapter cannot run from
+    /// the slot table (not bf16 on CUDA); `Some((0, 0))` when no row has one.
+    #[cfg(feature = "cuda")]
+    pub fn graph_shape(rows: &[Option<Arc<LoraAdapter>>]) -> Option<(usize, usize)> {
+        let (slots, _, _) = slots_of(rows);
+        if slots.is_empty() {
+            return Some((0, 0));
+        }
+        let mut rank = 0;
+        for a in &slots {
+            let widest = a
+                .cuda_entries
+                .iter()
+                .flatten()
+                .map(|e| e[2] as usize)
+                .max()?;
+            rank = rank.max(widest);
+        }
+        Some((
+            slots.len().next_power_of_two(),
+            rank.max(16).next_power_of_two(),
+        ))
     }
 
     /// `y` plus every adapter's delta of `x` on its rows, for `group` of base layer `layer`.

@@ -485,10 +485,15 @@ impl DecoderModel {
         (ids, positions): (&Tensor, &Tensor),
         chunks: &[ChunkRef],
         cache: &mut dyn KvCache,
+        lora: StepLora,
     ) -> candle_core::Result<Tensor> {
         let rope = self.rope.gather(positions)?;
         let x = Residual::embedded(self.embed_rows(ids, None)?);
-        self.run_layers(plan, x, &rope, chunks, cache, &Extras::default(), None)
+        let extras = Extras {
+            overlay: None,
+            lora,
+        };
+        self.run_layers(plan, x, &rope, chunks, cache, &extras, None)
     }
 
     /// Runs the plan's layers from the residual's position on and returns the final-normed
