@@ -116,8 +116,10 @@ enum Command {
         /// LoRA adapters loaded at once per base (a batch may mix all of them).
         #[arg(long, default_value_t = 16)]
         max_loras: usize,
-        /// Highest LoRA rank accepted.
-        #[arg(long, default_value_t = 64)]
+        /// Highest LoRA rank accepted (1 to 512, as vLLM's choices: the CUDA kernels hold a
+        /// packed q|k|v rank of up to 1,536 in shared memory).
+        #[arg(long, default_value_t = 64,
+              value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=512))]
         max_lora_rank: usize,
         /// Compute shared work once (CPU engine): keep finished sequences' KV and prompt logprobs
         /// and reuse them for prompts that start the same way (KV on any plan that runs the same

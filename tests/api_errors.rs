@@ -249,6 +249,18 @@ fn bad_serve_arguments_fail_in_one_line() {
         assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: {err}");
         assert!(err.contains(needle), "{args:?}: {err}");
     }
+    // A LoRA rank the CUDA kernels could not hold is refused before anything loads.
+    let out = Command::new(env!("CARGO_BIN_EXE_pruneserve"))
+        .args(["serve", "--max-lora-rank", "1024"])
+        .env("RUST_LOG", "off")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.lines().next().unwrap_or("").contains("1..=512"),
+        "{err}"
+    );
     // The cause is said once, not repeated by the error chain.
     let out = Command::new(env!("CARGO_BIN_EXE_pruneserve"))
         .args(["serve", "--manifest", adapter.to_str().unwrap()])

@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaStorage, WrapErr};
 use candle_core::{
     CpuStorage, CustomOp2, DType, Device, InplaceOp3, Layout, Result, Shape, Storage, Tensor,
@@ -25,19 +25,17 @@ const EXPAND_THREADS: usize = 256;
 /// A slot-table entry: A pointer, B pointer, R.
 pub type Entry = [u64; 3];
 
-/// The device address of a contiguous bf16 tensor's first element, which the tensor-core loads
-/// need 32-byte aligned (device allocations are).
+/// The device address of a contiguous bf16 tensor's first element, which the BGMV kernels' 16-byte
+/// loads need 16-byte aligned (device allocations are).
 fn device_ptr(t: &Tensor) -> Result<u64> {
     let (storage, layout) = t.storage_and_layout();
     let Storage::Cuda(s) = &*storage else {
         candle_core::bail!("LoRA tables hold CUDA tensors only");
     };
-    let slice = s.as_cuda_slice::<half::bf16>()?;
     let stream = s.device().cuda_stream();
-    let (ptr, _sync) = slice.device_ptr(&stream);
-    let ptr = ptr + (layout.start_offset() * 2) as u64;
-    if !ptr.is_multiple_of(32) {
-        candle_core::bail!("a LoRA tensor at {ptr:#x} is not 32-byte aligned");
+    let ptr = crate::engine::kv::buffers::base_ptr::<half::bf16>(s, layout, &stream)?;
+    if !ptr.is_multiple_of(16) {
+        candle_core::bail!("a LoRA tensor at {ptr:#x} is not 16-byte aligned");
     }
     Ok(ptr)
 }

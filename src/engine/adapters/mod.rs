@@ -639,7 +639,8 @@ impl StepLora {
     }
 
     /// The (slot capacity, rank) of a decode graph serving these rows' adapters: the number of
-    /// distinct adapters and their widest rank, each rounded up to a power of two (rank from 16),
+    /// distinct adapters and their widest rank, each rounded up to a power of two (rank from 16,
+    /// at most 1,536),
     /// so that steps over similar adapters share graphs. `None` when an adapter cannot run from
     /// the slot table (not bf16 on CUDA); `Some((0, 0))` when no row has one.
     #[cfg(feature = "cuda")]
@@ -658,10 +659,10 @@ impl StepLora {
                 .max()?;
             rank = rank.max(widest);
         }
-        Some((
-            slots.len().next_power_of_two(),
-            rank.max(16).next_power_of_two(),
-        ))
+        // Packed ranks are at most 1,536 (--max-lora-rank 512 on q|k|v), which the BGMV expand
+        // holds in shared memory for 8 rows; the next power of two would not fit.
+        let rank = rank.max(16).next_power_of_two().min(1536);
+        Some((slots.len().next_power_of_two(), rank))
     }
 
     /// `y` plus every adapter's delta of `x` on its rows, for `group` of base layer `layer`.
