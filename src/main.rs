@@ -1,6 +1,8 @@
 //! `pruneserve` command line: serve, import-gguf, prune, merge, init-random, init-lora, selftest,
 //! influence, bench.
 
+mod cli_args;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -333,7 +335,7 @@ fn main() {
         )
         .with_writer(std::io::stderr)
         .init();
-    if let Err(e) = run(Cli::parse()) {
+    if let Err(e) = run(cli_args::parse_or_exit::<Cli>()) {
         eprintln!("error: {}", format!("{e:#}").replace('\n', " "));
         std::process::exit(1);
     }

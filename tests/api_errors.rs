@@ -257,10 +257,8 @@ fn bad_serve_arguments_fail_in_one_line() {
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(
-        err.lines().next().unwrap_or("").contains("1..=512"),
-        "{err}"
-    );
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(err.contains("1..=512"), "{err}");
     // The cause is said once, not repeated by the error chain.
     let out = Command::new(env!("CARGO_BIN_EXE_pruneserve"))
         .args(["serve", "--manifest", adapter.to_str().unwrap()])

@@ -233,6 +233,10 @@ fn bad_input_gives_one_line_and_no_result() {
         .arg("--cache-dir")
         .arg(tmp.path().join("cache"));
     one_line_error(&mut unreachable, "cannot reach");
+    // Errors clap finds in the command line are one line too.
+    let mut unknown = Command::new(pruneval_bin());
+    unknown.args(["bench", "--no-such-flag"]);
+    one_line_error(&mut unknown, "unexpected argument '--no-such-flag'");
     assert!(
         !tmp.path().join("results").exists(),
         "no result file was written"

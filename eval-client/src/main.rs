@@ -2,6 +2,9 @@
 //! `bench` load-tests, `sgr` generates training data, `ablate` searches plans, `finetune` drives
 //! fine-tuning jobs and `recover` runs the whole recovery loop.
 
+#[path = "../../src/cli_args.rs"]
+mod cli_args;
+
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
@@ -76,7 +79,7 @@ enum Command {
 }
 
 fn main() {
-    if let Err(e) = run(Cli::parse()) {
+    if let Err(e) = run(cli_args::parse_or_exit::<Cli>()) {
         eprintln!("error: {}", format!("{e:#}").replace('\n', " "));
         std::process::exit(1);
     }
