@@ -82,6 +82,48 @@ struct Inputs {
     out: Option<Tensor>,
 }
 
+impl Inputs {
+    fn new(
+        device: &Device,
+        max_plan: usize,
+        rows: usize,
+        context: usize,
+    ) -> candle_core::Result<Self> {
+        Ok(Self {
+            ids: Tensor::zeros(rows, DType::U32, device)?,
+            positions: Tensor::zeros(rows, DType::U32, device)?,
+            kv: GraphKvInputs::new(device, max_plan, rows, context / 16)?,
+            lora: HashMap::new(),
+            out: None,
+        })
+    }
+
+    /// The step's adapters (`adapters[i]` of chunk `i`) in this bucket's slot table of the key's
+    /// (capacity, rank); no adapters when the capacity is 0.
+    fn lora_table(
+        &mut self,
+        adapters: &[Option<Arc<LoraAdapter>>],
+        max_plan: usize,
+        shape: (usize, usize),
+    ) -> candle_core::Result<StepLora> {
+        let (capacity, _) = shape;
+        if capacity == 0 {
+            return Ok(StepLora::default());
+        }
+        let rows = self.ids.elem_count();
+        let buffer = match self.lora.entry(capacity) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                let words = table_len(rows, max_plan, capacity);
+                e.insert(Tensor::zeros(words, DType::I64, self.ids.device())?)
+            }
+        };
+        let mut padded = adapters.to_vec();
+        padded.resize(rows, None);
+        StepLora::graphed(&padded, buffer, max_plan, shape)
+    }
+}
+
 /// Decode steps replayed from graphs, and graphs captured (read by `selftest`).
 #[derive(Debug, Default, Clone, Copy)]
 pub struct GraphStats {
@@ -149,13 +191,9 @@ impl DecodeGraphs {
         let max_plan = model.config().num_hidden_layers;
         let inputs = match self.inputs.entry((rows, context)) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-            std::collections::hash_map::Entry::Vacant(e) => e.insert(Inputs {
-                ids: Tensor::zeros(rows, DType::U32, &device)?,
-                positions: Tensor::zeros(rows, DType::U32, &device)?,
-                kv: GraphKvInputs::new(&device, max_plan, rows, context / 16)?,
-                lora: HashMap::new(),
-                out: None,
-            }),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(Inputs::new(&device, max_plan, rows, context)?)
+            }
         };
         let mut ids = vec![0u32; rows];
         ids[..n].copy_from_slice(tokens);
@@ -168,21 +206,7 @@ impl DecodeGraphs {
         }
         write_into(&inputs.ids, &ids)?;
         write_into(&inputs.positions, &positions)?;
-        let lora = match lora_shape {
-            (0, _) => StepLora::default(),
-            (capacity, _) => {
-                let words = table_len(rows, max_plan, capacity);
-                let buffer = match inputs.lora.entry(capacity) {
-                    std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-                    std::collections::hash_map::Entry::Vacant(e) => {
-                        e.insert(Tensor::zeros(words, DType::I64, &device)?)
-                    }
-                };
-                let mut padded = adapters.to_vec();
-                padded.resize(rows, None);
-                StepLora::graphed(&padded, buffer, max_plan, lora_shape)?
-            }
-        };
+        let lora = inputs.lora_table(adapters, max_plan, lora_shape)?;
         let padded: Vec<ChunkRef> = (0..rows)
             .map(|r| ChunkRef {
                 seq: chunks.get(r).map_or(u64::MAX, |c| c.seq),
@@ -209,37 +233,13 @@ impl DecodeGraphs {
             }
         };
         let state = self.graphs.remove(&key);
-        let next = match state {
-            None | Some(State::Eager) => {
-                run(inputs, cache)?;
-                match state {
-                    None => State::Warm,
-                    _ => State::Eager,
-                }
-            }
-            Some(State::Warm) => match capture(&device, || run(inputs, cache)) {
-                Ok(graph) => {
-                    graph.launch().map_err(candle_core::Error::wrap)?;
-                    self.stats.captures += 1;
-                    tracing::debug!(
-                        rows,
-                        context,
-                        plan_len = key.0.len(),
-                        "decode graph captured"
-                    );
-                    State::Captured(Graph(graph))
-                }
-                Err(e) => {
-                    tracing::warn!("decode graph capture failed, rows {rows}, context {context}: {e}; running eagerly");
-                    run(inputs, cache)?;
-                    State::Eager
-                }
-            },
-            Some(State::Captured(graph)) => {
-                replay(&device, &graph, &mut self.stats, &mut self.replay_time)?;
-                State::Captured(graph)
-            }
-        };
+        let next = advance(
+            state,
+            &device,
+            (&mut self.stats, &mut self.replay_time),
+            &key,
+            || run(&mut *inputs, &mut *cache),
+        )?;
         self.graphs.insert(key, next);
         let out = inputs
             .out
@@ -247,6 +247,50 @@ impl DecodeGraphs {
             .ok_or_else(|| candle_core::Error::Msg("decode graph: no output buffer".into()))?;
         Ok(Some(out.narrow(0, 0, n)?))
     }
+}
+
+/// Runs a key's step by its state and returns the next state: eagerly the first time (`run`),
+/// captured the second, replayed after; a capture that fails runs eagerly and stays eager.
+fn advance(
+    state: Option<State>,
+    device: &Device,
+    (stats, replay_time): (&mut GraphStats, &mut std::time::Duration),
+    key: &GraphKey,
+    mut run: impl FnMut() -> candle_core::Result<()>,
+) -> candle_core::Result<State> {
+    let (rows, context) = (key.1, key.2);
+    Ok(match state {
+        None => {
+            run()?;
+            State::Warm
+        }
+        Some(State::Eager) => {
+            run()?;
+            State::Eager
+        }
+        Some(State::Warm) => match capture(device, &mut run) {
+            Ok(graph) => {
+                graph.launch().map_err(candle_core::Error::wrap)?;
+                stats.captures += 1;
+                tracing::debug!(
+                    rows,
+                    context,
+                    plan_len = key.0.len(),
+                    "decode graph captured"
+                );
+                State::Captured(Graph(graph))
+            }
+            Err(e) => {
+                tracing::warn!("decode graph capture failed, rows {rows}, context {context}: {e}; running eagerly");
+                run()?;
+                State::Eager
+            }
+        },
+        Some(State::Captured(graph)) => {
+            replay(device, &graph, stats, replay_time)?;
+            State::Captured(graph)
+        }
+    })
 }
 
 /// Launches a captured graph. With `PRUNESERVE_GRAPH_TIMES=1` the device is synchronized
