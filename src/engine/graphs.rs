@@ -23,13 +23,12 @@
 use std::collections::HashMap;
 use std::time::Instant;
 
-use candle_core::cuda_backend::cudarc::driver::{sys, CudaGraph};
 use std::sync::Arc;
 
+use candle_core::cuda_backend::cudarc::driver::{sys, CudaGraph};
 use candle_core::{DType, Device, Tensor};
 
-use crate::engine::adapters::{cuda::table_len, LoraAdapter, StepLora};
-
+use crate::engine::adapters::{cuda::table_len, LoraAdapter, StepLora, StepSlots};
 use crate::engine::kv::buffers::{write_into, GraphKvInputs};
 use crate::engine::kv::{ChunkRef, KvCache};
 use crate::engine::model::DecoderModel;
@@ -98,11 +97,11 @@ impl Inputs {
         })
     }
 
-    /// The step's adapters (`adapters[i]` of chunk `i`) in this bucket's slot table of the key's
-    /// (capacity, rank); no adapters when the capacity is 0.
+    /// The step's adapters in this bucket's slot table of the key's (capacity, rank); no
+    /// adapters when the capacity is 0.
     fn lora_table(
         &mut self,
-        adapters: &[Option<Arc<LoraAdapter>>],
+        mut slots: StepSlots,
         max_plan: usize,
         shape: (usize, usize),
     ) -> candle_core::Result<StepLora> {
@@ -118,9 +117,8 @@ impl Inputs {
                 e.insert(Tensor::zeros(words, DType::I64, self.ids.device())?)
             }
         };
-        let mut padded = adapters.to_vec();
-        padded.resize(rows, None);
-        StepLora::graphed(&padded, buffer, max_plan, shape)
+        slots.pad_to(rows);
+        StepLora::graphed(slots, buffer, max_plan, shape)
     }
 }
 
@@ -178,7 +176,8 @@ impl DecodeGraphs {
         let Some(&rows) = self.buckets.iter().find(|&&b| b >= n).filter(|_| eligible) else {
             return Ok(None);
         };
-        let Some(lora_shape) = StepLora::graph_shape(adapters) else {
+        let slots = StepSlots::of(adapters);
+        let Some(lora_shape) = slots.graph_shape() else {
             return Ok(None);
         };
         let longest = chunks.iter().map(|c| c.start + 1).max().unwrap_or(1);
@@ -206,7 +205,7 @@ impl DecodeGraphs {
         }
         write_into(&inputs.ids, &ids)?;
         write_into(&inputs.positions, &positions)?;
-        let lora = inputs.lora_table(adapters, max_plan, lora_shape)?;
+        let lora = inputs.lora_table(slots, max_plan, lora_shape)?;
         let padded: Vec<ChunkRef> = (0..rows)
             .map(|r| ChunkRef {
                 seq: chunks.get(r).map_or(u64::MAX, |c| c.seq),

@@ -58,19 +58,25 @@ pub(super) fn adapter_checks(
         let model = Arc::new(DecoderModel::load(&dir, device, dtype)?);
         Ok((model, vec![adapter(&adapter_dir, device, dtype)?]))
     };
-    #[allow(unused_mut)]
-    let (cpu_model, mut cpu_lora) = load(&Device::Cpu, DType::F32)?;
+    let (cpu_model, cpu_lora) = load(&Device::Cpu, DType::F32)?;
+    // Both adapters on the device in bf16, for the kernel check and the graph check.
+    #[cfg(feature = "cuda")]
+    let both = [
+        adapter(&adapter_dir, cuda, DType::BF16)?,
+        adapter(&second_dir, cuda, DType::BF16)?,
+    ];
     #[cfg(feature = "cuda")]
     {
-        let mut both = vec![adapter(&adapter_dir, cuda, DType::BF16)?];
-        both.push(adapter(&second_dir, cuda, DType::BF16)?);
-        cpu_lora.push(adapter(&second_dir, &Device::Cpu, DType::F32)?);
-        push(checks, report, kernel_check(&cpu_lora, &both, cuda)?);
-        cpu_lora.truncate(1);
+        let cpu_both = [
+            cpu_lora[0].clone(),
+            adapter(&second_dir, &Device::Cpu, DType::F32)?,
+        ];
+        push(checks, report, kernel_check(&cpu_both, &both, cuda)?);
     }
     // Every other request of a short batch: the device's slot-table kernels on mixed rows.
     // Every request, with an 1100-token prompt: its prefill step runs the adapter as GEMMs.
-    // Every request of 20: decode steps of 20 rows run it as GEMMs on bf16 activations.
+    // Every request of 20: bf16 decode steps of 20 rows replay graphs running the slot table on
+    // tensor cores (f32 ones run eagerly, as GEMMs).
     let every_other: fn(usize) -> Option<usize> = |i| (i % 2 == 0).then_some(0);
     let every: fn(usize) -> Option<usize> = |_| Some(0);
     let cases = [
@@ -125,8 +131,7 @@ pub(super) fn adapter_checks(
     // graphs (their slot table in a fixed buffer) against the same steps launched eagerly.
     #[cfg(feature = "cuda")]
     {
-        let (m, mut both) = load(cuda, DType::BF16)?;
-        both.push(adapter(&second_dir, cuda, DType::BF16)?);
+        let m = Arc::new(DecoderModel::load(&dir, cuda, DType::BF16)?);
         let mixed: fn(usize) -> Option<usize> = |i| [Some(0), Some(1), None][i % 3];
         let prompts = pseudo_prompts(512, &[7, 40, 90, 300, 12, 5]);
         let name = format!("tiny {arch} + LoRA r16 and r8 mixed");

@@ -13,7 +13,7 @@ use candle_core::{
     CpuStorage, CustomOp2, DType, Device, InplaceOp3, Layout, Result, Shape, Storage, Tensor,
 };
 
-use super::{mma, Delta, Group, LoraAdapter, GROUPS};
+use super::{mma, Delta, Group, LoraAdapter, StepSlots, GROUPS};
 use crate::engine::attention::cuda::storage_view;
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/lora.ptx"));
@@ -68,9 +68,15 @@ fn max_tiles(rows: usize, capacity: usize) -> usize {
     rows.div_ceil(mma::TILE) + capacity
 }
 
+/// Where the tiles start in a table of `rows` rows and `capacity` slots over `layers` base
+/// layers: after the row slots and the entries.
+fn tiles_at(rows: usize, layers: usize, capacity: usize) -> usize {
+    rows + layers * GROUPS * capacity * 3
+}
+
 /// The i64 words of a table of `rows` rows and `capacity` slots over `layers` base layers.
 pub fn table_len(rows: usize, layers: usize, capacity: usize) -> usize {
-    rows + layers * GROUPS * capacity * 3 + 2 + 3 * max_tiles(rows, capacity) + rows
+    tiles_at(rows, layers, capacity) + 2 + 3 * max_tiles(rows, capacity) + rows
 }
 
 /// A table's words and the widest R per layer and group: the row slots (`-1`: none), the
@@ -78,11 +84,11 @@ pub fn table_len(rows: usize, layers: usize, capacity: usize) -> usize {
 /// path: their count, the adapted rows' count, `{slot, start, rows}` per tile (zeros past them)
 /// and the rows sorted by slot.
 fn table_words(
-    slots: &[Arc<LoraAdapter>],
-    row_slots: &[Option<usize>],
+    step: &StepSlots,
     layers: usize,
     capacity: usize,
 ) -> (Vec<i64>, Vec<[usize; GROUPS]>) {
+    let (slots, row_slots) = (&step.adapters, &step.row_slots);
     let rows = row_slots.len();
     let mut meta = Vec::with_capacity(table_len(rows, layers, capacity));
     meta.extend(row_slots.iter().map(|s| s.map_or(-1, |s| s as i64)));
@@ -99,11 +105,11 @@ fn table_words(
             }
         }
     }
-    let mut order = Vec::with_capacity(rows);
+    let mut order: Vec<i64> = Vec::with_capacity(rows);
     let mut tiles = Vec::new();
-    for k in 0..slots.len() {
+    for (k, members) in step.members.iter().enumerate() {
         let first = order.len();
-        order.extend((0..rows as i64).filter(|&t| row_slots[t as usize] == Some(k)));
+        order.extend(members.iter().map(|&t| t as i64));
         for start in (first..order.len()).step_by(mma::TILE) {
             let n = (order.len() - start).min(mma::TILE);
             tiles.extend([k as i64, start as i64, n as i64]);
@@ -133,22 +139,18 @@ pub struct LoraTable {
 }
 
 impl LoraTable {
-    /// `slots[i]` is the adapter of slot `i`; `row_slots[t]` the slot of packed row `t`.
-    pub fn new(
-        slots: Vec<Arc<LoraAdapter>>,
-        row_slots: &[Option<usize>],
-        layers: usize,
-        device: &Device,
-    ) -> Result<Self> {
-        let (meta, rmax) = table_words(&slots, row_slots, layers, slots.len());
+    /// The table of a step's rows grouped by adapter, uploaded.
+    pub fn new(step: StepSlots, layers: usize, device: &Device) -> Result<Self> {
+        let (rows, slots) = (step.row_slots.len(), step.adapters.len());
+        let (meta, rmax) = table_words(&step, layers, slots);
         let len = meta.len();
         Ok(Self {
             meta: Tensor::from_vec(meta, len, device)?,
-            rows: row_slots.len(),
-            slots: slots.len(),
-            max_tiles: max_tiles(row_slots.len(), slots.len()),
+            rows,
+            slots,
+            max_tiles: max_tiles(rows, slots),
             rmax,
-            _adapters: slots,
+            _adapters: step.adapters,
         })
     }
 
@@ -158,27 +160,26 @@ impl LoraTable {
     /// (rows, capacity, rank) and a captured graph replays them for any adapters that fit.
     pub fn in_buffer(
         buffer: &Tensor,
-        slots: Vec<Arc<LoraAdapter>>,
-        row_slots: &[Option<usize>],
+        step: StepSlots,
         layers: usize,
         (capacity, rank): (usize, usize),
     ) -> Result<Self> {
-        let (meta, widest) = table_words(&slots, row_slots, layers, capacity);
+        let (rows, slots) = (step.row_slots.len(), step.adapters.len());
+        let (meta, widest) = table_words(&step, layers, capacity);
         let wider = widest.iter().flatten().any(|&r| r > rank);
-        if slots.len() > capacity || wider || meta.len() != buffer.elem_count() {
+        if slots > capacity || wider || meta.len() != buffer.elem_count() {
             candle_core::bail!(
-                "a LoRA table of {} slots does not fit a graph's table of {capacity} slots, rank {rank}",
-                slots.len()
+                "a LoRA table of {slots} slots does not fit a graph's table of {capacity} slots, rank {rank}"
             );
         }
         crate::engine::kv::buffers::write_into(buffer, &meta)?;
         Ok(Self {
             meta: buffer.clone(),
-            rows: row_slots.len(),
+            rows,
             slots: capacity,
-            max_tiles: max_tiles(row_slots.len(), capacity),
+            max_tiles: max_tiles(rows, capacity),
             rmax: vec![[rank; GROUPS]; layers],
-            _adapters: slots,
+            _adapters: step.adapters,
         })
     }
 
@@ -194,11 +195,13 @@ impl LoraTable {
         let out = y.dim(1)?;
         if mma::takes(&x, out)? {
             let y = fresh(&y)?;
-            let tiles_at = self.rows + self.rmax.len() * GROUPS * self.slots * 3;
             let op = mma::Mma {
                 rows: self.rows,
                 entries,
-                tiles: (tiles_at, self.max_tiles),
+                tiles: (
+                    tiles_at(self.rows, self.rmax.len(), self.slots),
+                    self.max_tiles,
+                ),
                 rmax,
             };
             y.inplace_op3(&x, &self.meta, &op)?;

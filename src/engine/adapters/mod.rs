@@ -28,7 +28,7 @@ use crate::checkpoint::{Lineage, ModelConfig};
 use crate::engine::ops::gemm::{linear_f32, linear_f32_accumulate};
 use crate::plan::{format_layer_list, LayerPlan};
 use peft::{parse_tensor_name, Module, PeftConfig, TensorKey, MODULES};
-pub use step::StepLora;
+pub use step::{StepLora, StepSlots};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AdapterError {

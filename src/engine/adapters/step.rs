@@ -26,54 +26,94 @@ pub struct StepLora {
     table: Option<cuda::LoraTable>,
 }
 
-/// The distinct adapters of a step's rows in order of first use, each row's slot among them, and
-/// each slot's rows.
-type Slots = (Vec<Arc<LoraAdapter>>, Vec<Option<usize>>, Vec<Vec<u32>>);
+/// A step's rows grouped by adapter: the distinct adapters in order of first use (slots), each
+/// row's slot, and each slot's rows in order.
+pub struct StepSlots {
+    pub(super) adapters: Vec<Arc<LoraAdapter>>,
+    pub(super) row_slots: Vec<Option<usize>>,
+    pub(super) members: Vec<Vec<u32>>,
+}
 
-fn slots_of(rows: &[Option<Arc<LoraAdapter>>]) -> Slots {
-    let mut slots: Vec<Arc<LoraAdapter>> = Vec::new();
-    let mut row_slots = Vec::with_capacity(rows.len());
-    let mut members: Vec<Vec<u32>> = Vec::new();
-    for (i, a) in rows.iter().enumerate() {
-        let slot = a
-            .as_ref()
-            .map(|a| match slots.iter().position(|s| Arc::ptr_eq(s, a)) {
-                Some(k) => k,
-                None => {
-                    slots.push(a.clone());
-                    members.push(Vec::new());
-                    slots.len() - 1
-                }
-            });
-        if let Some(k) = slot {
-            members[k].push(i as u32);
+impl StepSlots {
+    /// `rows[i]` is the adapter of packed row `i`.
+    pub fn of(rows: &[Option<Arc<LoraAdapter>>]) -> Self {
+        let mut adapters: Vec<Arc<LoraAdapter>> = Vec::new();
+        let mut row_slots = Vec::with_capacity(rows.len());
+        let mut members: Vec<Vec<u32>> = Vec::new();
+        for (i, a) in rows.iter().enumerate() {
+            let slot = a
+                .as_ref()
+                .map(|a| match adapters.iter().position(|s| Arc::ptr_eq(s, a)) {
+                    Some(k) => k,
+                    None => {
+                        adapters.push(a.clone());
+                        members.push(Vec::new());
+                        adapters.len() - 1
+                    }
+                });
+            if let Some(k) = slot {
+                members[k].push(i as u32);
+            }
+            row_slots.push(slot);
         }
-        row_slots.push(slot);
+        Self {
+            adapters,
+            row_slots,
+            members,
+        }
     }
-    (slots, row_slots, members)
+
+    /// The (slot capacity, rank) of a decode graph serving these adapters: their number and
+    /// widest rank, each rounded up to a power of two (rank from 16, at most 1,536), so that
+    /// steps over similar adapters share graphs. `None` when an adapter cannot run from the slot
+    /// table (not bf16 on CUDA); `Some((0, 0))` when no row has one.
+    #[cfg(feature = "cuda")]
+    pub fn graph_shape(&self) -> Option<(usize, usize)> {
+        if self.adapters.is_empty() {
+            return Some((0, 0));
+        }
+        let mut rank = 0;
+        for a in &self.adapters {
+            let widest = a
+                .cuda_entries
+                .iter()
+                .flatten()
+                .map(|e| e[2] as usize)
+                .max()?;
+            rank = rank.max(widest);
+        }
+        // Packed ranks are at most 1,536 (--max-lora-rank 512 on q|k|v), which the BGMV expand
+        // holds in shared memory for 8 rows; the next power of two would not fit.
+        let rank = rank.max(16).next_power_of_two().min(1536);
+        Some((self.adapters.len().next_power_of_two(), rank))
+    }
+
+    /// Pads the step with rows that use no adapter, up to `rows` rows.
+    pub fn pad_to(&mut self, rows: usize) {
+        self.row_slots.resize(rows.max(self.row_slots.len()), None);
+    }
 }
 
 impl StepLora {
     /// Groups packed rows by adapter: `rows[i]` is the adapter of packed row `i`.
     pub fn new(rows: &[Option<Arc<LoraAdapter>>], device: &Device) -> candle_core::Result<Self> {
-        let (slots, row_slots, members) = slots_of(rows);
+        let slots = StepSlots::of(rows);
         #[cfg(feature = "cuda")]
         if device.is_cuda()
-            && !slots.is_empty()
-            && slots.iter().all(|a| !a.cuda_entries.is_empty())
-            && (rows.len() <= KERNEL_ROWS || members[0].len() < rows.len())
+            && !slots.adapters.is_empty()
+            && slots.adapters.iter().all(|a| !a.cuda_entries.is_empty())
+            && (rows.len() <= KERNEL_ROWS || slots.members[0].len() < rows.len())
         {
-            let layers = slots[0].layers.len();
+            let layers = slots.adapters[0].layers.len();
             return Ok(Self {
                 groups: Vec::new(),
-                table: Some(cuda::LoraTable::new(slots, &row_slots, layers, device)?),
+                table: Some(cuda::LoraTable::new(slots, layers, device)?),
             });
         }
-        #[cfg(not(feature = "cuda"))]
-        let _ = row_slots;
         let groups = slots
+            .adapters
             .into_iter()
-            .zip(members)
+            .zip(slots.members)
             .map(|(a, r)| {
                 let all = r.len() == rows.len();
                 let idx = (!all)
@@ -89,49 +129,19 @@ impl StepLora {
         })
     }
 
-    /// The slot table of a decode graph's step ([`cuda::LoraTable::in_buffer`]): `rows[i]` is
-    /// the adapter of padded row `i`; `shape` is the graph's (slot capacity, rank).
+    /// The slot table of a decode graph's step ([`cuda::LoraTable::in_buffer`]): `slots` of its
+    /// padded rows; `shape` is the graph's (slot capacity, rank).
     #[cfg(feature = "cuda")]
     pub fn graphed(
-        rows: &[Option<Arc<LoraAdapter>>],
+        slots: StepSlots,
         buffer: &Tensor,
         layers: usize,
         shape: (usize, usize),
     ) -> candle_core::Result<Self> {
-        let (slots, row_slots, _) = slots_of(rows);
         Ok(Self {
             groups: Vec::new(),
-            table: Some(cuda::LoraTable::in_buffer(
-                buffer, slots, &row_slots, layers, shape,
-            )?),
+            table: Some(cuda::LoraTable::in_buffer(buffer, slots, layers, shape)?),
         })
-    }
-
-    /// The (slot capacity, rank) of a decode graph serving these rows' adapters: the number of
-    /// distinct adapters and their widest rank, each rounded up to a power of two (rank from 16,
-    /// at most 1,536),
-    /// so that steps over similar adapters share graphs. `None` when an adapter cannot run from
-    /// the slot table (not bf16 on CUDA); `Some((0, 0))` when no row has one.
-    #[cfg(feature = "cuda")]
-    pub fn graph_shape(rows: &[Option<Arc<LoraAdapter>>]) -> Option<(usize, usize)> {
-        let (slots, _, _) = slots_of(rows);
-        if slots.is_empty() {
-            return Some((0, 0));
-        }
-        let mut rank = 0;
-        for a in &slots {
-            let widest = a
-                .cuda_entries
-                .iter()
-                .flatten()
-                .map(|e| e[2] as usize)
-                .max()?;
-            rank = rank.max(widest);
-        }
-        // Packed ranks are at most 1,536 (--max-lora-rank 512 on q|k|v), which the BGMV expand
-        // holds in shared memory for 8 rows; the next power of two would not fit.
-        let rank = rank.max(16).next_power_of_two().min(1536);
-        Some((slots.len().next_power_of_two(), rank))
     }
 
     /// `y` plus every adapter's delta of `x` on its rows, for `group` of base layer `layer`.
