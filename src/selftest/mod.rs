@@ -340,6 +340,14 @@ pub fn run_all(
     let cuda = crate::loaded::cuda_device(0)?;
     let cpu = Device::Cpu;
     let mut checks = Vec::new();
+    // PRUNESERVE_SELFTEST_ONLY=draws: the device draw checks alone (kernel profiling under ncu).
+    #[cfg(feature = "cuda")]
+    if std::env::var("PRUNESERVE_SELFTEST_ONLY").as_deref() == Ok("draws") {
+        for c in draw::draw_kernel_checks(&cuda)? {
+            push(&mut checks, &mut report, c);
+        }
+        return Ok(checks);
+    }
     let tmp = tempfile::tempdir()
         .map_err(|e| SelftestError::Usage(format!("temporary directory: {e}")))?;
     let root = keep_dir.unwrap_or(tmp.path());

@@ -74,8 +74,10 @@ extern "C" __global__ void __launch_bounds__(PICK_THREADS)
 // top-k keeps the k best (value descending, lower id first on ties); top-p keeps the shortest such
 // prefix whose mass reaches top_p of the top-k mass; min-p keeps w >= min_p; the draw walks the
 // kept ids in id order until the running mass passes u times the kept mass. Masses are summed in
-// 2^-40 fixed point (u64), so the result does not depend on the order of the threads' additions.
-// out[row] = (token, raw logprob = x[token] - logsumexp(x)). Grid (rows), DRAW_THREADS threads.
+// 2^-40 fixed point (u64), so the result does not depend on the order of the threads' additions;
+// each id's mass (a double-precision exp) is computed once, into `masses` (rows x vocab u64,
+// scratch), and read by the later passes. out[row] = (token, raw logprob = x[token] -
+// logsumexp(x), the sum of f32 exponentials in double). Grid (rows), DRAW_THREADS threads.
 
 #define DRAW_THREADS 1024
 #define FIXED_ONE 1099511627776.0  // 2^40
@@ -236,68 +238,81 @@ __device__ int chunk_crossing(int vocab, const A &amount, unsigned long long car
   return r;
 }
 
+// Adds amount `a` (at most 2^40) to hist[bin] for every lane with bin >= 0. Lanes of one bin are
+// summed first (two 20-bit halves, exact in 32 bits over 32 lanes) and their first lane adds
+// once, as two native 32-bit atomics with the carry of the low word (a 64-bit shared atomic
+// add is a compare-and-swap loop, whose retries serialize the warps on a busy bin).
+__device__ __forceinline__ void hist_add(unsigned long long *hist, int bin, unsigned long long a) {
+  if (__ballot_sync(0xffffffff, bin >= 0) == 0) return;
+  const unsigned peers = __match_any_sync(0xffffffff, bin);
+  const unsigned hi = __reduce_add_sync(peers, (unsigned)(a >> 20));
+  const unsigned lo = __reduce_add_sync(peers, (unsigned)(a & 0xfffffu));
+  if (bin >= 0 && (int)(threadIdx.x % 32) == __ffs(peers) - 1) {
+    const unsigned long long add = ((unsigned long long)hi << 20) + lo;
+    unsigned *word = reinterpret_cast<unsigned *>(&hist[bin]);  // little-endian: low word first
+    const unsigned add_lo = (unsigned)add;
+    const unsigned old = atomicAdd(word, add_lo);
+    const unsigned add_hi = (unsigned)(add >> 32) + (old + add_lo < old ? 1u : 0u);
+    if (add_hi != 0) atomicAdd(word + 1, add_hi);
+  }
+}
+
 // An id's amount at the threshold key of select_prefix (ties at that key, id order).
 struct TieAmount {
   const float *row;
+  const unsigned long long *mass;
   Cut within;
   unsigned int key;
   bool by_mass;
-  float max, inv_t;
   __device__ unsigned long long operator()(int i) const {
     const float x = row[i];
     const unsigned int k = order_key(x);
     if (k != key || !passes(within, k, i)) return 0ull;
-    return by_mass ? fixed_mass(x, max, inv_t) : 1ull;
+    return by_mass ? mass[i] : 1ull;
   }
 };
 
 // An id's mass in the final draw (0 when truncation dropped it).
 struct KeptMass {
   const float *row;
+  const unsigned long long *mass;
   Cut keep;
   unsigned long long floor_mass;
-  float max, inv_t;
+  float max;
   __device__ unsigned long long operator()(int i) const {
     const float x = row[i];
-    const unsigned long long m = fixed_mass(x, max, inv_t);
-    return passes(keep, order_key(x), i) && (m >= floor_mass || x == max) ? m : 0ull;
+    if (!passes(keep, order_key(x), i)) return 0ull;
+    const unsigned long long m = mass[i];
+    return m >= floor_mass || x == max ? m : 0ull;
   }
 };
 
 // The shortest prefix (value descending, lower id first) of the candidates passing `within` whose
 // amount reaches `target` (amount: 1 per id when `by_mass` is false, else the fixed-point mass):
-// a radix select over the 32 key bits, 8 per pass, then the tied ids in id order.
-__device__ Cut select_prefix(const float *row, int vocab, Cut within, bool by_mass, float max,
-                             float inv_t, unsigned long long target, unsigned long long *hist,
-                             unsigned long long *scan, int *found) {
+// a radix select over the 32 key bits, 8 per pass, then the tied ids in id order. With
+// `first_built`, hist already holds the first pass (key bits 24..31 of every candidate).
+__device__ Cut select_prefix(const float *row, const unsigned long long *mass, int vocab,
+                             Cut within, bool by_mass, unsigned long long target, bool first_built,
+                             unsigned long long *hist, unsigned long long *scan, int *found) {
   unsigned int prefix = 0, mask = 0;
   unsigned long long above = 0;
   for (int shift = 24; shift >= 0; shift -= 8) {
-    for (int b = threadIdx.x; b < 256; b += DRAW_THREADS) hist[b] = 0;
-    __syncthreads();
-    // Most of a warp's ids share the top digits: when every counted id of the warp falls in one
-    // bin, the warp adds its sum once (same-address atomics serialize).
-    for (int base = 0; base < vocab; base += DRAW_THREADS) {
-      const int i = base + threadIdx.x;
-      int bin = -1;
-      unsigned long long a = 0;
-      if (i < vocab) {
-        const float x = row[i];
-        const unsigned int key = order_key(x);
-        if (passes(within, key, i) && (key & mask) == prefix) {
-          bin = (int)((key >> shift) & 255u);
-          a = by_mass ? fixed_mass(x, max, inv_t) : 1ull;
+    if (!(first_built && shift == 24)) {
+      for (int b = threadIdx.x; b < 256; b += DRAW_THREADS) hist[b] = 0;
+      __syncthreads();
+      for (int base = 0; base < vocab; base += DRAW_THREADS) {
+        const int i = base + threadIdx.x;
+        int bin = -1;
+        unsigned long long a = 0;
+        if (i < vocab) {
+          const float x = row[i];
+          const unsigned int key = order_key(x);
+          if (passes(within, key, i) && (key & mask) == prefix) {
+            bin = (int)((key >> shift) & 255u);
+            a = by_mass ? mass[i] : 1ull;
+          }
         }
-      }
-      const unsigned counted = __ballot_sync(0xffffffff, bin >= 0);
-      if (counted == 0) continue;
-      const int src = __ffs(counted) - 1;
-      const int b0 = __shfl_sync(0xffffffff, bin, src);
-      if (__all_sync(0xffffffff, bin < 0 || bin == b0)) {
-        a = warp_sum_u64(a);
-        if (threadIdx.x % 32 == src) atomicAdd(&hist[b0], a);
-      } else if (bin >= 0) {
-        atomicAdd(&hist[bin], a);
+        hist_add(hist, bin, a);
       }
     }
     __syncthreads();
@@ -328,7 +343,7 @@ __device__ Cut select_prefix(const float *row, int vocab, Cut within, bool by_ma
   }
   // Ties at the threshold key, in id order, until the target is reached (all of them when it
   // is not).
-  const TieAmount ties{row, within, prefix, by_mass, max, inv_t};
+  const TieAmount ties{row, mass, within, prefix, by_mass};
   chunk_sums(vocab, ties, hist, found + 2);
   const int crossing = chunk_crossing<false>(vocab, ties, above, target, hist, scan, found);
   Cut c;
@@ -338,8 +353,10 @@ __device__ Cut select_prefix(const float *row, int vocab, Cut within, bool by_ma
 }
 
 extern "C" __global__ void __launch_bounds__(DRAW_THREADS)
-    draw_f32(const float *logits, float *out, int vocab, const double *params) {
+    draw_f32(const float *logits, float *out, int vocab, const double *params,
+             unsigned long long *masses) {
   const float *row = logits + (size_t)blockIdx.x * vocab;
+  unsigned long long *mass = masses + (size_t)blockIdx.x * vocab;
   const double *p = params + (size_t)blockIdx.x * DRAW_PARAMS;
   const double u = p[0], top_p = p[2], min_p = p[3];
   const float inv_t = (float)p[1];
@@ -353,35 +370,61 @@ extern "C" __global__ void __launch_bounds__(DRAW_THREADS)
   float max = -INFINITY;
   for (int i = threadIdx.x; i < vocab; i += DRAW_THREADS) max = fmaxf(max, row[i]);
   max = block_max(max, fscratch);
+  // One pass computes every id's mass (the row's scratch; the later passes read it), the
+  // log-sum-exp and, when every id is a top-p candidate (no top-k), the first histogram of the
+  // top-p select (key bits 24..31, by mass), whose bins sum to the total mass.
+  const bool by_top_k = top_k > 0 && top_k < vocab;
+  const bool fused = top_p < 1.0 && !by_top_k;
+  for (int b = threadIdx.x; b < 256; b += DRAW_THREADS) hist[b] = 0;
+  __syncthreads();
   double sum = 0.0;
-  for (int i = threadIdx.x; i < vocab; i += DRAW_THREADS) sum += exp((double)(row[i] - max));
+  for (int base = 0; base < vocab; base += DRAW_THREADS) {
+    const int i = base + threadIdx.x;
+    int bin = -1;
+    unsigned long long a = 0;
+    if (i < vocab) {
+      const float x = row[i];
+      sum += (double)expf(x - max);
+      a = fixed_mass(x, max, inv_t);
+      mass[i] = a;
+      if (fused) bin = (int)(order_key(x) >> 24);
+    }
+    if (fused) hist_add(hist, bin, a);
+  }
   const double lse = (double)max + log(block_sum(sum, dscratch));
 
   Cut keep;
   keep.key = 0;
   keep.last_id = vocab;
-  if (top_k > 0 && top_k < vocab)
-    keep = select_prefix(row, vocab, keep, false, max, inv_t, (unsigned long long)top_k, hist,
+  if (by_top_k)
+    keep = select_prefix(row, mass, vocab, keep, false, (unsigned long long)top_k, false, hist,
                          scan, found);
   if (top_p < 1.0) {
-    unsigned long long mass = 0;
-    for (int i = threadIdx.x; i < vocab; i += DRAW_THREADS) {
-      const float x = row[i];
-      if (passes(keep, order_key(x), i)) mass += fixed_mass(x, max, inv_t);
+    unsigned long long total_mass = 0;
+    if (fused) {
+      __syncthreads();
+      for (int b = threadIdx.x; b < 256; b += DRAW_THREADS) total_mass += hist[b];
+    } else {
+      for (int i = threadIdx.x; i < vocab; i += DRAW_THREADS) {
+        const float x = row[i];
+        const unsigned int key = order_key(x);
+        if (passes(keep, key, i)) total_mass += mass[i];
+      }
     }
-    mass = warp_sum_u64(mass);
-    if (threadIdx.x % 32 == 0) hist[threadIdx.x / 32] = mass;
+    total_mass = warp_sum_u64(total_mass);
     __syncthreads();
-    const double total = (double)warp_sum_u64(hist[threadIdx.x % 32]);
+    if (threadIdx.x % 32 == 0) scan[threadIdx.x / 32] = total_mass;
+    __syncthreads();
+    const double total = (double)warp_sum_u64(scan[threadIdx.x % 32]);
     __syncthreads();
     const unsigned long long target = (unsigned long long)ceil(top_p * total);
-    keep = select_prefix(row, vocab, keep, true, max, inv_t, target, hist, scan, found);
+    keep = select_prefix(row, mass, vocab, keep, true, target, fused, hist, scan, found);
   }
   const unsigned long long floor_mass = (unsigned long long)(min_p * FIXED_ONE);
 
   // The kept mass, then the id where the running mass (id order) passes u times it; when
   // rounding runs past the end, the last kept id.
-  const KeptMass kept{row, keep, floor_mass, max, inv_t};
+  const KeptMass kept{row, mass, keep, floor_mass, max};
   const double kept_total = (double)chunk_sums(vocab, kept, hist, found + 2);
   const int last_kept = found[2];
   const unsigned long long target = (unsigned long long)(u * kept_total);

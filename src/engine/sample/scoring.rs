@@ -159,7 +159,8 @@ mod cuda {
     }
 
     /// Launches `kernel` of sampling.cu with one 1024-thread block per row of the f32 logits in
-    /// `s`: arguments (logits, out, vocab[, params]), two f32 written per row into `out`.
+    /// `s`: arguments (logits, out, vocab[, params, masses]), two f32 written per row into `out`;
+    /// draws get a scratch of 8 bytes per logit (each id's fixed-point mass, computed once).
     fn pairs_per_row(
         s: &CudaStorage,
         l: &Layout,
@@ -175,8 +176,13 @@ mod cuda {
         let vocab_i = vocab as i32;
         let mut b = func.builder();
         b.arg(&logits).arg(&out).arg(&vocab_i);
-        if let Some(p) = params {
-            b.arg(p);
+        // SAFETY: draw_f32 writes every id's mass before it reads any.
+        let masses = match params {
+            Some(_) => Some(unsafe { dev.alloc::<u64>(rows * vocab)? }),
+            None => None,
+        };
+        if let (Some(p), Some(m)) = (params, &masses) {
+            b.arg(p).arg(m);
         }
         let cfg = LaunchConfig {
             grid_dim: (rows as u32, 1, 1),
@@ -184,7 +190,8 @@ mod cuda {
             shared_mem_bytes: 0,
         };
         // SAFETY: the arguments match `greedy_pick_f32(logits, out, vocab)` and
-        // `draw_f32(logits, out, vocab, params)` (5 doubles per row) in sampling.cu.
+        // `draw_f32(logits, out, vocab, params, masses)` (5 doubles per row, rows * vocab u64) in
+        // sampling.cu.
         unsafe { b.launch(cfg) }.w()?;
         Ok((
             CudaStorage::wrap_cuda_slice(out, dev),
