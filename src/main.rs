@@ -102,6 +102,11 @@ enum Command {
         /// Token budget of one engine step (decode tokens + prefill chunk).
         #[arg(long, default_value_t = 2048)]
         max_step_tokens: usize,
+        /// Most prompt tokens a step carries beside decoding sequences, so a long prompt delays
+        /// their next token by a bounded step (0: up to --max-step-tokens). Steps without decoding
+        /// sequences take up to --max-step-tokens.
+        #[arg(long, default_value_t = 2048)]
+        max_prefill_while_decoding: usize,
         /// KV cache capacity per base, in blocks of 16 tokens.
         #[arg(long, default_value_t = 4096)]
         kv_blocks: usize,
@@ -362,6 +367,7 @@ fn run(cli: Cli) -> Result<()> {
             device,
             dtype,
             max_step_tokens,
+            max_prefill_while_decoding,
             kv_blocks,
             kv_cache_gb,
             max_model_len,
@@ -385,6 +391,7 @@ fn run(cli: Cli) -> Result<()> {
                 dtype,
                 kv_blocks,
                 max_step_tokens,
+                max_prefill_while_decoding,
                 max_in_flight,
                 max_model_len,
                 kv_cache_gb,

@@ -40,6 +40,8 @@ pub struct EngineSettings {
     pub dtype: ComputeDtype,
     pub kv_blocks: usize,
     pub max_step_tokens: usize,
+    /// Most prompt tokens of a step that also decodes (`--max-prefill-while-decoding`; 0: no cap).
+    pub max_prefill_while_decoding: usize,
     pub max_in_flight: usize,
     pub max_model_len: Option<usize>,
     /// CUDA: GiB of the paged KV pool per base (default: `kv_blocks` at full depth).
@@ -240,9 +242,17 @@ fn engine_factory(
     wrap: Option<EngineWrapper>,
 ) -> EngineFactory {
     let (step_tokens, reserve) = (s.max_step_tokens, s.reserve_max_tokens);
+    let prefill_cap = s.max_prefill_while_decoding;
     Box::new(move || {
         let engine = Engine::for_device(decoder.clone(), &opts)?;
-        let batcher = Batcher::new(engine, step_tokens).reserving_max_tokens(reserve);
+        let mut batcher = Batcher::new(engine, step_tokens)
+            .reserving_max_tokens(reserve)
+            .capping_prefill_while_decoding(prefill_cap);
+        match batcher.warm_up() {
+            Ok(t) if !t.is_zero() => tracing::info!(seconds = t.as_secs_f64(), "engine warmed up"),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "engine warm-up failed; serving anyway"),
+        }
         let batcher: Box<dyn BatchLoop> = Box::new(batcher);
         Ok(match &wrap {
             Some(w) => w(batcher),

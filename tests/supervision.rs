@@ -77,6 +77,7 @@ fn start_faulty_server(root: &std::path::Path, engines: usize, max_restarts: usi
         dtype: Default::default(),
         kv_blocks: 256,
         max_step_tokens: 512,
+        max_prefill_while_decoding: 0,
         max_in_flight: 16,
         max_model_len: None,
         kv_cache_gb: None,

@@ -8,6 +8,10 @@
 //! later with the same output, sampler state and prompt logprobs.
 
 mod sequence;
+mod warm_up;
+
+#[cfg(test)]
+mod prefill_cap_tests;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -116,6 +120,8 @@ pub struct Batcher {
     order: Vec<SeqId>,
     next_id: SeqId,
     max_step_tokens: usize,
+    /// Most prompt tokens a step carries beside decoding rows (`max_step_tokens`: no cap).
+    prefill_while_decoding: usize,
     preemptions: u64,
     /// Admit only when KV for the prompt and all of `max_tokens` fits (never preempts).
     reserve_max_tokens: bool,
@@ -136,6 +142,7 @@ impl Batcher {
             order: Vec::new(),
             next_id: 1,
             max_step_tokens: max_step_tokens.max(1),
+            prefill_while_decoding: max_step_tokens.max(1),
             preemptions: 0,
             reserve_max_tokens: false,
             stats: Default::default(),
@@ -148,6 +155,29 @@ impl Batcher {
     pub fn reserving_max_tokens(mut self, on: bool) -> Self {
         self.reserve_max_tokens = on;
         self
+    }
+
+    /// Caps the prompt tokens of a step that also decodes (`serve --max-prefill-while-decoding`),
+    /// so a long prefill delays the decoding sequences' next token by a bounded step; steps
+    /// without decoding rows still take up to `max_step_tokens`. 0 leaves no cap. A scored prompt
+    /// that would run whole in an uncapped step (see [`Batcher::waits_to_run_whole`]) runs whole
+    /// as the step's first prompt, over the cap, rather than wait while others decode.
+    pub fn capping_prefill_while_decoding(mut self, tokens: usize) -> Self {
+        self.prefill_while_decoding = match tokens {
+            0 => self.max_step_tokens,
+            n => n.min(self.max_step_tokens),
+        };
+        self
+    }
+
+    /// The prompt tokens a step with `decode_rows` decoding rows may carry.
+    fn prefill_budget(&self, decode_rows: usize) -> usize {
+        let room = self.max_step_tokens.saturating_sub(decode_rows);
+        if decode_rows == 0 {
+            room
+        } else {
+            room.min(self.prefill_while_decoding)
+        }
     }
 
     /// Sequences preempted so far (their KV freed, to be recomputed).
@@ -299,18 +329,22 @@ impl Batcher {
             .filter_map(|id| self.active[id].decode_item(*id))
             .collect();
         let decode_rows = items.len();
-        let mut budget = self.max_step_tokens.saturating_sub(decode_rows);
+        let mut budget = self.prefill_budget(decode_rows);
         let mut taken: Vec<SeqId> = Vec::new();
         for id in &self.order {
             if taken.contains(id) {
                 continue;
             }
             let seq = &self.active[id];
-            let Some(item) = seq.prefill_item(*id, budget) else {
+            let Some(mut item) = seq.prefill_item(*id, budget) else {
                 continue;
             };
             if self.waits_to_run_whole(seq, &item) {
-                continue;
+                let Some(whole) = self.whole_over_cap(seq, *id, items.len() == decode_rows) else {
+                    continue;
+                };
+                budget = whole.tokens.len(); // over the cap: no other prompt joins this step
+                item = whole;
             }
             let twins = self.twins(*id, &taken);
             if !twins.is_empty() {
@@ -324,9 +358,7 @@ impl Batcher {
                             taken.push(t);
                         }
                     }
-                } else if items.len() > decode_rows
-                    && 2 * len <= self.max_step_tokens.saturating_sub(decode_rows)
-                {
+                } else if items.len() > decode_rows && 2 * len <= self.prefill_budget(decode_rows) {
                     continue;
                 }
             }
@@ -347,6 +379,16 @@ impl Batcher {
             && item.tokens.len() < rest
             && rest <= self.max_step_tokens.saturating_sub(self.active.len())
             && self.engine.exact_class(true)
+    }
+
+    /// A scored prompt held back by [`Batcher::waits_to_run_whole`] only because the cap on
+    /// prompt tokens beside decoding rows cut it: its whole rest, when it is the step's `first`
+    /// prompt and fits the uncapped budget (the cap would otherwise hold it back for as long as
+    /// anything decodes).
+    fn whole_over_cap(&self, seq: &Sequence, id: SeqId, first: bool) -> Option<StepItem> {
+        let room = self.max_step_tokens.saturating_sub(self.active.len());
+        let whole = seq.prefill_item(id, room)?;
+        (first && whole.tokens.len() == seq.unfed()).then_some(whole)
     }
 
     /// The other fresh sequences (in admission order, not yet `taken` into the step) with the
