@@ -6,7 +6,8 @@
 # stop id (321 ids): answers are then geometric with a mean of about 400 tokens; the summary's
 # histogram gives the real distribution. MODE=before admits by whole max_tokens
 # (--reserve-max-tokens, the engine before KV on demand), MODE=after by current need.
-# Sequences in flight are read from /metrics every second; the client's CPU share from
+# Offline generation: no cap on prompt tokens beside decoding rows (--max-prefill-while-decoding 0),
+# as the figures before that flag existed. Sequences in flight are read from /metrics every second; the client's CPU share from
 # /usr/bin/time-like accounting of its process.
 # Usage: BIN=dir CKPT=dir DATA=dir OUT=dir MODE=before|after [LIMIT=1000]
 #   [SERVE_FLAGS="--sampler host"] bench/sgr-gpu.sh
@@ -27,7 +28,8 @@ PY
 STOPS=$(python3 -c 'print(",".join(str(i) for i in range(0, 128256, 400)))')
 FLAG=(); [ "$MODE" = before ] && FLAG=(--reserve-max-tokens)
 start_server "$OUT/server.log" "$PORT" --model "$CKPT" --served-model-name llama8b \
-  --device "${DEVICE:-cuda}" --kv-cache-gb 40 --max-step-tokens 8192 --max-model-len 16384 "${FLAG[@]}" ${SERVE_FLAGS:-}
+  --device "${DEVICE:-cuda}" --kv-cache-gb 40 --max-step-tokens 8192 --max-prefill-while-decoding 0 --max-model-len 16384 \
+  "${FLAG[@]}" ${SERVE_FLAGS:-}
 URL=http://127.0.0.1:$PORT
 ( while curl -s "$URL/metrics" | grep -E '^pruneserve:num_requests_(running|waiting)' \
       | tr '\n' ' '; do echo; sleep 1; done ) > "$OUT/in-flight.log" 2>/dev/null &

@@ -2,7 +2,7 @@
 //! tiny random Llama on the CPU: prompt tokens beside decoding rows stay within the cap, a step
 //! without decoding rows takes the whole budget, a scored bf16 prompt that would otherwise wait
 //! for an uncapped step runs whole as the step's first prompt, and capped runs finish with the
-//! tokens of uncapped ones.
+//! tokens of uncapped ones. Its tiny model, request and batcher helpers serve warm_up.rs's test too.
 
 use std::sync::Arc;
 
@@ -16,7 +16,7 @@ use crate::engine::sample::sampler::SamplingParams;
 use crate::engine::{DecoderModel, Engine, EngineOptions};
 use crate::plan::LayerPlan;
 
-fn tiny(dtype: DType) -> (tempfile::TempDir, Arc<DecoderModel>) {
+pub(super) fn tiny(dtype: DType) -> (tempfile::TempDir, Arc<DecoderModel>) {
     let root = tempfile::tempdir().unwrap();
     let cfg = json!({
         "architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 96,
@@ -30,7 +30,12 @@ fn tiny(dtype: DType) -> (tempfile::TempDir, Arc<DecoderModel>) {
     (root, model)
 }
 
-fn request(model: &DecoderModel, len: usize, max_tokens: usize, scored: bool) -> GenRequest {
+pub(super) fn request(
+    model: &DecoderModel,
+    len: usize,
+    max_tokens: usize,
+    scored: bool,
+) -> GenRequest {
     GenRequest {
         plan: Arc::new(LayerPlan::full(model.config().num_hidden_layers)),
         overlay: None,
@@ -45,7 +50,7 @@ fn request(model: &DecoderModel, len: usize, max_tokens: usize, scored: bool) ->
     }
 }
 
-fn batcher(model: &Arc<DecoderModel>, step: usize, cap: usize) -> Batcher {
+pub(super) fn batcher(model: &Arc<DecoderModel>, step: usize, cap: usize) -> Batcher {
     let engine = Engine::with_contiguous_cache(model.clone(), &EngineOptions::default());
     Batcher::new(engine, step).capping_prefill_while_decoding(cap)
 }

@@ -24,11 +24,17 @@ impl Batcher {
     /// Runs the warm-up requests on the base's full plan (a CUDA engine only: a CPU engine has
     /// nothing to load). Returns how long it took, or the first request's error.
     pub fn warm_up(&mut self) -> Result<Duration, EngineError> {
-        let model = self.engine().model().clone();
-        if !model.device().is_cuda() {
+        if !self.engine().model().device().is_cuda() {
             return Ok(Duration::ZERO);
         }
         let started = Instant::now();
+        self.run_warm_up_requests()?;
+        Ok(started.elapsed())
+    }
+
+    /// The two warm-up requests, run to the end on any device.
+    fn run_warm_up_requests(&mut self) -> Result<(), EngineError> {
+        let model = self.engine().model().clone();
         let config = model.config();
         let plan = Arc::new(LayerPlan::full(config.num_hidden_layers));
         let prompt_len =
@@ -61,6 +67,43 @@ impl Batcher {
         for outcome in self.run_all(requests) {
             outcome?;
         }
-        Ok(started.elapsed())
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::DType;
+
+    use super::super::prefill_cap_tests::{batcher, request, tiny};
+
+    /// After the warm-up requests the batcher is idle, every KV block is free again (or held by
+    /// the prefix cache, when it is on), and a request gives the tokens it gives on a fresh
+    /// batcher.
+    #[test]
+    fn the_warm_up_leaves_the_engine_as_it_found_it() {
+        let (_dir, model) = tiny(DType::F32);
+        let tokens = |b: &mut super::Batcher| -> Vec<u32> {
+            let out = b.run_all(vec![request(&model, 40, 12, false)]);
+            out.into_iter()
+                .next()
+                .unwrap()
+                .unwrap()
+                .tokens
+                .iter()
+                .map(|s| s.token)
+                .collect()
+        };
+        let want = tokens(&mut batcher(&model, 64, 0));
+        let mut warmed = batcher(&model, 64, 0);
+        let before = warmed.engine().kv_usage();
+        warmed.run_warm_up_requests().unwrap();
+        let after = warmed.engine().kv_usage();
+        assert!(warmed.is_idle());
+        assert_eq!((after.used_blocks, after.cached_blocks), (0, 0));
+        assert_eq!(before.used_blocks, 0);
+        assert_eq!(tokens(&mut warmed), want);
+        // A CPU engine skips the warm-up.
+        assert!(warmed.warm_up().unwrap().is_zero());
     }
 }
