@@ -3,6 +3,8 @@
 //! for load (429/503) is tried again a moment later, one that fails (connection refused, reset,
 //! 5xx) is set aside with a growing back-off and its request is retried on another. The run goes
 //! on as long as one server lives; with none alive for `give_up`, it stops with that error.
+//! Requests are async (one tokio runtime drives every request in flight: a blocking client
+//! handed each request and its answer between threads, which made most of the client's CPU).
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
@@ -15,7 +17,7 @@ use super::SgrError;
 
 struct Server {
     url: String,
-    http: reqwest::blocking::Client,
+    http: reqwest::Client,
     in_flight: AtomicUsize,
     /// Set aside until this instant, after `failures` failures in a row.
     down: Mutex<(Option<Instant>, u32)>,
@@ -40,6 +42,16 @@ pub struct Dispatcher {
     give_up: Duration,
 }
 
+/// A claimed slot of a server, given back when the request ends or is dropped (a run that stops
+/// drops the requests still in flight).
+struct InFlight<'a>(&'a AtomicUsize);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 enum Outcome {
     Done(Value),
     /// Busy (429/503): try again soon, anywhere.
@@ -50,11 +62,11 @@ enum Outcome {
 
 impl Dispatcher {
     pub fn new(urls: &[String], per_server: usize, api_key: Option<String>) -> Self {
-        let http = reqwest::blocking::Client::builder()
+        let http = reqwest::Client::builder()
             .timeout(crate::client::REQUEST_TIMEOUT)
             .pool_max_idle_per_host(per_server.max(1))
             .build()
-            .unwrap_or_else(|_| reqwest::blocking::Client::new());
+            .unwrap_or_else(|_| reqwest::Client::new());
         let servers = urls
             .iter()
             .map(|u| Server {
@@ -100,24 +112,24 @@ impl Dispatcher {
         Some(i)
     }
 
-    fn send(&self, server: &Server, path: &str, body: &Value) -> Outcome {
+    async fn send(&self, server: &Server, path: &str, body: &Value) -> Outcome {
         let mut req = server.http.post(format!("{}{path}", server.url)).json(body);
         if let Some(k) = &self.api_key {
             req = req.bearer_auth(k);
         }
-        let resp = match req.send() {
+        let resp = match req.send().await {
             Ok(r) => r,
             Err(e) => return Outcome::Failed(e.to_string()),
         };
         let status = resp.status().as_u16();
         match status {
-            200..=299 => match resp.json::<Value>() {
+            200..=299 => match resp.json::<Value>().await {
                 Ok(v) => Outcome::Done(v),
                 Err(e) => Outcome::Failed(format!("invalid response: {e}")),
             },
             429 | 503 => Outcome::Busy,
             400..=499 => {
-                let text = resp.text().unwrap_or_default();
+                let text = resp.text().await.unwrap_or_default();
                 Outcome::Done(serde_json::json!({"client_error": status, "body": text}))
             }
             _ => Outcome::Failed(format!("status {status}")),
@@ -126,7 +138,7 @@ impl Dispatcher {
 
     /// POSTs `body` to `path` on some live server until one answers; a 4xx answer (the request
     /// itself is wrong) comes back as `{"client_error": status, "body": text}`.
-    pub fn post(&self, path: &str, body: &Value) -> Result<Value, SgrError> {
+    pub async fn post(&self, path: &str, body: &Value) -> Result<Value, SgrError> {
         let mut last_live = Instant::now();
         let mut last_error = String::from("no server was tried");
         loop {
@@ -135,12 +147,14 @@ impl Dispatcher {
                 return Err(SgrError::NoServer(last_error));
             }
             let Some(i) = self.claim() else {
-                std::thread::sleep(Duration::from_millis(50));
+                tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             };
             let server = &self.servers[i];
-            let outcome = self.send(server, path, body);
-            server.in_flight.fetch_sub(1, Ordering::SeqCst);
+            let outcome = {
+                let _claimed = InFlight(&server.in_flight);
+                self.send(server, path, body).await
+            };
             match outcome {
                 Outcome::Done(v) => {
                     if let Ok(mut d) = server.down.lock() {
@@ -153,7 +167,7 @@ impl Dispatcher {
                 }
                 Outcome::Busy => {
                     last_live = Instant::now();
-                    std::thread::sleep(Duration::from_millis(100));
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                 }
                 Outcome::Failed(why) => {
                     server.failures_total.fetch_add(1, Ordering::SeqCst);

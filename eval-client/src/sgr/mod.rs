@@ -20,10 +20,9 @@ pub mod source;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::mpsc;
 use std::time::Instant;
 
+use futures::stream::{self, StreamExt};
 use serde_json::{json, Value};
 
 use dispatch::Dispatcher;
@@ -181,7 +180,7 @@ fn kept_layers(s: &SgrSettings) -> Result<Vec<usize>, SgrError> {
 }
 
 /// Prompts in shuffle order whose templated length fits, up to `limit`; the rest counted.
-fn select(
+async fn select(
     s: &SgrSettings,
     d: &Dispatcher,
     prompts: Vec<Prompt>,
@@ -192,20 +191,20 @@ fn select(
         if out.len() >= s.limit {
             break;
         }
-        let counted = crate::workers::run_indexed(
-            chunk.len(),
-            d.concurrency().min(32),
-            |i| {
-                let body = json!({"model": s.model, "messages": s.messages(&chunk[i].user),
+        let counted: Vec<Result<Value, SgrError>> = stream::iter(chunk)
+            .map(|p| async move {
+                let body = json!({"model": s.model, "messages": s.messages(&p.user),
                                   "add_generation_prompt": true});
-                d.post("/tokenize", &body)
-            },
-            || SgrError::NoServer("a length check was not run".into()),
-        )?;
+                d.post("/tokenize", &body).await
+            })
+            .buffered(d.concurrency().min(32))
+            .collect()
+            .await;
         for (p, v) in chunk.iter().zip(counted) {
             if out.len() >= s.limit {
                 break;
             }
+            let v = v?;
             let too_long = match (v["count"].as_u64(), &v["client_error"]) {
                 (Some(n), _) => n as usize > s.max_prompt_tokens,
                 // The server refuses texts certainly longer than its context by their size.
@@ -239,7 +238,7 @@ fn select(
 }
 
 /// Asks for one prompt's answers and turns them into its training and provenance lines.
-fn answer(
+async fn answer(
     s: &SgrSettings,
     d: &Dispatcher,
     sel: &Selected,
@@ -262,7 +261,7 @@ fn answer(
         // `usage` sums the choices; each choice's logprob entries count its own tokens.
         body["logprobs"] = json!(true);
     }
-    let v = d.post("/v1/chat/completions", &body)?;
+    let v = d.post("/v1/chat/completions", &body).await?;
     if let Some(status) = v["client_error"].as_u64() {
         return Err(SgrError::Refused {
             status,
@@ -324,7 +323,11 @@ pub fn run(s: &SgrSettings) -> Result<report::Summary, SgrError> {
     let (prompts, mut skipped) = source::shuffled_prompts(&rows, shape, s.seed);
     let d = Dispatcher::new(&s.base_urls, s.concurrency, s.api_key.clone());
     let layers = kept_layers(s)?;
-    let selected = select(s, &d, prompts, &mut skipped)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| SgrError::Input(format!("the HTTP runtime did not start: {e}")))?;
+    let selected = runtime.block_on(select(s, &d, prompts, &mut skipped))?;
     let (mut writer, committed) =
         OrderedWriter::resume(&s.out, s.n, |p| selected.get(p).map(|x| x.prompt.row))?;
     let first = writer.next_position();
@@ -334,43 +337,30 @@ pub fn run(s: &SgrSettings) -> Result<report::Summary, SgrError> {
     if !s.progress {
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }
-    let next = AtomicUsize::new(first);
-    let tokens = AtomicU64::new(0);
-    let (tx, rx) = mpsc::channel::<(usize, Result<Finished, SgrError>)>();
     let gen_started = Instant::now();
-    let outcome = std::thread::scope(|scope| -> Result<(), SgrError> {
-        for _ in 0..d.concurrency() {
-            let tx = tx.clone();
-            let (next, tokens, d, selected, layers) = (&next, &tokens, &d, &selected, &layers);
-            scope.spawn(move || loop {
-                let p = next.fetch_add(1, Ordering::SeqCst);
-                if p >= selected.len() {
-                    return;
-                }
-                let r = answer(s, d, &selected[p], layers);
-                if let Ok(f) = &r {
-                    let n: usize = f.lines.iter().map(|(_, p)| p.completion_tokens).sum();
-                    tokens.fetch_add(n as u64, Ordering::SeqCst);
-                }
-                let failed = r.is_err();
-                if tx.send((p, r)).is_err() || failed {
-                    // Stop taking work; the writer reports the error.
-                    next.store(selected.len(), Ordering::SeqCst);
-                    return;
-                }
-            });
-        }
-        drop(tx);
-        for (p, r) in rx {
-            all.extend(writer.put(p, r?)?);
+    // Up to --concurrency answers in flight; each is written as it comes (the writer keeps the
+    // shuffle's order). The first error ends the run and drops the requests still in flight.
+    let outcome = runtime.block_on(async {
+        let mut answers = stream::iter(first..selected.len())
+            .map(|p| {
+                let (d, sel, layers) = (&d, &selected[p], &layers);
+                async move { (p, answer(s, d, sel, layers).await) }
+            })
+            .buffer_unordered(d.concurrency());
+        let mut tokens = 0usize;
+        while let Some((p, r)) = answers.next().await {
+            let f = r?;
+            tokens += f
+                .lines
+                .iter()
+                .map(|(_, p)| p.completion_tokens)
+                .sum::<usize>();
+            all.extend(writer.put(p, f)?);
             bar.set_position(writer.next_position() as u64);
             let secs = gen_started.elapsed().as_secs_f64().max(1e-9);
-            bar.set_message(format!(
-                "{:.0} tok/s",
-                tokens.load(Ordering::SeqCst) as f64 / secs
-            ));
+            bar.set_message(format!("{:.0} tok/s", tokens as f64 / secs));
         }
-        Ok(())
+        Ok::<(), SgrError>(())
     });
     bar.finish_and_clear();
     outcome?;
