@@ -21,9 +21,8 @@
 //!   CUDA, steps above the largest bucket, and runs with `PRUNESERVE_PHASE_TIMES` stay eager.
 
 use std::collections::HashMap;
-use std::time::Instant;
-
 use std::sync::Arc;
+use std::time::Instant;
 
 use candle_core::cuda_backend::cudarc::driver::{sys, CudaGraph};
 use candle_core::{DType, Device, Tensor};

@@ -177,10 +177,9 @@ mod cuda {
         let mut b = func.builder();
         b.arg(&logits).arg(&out).arg(&vocab_i);
         // SAFETY: draw_f32 writes every id's mass before it reads any.
-        let masses = match params {
-            Some(_) => Some(unsafe { dev.alloc::<u64>(rows * vocab)? }),
-            None => None,
-        };
+        let masses = params
+            .map(|_| unsafe { dev.alloc::<u64>(rows * vocab) })
+            .transpose()?;
         if let (Some(p), Some(m)) = (params, &masses) {
             b.arg(p).arg(m);
         }
