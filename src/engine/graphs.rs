@@ -27,7 +27,7 @@ use std::time::Instant;
 use candle_core::cuda_backend::cudarc::driver::{sys, CudaGraph};
 use candle_core::{DType, Device, Tensor};
 
-use crate::engine::adapters::{cuda::table_len, LoraAdapter, StepLora, StepSlots};
+use crate::engine::adapters::{cuda::table_len, LoraAdapter, StepLora, StepSlots, MAX_GRAPH_RANK};
 use crate::engine::kv::buffers::{write_into, GraphKvInputs};
 use crate::engine::kv::{ChunkRef, KvCache};
 use crate::engine::model::DecoderModel;
@@ -74,8 +74,9 @@ struct Inputs {
     ids: Tensor,
     positions: Tensor,
     kv: GraphKvInputs,
-    /// LoRA slot tables by slot capacity.
-    lora: HashMap<usize, Tensor>,
+    /// LoRA slot tables by slot capacity, each with its shrunk-rows scratch (f32, room for
+    /// every row at the widest graph rank, so that no graph ever points at a replaced one).
+    lora: HashMap<usize, (Tensor, Tensor)>,
     /// The step's final-normed hidden rows, allocated by the first eager run.
     out: Option<Tensor>,
 }
@@ -109,15 +110,19 @@ impl Inputs {
             return Ok(StepLora::default());
         }
         let rows = self.ids.elem_count();
-        let buffer = match self.lora.entry(capacity) {
+        let buffers = match self.lora.entry(capacity) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
             std::collections::hash_map::Entry::Vacant(e) => {
+                let device = self.ids.device();
                 let words = table_len(rows, max_plan, capacity);
-                e.insert(Tensor::zeros(words, DType::I64, self.ids.device())?)
+                e.insert((
+                    Tensor::zeros(words, DType::I64, device)?,
+                    Tensor::zeros(rows * MAX_GRAPH_RANK, DType::F32, device)?,
+                ))
             }
         };
         slots.pad_to(rows);
-        StepLora::graphed(slots, buffer, max_plan, shape)
+        StepLora::graphed(slots, buffers, max_plan, shape)
     }
 }
 

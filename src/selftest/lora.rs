@@ -22,6 +22,8 @@ use crate::engine::adapters::LoraAdapter;
 #[cfg(feature = "cuda")]
 use crate::engine::adapters::{Group, StepLora};
 use crate::engine::model::DecoderModel;
+#[cfg(feature = "cuda")]
+use crate::engine::ops::gemm::ExactRows;
 
 pub(super) fn adapter_checks(
     root: &std::path::Path,
@@ -184,11 +186,12 @@ fn kernel_diffs(
             let x = super::graphs::values((t, inp), seed)?;
             let y = super::graphs::values((t, out), seed + 1)?.to_dtype(DType::F32)?;
             let x32 = x.to_dtype(DType::F32)?;
+            let all = ExactRows::all(t);
             let want = StepLora::new(&rows_of(cpu, t), &Device::Cpu)?.add(
                 y.clone(),
                 &x32,
-                layer,
-                group,
+                (layer, group),
+                &all,
             )?;
             let moved = (&want - &y)?
                 .abs()?
@@ -197,7 +200,8 @@ fn kernel_diffs(
                 .to_scalar::<f32>()?;
             let lora = StepLora::new(&rows_of(cuda, t), device)?;
             for (k, xs) in [x, x32].iter().enumerate() {
-                let got = lora.add(y.to_device(device)?, &xs.to_device(device)?, layer, group)?;
+                let (y, xs) = (y.to_device(device)?, xs.to_device(device)?);
+                let got = lora.add(y, &xs, (layer, group), &all)?;
                 let d = (got.to_device(&Device::Cpu)? - &want)?
                     .abs()?
                     .flatten_all()?

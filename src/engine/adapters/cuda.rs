@@ -4,6 +4,7 @@
 //! of rows sorted by adapter), the rest through `lora.cu`'s BGMV kernels (Punica's split). The
 //! candle path in `mod.rs` defines what they compute; `selftest` checks both against it.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use candle_core::backend::BackendStorage;
@@ -22,8 +23,29 @@ const SHRINK_ROWS: usize = 4;
 const SHRINK_WARPS: usize = 8;
 const EXPAND_ROWS: usize = 8;
 const EXPAND_THREADS: usize = 256;
-/// A slot-table entry: A pointer, B pointer, R.
-pub type Entry = [u64; 3];
+/// A slot-table entry: A pointer, B pointer, R, the ranks of each packed module's columns
+/// ([`segments`]).
+pub type Entry = [u64; ENTRY_WORDS];
+const ENTRY_WORDS: usize = 4;
+
+/// Loads every kernel of lora.cu on `device` (the driver JIT-compiles the module once), so that
+/// the first step with an adapter does not wait for it. Nothing on a CPU device.
+pub fn preload(device: &Device) -> Result<()> {
+    let Device::Cuda(dev) = device else {
+        return Ok(());
+    };
+    for name in [
+        "lora_shrink_f32",
+        "lora_shrink_bf16",
+        "lora_expand",
+        "lora_shrink_mma4",
+        "lora_shrink_mma8",
+        "lora_expand_mma",
+    ] {
+        dev.get_or_load_custom_func(name, "pruneserve_lora", PTX)?;
+    }
+    Ok(())
+}
 
 /// The device address of a contiguous bf16 tensor's first element, which the BGMV kernels' 16-byte
 /// loads need 16-byte aligned (device allocations are).
@@ -40,19 +62,46 @@ fn device_ptr(t: &Tensor) -> Result<u64> {
     Ok(ptr)
 }
 
+/// `Entry::seg` of lora.cu: which ranks the output columns of each packed module take, for the
+/// expand kernel to skip the zero blocks of a block-diagonal `B`. 0 (every column takes all of
+/// `[0, R)`) for one module, more than three, or boundaries the kernel cannot use (columns not a
+/// multiple of 16, ranks not of 8, or too wide for the fields).
+fn segments(d: &Delta) -> u64 {
+    let blocks = &d.blocks;
+    if blocks.len() < 2 || blocks.len() > 3 {
+        return 0;
+    }
+    // The boundaries after the first and second modules; with two modules the second is the end.
+    let (o1, r1) = blocks[0];
+    let (o2, r2) = blocks[1];
+    let fits = |o: usize, r: usize| {
+        o.is_multiple_of(16) && r.is_multiple_of(8) && o / 16 <= 0xffff && r / 8 <= 0xff
+    };
+    if !fits(o1, r1) || !fits(o2, r2) {
+        return 0;
+    }
+    let field = |v: usize| v as u64;
+    (1 << 63) | field(o1 / 16) | field(r1 / 8) << 16 | field(o2 / 16) << 24 | field(r2 / 8) << 40
+}
+
 /// Each layer's entries per group (zeros where the adapter leaves the group alone), computed once
 /// when an adapter is loaded; the tensors they point into live as long as the adapter.
 pub fn entries(layers: &[Option<super::LayerLora>]) -> Result<Vec<[Entry; GROUPS]>> {
     let entry = |d: Option<&Delta>| -> Result<Entry> {
         match d {
-            Some(d) => Ok([device_ptr(&d.a)?, device_ptr(&d.b)?, d.a.dim(0)? as u64]),
-            None => Ok([0; 3]),
+            Some(d) => Ok([
+                device_ptr(&d.a)?,
+                device_ptr(&d.b)?,
+                d.a.dim(0)? as u64,
+                segments(d),
+            ]),
+            None => Ok([0; ENTRY_WORDS]),
         }
     };
     layers
         .iter()
         .map(|l| {
-            let mut out = [[0u64; 3]; GROUPS];
+            let mut out = [[0u64; ENTRY_WORDS]; GROUPS];
             if let Some(l) = l {
                 for (g, e) in Group::ALL.iter().zip(out.iter_mut()) {
                     *e = entry(g.of(l))?;
@@ -71,7 +120,7 @@ fn max_tiles(rows: usize, capacity: usize) -> usize {
 /// Where the tiles start in a table of `rows` rows and `capacity` slots over `layers` base
 /// layers: after the row slots and the entries.
 fn tiles_at(rows: usize, layers: usize, capacity: usize) -> usize {
-    rows + layers * GROUPS * capacity * 3
+    rows + layers * GROUPS * capacity * ENTRY_WORDS
 }
 
 /// The i64 words of a table of `rows` rows and `capacity` slots over `layers` base layers.
@@ -99,7 +148,7 @@ fn table_words(
                 let e = slots
                     .get(k)
                     .and_then(|a| a.cuda_entries.get(layer))
-                    .map_or([0; 3], |l| l[g]);
+                    .map_or([0; ENTRY_WORDS], |l| l[g]);
                 *w = (*w).max(e[2] as usize);
                 meta.extend(e.map(|w| w as i64));
             }
@@ -134,6 +183,12 @@ pub struct LoraTable {
     max_tiles: usize,
     /// Widest R per layer and group among the slots (0: no slot adapts it).
     rmax: Vec<[usize; GROUPS]>,
+    /// f32 room for every row's shrunk values at the widest R, reused by every group of the step
+    /// (the launches run in order on one stream), so a decode graph allocates nothing for them.
+    scratch: Tensor,
+    /// The group whose shrink [`LoraTable::prefetch`] started on the side stream
+    /// ([`pending_key`]; 0: none), which [`LoraTable::add`] joins before its expand.
+    pending: Arc<AtomicUsize>,
     /// Keeps the tensors the table points into alive.
     _adapters: Vec<Arc<LoraAdapter>>,
 }
@@ -144,12 +199,15 @@ impl LoraTable {
         let (rows, slots) = (step.row_slots.len(), step.adapters.len());
         let (meta, rmax) = table_words(&step, layers, slots);
         let len = meta.len();
+        let widest = rmax.iter().flatten().copied().max().unwrap_or(0);
         Ok(Self {
             meta: Tensor::from_vec(meta, len, device)?,
             rows,
             slots,
             max_tiles: max_tiles(rows, slots),
             rmax,
+            scratch: Tensor::zeros(rows * widest.max(1), DType::F32, device)?,
+            pending: Arc::default(),
             _adapters: step.adapters,
         })
     }
@@ -157,9 +215,10 @@ impl LoraTable {
     /// The table of a decode graph: written into `buffer` (a fixed input of
     /// [`table_len`]`(rows, layers, capacity)` i64 words) with room for `capacity` slots, and
     /// launching every layer and group at rank `rank`, so that its launches depend only on
-    /// (rows, capacity, rank) and a captured graph replays them for any adapters that fit.
+    /// (rows, capacity, rank) and a captured graph replays them for any adapters that fit;
+    /// `scratch` (fixed too, f32, at least rows * rank) takes the shrunk rows.
     pub fn in_buffer(
-        buffer: &Tensor,
+        (buffer, scratch): &(Tensor, Tensor),
         step: StepSlots,
         layers: usize,
         (capacity, rank): (usize, usize),
@@ -167,7 +226,11 @@ impl LoraTable {
         let (rows, slots) = (step.row_slots.len(), step.adapters.len());
         let (meta, widest) = table_words(&step, layers, capacity);
         let wider = widest.iter().flatten().any(|&r| r > rank);
-        if slots > capacity || wider || meta.len() != buffer.elem_count() {
+        if slots > capacity
+            || wider
+            || meta.len() != buffer.elem_count()
+            || scratch.elem_count() < rows * rank
+        {
             candle_core::bail!(
                 "a LoRA table of {slots} slots does not fit a graph's table of {capacity} slots, rank {rank}"
             );
@@ -179,34 +242,92 @@ impl LoraTable {
             slots: capacity,
             max_tiles: max_tiles(rows, capacity),
             rmax: vec![[rank; GROUPS]; layers],
+            scratch: scratch.clone(),
+            pending: Arc::default(),
             _adapters: step.adapters,
         })
     }
 
+    /// The tensor-core launches of `group` of base layer `layer`, when the group is adapted and
+    /// rows `x` and `out` output columns fit that path.
+    fn mma_launch(
+        &self,
+        x: &Tensor,
+        (layer, group): (usize, Group),
+        out: usize,
+    ) -> Result<Option<mma::Launch>> {
+        let g = group as usize;
+        let rmax = self.rmax.get(layer).map_or(0, |r| r[g]);
+        if rmax == 0 || !mma::takes(x, out)? {
+            return Ok(None);
+        }
+        Ok(Some(mma::Launch {
+            rows: self.rows,
+            entries: self.rows + (layer * GROUPS + g) * self.slots * ENTRY_WORDS,
+            tiles: (
+                tiles_at(self.rows, self.rmax.len(), self.slots),
+                self.max_tiles,
+            ),
+            rmax,
+            meta: self.meta.clone(),
+            scratch: self.scratch.clone(),
+        }))
+    }
+
+    /// Starts the shrink of rows `x` for `group` of `layer` (with `out` output columns) on the
+    /// side stream, so that it runs beside the base projection launched next; [`Self::add`]
+    /// for the same group finishes it. Nothing when the group is not on the tensor-core path or
+    /// `x` is not already laid out as the kernel reads it (`add` then does it all).
+    pub fn prefetch(&self, x: &Tensor, at: (usize, Group), out: usize) -> Result<()> {
+        if !is_fresh(x) {
+            return Ok(());
+        }
+        let Some(launch) = self.mma_launch(x, at, out)? else {
+            return Ok(());
+        };
+        let Device::Cuda(dev) = x.device() else {
+            return Ok(());
+        };
+        let main = dev.cuda_stream();
+        let side = mma::side_stream(&main)?;
+        // The side stream waits for everything queued so far: `x`, and the previous group's
+        // expand that reads the same scratch.
+        side.join(&main).w()?;
+        x.inplace_op1(&mma::Shrink {
+            at: launch,
+            stream: Some(side),
+        })?;
+        self.pending.store(pending_key(at), Ordering::Relaxed);
+        Ok(())
+    }
+
     /// `y` plus each row's adapter delta of `x` for `group` of base layer `layer`.
-    pub fn add(&self, y: Tensor, x: &Tensor, layer: usize, group: Group) -> Result<Tensor> {
+    pub fn add(&self, y: Tensor, x: &Tensor, (layer, group): (usize, Group)) -> Result<Tensor> {
         let g = group as usize;
         let rmax = self.rmax.get(layer).map_or(0, |r| r[g]);
         if rmax == 0 {
             return Ok(y);
         }
-        let entries = self.rows + (layer * GROUPS + g) * self.slots * 3;
-        let x = fresh(x)?;
+        let entries = self.rows + (layer * GROUPS + g) * self.slots * ENTRY_WORDS;
         let out = y.dim(1)?;
-        if mma::takes(&x, out)? {
+        let prefetched = self.pending.swap(0, Ordering::Relaxed) == pending_key((layer, group));
+        if let Some(launch) = self.mma_launch(x, (layer, group), out)? {
             let y = fresh(&y)?;
-            let op = mma::Mma {
-                rows: self.rows,
-                entries,
-                tiles: (
-                    tiles_at(self.rows, self.rmax.len(), self.slots),
-                    self.max_tiles,
-                ),
-                rmax,
-            };
-            y.inplace_op3(&x, &self.meta, &op)?;
+            match (prefetched, x.device()) {
+                (true, Device::Cuda(dev)) => {
+                    let main = dev.cuda_stream();
+                    let side = mma::side_stream(&main)?;
+                    main.join(&side).w()?;
+                }
+                _ => fresh(x)?.inplace_op1(&mma::Shrink {
+                    at: launch.clone(),
+                    stream: None,
+                })?,
+            }
+            y.inplace_op2(&self.meta, &mma::Expand(launch))?;
             return Ok(y);
         }
+        let x = fresh(x)?;
         let h = x.apply_op2_no_bwd(
             &self.meta,
             &Shrink {
@@ -229,13 +350,23 @@ impl LoraTable {
     }
 }
 
-/// A row-major copy starting at offset 0, as the kernels index raw pointers.
+/// Whether `t` is row-major from offset 0, as the kernels index raw pointers.
+fn is_fresh(t: &Tensor) -> bool {
+    t.is_contiguous() && t.layout().start_offset() == 0
+}
+
+/// `t`, or a row-major copy starting at offset 0.
 fn fresh(t: &Tensor) -> Result<Tensor> {
-    if t.is_contiguous() && t.layout().start_offset() == 0 {
+    if is_fresh(t) {
         Ok(t.clone())
     } else {
         t.force_contiguous()
     }
+}
+
+/// [`LoraTable::pending`]'s value for a group of a layer.
+fn pending_key((layer, group): (usize, Group)) -> usize {
+    layer * GROUPS + group as usize + 1
 }
 
 struct Shrink {

@@ -2,11 +2,12 @@
 // one launch each per packed projection group, whatever the number of adapters in the step.
 //
 // `meta` (64-bit words): meta[t] is row t's slot (all ones: no adapter), and at `entries` a table
-// of slots, each {A pointer, B pointer, R}: A is [R, in], B is [out, R] (scale folded in), bf16,
+// of slots, each {A pointer, B pointer, R, segments}: A is [R, in], B is [out, R] (scale folded in), bf16,
 // R a multiple of 16 (zero-padded at load). Products and sums are f32; the shrunk rows stay f32.
 // CPU reference: `StepLora::add`'s candle path (adapters/mod.rs), checked by `selftest`.
 #include <cuda_bf16.h>
 #include <stdint.h>
+#include <cooperative_groups.h>
 
 #define NONE 0xffffffffffffffffull
 
@@ -14,7 +15,26 @@ struct Entry {
     const __nv_bfloat16* a;
     const __nv_bfloat16* b;
     unsigned long long r;
+    // The ranks each output column's row of B can hold non-zero (packed groups are
+    // block-diagonal): 0 for all of [0, R); otherwise bit 63 set, output columns [0, o1) take
+    // ranks [0, r1), [o1, o2) take [r1, r2) and [o2, out) take [r2, R), with o1 / 16 and o2 / 16
+    // in bits 0-15 and 24-39, r1 / 8 and r2 / 8 in bits 16-23 and 40-47.
+    unsigned long long seg;
 };
+
+// The ranks [lo, hi) that output column o's row of B can hold non-zero.
+__device__ __forceinline__ void seg_ranks(const Entry& e, int o, int& lo, int& hi) {
+    const unsigned long long s = e.seg;
+    if (!(s >> 63)) {
+        lo = 0;
+        hi = (int)e.r;
+        return;
+    }
+    const int o1 = 16 * (int)(s & 0xffff), r1 = 8 * (int)((s >> 16) & 0xff);
+    const int o2 = 16 * (int)((s >> 24) & 0xffff), r2 = 8 * (int)((s >> 40) & 0xff);
+    lo = o < o1 ? 0 : (o < o2 ? r1 : r2);
+    hi = o < o1 ? r1 : (o < o2 ? r2 : (int)e.r);
+}
 
 __device__ __forceinline__ void load8(const float* p, float* v) {
     const float4 a = *reinterpret_cast<const float4*>(p);
@@ -164,17 +184,26 @@ extern "C" __global__ void lora_expand(const float* h, const unsigned long long*
 // The rows of a step are sorted by slot and cut into tiles of at most TILE rows of one slot
 // (built on the host, after the entries at `tiles_at`): {tiles, rows, then per tile {slot,
 // start, rows}, max_tiles of them, then order[p], the packed row of sorted position p}.
-// Both kernels issue `mma.sync.m16n8k16` (bf16 in, f32 accumulate) on fragments each thread
-// loads straight from global memory (the rows of a tile through `order`), so no staging.
-// Shrink splits `in` across blocks (512 each, 128 per warp, the parts summed in order in
-// shared memory); the last block of a (tile, 16 ranks) to finish adds the splits in order into
-// h (f32), so the sums do not depend on the launch. Expand feeds h to the tensor cores as bf16
-// hi + lo halves, which keeps about f32's precision. An output row depends only on its own
-// input row, whatever tile it lands in.
+// Both kernels issue `mma.sync.m16n8k16` (bf16 in, f32 accumulate) on fragments loaded 16 bytes
+// a lane: a lane takes 8 consecutive k of each row it holds, and the two k16 steps of each 32
+// are fed those k in an order that is the same for both operands, which a dot product allows.
+// Shrink gives each block one 16-row slice and 16 ranks over a fixed part of `in`; on sm_90 the
+// SHRINK_SPLIT parts are a cluster of blocks whose first adds the others' sums from their shared
+// memory in rank order, so h (f32) is written in one pass with no global partial sums. Expand
+// gives each block one tile and 16 * EXPAND_WARPS columns: it stages the tile's h in shared memory
+// as bf16 hi + lo halves (about f32's precision), once for all its warps; each warp keeps its
+// columns of B in registers across the tile's slices and loads the outputs it updates before the
+// products. Every memory access a kernel can issue early is issued before the first wait. An
+// output row depends only on its own input row, whatever tile it lands in.
 #define TILE 64
-#define WARP_K 128
-#define SHRINK_PARTS 4
-#define EXPAND_STEPS 4
+#define SLICES (TILE / 16)
+#define SHRINK_BATCH 4
+#define SHRINK_WARPS 8
+#define EXPAND_WARPS 8
+#define EXPAND_CH 64
+// Words per staged row: EXPAND_CH / 2 pairs and 16 more, so that the 16-byte loads of a quarter
+// warp (rows g, g + 1, four lanes each) fall in distinct banks.
+#define HS_STRIDE (EXPAND_CH / 2 + 16)
 
 struct Tile {
     int slot, start, rows;
@@ -190,114 +219,149 @@ __device__ __forceinline__ bool tile_at(const unsigned long long* meta, int tile
     return true;
 }
 
-__device__ __forceinline__ unsigned ld32(const __nv_bfloat16* p) {
-    return *reinterpret_cast<const unsigned*>(p);
+// 8 bf16 at p when `ok` (16-byte aligned), zeros otherwise.
+__device__ __forceinline__ uint4 ld128(const __nv_bfloat16* p, bool ok) {
+    return ok ? *reinterpret_cast<const uint4*>(p) : make_uint4(0, 0, 0, 0);
 }
 
 // c += a (16x16, row-major fragment) . b (16x8, column-major fragment).
-__device__ __forceinline__ void mma16816(float* c, const unsigned* a, const unsigned* b) {
+__device__ __forceinline__ void mma16816(float* c, unsigned a0, unsigned a1, unsigned a2,
+                                         unsigned a3, unsigned b0, unsigned b1) {
     asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
         "{%8,%9}, {%0,%1,%2,%3};"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-// One warp's part of a shrink block: `acc` += one 16-row slice (rows xr0, xr1) times 16 ranks
-// (ar0, ar1) over `in` from k to k + WARP_K. Every fragment is loaded before the first product,
-// so the warp waits for memory once; when not FULL, steps past `in` are skipped.
-template <bool FULL>
-__device__ __forceinline__ void shrink_slice(const __nv_bfloat16* xr0, const __nv_bfloat16* xr1,
+// acc[n] += rows (x0: row g, x1: row g + 8) . columns b[n] over one 32-wide chunk of k, each
+// lane's 8 k per row in x0, x1 and b[n] (the same 8 k for all).
+__device__ __forceinline__ void mma_chunk(float (&acc)[2][4], uint4 x0, uint4 x1, const uint4 (&b)[2]) {
+#pragma unroll
+    for (int n = 0; n < 2; n++) {
+        mma16816(acc[n], x0.x, x1.x, x0.y, x1.y, b[n].x, b[n].y);
+        mma16816(acc[n], x0.z, x1.z, x0.w, x1.w, b[n].z, b[n].w);
+    }
+}
+
+// One warp's part of a shrink block: `acc` += a 16-row slice (rows xr0, xr1) times 16 ranks
+// (ar0, ar1) over the 32-wide chunks c0 .. c1 of `in`, SHRINK_BATCH chunks' loads issued before
+// their products, so the warp waits for memory once a batch.
+__device__ __forceinline__ void shrink_chunks(const __nv_bfloat16* xr0, const __nv_bfloat16* xr1,
+                                              const __nv_bfloat16* ar0, const __nv_bfloat16* ar1,
+                                              int c0, int c1, int in, int t, float (&acc)[2][4]) {
+    for (int c = c0; c < c1; c += SHRINK_BATCH) {
+        uint4 x[SHRINK_BATCH][2], b[SHRINK_BATCH][2];
+#pragma unroll
+        for (int j = 0; j < SHRINK_BATCH; j++) {
+            const int k = 32 * (c + j) + 8 * t;
+            const bool ok = c + j < c1 && k < in;
+            x[j][0] = ld128(xr0 + k, ok);
+            x[j][1] = ld128(xr1 + k, ok);
+            b[j][0] = ld128(ar0 + k, ok);
+            b[j][1] = ld128(ar1 + k, ok);
+        }
+#pragma unroll
+        for (int j = 0; j < SHRINK_BATCH; j++) {
+            if (c + j < c1) mma_chunk(acc, x[j][0], x[j][1], b[j]);
+        }
+    }
+}
+
+// This block's sums over the chunks c0 .. c1 of `in` for its 16 rows and 16 ranks, into `sum`:
+// each of SHRINK_WARPS warps takes a fixed part, added in warp order.
+__device__ __forceinline__ void shrink_block(const __nv_bfloat16* xr0, const __nv_bfloat16* xr1,
                                              const __nv_bfloat16* ar0, const __nv_bfloat16* ar1,
-                                             int k, int in, float (&acc)[2][4]) {
-    constexpr int STEPS = WARP_K / 16;
-    unsigned a[STEPS][4], b[STEPS][2][2];
+                                             int c0, int c1, int in, float (*sum)[17]) {
+    __shared__ float red[SHRINK_WARPS][16][17];
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    const int n = c1 - c0;
+    float acc[2][4] = {};
+    shrink_chunks(xr0, xr1, ar0, ar1, c0 + warp * n / SHRINK_WARPS,
+                  c0 + (warp + 1) * n / SHRINK_WARPS, in, t, acc);
 #pragma unroll
-    for (int j = 0; j < STEPS; j++) {
-        const int kk = k + 16 * j;
-        if (!FULL && kk >= in) continue;
-        a[j][0] = ld32(xr0 + kk);
-        a[j][1] = ld32(xr1 + kk);
-        a[j][2] = ld32(xr0 + kk + 8);
-        a[j][3] = ld32(xr1 + kk + 8);
-        b[j][0][0] = ld32(ar0 + kk);
-        b[j][0][1] = ld32(ar0 + kk + 8);
-        b[j][1][0] = ld32(ar1 + kk);
-        b[j][1][1] = ld32(ar1 + kk + 8);
-    }
+    for (int q = 0; q < 2; q++)
 #pragma unroll
-    for (int j = 0; j < STEPS; j++) {
-        if (!FULL && k + 16 * j >= in) continue;
-        mma16816(acc[0], a[j], b[j][0]);
-        mma16816(acc[1], a[j], b[j][1]);
+        for (int u = 0; u < 2; u++) {
+            red[warp][g + 8 * u][8 * q + 2 * t] = acc[q][2 * u];
+            red[warp][g + 8 * u][8 * q + 2 * t + 1] = acc[q][2 * u + 1];
+        }
+    __syncthreads();
+    for (int i = threadIdx.x; i < 256; i += blockDim.x) {
+        float v = 0.f;
+#pragma unroll
+        for (int w = 0; w < SHRINK_WARPS; w++) v += red[w][i / 16][i % 16];
+        sum[i / 16][i % 16] = v;
     }
 }
 
-// h[p, r] = x[order[p], :] . A_slot[r, :] for the tile blockIdx.x's rows and ranks
-// blockIdx.y * 16 .. +16 (below R), over the split blockIdx.z of `in`: 16 warps, one per
-// (16-row slice, WARP_K part of the split's SHRINK_PARTS * WARP_K). Grid (max_tiles, rmax / 16,
-// ceil(in / (SHRINK_PARTS * WARP_K))), 512 threads; `counters` (one per (tile, rank block))
-// start at 0.
-extern "C" __global__ void lora_shrink_mma(const __nv_bfloat16* x, const unsigned long long* meta,
+// h[p, r] = x[order[p], :] . A_slot[r, :] for the 16-row slice blockIdx.x % SLICES of tile
+// blockIdx.x / SLICES and ranks blockIdx.y * 16 .. +16 (below the slot's R). Grid (max_tiles *
+// SLICES, rmax / 16, SPLIT), 32 * SHRINK_WARPS threads. On sm_90 the SPLIT blocks along z form a
+// cluster, block z summing the z-th part of `in`'s 32-wide chunks (so that `in` is read by
+// several SMs), and the first adds the others' sums in rank order; before sm_90 the first block
+// takes all of `in` and the others return.
+template <int SPLIT>
+__device__ __forceinline__ void shrink_mma(const __nv_bfloat16* x, const unsigned long long* meta,
                                            int entries, int tiles_at, int max_tiles, int in,
-                                           int rmax, int rows_cap, float* part,
-                                           unsigned long long* counters, float* h) {
-    __shared__ float red[SHRINK_PARTS][TILE][16];
-    __shared__ bool last;
+                                           int rmax, float* h) {
+    __shared__ float sum[16][17];
     Tile tile;
-    if (!tile_at(meta, tiles_at, blockIdx.x, tile)) return;
+    const int slice = blockIdx.x % SLICES;
+    if (!tile_at(meta, tiles_at, blockIdx.x / SLICES, tile) || 16 * slice >= tile.rows) return;
     const Entry e = reinterpret_cast<const Entry*>(meta + entries)[tile.slot];
     const int r0 = blockIdx.y * 16;
     if (r0 >= (int)e.r) return;
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-    const int s = warp % 4, kpart = warp / 4;
+    const int g = (threadIdx.x % 32) / 4;
     const unsigned long long* order = meta + tiles_at + 2 + 3 * max_tiles;
-    if (16 * s < tile.rows) {
-        float acc[2][4] = {};
-        const int row0 = 16 * s + g, row1 = row0 + 8;
-        const __nv_bfloat16* xr0 = x + order[tile.start + (row0 < tile.rows ? row0 : 0)] * in + 2 * t;
-        const __nv_bfloat16* xr1 = x + order[tile.start + (row1 < tile.rows ? row1 : 0)] * in + 2 * t;
-        const __nv_bfloat16* ar0 = e.a + (size_t)(r0 + g) * in + 2 * t;
-        const __nv_bfloat16* ar1 = e.a + (size_t)(r0 + 8 + g) * in + 2 * t;
-        const int k = (blockIdx.z * SHRINK_PARTS + kpart) * WARP_K;
-        if (k + WARP_K <= in) {
-            shrink_slice<true>(xr0, xr1, ar0, ar1, k, in, acc);
-        } else if (k < in) {
-            shrink_slice<false>(xr0, xr1, ar0, ar1, k, in, acc);
-        }
-#pragma unroll
-        for (int n = 0; n < 2; n++)
-#pragma unroll
-            for (int u = 0; u < 2; u++) {
-                red[kpart][row0 + 8 * u][8 * n + 2 * t] = acc[n][2 * u];
-                red[kpart][row0 + 8 * u][8 * n + 2 * t + 1] = acc[n][2 * u + 1];
-            }
-    }
-    __syncthreads();
-    float* mine = part + (size_t)blockIdx.z * rows_cap * rmax;
-    for (int i = threadIdx.x; i < tile.rows * 16; i += blockDim.x) {
+    const int first = 16 * slice, row0 = first + g, row1 = row0 + 8;
+    // Rows past the tile read the slice's first row; their sums are not written.
+    const __nv_bfloat16* xr0 = x + order[tile.start + (row0 < tile.rows ? row0 : first)] * in;
+    const __nv_bfloat16* xr1 = x + order[tile.start + (row1 < tile.rows ? row1 : first)] * in;
+    const __nv_bfloat16* ar0 = e.a + (size_t)(r0 + g) * in;
+    const __nv_bfloat16* ar1 = e.a + (size_t)(r0 + 8 + g) * in;
+    const int chunks = (in + 31) / 32;
+#if __CUDA_ARCH__ >= 900
+    namespace cg = cooperative_groups;
+    const cg::cluster_group cluster = cg::this_cluster();
+    const int part = (int)cluster.block_rank();
+    shrink_block(xr0, xr1, ar0, ar1, part * chunks / SPLIT, (part + 1) * chunks / SPLIT, in, sum);
+    cluster.sync();
+    for (int i = threadIdx.x; part == 0 && i < 256; i += blockDim.x) {
         const int row = i / 16, c = i % 16;
         float v = 0.f;
 #pragma unroll
-        for (int w = 0; w < SHRINK_PARTS; w++) v += red[w][row][c];
-        mine[(size_t)(tile.start + row) * rmax + r0 + c] = v;
+        for (int z = 0; z < SPLIT; z++) v += cluster.map_shared_rank(&sum[0][0], z)[row * 17 + c];
+        if (first + row < tile.rows) h[(size_t)(tile.start + first + row) * rmax + r0 + c] = v;
     }
-    // The last block of this (tile, rank block) adds every split, in order.
-    __threadfence();
+    // The others' shared memory stays until the first block has read it.
+    cluster.sync();
+#else
+    if (blockIdx.z != 0) return;
+    shrink_block(xr0, xr1, ar0, ar1, 0, chunks, in, sum);
     __syncthreads();
-    unsigned long long* counter = counters + blockIdx.x * gridDim.y + blockIdx.y;
-    if (threadIdx.x == 0) last = atomicAdd(counter, 1ull) == gridDim.z - 1;
-    __syncthreads();
-    if (!last) return;
-    __threadfence();
-    const size_t stride = (size_t)rows_cap * rmax;
-    for (int i = threadIdx.x; i < tile.rows * 16; i += blockDim.x) {
-        const size_t at = (size_t)(tile.start + i / 16) * rmax + r0 + i % 16;
-        float v = 0.f;
-#pragma unroll 8
-        for (int z = 0; z < (int)gridDim.z; z++) v += __ldcg(part + z * stride + at);
-        h[at] = v;
+    for (int i = threadIdx.x; i < 256; i += blockDim.x) {
+        const int row = i / 16, c = i % 16;
+        if (first + row < tile.rows) h[(size_t)(tile.start + first + row) * rmax + r0 + c] = sum[row][c];
     }
+#endif
 }
+
+#if __CUDA_ARCH__ >= 900
+#define CLUSTER(n) __cluster_dims__(1, 1, n)
+#else
+#define CLUSTER(n)
+#endif
+
+// Splits of 4 for `in` up to 8,192, of 8 above (the host picks; measured on the H200).
+#define SHRINK_KERNEL(split)                                                                   \
+    extern "C" __global__ void __launch_bounds__(32 * SHRINK_WARPS) CLUSTER(split)             \
+        lora_shrink_mma##split(const __nv_bfloat16* x, const unsigned long long* meta,         \
+                               int entries, int tiles_at, int max_tiles, int in, int rmax,     \
+                               float* h) {                                                     \
+        shrink_mma<split>(x, meta, entries, tiles_at, max_tiles, in, rmax, h);                 \
+    }
+SHRINK_KERNEL(4)
+SHRINK_KERNEL(8)
 
 // The bf16 hi and lo halves of two floats, each packed as a pair.
 __device__ __forceinline__ void halves(float2 v, unsigned& hi, unsigned& lo) {
@@ -308,68 +372,109 @@ __device__ __forceinline__ void halves(float2 v, unsigned& hi, unsigned& lo) {
     lo = *reinterpret_cast<const unsigned*>(&l);
 }
 
-// y[order[p], o] += h[p, :R] . B_slot[o, :R] for the 16-row slice blockIdx.z of the tile
-// blockIdx.x and columns blockIdx.y * 64 + 16 * warp .. +16. Grid (max_tiles, ceil(out / 64),
-// 4), 128 threads. Each warp loads EXPAND_STEPS steps of 16 ranks before multiplying them.
-extern "C" __global__ void lora_expand_mma(const float* h, const unsigned long long* meta,
-                                           int entries, int tiles_at, int max_tiles, int out,
-                                           int rmax, float* y) {
+// y[order[p], o] += h[p, :R] . B_slot[o, :R] for the rows of tile blockIdx.x and columns
+// blockIdx.y * 16 * EXPAND_WARPS + 16 * warp .. +16, over only the ranks each column's row of B
+// can hold non-zero (Entry::seg; a warp's 16 columns share them). Grid (max_tiles, ceil(out /
+// (16 * EXPAND_WARPS))), 32 * EXPAND_WARPS threads. The block's ranks go by chunks of EXPAND_CH:
+// each warp issues its B loads for the chunk and the block its loads of the chunk's h, which it
+// stages as hi and lo pairs; then every slice of the tile is multiplied by the same B fragments.
+extern "C" __global__ void __launch_bounds__(32 * EXPAND_WARPS)
+    lora_expand_mma(const float* h, const unsigned long long* meta, int entries, int tiles_at,
+                    int max_tiles, int out, int rmax, float* y) {
+    constexpr int PAIRS = EXPAND_CH / 2, PER_THREAD = TILE * PAIRS / (32 * EXPAND_WARPS);
+    __shared__ __align__(16) unsigned hs[2][TILE][HS_STRIDE];
     Tile tile;
     if (!tile_at(meta, tiles_at, blockIdx.x, tile)) return;
-    const int slice = blockIdx.z;
-    if (16 * slice >= tile.rows) return;
     const Entry e = reinterpret_cast<const Entry*>(meta + entries)[tile.slot];
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-    const int o0 = blockIdx.y * 64 + 16 * warp;
     const int R = (int)e.r;
-    if (R == 0 || o0 >= out) return;
+    if (R == 0) return;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    const int first = blockIdx.y * 16 * EXPAND_WARPS, o0 = first + 16 * warp;
+    // Warps past `out` still stage h with the others.
+    const bool active = o0 < out;
+    int lo, hi, block_lo, block_hi, unused;
+    seg_ranks(e, min(o0, out - 1), lo, hi);
+    seg_ranks(e, first, block_lo, unused);
+    seg_ranks(e, min(first + 16 * EXPAND_WARPS, out) - 1, unused, block_hi);
+    const __nv_bfloat16* br[2] = {e.b + (size_t)(active ? o0 + g : 0) * R,
+                                  e.b + (size_t)(active ? o0 + 8 + g : 0) * R};
+    // The outputs this lane updates, loaded before any product.
     const unsigned long long* order = meta + tiles_at + 2 + 3 * max_tiles;
-    const int row0 = 16 * slice + g, row1 = row0 + 8;
-    const float* hr0 = h + (size_t)(tile.start + (row0 < tile.rows ? row0 : 0)) * rmax + 2 * t;
-    const float* hr1 = h + (size_t)(tile.start + (row1 < tile.rows ? row1 : 0)) * rmax + 2 * t;
-    const __nv_bfloat16* br0 = e.b + (size_t)(o0 + g) * R + 2 * t;
-    const __nv_bfloat16* br1 = e.b + (size_t)(o0 + 8 + g) * R + 2 * t;
-    float acc[2][4] = {};
-    for (int r = 0; r < R; r += 16 * EXPAND_STEPS) {
-        float2 hv[EXPAND_STEPS][4];
-        unsigned b[EXPAND_STEPS][2][2];
+    long long prow[SLICES][2];
+    float2 yv[SLICES][2][2];
 #pragma unroll
-        for (int j = 0; j < EXPAND_STEPS; j++) {
-            const int rr = r + 16 * j;
-            if (rr >= R) continue;
-            hv[j][0] = *reinterpret_cast<const float2*>(hr0 + rr);
-            hv[j][1] = *reinterpret_cast<const float2*>(hr1 + rr);
-            hv[j][2] = *reinterpret_cast<const float2*>(hr0 + rr + 8);
-            hv[j][3] = *reinterpret_cast<const float2*>(hr1 + rr + 8);
-            b[j][0][0] = ld32(br0 + rr);
-            b[j][0][1] = ld32(br0 + rr + 8);
-            b[j][1][0] = ld32(br1 + rr);
-            b[j][1][1] = ld32(br1 + rr + 8);
+    for (int s = 0; s < SLICES; s++)
+#pragma unroll
+        for (int u = 0; u < 2; u++) {
+            const int row = 16 * s + g + 8 * u;
+            prow[s][u] = active && row < tile.rows ? (long long)order[tile.start + row] : -1;
+#pragma unroll
+            for (int n = 0; n < 2; n++)
+                yv[s][u][n] = prow[s][u] >= 0 ? *reinterpret_cast<const float2*>(
+                                                    y + prow[s][u] * out + o0 + 8 * n + 2 * t)
+                                              : make_float2(0.f, 0.f);
         }
+    // A warp's last chunk of ranks may read up to 16 words past a staged row: zeros, which its
+    // zero B fragments multiply, never uninitialized (NaN) words.
+    for (int i = threadIdx.x; i < 2 * TILE * (HS_STRIDE - PAIRS); i += blockDim.x) {
+        const int pad = HS_STRIDE - PAIRS;
+        hs[i / (TILE * pad)][(i / pad) % TILE][PAIRS + i % pad] = 0;
+    }
+    float acc[SLICES][2][4] = {};
+    for (int c0 = block_lo; c0 < block_hi; c0 += EXPAND_CH) {
+        // This warp's ranks within the chunk, from a multiple of 8 above c0.
+        const int from = max(lo, c0), to = min(hi, c0 + EXPAND_CH);
+        uint4 b[EXPAND_CH / 32][2];
 #pragma unroll
-        for (int j = 0; j < EXPAND_STEPS; j++) {
-            if (r + 16 * j >= R) continue;
-            unsigned hi[4], lo[4];
+        for (int j = 0; j < EXPAND_CH / 32; j++) {
+            const int r = from + 32 * j + 8 * t;
 #pragma unroll
-            for (int q = 0; q < 4; q++) halves(hv[j][q], hi[q], lo[q]);
+            for (int n = 0; n < 2; n++) b[j][n] = ld128(br[n] + r, active && r < to);
+        }
+        float2 hv[PER_THREAD];
 #pragma unroll
-            for (int n = 0; n < 2; n++) {
-                mma16816(acc[n], hi, b[j][n]);
-                mma16816(acc[n], lo, b[j][n]);
+        for (int i = 0; i < PER_THREAD; i++) {
+            const int q = threadIdx.x + i * 32 * EXPAND_WARPS, row = q / PAIRS, r = c0 + 2 * (q % PAIRS);
+            hv[i] = row < tile.rows && r < block_hi
+                        ? *reinterpret_cast<const float2*>(h + (size_t)(tile.start + row) * rmax + r)
+                        : make_float2(0.f, 0.f);
+        }
+        if (c0 > block_lo) __syncthreads();
+#pragma unroll
+        for (int i = 0; i < PER_THREAD; i++) {
+            const int q = threadIdx.x + i * 32 * EXPAND_WARPS, row = q / PAIRS, kp = q % PAIRS;
+            halves(hv[i], hs[0][row][kp], hs[1][row][kp]);
+        }
+        __syncthreads();
+        if (!active || from >= to) continue;
+        const int chunks = (to - from + 31) / 32, w0 = (from - c0) / 2;
+#pragma unroll
+        for (int s = 0; s < SLICES; s++) {
+            if (16 * s >= tile.rows) continue;
+#pragma unroll
+            for (int j = 0; j < EXPAND_CH / 32; j++) {
+                if (j >= chunks) continue;
+                const int w = w0 + 16 * j + 4 * t;
+#pragma unroll
+                for (int half = 0; half < 2; half++) {
+                    const uint4 x0 = *reinterpret_cast<const uint4*>(&hs[half][16 * s + g][w]);
+                    const uint4 x1 = *reinterpret_cast<const uint4*>(&hs[half][16 * s + 8 + g][w]);
+                    mma_chunk(acc[s], x0, x1, b[j]);
+                }
             }
         }
     }
+    if (!active) return;
 #pragma unroll
-    for (int n = 0; n < 2; n++)
+    for (int s = 0; s < SLICES; s++)
 #pragma unroll
-        for (int u = 0; u < 2; u++) {
-            const int row = row0 + 8 * u;
-            if (row >= tile.rows) continue;
-            float2* p = reinterpret_cast<float2*>(y + order[tile.start + row] * out + o0 + 8 * n +
-                                                  2 * t);
-            float2 v = *p;
-            v.x += acc[n][2 * u];
-            v.y += acc[n][2 * u + 1];
-            *p = v;
-        }
+        for (int u = 0; u < 2; u++)
+#pragma unroll
+            for (int n = 0; n < 2; n++) {
+                if (prow[s][u] < 0) continue;
+                float2 v = yv[s][u][n];
+                v.x += acc[s][n][2 * u];
+                v.y += acc[s][n][2 * u + 1];
+                *reinterpret_cast<float2*>(y + prow[s][u] * out + o0 + 8 * n + 2 * t) = v;
+            }
 }

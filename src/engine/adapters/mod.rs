@@ -25,10 +25,10 @@ use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
 
 use crate::checkpoint::{Lineage, ModelConfig};
-use crate::engine::ops::gemm::{linear_f32, linear_f32_accumulate};
+use crate::engine::ops::gemm::{linear_f32, linear_rows, linear_rows_accumulate, ExactRows};
 use crate::plan::{format_layer_list, LayerPlan};
 use peft::{parse_tensor_name, Module, PeftConfig, TensorKey, MODULES};
-pub use step::{StepLora, StepSlots};
+pub use step::{StepLora, StepSlots, MAX_GRAPH_RANK};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AdapterError {
@@ -101,6 +101,11 @@ pub struct Delta {
     a: Tensor,
     /// `[out, R]`, scale folded in; block-diagonal for packed groups.
     b: Tensor,
+    /// Per packed module, in order: (its last output column + 1, its last rank + 1); output
+    /// columns of a module have non-zero `B` only at that module's ranks (read by the CUDA
+    /// slot table, `cuda::segments`).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    blocks: Vec<(usize, usize)>,
 }
 
 impl Delta {
@@ -119,9 +124,12 @@ impl Delta {
         Ok((self.a.dim(1)?, self.b.dim(0)?))
     }
 
-    /// `y` plus the delta of `x`, accumulated in place where the device allows it.
-    pub fn add_to(&self, y: Tensor, x: &Tensor) -> candle_core::Result<Tensor> {
-        linear_f32_accumulate(y, &self.shrink(x)?, &self.b)
+    /// `y` plus the delta of `x`, accumulated in place where the device allows it; an f32 `x`
+    /// (a prompt step's rows) is taken compensated, and so are its shrunk rows, on the `exact`
+    /// rows only, as the base projections take it ([`linear_rows`]).
+    pub fn add_to(&self, y: Tensor, x: &Tensor, exact: &ExactRows) -> candle_core::Result<Tensor> {
+        let h = linear_rows(x, &self.a, None, exact)?.to_dtype(x.dtype())?;
+        linear_rows_accumulate(y, &h, &self.b, exact)
     }
 }
 
@@ -305,7 +313,11 @@ fn pack(
     let mut a_parts = Vec::new();
     let mut b_rows = Vec::new();
     let mut before = 0;
+    let mut blocks = Vec::with_capacity(group.len());
+    let mut columns = 0;
     for ((_, out, w), r) in group.iter().zip(&ranks) {
+        columns += out;
+        blocks.push((columns, before + r));
         match w {
             Some(w) => {
                 a_parts.push(w.a.clone());
@@ -341,6 +353,7 @@ fn pack(
     Ok(Some(Delta {
         a: place(Tensor::cat(&a_parts, 0)?)?,
         b: place(Tensor::cat(&b_rows, 0)?)?,
+        blocks,
     }))
 }
 

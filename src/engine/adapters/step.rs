@@ -9,6 +9,7 @@ use candle_core::{Device, Tensor};
 #[cfg(feature = "cuda")]
 use super::cuda;
 use super::{Group, LoraAdapter};
+use crate::engine::ops::gemm::ExactRows;
 
 /// Steps of at most this many rows use the CUDA kernels even with a single adapter (two launches
 /// per group, where launches dominate); longer ones run it as cuBLAS GEMMs accumulating into the
@@ -16,6 +17,10 @@ use super::{Group, LoraAdapter};
 /// mix adapters always use the kernels.
 #[cfg(feature = "cuda")]
 const KERNEL_ROWS: usize = 16;
+
+/// The widest packed rank a decode graph serves (`--max-lora-rank` 512 on q|k|v); a graph's
+/// shrunk-rows scratch holds this many per row.
+pub const MAX_GRAPH_RANK: usize = 1536;
 
 /// The adapters of one packed forward, each with the rows that use it (`None`: every row); on
 /// CUDA, mixed or short steps go through one slot table instead.
@@ -84,7 +89,7 @@ impl StepSlots {
         }
         // Packed ranks are at most 1,536 (--max-lora-rank 512 on q|k|v), which the BGMV expand
         // holds in shared memory for 8 rows; the next power of two would not fit.
-        let rank = rank.max(16).next_power_of_two().min(1536);
+        let rank = rank.max(16).next_power_of_two().min(MAX_GRAPH_RANK);
         Some((self.adapters.len().next_power_of_two(), rank))
     }
 
@@ -130,38 +135,53 @@ impl StepLora {
     }
 
     /// The slot table of a decode graph's step ([`cuda::LoraTable::in_buffer`]): `slots` of its
-    /// padded rows; `shape` is the graph's (slot capacity, rank).
+    /// padded rows; `buffers` the graph's fixed table and shrunk-rows scratch; `shape` is the
+    /// graph's (slot capacity, rank).
     #[cfg(feature = "cuda")]
     pub fn graphed(
         slots: StepSlots,
-        buffer: &Tensor,
+        buffers: &(Tensor, Tensor),
         layers: usize,
         shape: (usize, usize),
     ) -> candle_core::Result<Self> {
         Ok(Self {
             groups: Vec::new(),
-            table: Some(cuda::LoraTable::in_buffer(buffer, slots, layers, shape)?),
+            table: Some(cuda::LoraTable::in_buffer(buffers, slots, layers, shape)?),
         })
     }
 
-    /// `y` plus every adapter's delta of `x` on its rows, for `group` of base layer `layer`.
+    /// Starts the adapters' part of `group` of base layer `layer` for rows `x` (with `out` output
+    /// columns) where it can run beside the base projection launched next (the slot-table's
+    /// tensor-core shrink, on CUDA); [`Self::add`] for the same group, called next, finishes it.
+    #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+    pub fn prefetch(&self, x: &Tensor, at: (usize, Group), out: usize) -> candle_core::Result<()> {
+        #[cfg(feature = "cuda")]
+        if let Some(table) = &self.table {
+            return table.prefetch(x, at, out);
+        }
+        Ok(())
+    }
+
+    /// `y` plus every adapter's delta of `x` on its rows, for `group` of base layer `layer`; an
+    /// f32 `x` is compensated on the `exact` rows (all rows on the slot-table and row-subset
+    /// paths).
     pub fn add(
         &self,
         mut y: Tensor,
         x: &Tensor,
-        layer: usize,
-        group: Group,
+        (layer, group): (usize, Group),
+        exact: &ExactRows,
     ) -> candle_core::Result<Tensor> {
         #[cfg(feature = "cuda")]
         if let Some(table) = &self.table {
-            return table.add(y, x, layer, group);
+            return table.add(y, x, (layer, group));
         }
         for (adapter, rows) in &self.groups {
             let Some(delta) = adapter.layer(layer).and_then(|l| group.of(l)) else {
                 continue;
             };
             y = match rows {
-                None => delta.add_to(y, x)?,
+                None => delta.add_to(y, x, exact)?,
                 Some(idx) => {
                     let d = delta.apply(&x.index_select(idx, 0)?)?;
                     y.index_add(idx, &d, 0)?

@@ -1,8 +1,8 @@
 //! Warm-up of a CUDA engine before it takes requests: one short scored greedy request and one
 //! seeded sampled request, run to the end, so that the first client does not wait for what every
-//! engine pays once (the driver loading and JIT-compiling the kernels' PTX modules, cuBLAS
-//! initialisation, the first decode graph captures, the device draw). Measured on the H200 (8B
-//! shape): the first request after start took 12.6 s without it.
+//! engine pays once (the driver loading and JIT-compiling the kernels' PTX modules, the LoRA
+//! kernels' included, cuBLAS initialisation, the first decode graph captures, the device draw).
+//! Measured on the H200 (8B shape): the first request after start took 12.6 s without it.
 //!
 //! The warm-up's prompt goes through the prefix cache like any other (when it is on), and its
 //! tokens count in the engine's prefix-cache counters.
@@ -28,6 +28,10 @@ impl Batcher {
             return Ok(Duration::ZERO);
         }
         let started = Instant::now();
+        // The adapter kernels' module too: the first request on an adapter would otherwise wait
+        // for its JIT compilation.
+        #[cfg(feature = "cuda")]
+        crate::engine::adapters::cuda::preload(self.engine().model().device())?;
         self.run_warm_up_requests()?;
         Ok(started.elapsed())
     }

@@ -73,16 +73,26 @@ impl Mlp {
             ..
         } = at;
         let dev = x.device();
+        let out = self.gate_up.dim(0)?;
+        phase(dev, "lora", || {
+            lora.prefetch(x, (layer, Group::GateUp), out)
+        })?;
         let gate_up = phase(dev, "gate_up gemm", || {
             linear_rows(x, &self.gate_up, None, exact)
         })?;
-        let gate_up = phase(dev, "lora", || lora.add(gate_up, x, layer, Group::GateUp))?;
+        let gate_up = phase(dev, "lora", || {
+            lora.add(gate_up, x, (layer, Group::GateUp), exact)
+        })?;
         let m = phase(dev, "act_mul", || act_mul(&gate_up, self.act, act))?;
+        let out = self.down.dim(0)?;
+        phase(dev, "lora", || lora.prefetch(&m, (layer, Group::Down), out))?;
         let down = phase(dev, "down gemm", || match residual {
             Some(r) => linear_f32_accumulate(r, &m, &self.down),
             None => linear_rows(&m, &self.down, None, exact),
         })?;
-        phase(dev, "lora", || lora.add(down, &m, layer, Group::Down))
+        phase(dev, "lora", || {
+            lora.add(down, &m, (layer, Group::Down), exact)
+        })
     }
 }
 
@@ -240,10 +250,14 @@ impl DecoderLayer {
         let dev = x.device().clone();
         let dev = &dev;
         let h = phase(dev, "norms", || self.attn_in_norm.forward(&x, act))?;
+        let out = self.attn.qkv.dim(0)?;
+        phase(dev, "lora", || lora.prefetch(&h, (layer, Group::Qkv), out))?;
         let qkv = phase(dev, "qkv gemm", || {
             linear_rows(&h, &self.attn.qkv, self.attn.qkv_bias.as_ref(), exact)
         })?;
-        let qkv = phase(dev, "lora", || lora.add(qkv, &h, layer, Group::Qkv))?;
+        let qkv = phase(dev, "lora", || {
+            lora.add(qkv, &h, (layer, Group::Qkv), exact)
+        })?;
         // Decode steps on the paged cache rotate and store in one launch; otherwise a fresh
         // prompt attends to its own keys in `act` and the cache rounds what it stores.
         let a = match phase(dev, "attention", || {
@@ -263,14 +277,16 @@ impl DecoderLayer {
                 })?
             }
         };
+        let out = self.attn.o.dim(0)?;
+        phase(dev, "lora", || lora.prefetch(&a, (layer, Group::O), out))?;
         let x = match (&self.attn_out_norm, in_place) {
             (None, true) => {
                 let x = phase(dev, "o gemm", || linear_f32_accumulate(x, &a, &self.attn.o))?;
-                phase(dev, "lora", || lora.add(x, &a, layer, Group::O))?
+                phase(dev, "lora", || lora.add(x, &a, (layer, Group::O), exact))?
             }
             (norm, _) => {
                 let o = phase(dev, "o gemm", || linear_rows(&a, &self.attn.o, None, exact))?;
-                let o = phase(dev, "lora", || lora.add(o, &a, layer, Group::O))?;
+                let o = phase(dev, "lora", || lora.add(o, &a, (layer, Group::O), exact))?;
                 phase(dev, "norms", || match norm {
                     Some(n) => x + n.forward(&o, DType::F32)?,
                     None => x + o,

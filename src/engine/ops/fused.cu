@@ -122,12 +122,12 @@ extern "C" __global__ void add_row_bias(float *y, const float *b, int n, size_t 
 }
 
 // Splits f32 values into two bf16 terms, x ~ hi + lo (16 significant bits): hi = bf16(x),
-// lo = bf16(x - hi). `out` holds the n hi values, then the n lo values.
-extern "C" __global__ void split_bf16(const float *x, __nv_bfloat16 *out, size_t n) {
+// lo = bf16(x - hi). `out` holds the n hi values, then (when `with_lo`) the n lo values.
+extern "C" __global__ void split_bf16(const float *x, __nv_bfloat16 *out, size_t n, int with_lo) {
   for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
        i += (size_t)gridDim.x * blockDim.x) {
     __nv_bfloat16 hi = __float2bfloat16_rn(x[i]);
     out[i] = hi;
-    out[n + i] = __float2bfloat16_rn(x[i] - __bfloat162float(hi));
+    if (with_lo) out[n + i] = __float2bfloat16_rn(x[i] - __bfloat162float(hi));
   }
 }

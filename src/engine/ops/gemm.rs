@@ -118,16 +118,46 @@ fn linear_terms(
 /// else holds: on CUDA with bf16 weights the GEMMs accumulate into `y` in place (beta = 1), so no
 /// `[T, n]` temporary is made; elsewhere a plain add.
 pub fn linear_f32_accumulate(y: Tensor, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    accumulate_terms(y, x, w, None)
+}
+
+/// [`linear_f32_accumulate`] with the products as [`linear_rows`] makes them: an f32 `x`
+/// compensated on the `exact` rows only.
+pub fn linear_rows_accumulate(
+    y: Tensor,
+    x: &Tensor,
+    w: &Tensor,
+    exact: &ExactRows,
+) -> Result<Tensor> {
+    let rows = x.dims().first().copied().unwrap_or(0);
+    let lo_rows = (x.dtype() == DType::F32 && !exact.covers(rows)).then_some(exact);
+    accumulate_terms(y, x, w, lo_rows)
+}
+
+/// `y + x · wᵀ`, the lo term of an f32 `x` taken on `lo_rows` only when given.
+fn accumulate_terms(
+    y: Tensor,
+    x: &Tensor,
+    w: &Tensor,
+    lo_rows: Option<&ExactRows>,
+) -> Result<Tensor> {
     if w.device().is_cuda() && w.dtype() == DType::BF16 && y.is_contiguous() {
-        y.inplace_op3(&x.contiguous()?, w, &GemmAccumulate)?;
+        let op = GemmAccumulate {
+            lo_rows: lo_rows.cloned(),
+        };
+        y.inplace_op3(&x.contiguous()?, w, &op)?;
         Ok(y)
     } else {
-        y + linear_f32(x, w, None)?
+        y + linear_terms(x, w, None, lo_rows)?
     }
 }
 
-/// `y += x · bf16ᵀ` in place with cuBLAS (CUDA only).
-struct GemmAccumulate;
+/// `y += x · bf16ᵀ` in place with cuBLAS (CUDA only), the lo term of an f32 `x` over `lo_rows`
+/// only when given.
+struct GemmAccumulate {
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    lo_rows: Option<ExactRows>,
+}
 
 impl candle_core::InplaceOp3 for GemmAccumulate {
     fn name(&self) -> &'static str {
@@ -156,7 +186,7 @@ impl candle_core::InplaceOp3 for GemmAccumulate {
         ws: &candle_core::CudaStorage,
         wl: &Layout,
     ) -> Result<()> {
-        cuda::gemm_accumulate(ys, yl, (xs, xl), (ws, wl))
+        cuda::gemm_accumulate(ys, yl, (xs, xl), (ws, wl), self.lo_rows.as_ref())
     }
 }
 
@@ -221,20 +251,7 @@ pub(crate) mod cuda {
         let w = weights(ws, wl)?;
         // SAFETY: the first GEMM writes every element (beta = 0).
         let mut y = unsafe { dev.alloc::<f32>(t * n)? };
-        bf16_terms(xs, xl, |term, i| {
-            if i == 0 {
-                return gemm(&dev, term, &w, &mut y, (t, n, k), 0.0);
-            }
-            let Some(rows) = lo_rows else {
-                return gemm(&dev, term, &w, &mut y, (t, n, k), 1.0);
-            };
-            for r in rows.runs().iter().filter(|r| r.end <= t) {
-                let lo = term.slice(r.start * k..r.end * k);
-                let mut out = y.slice_mut(r.start * n..r.end * n);
-                gemm(&dev, &lo, &w, &mut out, (r.len(), n, k), 1.0)?;
-            }
-            Ok(())
-        })?;
+        gemm_terms(&dev, (xs, xl), &w, &mut y, (t, n, k), (0.0, lo_rows))?;
         Ok((CudaStorage::wrap_cuda_slice(y, dev), Shape::from((t, n))))
     }
 
@@ -244,6 +261,7 @@ pub(crate) mod cuda {
         yl: &Layout,
         (xs, xl): (&CudaStorage, &Layout),
         (ws, wl): (&CudaStorage, &Layout),
+        lo_rows: Option<&ExactRows>,
     ) -> Result<()> {
         let (t, k, n) = dims(xl, wl)?;
         if yl.dims() != [t, n] || yl.start_offset() != 0 || !yl.is_contiguous() {
@@ -252,7 +270,35 @@ pub(crate) mod cuda {
         let dev = xs.device().clone();
         let w = weights(ws, wl)?;
         let y = ys.as_cuda_slice_mut::<f32>()?;
-        bf16_terms(xs, xl, |term, _| gemm(&dev, term, &w, y, (t, n, k), 1.0))
+        gemm_terms(&dev, (xs, xl), &w, y, (t, n, k), (1.0, lo_rows))
+    }
+
+    /// `y = beta · y + x · wᵀ` for `x`'s bf16 terms: the first with `beta`, an f32 `x`'s lo term
+    /// accumulated after it, once per run of `lo_rows` when given (over those rows only).
+    fn gemm_terms(
+        dev: &candle_core::cuda_backend::CudaDevice,
+        (xs, xl): (&CudaStorage, &Layout),
+        w: &CudaView<'_, half::bf16>,
+        y: &mut CudaSlice<f32>,
+        (t, n, k): (usize, usize, usize),
+        (beta, lo_rows): (f32, Option<&ExactRows>),
+    ) -> Result<()> {
+        // An f32 `x` whose lo term no row takes is only rounded (half the bytes of a split).
+        let with_lo = lo_rows.is_none_or(|rows| rows.runs().iter().any(|r| r.end <= t));
+        bf16_terms(xs, xl, with_lo, |term, i| {
+            if i == 0 {
+                return gemm(dev, term, w, y, (t, n, k), beta);
+            }
+            let Some(rows) = lo_rows else {
+                return gemm(dev, term, w, y, (t, n, k), 1.0);
+            };
+            for r in rows.runs().iter().filter(|r| r.end <= t) {
+                let lo = term.slice(r.start * k..r.end * k);
+                let mut out = y.slice_mut(r.start * n..r.end * n);
+                gemm(dev, &lo, w, &mut out, (r.len(), n, k), 1.0)?;
+            }
+            Ok(())
+        })
     }
 
     /// `(T, k, n)` of contiguous `x` `[T, k]` and `w` `[n, k]`.
@@ -276,10 +322,11 @@ pub(crate) mod cuda {
     }
 
     /// Calls `f` with `x` as bf16 terms whose sum is `x`: itself (bf16), or its hi and lo halves
-    /// (f32, split by `split_bf16`), with each term's index.
+    /// (f32, split by `split_bf16`; the hi half alone unless `with_lo`), with each term's index.
     fn bf16_terms(
         xs: &CudaStorage,
         xl: &Layout,
+        with_lo: bool,
         mut f: impl FnMut(&CudaView<'_, half::bf16>, usize) -> Result<()>,
     ) -> Result<()> {
         let Some((xa, xb)) = xl.contiguous_offsets() else {
@@ -291,9 +338,12 @@ pub(crate) mod cuda {
             DType::F32 => {
                 let x = xs.as_cuda_slice::<f32>()?.slice(xa..xb);
                 let len = xb - xa;
-                let terms = split_bf16(&dev, &x)?;
+                let terms = split_terms(&dev, &x, with_lo)?;
                 f(&terms.slice(..len), 0)?;
-                f(&terms.slice(len..), 1)
+                match with_lo {
+                    true => f(&terms.slice(len..), 1),
+                    false => Ok(()),
+                }
             }
             other => candle_core::bail!("gemm-f32-out: unsupported input dtype {other:?}"),
         }
@@ -305,9 +355,20 @@ pub(crate) mod cuda {
         dev: &candle_core::cuda_backend::CudaDevice,
         x: &CudaView<'_, f32>,
     ) -> Result<CudaSlice<half::bf16>> {
+        split_terms(dev, x, true)
+    }
+
+    /// [`split_bf16`], or the `n` hi values alone unless `with_lo`.
+    fn split_terms(
+        dev: &candle_core::cuda_backend::CudaDevice,
+        x: &CudaView<'_, f32>,
+        with_lo: bool,
+    ) -> Result<CudaSlice<half::bf16>> {
         let len = x.len();
-        // SAFETY: the kernel writes all 2 * len values.
-        let terms = unsafe { dev.alloc::<half::bf16>(2 * len.max(1))? };
+        let terms_n = if with_lo { 2 } else { 1 };
+        // SAFETY: the kernel writes all terms_n * len values.
+        let terms = unsafe { dev.alloc::<half::bf16>(terms_n * len.max(1))? };
+        let with_lo = i32::from(with_lo);
         let func = dev.get_or_load_custom_func("split_bf16", "pruneserve_fused", PTX)?;
         let cfg = LaunchConfig {
             grid_dim: (len.div_ceil(256).clamp(1, 65_535) as u32, 1, 1),
@@ -318,6 +379,7 @@ pub(crate) mod cuda {
         b.arg(x);
         b.arg(&terms);
         b.arg(&len);
+        b.arg(&with_lo);
         // SAFETY: the arguments match `split_bf16` in fused.cu.
         unsafe { b.launch(cfg) }.w()?;
         Ok(terms)
