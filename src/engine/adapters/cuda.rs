@@ -24,7 +24,7 @@ const SHRINK_WARPS: usize = 8;
 const EXPAND_ROWS: usize = 8;
 const EXPAND_THREADS: usize = 256;
 /// A slot-table entry: A pointer, B pointer, R, the ranks of each packed module's columns
-/// ([`segments`]).
+/// ([`super::segment_word`]).
 pub type Entry = [u64; ENTRY_WORDS];
 const ENTRY_WORDS: usize = 4;
 
@@ -62,28 +62,6 @@ fn device_ptr(t: &Tensor) -> Result<u64> {
     Ok(ptr)
 }
 
-/// `Entry::seg` of lora.cu: which ranks the output columns of each packed module take, for the
-/// expand kernel to skip the zero blocks of a block-diagonal `B`. 0 (every column takes all of
-/// `[0, R)`) for one module, more than three, or boundaries the kernel cannot use (columns not a
-/// multiple of 16, ranks not of 8, or too wide for the fields).
-fn segments(d: &Delta) -> u64 {
-    let blocks = &d.blocks;
-    if blocks.len() < 2 || blocks.len() > 3 {
-        return 0;
-    }
-    // The boundaries after the first and second modules; with two modules the second is the end.
-    let (o1, r1) = blocks[0];
-    let (o2, r2) = blocks[1];
-    let fits = |o: usize, r: usize| {
-        o.is_multiple_of(16) && r.is_multiple_of(8) && o / 16 <= 0xffff && r / 8 <= 0xff
-    };
-    if !fits(o1, r1) || !fits(o2, r2) {
-        return 0;
-    }
-    let field = |v: usize| v as u64;
-    (1 << 63) | field(o1 / 16) | field(r1 / 8) << 16 | field(o2 / 16) << 24 | field(r2 / 8) << 40
-}
-
 /// Each layer's entries per group (zeros where the adapter leaves the group alone), computed once
 /// when an adapter is loaded; the tensors they point into live as long as the adapter.
 pub fn entries(layers: &[Option<super::LayerLora>]) -> Result<Vec<[Entry; GROUPS]>> {
@@ -93,7 +71,7 @@ pub fn entries(layers: &[Option<super::LayerLora>]) -> Result<Vec<[Entry; GROUPS
                 device_ptr(&d.a)?,
                 device_ptr(&d.b)?,
                 d.a.dim(0)? as u64,
-                segments(d),
+                super::segment_word(&d.blocks),
             ]),
             None => Ok([0; ENTRY_WORDS]),
         }

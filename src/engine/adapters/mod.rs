@@ -103,7 +103,7 @@ pub struct Delta {
     b: Tensor,
     /// Per packed module, in order: (its last output column + 1, its last rank + 1); output
     /// columns of a module have non-zero `B` only at that module's ranks (read by the CUDA
-    /// slot table, `cuda::segments`).
+    /// slot table, [`segment_word`]).
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     blocks: Vec<(usize, usize)>,
 }
@@ -131,6 +131,26 @@ impl Delta {
         let h = linear_rows(x, &self.a, None, exact)?.to_dtype(x.dtype())?;
         linear_rows_accumulate(y, &h, &self.b, exact)
     }
+}
+
+/// `Entry::seg` of lora.cu for a packed group's `blocks` ([`Delta`]): which ranks the output
+/// columns of each module take, for the CUDA expand to skip the zero blocks of a block-diagonal
+/// `B`. Bit 63 set, then the first two boundaries (columns / 16 in bits 0-15 and 24-39, ranks / 8
+/// in bits 16-23 and 40-47); 0 (every column takes all ranks, always correct) for one module,
+/// more than three, or boundaries the kernel cannot use (columns not a multiple of 16, ranks not
+/// of 8, or too wide for the fields).
+pub fn segment_word(blocks: &[(usize, usize)]) -> u64 {
+    let [(o1, r1), (o2, r2), ..] = blocks else {
+        return 0;
+    };
+    let fits = |o: usize, r: usize| {
+        o.is_multiple_of(16) && r.is_multiple_of(8) && o / 16 <= 0xffff && r / 8 <= 0xff
+    };
+    if blocks.len() > 3 || !fits(*o1, *r1) || !fits(*o2, *r2) {
+        return 0;
+    }
+    let field = |v: usize| v as u64;
+    (1 << 63) | field(o1 / 16) | field(r1 / 8) << 16 | field(o2 / 16) << 24 | field(r2 / 8) << 40
 }
 
 /// One layer's deltas, in the engine's packing.
@@ -552,5 +572,56 @@ impl LoraAdapter {
             }),
             _ => Ok(()),
         }
+    }
+}
+
+#[cfg(test)]
+mod segment_tests {
+    use super::*;
+
+    /// lora.cu's `seg_ranks`: the ranks `[lo, hi)` output column `o` takes, of `r`.
+    fn ranks_of(word: u64, r: usize, o: usize) -> (usize, usize) {
+        if word >> 63 == 0 {
+            return (0, r);
+        }
+        let field = |shift: u32, mask: u64| ((word >> shift) & mask) as usize;
+        let (o1, r1) = (16 * field(0, 0xffff), 8 * field(16, 0xff));
+        let (o2, r2) = (16 * field(24, 0xffff), 8 * field(40, 0xff));
+        match o {
+            o if o < o1 => (0, r1),
+            o if o < o2 => (r1, r2),
+            _ => (r2, r),
+        }
+    }
+
+    /// A packed q|k|v delta (k not adapted) names, for every output column, exactly the ranks
+    /// where its row of `B` is non-zero; boundaries the kernel cannot use give 0 (all ranks).
+    #[test]
+    fn packed_groups_name_each_modules_ranks() {
+        let weights = |out: usize, r: usize| ModuleWeights {
+            a: Tensor::ones((r, 64), DType::F32, &Device::Cpu).unwrap(),
+            b: Tensor::ones((out, r), DType::F32, &Device::Cpu).unwrap(),
+            scale: 1.0,
+        };
+        let (q, v) = (weights(4096, 64), weights(1024, 32));
+        let group = [
+            (Module::Q, 4096, Some(&q)),
+            (Module::K, 1024, None),
+            (Module::V, 1024, Some(&v)),
+        ];
+        let d = pack(&group, DType::F32, &Device::Cpu).unwrap().unwrap();
+        let word = segment_word(&d.blocks);
+        assert_ne!(word, 0);
+        let r = d.a.dim(0).unwrap();
+        let b = d.b.to_vec2::<f32>().unwrap();
+        for o in [0, 4095, 4096, 5119, 5120, 6143] {
+            let (lo, hi) = ranks_of(word, r, o);
+            for (k, value) in b[o].iter().enumerate() {
+                assert_eq!(*value != 0.0, (lo..hi).contains(&k), "column {o}, rank {k}");
+            }
+        }
+        assert_eq!(segment_word(&[(4100, 64), (5120, 96)]), 0);
+        assert_eq!(segment_word(&[(4096, 12), (5120, 24)]), 0);
+        assert_eq!(segment_word(&[(4096, 64)]), 0);
     }
 }

@@ -538,4 +538,24 @@ mod tests {
         );
         assert!(ExactRows::all(5).covers(5) && !exact.covers(5) && ExactRows::default().covers(0));
     }
+
+    /// The accumulating form adds exactly what `linear_rows` computes, row by row: compensated
+    /// on the exact rows, the rounded input elsewhere.
+    #[test]
+    fn linear_rows_accumulate_adds_what_linear_rows_computes() {
+        let x = randn(&[5, 256], 11);
+        let w = randn(&[6, 256], 12).to_dtype(DType::BF16).unwrap();
+        let y = randn(&[5, 6], 13);
+        let exact = ExactRows::from_runs(std::iter::once(3..5));
+        let got = linear_rows_accumulate(y.clone(), &x, &w, &exact).unwrap();
+        let want = (&y + linear_rows(&x, &w, None, &exact).unwrap()).unwrap();
+        assert!(max_diff(&got, &want) < 1e-6);
+        let all = linear_f32_accumulate(y.clone(), &x, &w).unwrap();
+        let all_want = (&y + linear_f32(&x, &w, None).unwrap()).unwrap();
+        assert!(max_diff(&all, &all_want) < 1e-6);
+        // Row 0 is not exact: it differs from the compensated sum; row 4 is and does not.
+        let row = |t: &Tensor, r| t.narrow(0, r, 1).unwrap();
+        assert!(max_diff(&row(&got, 0), &row(&all, 0)) > 1e-3);
+        assert!(max_diff(&row(&got, 4), &row(&all, 4)) < 1e-6);
+    }
 }
