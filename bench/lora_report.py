@@ -39,4 +39,25 @@ for c in (1, 64, 256):
     lines.append(
         f"| {c} | {fmt(base)} | {fmt(one)} | {over(one)} | {fmt(mixed) if mixed else '-'} | {over(mixed)} |"
     )
+lines += [
+    "",
+    "Where the overhead is (medians of the runs): decode steps (ITL p50) and prompt steps (TTFT p50).",
+    "",
+    "| concurrent streams | ITL p50 rev25 / + adapter | TTFT p50 rev25 / + adapter |",
+    "|---|---|---|",
+]
+
+
+def median_of(model, c, key):
+    xs = [r[key] for r in levels if r["model"] == model and r["concurrency"] == c]
+    return statistics.median(xs) if xs else float("nan")
+
+
+for c in (1, 64, 256):
+    itl = [median_of(m, c, "itl_p50_ms") for m in ("rev25", "lora0")]
+    ttft = [median_of(m, c, "ttft_p50_ms") for m in ("rev25", "lora0")]
+    lines.append(
+        f"| {c} | {itl[0]:.2f} / {itl[1]:.2f} ms ({100 * (itl[1] / itl[0] - 1):+.0f}%) "
+        f"| {ttft[0]:.0f} / {ttft[1]:.0f} ms ({100 * (ttft[1] / ttft[0] - 1):+.0f}%) |"
+    )
 print("\n".join(lines))
