@@ -226,6 +226,17 @@ impl LoraTable {
         })
     }
 
+    /// The widest R the launches of `group` of base layer `layer` cover (0: no slot adapts it)
+    /// and the word offset of the group's slot entries in the table.
+    fn group_at(&self, (layer, group): (usize, Group)) -> (usize, usize) {
+        let g = group as usize;
+        let rmax = self.rmax.get(layer).map_or(0, |r| r[g]);
+        (
+            rmax,
+            self.rows + (layer * GROUPS + g) * self.slots * ENTRY_WORDS,
+        )
+    }
+
     /// The tensor-core launches of `group` of base layer `layer`, when the group is adapted and
     /// rows `x` and `out` output columns fit that path.
     fn mma_launch(
@@ -234,14 +245,13 @@ impl LoraTable {
         (layer, group): (usize, Group),
         out: usize,
     ) -> Result<Option<mma::Launch>> {
-        let g = group as usize;
-        let rmax = self.rmax.get(layer).map_or(0, |r| r[g]);
+        let (rmax, entries) = self.group_at((layer, group));
         if rmax == 0 || !mma::takes(x, out)? {
             return Ok(None);
         }
         Ok(Some(mma::Launch {
             rows: self.rows,
-            entries: self.rows + (layer * GROUPS + g) * self.slots * ENTRY_WORDS,
+            entries,
             tiles: (
                 tiles_at(self.rows, self.rmax.len(), self.slots),
                 self.max_tiles,
@@ -281,12 +291,10 @@ impl LoraTable {
 
     /// `y` plus each row's adapter delta of `x` for `group` of base layer `layer`.
     pub fn add(&self, y: Tensor, x: &Tensor, (layer, group): (usize, Group)) -> Result<Tensor> {
-        let g = group as usize;
-        let rmax = self.rmax.get(layer).map_or(0, |r| r[g]);
+        let (rmax, entries) = self.group_at((layer, group));
         if rmax == 0 {
             return Ok(y);
         }
-        let entries = self.rows + (layer * GROUPS + g) * self.slots * ENTRY_WORDS;
         let out = y.dim(1)?;
         let prefetched = self.pending.swap(0, Ordering::Relaxed) == pending_key((layer, group));
         if let Some(launch) = self.mma_launch(x, (layer, group), out)? {

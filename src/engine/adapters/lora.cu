@@ -2,8 +2,9 @@
 // one launch each per packed projection group, whatever the number of adapters in the step.
 //
 // `meta` (64-bit words): meta[t] is row t's slot (all ones: no adapter), and at `entries` a table
-// of slots, each {A pointer, B pointer, R, segments}: A is [R, in], B is [out, R] (scale folded in), bf16,
-// R a multiple of 16 (zero-padded at load). Products and sums are f32; the shrunk rows stay f32.
+// of slots, each {A pointer, B pointer, R, segments}: A is [R, in], B is [out, R] (scale folded
+// in), bf16, R a multiple of 16 (zero-padded at load). Products and sums are f32; the shrunk rows
+// stay f32.
 // CPU reference: `StepLora::add`'s candle path (adapters/mod.rs), checked by `selftest`.
 #include <cuda_bf16.h>
 #include <stdint.h>
