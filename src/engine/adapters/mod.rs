@@ -128,8 +128,18 @@ impl Delta {
     /// (a prompt step's rows) is taken compensated, and so are its shrunk rows, on the `exact`
     /// rows only, as the base projections take it ([`linear_rows`]).
     pub fn add_to(&self, y: Tensor, x: &Tensor, exact: &ExactRows) -> candle_core::Result<Tensor> {
-        let h = linear_rows(x, &self.a, None, exact)?.to_dtype(x.dtype())?;
-        linear_rows_accumulate(y, &h, &self.b, exact)
+        linear_rows_accumulate(y, &self.shrunk_rows(x, exact)?, &self.b, exact)
+    }
+
+    /// The f32 delta `[T, out]` of rows `x`, with the precision of [`Self::add_to`], written
+    /// fresh (for a projection to accumulate into).
+    pub fn fresh(&self, x: &Tensor, exact: &ExactRows) -> candle_core::Result<Tensor> {
+        linear_rows(&self.shrunk_rows(x, exact)?, &self.b, None, exact)
+    }
+
+    /// `x · Aᵀ` in the dtype of `x`, compensated on the `exact` rows of an f32 `x`.
+    fn shrunk_rows(&self, x: &Tensor, exact: &ExactRows) -> candle_core::Result<Tensor> {
+        linear_rows(x, &self.a, None, exact)?.to_dtype(x.dtype())
     }
 }
 
@@ -175,6 +185,16 @@ pub const GROUPS: usize = 4;
 
 impl Group {
     pub const ALL: [Group; GROUPS] = [Group::Qkv, Group::O, Group::GateUp, Group::Down];
+
+    /// The phase name of the group's base projection (`PRUNESERVE_PHASE_TIMES`).
+    pub fn gemm_phase(self) -> &'static str {
+        match self {
+            Group::Qkv => "qkv gemm",
+            Group::O => "o gemm",
+            Group::GateUp => "gate_up gemm",
+            Group::Down => "down gemm",
+        }
+    }
 
     pub fn of(self, l: &LayerLora) -> Option<&Delta> {
         match self {

@@ -11,6 +11,8 @@ mod sequence;
 mod warm_up;
 
 #[cfg(test)]
+mod precision_tests;
+#[cfg(test)]
 mod prefill_cap_tests;
 
 use std::collections::{HashMap, VecDeque};

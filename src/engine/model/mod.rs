@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod overlay;
+pub mod precision;
 pub mod rope;
 
 use candle_core::{DType, Device, Tensor};
@@ -17,10 +18,12 @@ use crate::engine::instrument::taps::LayerTap;
 use crate::engine::kv::{ChunkRef, KvCache};
 use crate::engine::model::rope::RopeTables;
 use crate::engine::ops::fused::{act_mul, rms_norm_to, rope_heads};
-use crate::engine::ops::gemm::{linear_f32_accumulate, linear_rows, ExactRows};
-use crate::engine::ops::rows::gather_rows;
+use crate::engine::ops::gemm::{linear_rows, linear_rows_accumulate, ExactRows};
+use crate::engine::ops::rows::{add_row_bias, gather_rows};
 use crate::plan::LayerPlan;
 use config::Activation;
+pub use precision::{activation_dtype, exact_rows};
+use precision::{decode_only, gemm_input_dtype};
 
 /// RMSNorm of f32 rows with its effective scale (Gemma's `1 + w` folded in at load time),
 /// computed in f32 and written in the dtype asked for.
@@ -56,43 +59,19 @@ struct Mlp {
 }
 
 impl Mlp {
-    /// Normed rows `x` in (`act` dtype), f32 rows out; the activation product is written in
-    /// `act`. With `residual`, the down projection accumulates into those rows in place and they
-    /// are returned (`residual + mlp(x)`; decode rows, see [`LayerAt::in_place`]).
+    /// Normed rows `x` in (`at.gemm_in` dtype), f32 rows out; the activation product is written
+    /// in `at.gemm_in`. With `residual`, the down projection accumulates into those rows in
+    /// place and they are returned (`residual + mlp(x)`, see [`LayerAt::in_place`]).
     fn forward(
         &self,
         x: &Tensor,
         residual: Option<Tensor>,
         at: LayerAt<'_>,
     ) -> candle_core::Result<Tensor> {
-        let LayerAt {
-            layer,
-            act,
-            exact,
-            lora,
-            ..
-        } = at;
         let dev = x.device();
-        let out = self.gate_up.dim(0)?;
-        phase(dev, "lora", || {
-            lora.prefetch(x, (layer, Group::GateUp), out)
-        })?;
-        let gate_up = phase(dev, "gate_up gemm", || {
-            linear_rows(x, &self.gate_up, None, exact)
-        })?;
-        let gate_up = phase(dev, "lora", || {
-            lora.add(gate_up, x, (layer, Group::GateUp), exact)
-        })?;
-        let m = phase(dev, "act_mul", || act_mul(&gate_up, self.act, act))?;
-        let out = self.down.dim(0)?;
-        phase(dev, "lora", || lora.prefetch(&m, (layer, Group::Down), out))?;
-        let down = phase(dev, "down gemm", || match residual {
-            Some(r) => linear_f32_accumulate(r, &m, &self.down),
-            None => linear_rows(&m, &self.down, None, exact),
-        })?;
-        phase(dev, "lora", || {
-            lora.add(down, &m, (layer, Group::Down), exact)
-        })
+        let gate_up = at.project(x, (&self.gate_up, None), None, Group::GateUp)?;
+        let m = phase(dev, "act_mul", || act_mul(&gate_up, self.act, at.gemm_in))?;
+        at.project(&m, (&self.down, None), residual, Group::Down)
     }
 }
 
@@ -226,7 +205,8 @@ impl DecoderLayer {
     }
 
     /// One layer over the residual rows `x` (f32) whose activations (norm outputs, q/k/v,
-    /// attention output, MLP product) are written in `act` (see [`activation_dtype`]). With
+    /// attention output, MLP product) are written in `act` (see [`activation_dtype`]), those
+    /// that only feed projections in `gemm_in` ([`gemm_input_dtype`]). With
     /// `at.in_place` the residual adds accumulate into `x` itself (the projections' GEMMs add
     /// their products to it), so `x` must be held by nothing else.
     fn forward(
@@ -239,25 +219,22 @@ impl DecoderLayer {
     ) -> candle_core::Result<Tensor> {
         let LayerAt {
             plan_pos,
-            layer,
             act,
-            exact,
-            lora,
+            gemm_in,
             in_place,
+            ..
         } = at;
         let p = &self.attn.params;
         let (nh, nkv, hd) = (p.num_heads, p.num_kv_heads, p.head_dim);
         let dev = x.device().clone();
         let dev = &dev;
-        let h = phase(dev, "norms", || self.attn_in_norm.forward(&x, act))?;
-        let out = self.attn.qkv.dim(0)?;
-        phase(dev, "lora", || lora.prefetch(&h, (layer, Group::Qkv), out))?;
-        let qkv = phase(dev, "qkv gemm", || {
-            linear_rows(&h, &self.attn.qkv, self.attn.qkv_bias.as_ref(), exact)
-        })?;
-        let qkv = phase(dev, "lora", || {
-            lora.add(qkv, &h, (layer, Group::Qkv), exact)
-        })?;
+        let h = phase(dev, "norms", || self.attn_in_norm.forward(&x, gemm_in))?;
+        let qkv = at.project(
+            &h,
+            (&self.attn.qkv, self.attn.qkv_bias.as_ref()),
+            None,
+            Group::Qkv,
+        )?;
         // Decode steps on the paged cache rotate and store in one launch; otherwise a fresh
         // prompt attends to its own keys in `act` and the cache rounds what it stores.
         let a = match phase(dev, "attention", || {
@@ -277,23 +254,20 @@ impl DecoderLayer {
                 })?
             }
         };
-        let out = self.attn.o.dim(0)?;
-        phase(dev, "lora", || lora.prefetch(&a, (layer, Group::O), out))?;
+        // Rounded once for the o projection and its adapter alike (a no-op unless `gemm_in`
+        // differs from `act`).
+        let a = phase(dev, "attention", || a.to_dtype(gemm_in))?;
         let x = match (&self.attn_out_norm, in_place) {
-            (None, true) => {
-                let x = phase(dev, "o gemm", || linear_f32_accumulate(x, &a, &self.attn.o))?;
-                phase(dev, "lora", || lora.add(x, &a, (layer, Group::O), exact))?
-            }
+            (None, true) => at.project(&a, (&self.attn.o, None), Some(x), Group::O)?,
             (norm, _) => {
-                let o = phase(dev, "o gemm", || linear_rows(&a, &self.attn.o, None, exact))?;
-                let o = phase(dev, "lora", || lora.add(o, &a, (layer, Group::O), exact))?;
+                let o = at.project(&a, (&self.attn.o, None), None, Group::O)?;
                 phase(dev, "norms", || match norm {
                     Some(n) => x + n.forward(&o, DType::F32)?,
                     None => x + o,
                 })?
             }
         };
-        let h = phase(dev, "norms", || self.mlp_in_norm.forward(&x, act))?;
+        let h = phase(dev, "norms", || self.mlp_in_norm.forward(&x, gemm_in))?;
         match (&self.mlp_out_norm, in_place) {
             (None, true) => self.mlp.forward(&h, Some(x), at),
             (norm, _) => {
@@ -308,16 +282,55 @@ impl DecoderLayer {
 }
 
 /// Where a layer runs in a forward: its position in the plan (the KV cache's index), its base
-/// index, the step's activation dtype and exact rows, the step's adapters, and whether the
-/// residual rows may be updated in place (decode steps from the embeddings, no taps).
+/// index, the step's activation and projection-input dtypes and exact rows, the step's adapters, and whether the
+/// residual rows may be updated in place (rows the forward owns, no taps, no scored rows).
 #[derive(Clone, Copy)]
 struct LayerAt<'a> {
     plan_pos: usize,
     layer: usize,
     act: DType,
+    /// The dtype of activations that only feed projections ([`gemm_input_dtype`]).
+    gemm_in: DType,
     exact: &'a ExactRows,
     lora: &'a StepLora,
+    /// The residual adds accumulate into the residual rows (the projections' GEMMs add their
+    /// products to them): rows the forward owns, in steps without scored rows.
     in_place: bool,
+}
+
+impl LayerAt<'_> {
+    /// The projection of `group` for rows `x`: `x · wᵀ (+ bias)` with the step's adapters'
+    /// deltas added, accumulated into `into` (the residual rows, in place) when given. The
+    /// adapters' part runs before the GEMM where the base projection can accumulate into it
+    /// ([`StepLora::fresh_delta`]), else around it (a side-stream shrink started before, the
+    /// expand after).
+    fn project(
+        &self,
+        x: &Tensor,
+        (w, bias): (&Tensor, Option<&Tensor>),
+        into: Option<Tensor>,
+        group: Group,
+    ) -> candle_core::Result<Tensor> {
+        let (dev, at, exact) = (x.device(), (self.layer, group), self.exact);
+        let name = group.gemm_phase();
+        let fresh = match into {
+            None => phase(dev, "lora", || self.lora.fresh_delta(x, at, exact))?,
+            Some(_) => None,
+        };
+        if let Some(delta) = fresh {
+            let y = phase(dev, name, || linear_rows_accumulate(delta, x, w, exact))?;
+            return match bias {
+                Some(b) => add_row_bias(y, b),
+                None => Ok(y),
+            };
+        }
+        phase(dev, "lora", || self.lora.prefetch(x, at, w.dim(0)?))?;
+        let y = phase(dev, name, || match into {
+            Some(r) => linear_rows_accumulate(r, x, w, exact),
+            None => linear_rows(x, w, bias, exact),
+        })?;
+        phase(dev, "lora", || self.lora.add(y, x, at, exact))
+    }
 }
 
 /// The residual rows a forward starts from, after the plan's first `skip` positions; `owned`
@@ -344,45 +357,6 @@ impl Residual {
 pub struct Extras<'a> {
     pub overlay: Option<&'a overlay::ModelOverlay>,
     pub lora: StepLora,
-}
-
-/// The precision of a step's activations, the inputs of every projection. The residual stream
-/// is f32 throughout and projections accumulate in f32; with bf16 weights:
-/// - steps with prompt rows keep activations in f32; the rows of scored chunks (prompt logprobs
-///   asked, [`exact_rows`]) take them compensated (two bf16 terms, [`linear_rows`]), so prompt
-///   logprobs carry no bf16 rounding of activations, and every other row takes them rounded
-///   once to bf16 (one GEMM, the cost of a bf16 prefill);
-/// - decode-only steps round them once to bf16 (one GEMM each, the memory-bound fast path), as
-///   the paged decode kernel takes its queries.
-///
-/// With f32 weights everything is f32.
-pub fn activation_dtype(weights: DType, chunks: &[ChunkRef]) -> DType {
-    if decode_only(chunks) {
-        weights
-    } else {
-        DType::F32
-    }
-}
-
-/// The packed rows of the scored chunks: those whose projections are compensated (every row of
-/// the step with `PRUNESERVE_EXACT_ROWS=all`, the rule before scored-only compensation, kept for
-/// A/B measurements).
-pub fn exact_rows(chunks: &[ChunkRef]) -> ExactRows {
-    static ALL: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    if *ALL.get_or_init(|| std::env::var("PRUNESERVE_EXACT_ROWS").is_ok_and(|v| v == "all")) {
-        return ExactRows::all(chunks.iter().map(|c| c.len).sum());
-    }
-    ExactRows::from_runs(
-        chunks
-            .iter()
-            .filter(|c| c.scored)
-            .map(|c| c.offset..c.offset + c.len),
-    )
-}
-
-/// A step of one-token chunks only (no prompt rows).
-fn decode_only(chunks: &[ChunkRef]) -> bool {
-    chunks.iter().all(|c| c.len == 1)
 }
 
 impl DecoderModel {
@@ -528,6 +502,7 @@ impl DecoderModel {
         let overlay = extras.overlay;
         let act = activation_dtype(self.dtype, chunks);
         let exact = exact_rows(chunks);
+        let gemm_in = gemm_input_dtype(self.dtype, act, &exact);
         phase_times::set_step_kind(if decode_only(chunks) {
             "decode"
         } else {
@@ -538,14 +513,16 @@ impl DecoderModel {
             rows: mut x,
             owned,
         } = residual;
-        // Rows this loop owns are updated in place on decode steps, unless a tap reads each
-        // layer's input afterwards.
-        let in_place = decode_only(chunks) && owned && tap.is_none();
+        // Rows this loop owns are updated in place, unless a tap reads each layer's input
+        // afterwards or scored rows take their residual adds compensated (the lo term's GEMM
+        // adds after the hi term's: kept as the sum of both, as before).
+        let in_place = owned && tap.is_none() && (decode_only(chunks) || exact.runs().is_empty());
         for (plan_pos, &layer) in plan.layers().iter().enumerate().skip(skip) {
             let at = LayerAt {
                 plan_pos,
                 layer,
                 act,
+                gemm_in,
                 exact: &exact,
                 lora: &extras.lora,
                 in_place,
