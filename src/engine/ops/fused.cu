@@ -8,13 +8,22 @@
 __device__ __forceinline__ void store(float *p, float v) { *p = v; }
 __device__ __forceinline__ void store(__nv_bfloat16 *p, float v) { *p = __float2bfloat16_rn(v); }
 
-// RMSNorm of f32 rows: out = x / sqrt(mean(x^2) + eps) * alpha. One block per row.
+// RMSNorm of f32 rows: out = x / sqrt(mean(x^2) + eps) * alpha. One block per row; rows whose
+// width is a multiple of 4 are read four floats at a time when x and alpha are 16-byte aligned.
 template <typename T>
 __device__ void rms_norm_to(const float *x, const float *alpha, T *out, int cols, float eps) {
   const float *row = x + (size_t)blockIdx.x * cols;
   T *dst = out + (size_t)blockIdx.x * cols;
+  const bool vec = cols % 4 == 0 && (uintptr_t)x % 16 == 0 && (uintptr_t)alpha % 16 == 0;
   float sum = 0.f;
-  for (int i = threadIdx.x; i < cols; i += blockDim.x) sum += row[i] * row[i];
+  if (vec) {
+    for (int i = 4 * threadIdx.x; i < cols; i += 4 * blockDim.x) {
+      const float4 v = *reinterpret_cast<const float4 *>(row + i);
+      sum += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
+    }
+  } else {
+    for (int i = threadIdx.x; i < cols; i += blockDim.x) sum += row[i] * row[i];
+  }
   __shared__ float warp_sums[32];
   for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffff, sum, o);
   int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
@@ -28,7 +37,18 @@ __device__ void rms_norm_to(const float *x, const float *alpha, T *out, int cols
   }
   __syncthreads();
   float inv = rsqrtf(warp_sums[0] / cols + eps);
-  for (int i = threadIdx.x; i < cols; i += blockDim.x) store(dst + i, row[i] * inv * alpha[i]);
+  if (vec) {
+    for (int i = 4 * threadIdx.x; i < cols; i += 4 * blockDim.x) {
+      const float4 v = *reinterpret_cast<const float4 *>(row + i);
+      const float4 a = *reinterpret_cast<const float4 *>(alpha + i);
+      store(dst + i, v.x * inv * a.x);
+      store(dst + i + 1, v.y * inv * a.y);
+      store(dst + i + 2, v.z * inv * a.z);
+      store(dst + i + 3, v.w * inv * a.w);
+    }
+  } else {
+    for (int i = threadIdx.x; i < cols; i += blockDim.x) store(dst + i, row[i] * inv * alpha[i]);
+  }
 }
 
 // Rotary embedding ("rotate half") of `heads` heads taken from f32 rows of `src_cols` columns
@@ -61,16 +81,31 @@ __device__ __forceinline__ float gelu_tanh(float x) {
 }
 
 // act(gate) * up for f32 rows laid out [gate (n) | up (n)]; out is [rows, n].
-// Grid: (rows, column blocks of ACT_COLS); each thread takes ACT_COLS / blockDim.x columns.
+// Grid: (rows, column blocks of ACT_COLS); each thread takes ACT_COLS / blockDim.x columns, four
+// adjacent ones at a time when n is a multiple of 4 and gu 16-byte aligned (16-byte loads).
 #define ACT_COLS 1024
+__device__ __forceinline__ float act_of(float g, int act) {
+  return act == 0 ? silu(g) : gelu_tanh(g);
+}
 template <typename T>
 __device__ void act_mul(const float *gu, T *out, int rows, int n, int act) {
   const int r = blockIdx.x;
   const float *g = gu + (size_t)r * 2 * n, *u = g + n;
   T *dst = out + (size_t)r * n;
   const int end = min(n, (int)(blockIdx.y + 1) * ACT_COLS);
+  if (n % 4 == 0 && (uintptr_t)gu % 16 == 0) {
+    for (int c = blockIdx.y * ACT_COLS + 4 * threadIdx.x; c < end; c += 4 * blockDim.x) {
+      const float4 gv = *reinterpret_cast<const float4 *>(g + c);
+      const float4 uv = *reinterpret_cast<const float4 *>(u + c);
+      store(dst + c, act_of(gv.x, act) * uv.x);
+      store(dst + c + 1, act_of(gv.y, act) * uv.y);
+      store(dst + c + 2, act_of(gv.z, act) * uv.z);
+      store(dst + c + 3, act_of(gv.w, act) * uv.w);
+    }
+    return;
+  }
   for (int c = blockIdx.y * ACT_COLS + threadIdx.x; c < end; c += blockDim.x) {
-    store(dst + c, (act == 0 ? silu(g[c]) : gelu_tanh(g[c])) * u[c]);
+    store(dst + c, act_of(g[c], act) * u[c]);
   }
 }
 
