@@ -27,6 +27,12 @@ const EXPAND_THREADS: usize = 256;
 /// ([`super::segment_word`]).
 pub type Entry = [u64; ENTRY_WORDS];
 const ENTRY_WORDS: usize = 4;
+/// Steps of at most this many rows run each group's shrink on the side stream beside the base
+/// projection; longer ones in line, where the side stream measured slower (8B shape, H200,
+/// graphs, decode-only steps: the adapter cost 28 µs a layer at one row with the side stream
+/// against 48 in line, 35-38 against 42-45 at 16 rows, 55-57 against 47-53 at 64;
+/// docs/benchmarks.md, session 15).
+const SIDE_STREAM_MAX_ROWS: usize = 32;
 
 /// Loads every kernel of lora.cu on `device` (the driver JIT-compiles the module once), so that
 /// the first step with an adapter does not wait for it. Nothing on a CPU device.
@@ -265,9 +271,14 @@ impl LoraTable {
     /// Starts the shrink of rows `x` for `group` of `layer` (with `out` output columns) on the
     /// side stream, so that it runs beside the base projection launched next; [`Self::add`]
     /// for the same group finishes it. Nothing when the group is not on the tensor-core path or
-    /// `x` is not already laid out as the kernel reads it (`add` then does it all).
+    /// `x` is not already laid out as the kernel reads it (`add` then does it all), for steps of
+    /// more than [`SIDE_STREAM_MAX_ROWS`] rows, and with `PRUNESERVE_LORA_SIDE_STREAM=0` (every
+    /// shrink in line, for A/B measurements).
     pub fn prefetch(&self, x: &Tensor, at: (usize, Group), out: usize) -> Result<()> {
-        if !is_fresh(x) {
+        static SIDE: std::sync::LazyLock<bool> = std::sync::LazyLock::new(|| {
+            std::env::var("PRUNESERVE_LORA_SIDE_STREAM").map_or(true, |v| v != "0")
+        });
+        if !*SIDE || self.rows > SIDE_STREAM_MAX_ROWS || !is_fresh(x) {
             return Ok(());
         }
         let Some(launch) = self.mma_launch(x, at, out)? else {
