@@ -127,6 +127,11 @@ fn an_interrupted_seeded_run_ends_byte_identical_with_every_key_once() {
     assert!(said.contains("records"), "{said}");
     let prov_ref = tmp.path().join("ref.jsonl.provenance.jsonl");
     let total = lines(&prov_ref);
+    // About 700 of the 900 rows are usable; most answers stop within 24 tokens.
+    assert!(
+        total >= 100,
+        "the reference run kept only {total} records: {said}"
+    );
 
     // The same run, interrupted: server B dies, then the client is killed with SIGKILL.
     let out = tmp.path().join("run.jsonl");
@@ -138,7 +143,10 @@ fn an_interrupted_seeded_run_ends_byte_identical_with_every_key_once() {
     client.kill().unwrap();
     client.wait().unwrap();
     let cut = lines(&prov);
-    assert!(cut < total, "the client finished before it was killed");
+    assert!(
+        cut < total,
+        "the client finished before it was killed ({cut} of {total} records)"
+    );
     finish(sgr(&[&ua, &ub], &data, &out, "1", &[]));
 
     assert_eq!(
