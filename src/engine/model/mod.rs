@@ -282,8 +282,9 @@ impl DecoderLayer {
 }
 
 /// Where a layer runs in a forward: its position in the plan (the KV cache's index), its base
-/// index, the step's activation and projection-input dtypes and exact rows, the step's adapters, and whether the
-/// residual rows may be updated in place (rows the forward owns, no taps, no scored rows).
+/// index, the step's activation and projection-input dtypes and exact rows, the step's adapters,
+/// and whether the residual rows may be updated in place (rows the forward owns, no taps, no
+/// scored rows).
 #[derive(Clone, Copy)]
 struct LayerAt<'a> {
     plan_pos: usize,
