@@ -365,6 +365,31 @@ fn plans_feeding_the_same_fresh_prompt_in_one_step_run_their_common_layers_once(
 }
 
 #[test]
+fn a_single_layer_sweep_forks_every_plan_from_the_one_sharing_most() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (model, _) = model_and_plans(tmp.path(), 11);
+    // `@drop=1` .. `@drop=5` of the 6-layer model score one prompt in one step.
+    let plans: Vec<Arc<LayerPlan>> = (1..6)
+        .map(|d| Arc::new(LayerPlan::new((0..6).filter(|&l| l != d).collect(), 6).unwrap()))
+        .collect();
+    let batch = || {
+        plans
+            .iter()
+            .map(|plan| GenRequest {
+                prompt_logprobs: Some(1),
+                ..requests(plan, 1, 800).remove(0)
+            })
+            .collect::<Vec<_>>()
+    };
+    let (alone, _) = run_in_one_batch(&model, false, 4096, batch());
+    let (shared, rows) = run_in_one_batch(&model, true, 4096, batch());
+    assert_same(&[alone], &[shared], "the sweep's plans sharing");
+    // `@drop=5` runs whole; `@drop=i` takes its first i layers from it: 4 + 3 + 2 + 1 per token
+    // (one trunk for all, the most any single trunk gives).
+    assert_eq!(rows, 73 * (4 + 3 + 2 + 1));
+}
+
+#[test]
 fn a_prompt_and_its_twins_on_other_plans_are_scheduled_into_one_step() {
     let tmp = tempfile::tempdir().unwrap();
     let (model, [base, first4, _]) = model_and_plans(tmp.path(), 10);

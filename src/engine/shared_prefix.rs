@@ -64,15 +64,22 @@ fn common_depth(a: &RunSpec, b: &RunSpec) -> usize {
 impl Engine {
     /// Plans which items of `groups` take their first layers from an item of an earlier group:
     /// a fresh prompt of the same tokens and adapter in the group sharing the most leading
-    /// layers. Trunk items are always run from the embeddings.
+    /// layers. Trunk items are always run from the embeddings, so the order decides what can
+    /// be shared (see the sort below).
     pub(super) fn plan_sharing(
         &self,
         items: &[StepItem],
         groups: &[(RunSpec, Vec<usize>)],
         allowed: bool,
     ) -> SharePlan {
+        // Longest plans first; among plans of one length, the lexicographically smallest layer
+        // list first, the one sharing the longest prefixes with the rest: in a single-layer
+        // sweep `@drop=N-1` is the trunk and every `@drop=i` forks from it after `i` layers.
         let mut order: Vec<usize> = (0..groups.len()).collect();
-        order.sort_by_key(|&g| std::cmp::Reverse(groups[g].0.plan.layers().len()));
+        order.sort_by(|&a, &b| {
+            let (la, lb) = (groups[a].0.plan.layers(), groups[b].0.plan.layers());
+            lb.len().cmp(&la.len()).then_with(|| la.cmp(lb))
+        });
         let mut forks = HashMap::new();
         if !allowed || !self.share_hidden || groups.len() < 2 {
             return SharePlan { order, forks };
