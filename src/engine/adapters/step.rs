@@ -12,9 +12,9 @@ use super::{Group, LoraAdapter};
 use crate::engine::ops::gemm::ExactRows;
 
 /// Steps of at most this many rows use the CUDA kernels even with a single adapter (two launches
-/// per group, where launches dominate); longer ones run it as cuBLAS GEMMs accumulating into the
-/// projection's output, which measured faster from 64 rows up (docs/benchmarks.md). Steps that
-/// mix adapters always use the kernels.
+/// per group, where launches dominate); longer ones run it as cuBLAS GEMMs (the delta written
+/// first and the projection accumulating into it, [`StepLora::fresh_delta`]), which measured
+/// faster from 64 rows up (docs/benchmarks.md). Steps that mix adapters always use the kernels.
 #[cfg(feature = "cuda")]
 const KERNEL_ROWS: usize = 16;
 

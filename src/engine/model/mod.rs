@@ -335,7 +335,8 @@ impl LayerAt<'_> {
 }
 
 /// The residual rows a forward starts from, after the plan's first `skip` positions; `owned`
-/// when nothing else holds them (fresh embeddings), so decode steps may update them in place.
+/// when nothing else holds them (fresh embeddings), so steps may update them in place
+/// ([`LayerAt::in_place`]).
 struct Residual {
     skip: usize,
     rows: Tensor,
