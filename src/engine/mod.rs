@@ -11,6 +11,7 @@ pub mod instrument;
 pub mod kv;
 pub mod model;
 pub mod ops;
+mod outputs;
 mod prefix_reuse;
 pub mod sample;
 mod shared_prefix;
@@ -22,13 +23,11 @@ use candle_core::Tensor;
 
 use crate::plan::LayerPlan;
 use adapters::{LoraAdapter, StepLora};
-use instrument::phase_times::phase;
 use instrument::taps::LayerTap;
 use kv::{ChunkRef, KvCache, KvError, KvUsage};
 use model::overlay::ModelOverlay;
 use model::DecoderModel;
 use model::Extras;
-use ops::gemm::ExactRows;
 use sample::sampler::Sampled;
 use sample::scoring::TokenScore;
 
@@ -507,120 +506,13 @@ impl Engine {
                 )?
             }
         };
-        // Only rows whose logits are needed go through the LM head (exact for scored chunks).
-        let mut rows: Vec<u32> = Vec::new();
-        let mut exact = Vec::new();
-        for (c, &i) in chunks.iter().zip(members) {
-            let it = &items[i];
-            let first = rows.len();
-            if let Some(s) = &it.score {
-                rows.extend((0..s.targets.len()).map(|r| (c.offset + r) as u32));
-            }
-            if it.want_logits {
-                rows.push((c.offset + c.len - 1) as u32);
-            }
-            if c.scored {
-                exact.push(first..rows.len());
-            }
-        }
-        let logits = if rows.is_empty() {
-            None
-        } else {
-            let idx = Tensor::new(rows.as_slice(), hidden.device())?;
-            Some(self.model.logits(
-                &hidden.index_select(&idx, 0)?,
-                spec.overlay.as_deref(),
-                &ExactRows::from_runs(exact),
-            )?)
-        };
-        // Last-position rows: greedy ones are decided on the device, the others come back whole
-        // in one transfer.
-        let mut next_row = 0;
-        let mut score_at = Vec::with_capacity(members.len());
-        let (mut greedy_rows, mut full_rows) = (Vec::new(), Vec::new());
-        let (mut draw_rows, mut draws) = (Vec::new(), Vec::new());
-        let mut greedy_k = 0;
-        for &i in members {
-            let it = &items[i];
-            let n = it.score.as_ref().map_or(0, |s| s.targets.len());
-            score_at.push(next_row);
-            next_row += n;
-            if it.want_logits {
-                match (it.greedy_top, it.draw) {
-                    (Some(k), _) => {
-                        greedy_rows.push(next_row as u32);
-                        greedy_k = greedy_k.max(k);
-                    }
-                    (None, Some(d)) => {
-                        draw_rows.push(next_row as u32);
-                        draws.push(d);
-                    }
-                    (None, None) => full_rows.push(next_row as u32),
-                }
-                next_row += 1;
-            }
-        }
-        let l = logits.as_ref();
-        let mut greedy = on_rows(l, &greedy_rows, "pick tokens", |rows| {
-            sample::scoring::greedy_rows(rows, greedy_k)
-        })?;
-        let mut drawn = on_rows(l, &draw_rows, "draw tokens", |rows| {
-            sample::scoring::draw_rows(rows, &draws)
-        })?;
-        let mut full = on_rows(l, &full_rows, "logits to host", |rows| {
-            rows.to_vec2::<f32>()
-        })?;
-        let mut outs = Vec::with_capacity(members.len());
-        for (&i, &at) in members.iter().zip(&score_at) {
-            let it = &items[i];
-            let mut out = StepOutput {
-                seq: it.seq,
-                scores: Vec::new(),
-                logits: None,
-                greedy: None,
-            };
-            if let (Some(s), Some(l)) = (&it.score, &logits) {
-                if !s.targets.is_empty() {
-                    out.scores = phase(l.device(), "score rows", || {
-                        sample::scoring::score_rows(
-                            &l.narrow(0, at, s.targets.len())?,
-                            &s.targets,
-                            s.top_k,
-                        )
-                    })?;
-                }
-            }
-            if it.want_logits {
-                match (it.greedy_top, it.draw) {
-                    (Some(k), _) => {
-                        out.greedy = greedy.next().map(|mut g| {
-                            g.top.truncate(k);
-                            g
-                        })
-                    }
-                    (None, Some(_)) => out.greedy = drawn.next(),
-                    (None, None) => out.logits = full.next(),
-                }
-            }
-            outs.push(out);
-        }
-        Ok(outs)
-    }
-}
-
-/// `f` over the `rows` of `logits` (selected and run as the phase `name`), or nothing when there
-/// are no such rows.
-fn on_rows<T>(
-    logits: Option<&Tensor>,
-    rows: &[u32],
-    name: &'static str,
-    f: impl FnOnce(&Tensor) -> candle_core::Result<Vec<T>>,
-) -> candle_core::Result<std::vec::IntoIter<T>> {
-    match logits {
-        Some(l) if !rows.is_empty() => {
-            let idx = Tensor::new(rows, l.device())?;
-            Ok(phase(l.device(), name, || f(&l.index_select(&idx, 0)?))?.into_iter())
-        }
-        _ => Ok(Vec::new().into_iter()),
+        Ok(outputs::step_outputs(
+            &self.model,
+            spec,
+            items,
+            members,
+            &chunks,
+            &hidden,
+        )?)
     }
 }

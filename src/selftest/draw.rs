@@ -3,7 +3,8 @@
 //! small vocabularies do not reach: flat, peaked and heavily tied logits (every value a multiple of
 //! 0.5, so the truncation boundaries fall inside runs of equal values) under the paper's
 //! sampling and top-k / top-p / min-p mixes. Tokens must be equal and logprobs within 1e-4. The
-//! kernel's time for one row and for 256 rows is reported (informational).
+//! kernel's time for one row and for 256 rows is reported (informational). The prompt-scoring
+//! kernel (`score_pick_f32`) is checked the same way against the CPU's candle log-softmax.
 
 use std::time::Instant;
 
@@ -13,7 +14,7 @@ use super::prefill::values;
 use super::{Check, SelftestError};
 use crate::checkpoint::CheckpointError;
 use crate::engine::sample::sampler::{DeviceDraw, Sampler, SamplingParams};
-use crate::engine::sample::scoring::draw_rows;
+use crate::engine::sample::scoring::{draw_rows, score_spans, ScoreSpan};
 
 const VOCAB: usize = 128_256;
 const SEEDS: u64 = 4;
@@ -123,4 +124,67 @@ pub(super) fn draw_kernel_checks(cuda: &Device) -> Result<Vec<Check>, SelftestEr
         detail: format!("1 row {one:.2} ms; 256 rows {many:.2} ms (best of 3, with the readback)"),
     };
     Ok(vec![check, timing])
+}
+
+/// Prompt scores on CUDA (one `score_pick_f32` launch for the spans of at most one alternative,
+/// candle ops for the span of five) against an f64 log-softmax of the same logits: flat, peaked
+/// and tied rows, targets spread over the vocabulary. Each alternative must have the logit of the
+/// reference's alternative of its rank (equal logits may come in either order) and every logprob
+/// must be within 1e-4.
+pub(super) fn score_kernel_check(cuda: &Device) -> Result<Check, SelftestError> {
+    let (rows, differ, worst) = compare_scores(cuda).map_err(CheckpointError::from)?;
+    Ok(Check {
+        name: format!(
+            "prompt scores on CUDA vs an f64 log-softmax over {VOCAB} ids (top 0, 1 and 5; \
+             alternatives' logits equal, logprobs within 1e-4)"
+        ),
+        passed: differ == 0 && worst <= 1e-4,
+        informational: false,
+        detail: format!("{rows} rows: {differ} alternatives differ; max |dlogprob| {worst:.1e}"),
+    })
+}
+
+/// (scored rows, alternatives whose logits differ from the reference's, largest logprob
+/// difference).
+fn compare_scores(cuda: &Device) -> candle_core::Result<(usize, usize, f64)> {
+    let n = 12;
+    let rows: Vec<Vec<f32>> = (0..n as u64)
+        .map(|r| logits_row(r as usize % 3, 500 + r))
+        .collect();
+    let targets: Vec<u32> = (0..n as u32)
+        .map(|r| (r * 40_009 + 7) % VOCAB as u32)
+        .collect();
+    // Spans: rows 0..4 with no alternative, 4..9 with one, 9..12 with five.
+    let spans = [(0, 4, 0), (4, 5, 1), (9, 3, 5)].map(|(at, len, top_k)| ScoreSpan {
+        at,
+        targets: &targets[at..at + len],
+        top_k,
+    });
+    let logits = Tensor::from_vec(rows.concat(), (n, VOCAB), cuda)?;
+    let got: Vec<_> = score_spans(&logits, &spans)?
+        .into_iter()
+        .flatten()
+        .collect();
+    let (mut differ, mut worst) = (got.len().abs_diff(n), 0f64);
+    let top_k = spans
+        .iter()
+        .flat_map(|s| std::iter::repeat_n(s.top_k, s.targets.len()));
+    for (((row, &target), g), k) in rows.iter().zip(&targets).zip(&got).zip(top_k) {
+        differ += g.top.len().abs_diff(k);
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let lse = max
+            + row
+                .iter()
+                .map(|&x| (x as f64 - max).exp())
+                .sum::<f64>()
+                .ln();
+        worst = worst.max((g.logprob as f64 - (row[target as usize] as f64 - lse)).abs());
+        let mut sorted = row.clone();
+        sorted.sort_by(|a, b| b.total_cmp(a));
+        for ((id, lp), want) in g.top.iter().zip(&sorted) {
+            differ += usize::from(row[*id as usize] != *want);
+            worst = worst.max((*lp as f64 - (*want as f64 - lse)).abs());
+        }
+    }
+    Ok((n, differ, worst))
 }

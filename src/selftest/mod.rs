@@ -422,6 +422,8 @@ pub fn run_all(
     for c in draw::draw_kernel_checks(&cuda)? {
         push(&mut checks, &mut report, c);
     }
+    #[cfg(feature = "cuda")]
+    push(&mut checks, &mut report, draw::score_kernel_check(&cuda)?);
 
     // 3. Seeded draws on the device, and prefix caching on the paged pool (the tiny Llama of
     //    step 1, bf16 and f32).

@@ -122,8 +122,13 @@ impl RopeCache {
             .arg(&vc)
             .arg(&q);
         b.arg(&h).arg(&kvh).arg(&hd);
+        let pairs = (p.num_heads + 2 * p.num_kv_heads) * p.head_dim / 2;
         let cfg = LaunchConfig {
-            grid_dim: (rows.max(1) as u32, 1, 1),
+            grid_dim: (
+                rows.max(1) as u32,
+                pairs.div_ceil(THREADS as usize) as u32,
+                1,
+            ),
             block_dim: (THREADS, 1, 1),
             shared_mem_bytes: 0,
         };

@@ -1,5 +1,5 @@
-// Greedy picks and seeded draws on the device (second kernel below).
-// Greedy picks (see src/engine/scoring.rs, whose candle-ops path defines the
+// Greedy picks, prompt scores and seeded draws on the device (the draw kernel last).
+// Greedy picks (see src/engine/sample/scoring.rs, whose candle-ops path defines the
 // result): per f32 logits row, the argmax (lowest index on ties) and its log-softmax value,
 // in one pass over the row plus one over its exponentials. out[row] = (token, logprob), the
 // token as a float (exact below 2^24). Grid (rows), PICK_THREADS threads.
@@ -19,9 +19,10 @@ __device__ __forceinline__ void warp_argmax(float &v, int &idx) {
   }
 }
 
-extern "C" __global__ void __launch_bounds__(PICK_THREADS)
-    greedy_pick_f32(const float *logits, float *out, int vocab) {
-  const float *row = logits + (size_t)blockIdx.x * vocab;
+// The row's maximum (lowest index among equal maxima) and the sum of exp(x - max), block-wide
+// (PICK_THREADS threads, in a fixed order: the same row gives the same values in any batch);
+// valid in thread 0 only.
+__device__ void max_and_sum(const float *row, int vocab, float &max, int &arg, float &sum) {
   __shared__ float best_v[32];
   __shared__ int best_i[32];
   __shared__ float sums[32];
@@ -51,19 +52,48 @@ extern "C" __global__ void __launch_bounds__(PICK_THREADS)
     }
   }
   __syncthreads();
-  const float max = best_v[0];
-  float sum = 0.f;
-  for (int i = threadIdx.x; i < vocab; i += PICK_THREADS) sum += expf(row[i] - max);
-  for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffff, sum, o);
-  if (lane == 0) sums[warp] = sum;
+  max = best_v[0];
+  arg = best_i[0];
+  float s = 0.f;
+  for (int i = threadIdx.x; i < vocab; i += PICK_THREADS) s += expf(row[i] - max);
+  for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffff, s, o);
+  if (lane == 0) sums[warp] = s;
   __syncthreads();
   if (warp == 0) {
-    sum = sums[lane];
-    for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffff, sum, o);
-    if (lane == 0) {
-      out[2 * blockIdx.x] = (float)best_i[0];
-      out[2 * blockIdx.x + 1] = -logf(sum);
-    }
+    s = sums[lane];
+    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffff, s, o);
+  }
+  sum = s;
+}
+
+extern "C" __global__ void __launch_bounds__(PICK_THREADS)
+    greedy_pick_f32(const float *logits, float *out, int vocab) {
+  float max, sum;
+  int arg;
+  max_and_sum(logits + (size_t)blockIdx.x * vocab, vocab, max, arg, sum);
+  if (threadIdx.x == 0) {
+    out[2 * blockIdx.x] = (float)arg;
+    out[2 * blockIdx.x + 1] = -logf(sum);
+  }
+}
+
+// Prompt scoring (see score_spans in src/engine/sample/scoring.rs, whose candle-ops path defines
+// the result): for logits row rows[b] and its target token targets[b], out[b] = (the target's
+// log-softmax value, the argmax as a float, the argmax's log-softmax value), each x - max -
+// log(sum exp(x - max)) as candle's log_softmax writes it, without the [rows, vocab] log-softmax
+// in memory. Grid (scored rows), PICK_THREADS threads.
+extern "C" __global__ void __launch_bounds__(PICK_THREADS)
+    score_pick_f32(const float *logits, const uint32_t *rows, const uint32_t *targets, float *out,
+                   int vocab) {
+  const float *row = logits + (size_t)rows[blockIdx.x] * vocab;
+  float max, sum;
+  int arg;
+  max_and_sum(row, vocab, max, arg, sum);
+  if (threadIdx.x == 0) {
+    const float log_sum = logf(sum);
+    out[3 * blockIdx.x] = (row[targets[blockIdx.x]] - max) - log_sum;
+    out[3 * blockIdx.x + 1] = (float)arg;
+    out[3 * blockIdx.x + 2] = -log_sum;
   }
 }
 

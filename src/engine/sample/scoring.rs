@@ -1,5 +1,6 @@
 //! Prompt scoring: natural-log log-softmax over logits rows, the logprob of each actual next token
-//! and the top-k alternatives, computed on the logits' device; only `[rows, k]` reaches the host.
+//! and the top-k alternatives, computed on the logits' device; only `[rows, k]` reaches the host
+//! (on CUDA, scores with at most one alternative come from one kernel for the whole step).
 
 use candle_core::{DType, Tensor, D};
 use serde::Serialize;
@@ -39,6 +40,38 @@ pub fn score_rows(
             top,
         })
         .collect())
+}
+
+/// One scored chunk of a step's logits: `targets.len()` rows from `at`, each scored for its
+/// target token, with the best `top_k` alternatives.
+pub struct ScoreSpan<'a> {
+    pub at: usize,
+    pub targets: &'a [u32],
+    pub top_k: usize,
+}
+
+/// [`score_rows`] for every span of `logits` (`[rows, vocab]`, f32). On CUDA the spans asking
+/// for at most one alternative (lm-eval's loglikelihood asks for one) are scored in one launch
+/// (`score_pick_f32` in sampling.cu: no `[rows, vocab]` log-softmax in memory, one transfer for
+/// the step); the others, and every span on the CPU, through [`score_rows`] one span at a time.
+pub fn score_spans(
+    logits: &Tensor,
+    spans: &[ScoreSpan<'_>],
+) -> candle_core::Result<Vec<Vec<TokenScore>>> {
+    #[cfg(feature = "cuda")]
+    if logits.device().is_cuda() {
+        return cuda::score_spans(logits, spans);
+    }
+    spans
+        .iter()
+        .map(|s| {
+            score_rows(
+                &logits.narrow(0, s.at, s.targets.len())?,
+                s.targets,
+                s.top_k,
+            )
+        })
+        .collect()
 }
 
 /// Greedy picks for logits rows: the argmax token of each row, its log-softmax value and the
@@ -135,8 +168,9 @@ mod cuda {
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::driver::{CudaView, LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::{CudaStorage, WrapErr};
-    use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
+    use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 
+    use super::{score_rows, ScoreSpan, TokenScore};
     use crate::engine::attention::cuda::storage_view;
     use crate::engine::sample::sampler::{DeviceDraw, Sampled};
 
@@ -266,6 +300,112 @@ mod cuda {
             .collect())
     }
 
+    struct ScorePick;
+
+    impl CustomOp3 for ScorePick {
+        fn name(&self) -> &'static str {
+            "score-pick"
+        }
+
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> Result<(CpuStorage, Shape)> {
+            candle_core::bail!("score-pick runs on CUDA only")
+        }
+
+        fn cuda_fwd(
+            &self,
+            s: &CudaStorage,
+            l: &Layout,
+            rs: &CudaStorage,
+            rl: &Layout,
+            ts: &CudaStorage,
+            tl: &Layout,
+        ) -> Result<(CudaStorage, Shape)> {
+            let (_, vocab) = l.shape().dims2()?;
+            let n = rl.shape().elem_count();
+            let dev = s.device().clone();
+            let logits = storage_view::<f32>(s, l, "logits")?;
+            let rows = storage_view::<u32>(rs, rl, "scored rows")?;
+            let targets = storage_view::<u32>(ts, tl, "targets")?;
+            // SAFETY: the kernel writes all three values of every scored row.
+            let out = unsafe { dev.alloc::<f32>(n * 3)? };
+            let func = dev.get_or_load_custom_func("score_pick_f32", "pruneserve_sampling", PTX)?;
+            let vocab_i = vocab as i32;
+            let mut b = func.builder();
+            b.arg(&logits)
+                .arg(&rows)
+                .arg(&targets)
+                .arg(&out)
+                .arg(&vocab_i);
+            let cfg = LaunchConfig {
+                grid_dim: (n as u32, 1, 1),
+                block_dim: (1024, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: the arguments match `score_pick_f32(logits, rows, targets, out, vocab)` in
+            // sampling.cu; `score_spans` checked every row below the logits' rows and every
+            // target below `vocab`.
+            unsafe { b.launch(cfg) }.w()?;
+            Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from((n, 3))))
+        }
+    }
+
+    /// [`super::score_spans`] on CUDA: spans of `top_k <= 1` through `score_pick_f32`, the
+    /// others through [`super::score_rows`].
+    pub fn score_spans(logits: &Tensor, spans: &[ScoreSpan<'_>]) -> Result<Vec<Vec<TokenScore>>> {
+        let logits = as_f32(logits)?;
+        let (n_rows, vocab) = logits.dims2()?;
+        let (mut rows, mut targets) = (Vec::new(), Vec::new());
+        for s in spans.iter().filter(|s| s.top_k <= 1) {
+            if s.at + s.targets.len() > n_rows {
+                candle_core::bail!("scoring: rows {}.. outside {n_rows} logits rows", s.at);
+            }
+            if let Some(t) = s.targets.iter().find(|&&t| t as usize >= vocab) {
+                candle_core::bail!("scoring: target {t} outside a vocabulary of {vocab}");
+            }
+            rows.extend((s.at..s.at + s.targets.len()).map(|r| r as u32));
+            targets.extend_from_slice(s.targets);
+        }
+        let mut picked = Vec::new().into_iter();
+        if !rows.is_empty() {
+            let dev = logits.device();
+            let rows = Tensor::new(rows.as_slice(), dev)?;
+            let targets_t = Tensor::new(targets.as_slice(), dev)?;
+            let out = logits.apply_op3_no_bwd(&rows, &targets_t, &ScorePick)?;
+            picked = out.to_vec2::<f32>()?.into_iter();
+        }
+        spans
+            .iter()
+            .map(|s| match s.top_k {
+                0 | 1 => Ok(s
+                    .targets
+                    .iter()
+                    .zip(picked.by_ref())
+                    .map(|(&token, p)| TokenScore {
+                        token,
+                        logprob: p[0],
+                        top: match s.top_k {
+                            1 => vec![(p[1] as u32, p[2])],
+                            _ => Vec::new(),
+                        },
+                    })
+                    .collect()),
+                _ => score_rows(
+                    &logits.narrow(0, s.at, s.targets.len())?,
+                    s.targets,
+                    s.top_k,
+                ),
+            })
+            .collect()
+    }
+
     /// The logits as the kernels read them: contiguous f32.
     fn as_f32(logits: &Tensor) -> Result<Tensor> {
         logits.to_dtype(candle_core::DType::F32)?.contiguous()
@@ -302,6 +442,36 @@ mod tests {
                 assert!((*lp as f64 - sorted[j].1).abs() < 1e-6);
             }
         }
+    }
+
+    #[test]
+    fn spans_are_scored_on_their_own_rows() {
+        let data: Vec<f32> = (0..5 * 7).map(|i| ((i * 37) % 11) as f32 * 0.3).collect();
+        let t = Tensor::from_vec(data, (5, 7), &Device::Cpu).unwrap();
+        let (a, b) = ([3u32, 0], [6u32, 1, 2]);
+        let spans = [
+            ScoreSpan {
+                at: 0,
+                targets: &a,
+                top_k: 1,
+            },
+            ScoreSpan {
+                at: 2,
+                targets: &b,
+                top_k: 3,
+            },
+        ];
+        let got = score_spans(&t, &spans).unwrap();
+        assert_eq!(
+            got[0],
+            score_rows(&t.narrow(0, 0, 2).unwrap(), &a, 1).unwrap()
+        );
+        assert_eq!(
+            got[1],
+            score_rows(&t.narrow(0, 2, 3).unwrap(), &b, 3).unwrap()
+        );
+        assert_eq!(got[1][0].token, 6);
+        assert_eq!(got[1][2].top.len(), 3);
     }
 
     #[test]
