@@ -7,13 +7,14 @@
 # together to alone, and the largest difference between the logprobs of the two servers.
 # Usage: bench/ab-scoring.sh [BIN_DIR] [DATA_DIR]   (N=100 prompts of 4 GSM8K questions, CONCURRENCY=8;
 #   another model and device through MODEL=served-name SERVE_ARGS="--model DIR --served-model-name
-#   NAME --device cuda ..."; the GPU command is in docs/benchmarks.md, session 9)
+#   NAME --device cuda ..."; the GPU command is in docs/benchmarks.md, session 9; MODES="on" runs
+#   only the server with sharing, whose ratio is the benchmark's figure)
 set -euo pipefail
 BIN=${1:-target/release} DATA=${2:-../shared/data}
 N=${N:-100} CONCURRENCY=${CONCURRENCY:-8} PORT=${PORT:-8133} MODEL=${MODEL:-smollm2-135m}
 source "$(dirname "$0")/lib.sh"
 OUT=${OUT:-$(mktemp -d)}; mkdir -p "$OUT"
-for mode in off on; do
+for mode in ${MODES:-off on}; do
   start_cache_server "$mode" --variant rev25=reverse:0.25
   python3 - "$DATA/gsm8k/train.jsonl" "$PORT" "$N" "$CONCURRENCY" "$OUT/$mode.json" "$mode" "$MODEL" <<'PY'
 import json, sys, time, urllib.request
@@ -42,6 +43,7 @@ PY
   curl -s "localhost:$PORT/metrics" | grep -E "^pruneserve:(prompt_tokens_total|prefix_cache_(hits|queries)_total|shared_prefix_layer_rows_total)" | sed "s/^/cache $mode: /" || true
   stop_server
 done
+[ -f "$OUT/off.json" ] && [ -f "$OUT/on.json" ] || exit 0
 python3 - "$OUT/off.json" "$OUT/on.json" <<'PY'
 import json, sys
 a, b = (json.load(open(p))["together"]["logprobs"] for p in sys.argv[1:3])
