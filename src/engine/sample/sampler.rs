@@ -6,6 +6,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
+use super::scoring::log_sum_exp;
 use super::truncation::Candidates;
 
 /// Sampling settings of one request (OpenAI/vLLM names).
@@ -106,13 +107,6 @@ pub struct Sampled {
 pub struct Sampler {
     params: SamplingParams,
     rng: ChaCha8Rng,
-}
-
-/// `ln Σ exp(logits)`, in f64.
-fn log_sum_exp(logits: &[f32]) -> f64 {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let sum: f64 = logits.iter().map(|&x| f64::from(x - max).exp()).sum();
-    f64::from(max) + sum.ln()
 }
 
 /// Index of the largest value (first on ties).
