@@ -1,6 +1,7 @@
 //! Prompt scoring: natural-log log-softmax over logits rows, the logprob of each actual next token
 //! and the top-k alternatives, computed on the logits' device; only `[rows, k]` reaches the host
-//! (on CUDA, scores with at most one alternative come from one kernel for the whole step).
+//! (on CUDA, scores with at most one alternative come from one kernel for the whole step; on the
+//! CPU each row's log-sum-exp is summed in f64).
 
 use candle_core::{DType, Tensor, D};
 use serde::Serialize;
@@ -197,6 +198,21 @@ fn top_k_of_row(row: &[f32], k: usize) -> Vec<(u32, f32)> {
     let k = k.min(row.len());
     if k == 0 {
         return Vec::new();
+    }
+    if k == 1 {
+        // One scan (lm-eval asks for one alternative): the first of the largest in the same order.
+        let (best, value) = row
+            .iter()
+            .enumerate()
+            .skip(1)
+            .fold((0, row[0]), |b, (i, &x)| {
+                if x.total_cmp(&b.1).is_gt() {
+                    (i, x)
+                } else {
+                    b
+                }
+            });
+        return vec![(best as u32, value)];
     }
     let by_value = |a: &u32, b: &u32| row[*b as usize].total_cmp(&row[*a as usize]).then(a.cmp(b));
     let mut idx: Vec<u32> = (0..row.len() as u32).collect();
