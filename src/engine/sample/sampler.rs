@@ -6,7 +6,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use super::scoring::log_sum_exp;
+use super::scoring::{log_sum_exp, raw_logprob, top_logprobs};
 use super::truncation::Candidates;
 
 /// Sampling settings of one request (OpenAI/vLLM names).
@@ -120,13 +120,28 @@ fn argmax(v: &[f32]) -> usize {
     best
 }
 
-/// The `k` best `(id, value)` pairs, descending.
+/// The `k` best `(id, value)` pairs, descending (by `total_cmp`, the lower id first on ties).
 pub fn top_k_pairs(values: &[f32], k: usize) -> Vec<(u32, f32)> {
-    let mut idx: Vec<usize> = (0..values.len()).collect();
     let k = k.min(values.len());
     if k == 0 {
         return Vec::new();
     }
+    if k == 1 {
+        // One scan (lm-eval asks for one alternative): the first of the largest in the same order.
+        let (best, value) = values
+            .iter()
+            .enumerate()
+            .skip(1)
+            .fold((0, values[0]), |b, (i, &x)| {
+                if x.total_cmp(&b.1).is_gt() {
+                    (i, x)
+                } else {
+                    b
+                }
+            });
+        return vec![(best as u32, value)];
+    }
+    let mut idx: Vec<usize> = (0..values.len()).collect();
     idx.select_nth_unstable_by(k - 1, |&a, &b| {
         values[b].total_cmp(&values[a]).then(a.cmp(&b))
     });
@@ -159,14 +174,10 @@ impl Sampler {
         } else {
             self.pick(logits)
         };
-        let raw = |v: f32| (f64::from(v) - lse) as f32;
         Sampled {
             token: token as u32,
-            logprob: raw(logits[token]),
-            top: top_k_pairs(logits, self.params.top_logprobs)
-                .into_iter()
-                .map(|(id, v)| (id, raw(v)))
-                .collect(),
+            logprob: raw_logprob(logits[token], lse),
+            top: top_logprobs(logits, lse, self.params.top_logprobs),
         }
     }
 

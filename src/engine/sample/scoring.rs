@@ -6,7 +6,7 @@
 use candle_core::{DType, Tensor, D};
 use serde::Serialize;
 
-use crate::engine::sample::sampler::{DeviceDraw, Sampled};
+use crate::engine::sample::sampler::{top_k_pairs, DeviceDraw, Sampled};
 
 /// The logprob of one position's target token and the best alternatives (descending).
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -99,14 +99,14 @@ pub fn greedy_rows(logits: &Tensor, k: usize) -> candle_core::Result<Vec<Sampled
             .to_vec2::<f32>()?
             .iter()
             .map(|row| {
-                let best = host_score(row, 0, k.max(1))?;
-                let Some(&(token, logprob)) = best.top.first() else {
+                let top = top_logprobs(row, log_sum_exp(row), k.max(1));
+                let Some(&(token, logprob)) = top.first() else {
                     candle_core::bail!("greedy pick over an empty row");
                 };
                 Ok(Sampled {
                     token,
                     logprob,
-                    top: best.top.into_iter().take(k).collect(),
+                    top: top.into_iter().take(k).collect(),
                 })
             })
             .collect();
@@ -131,7 +131,7 @@ pub fn top_k_rows(values: &Tensor, k: usize) -> candle_core::Result<Vec<Vec<(u32
         return Ok(values
             .to_vec2::<f32>()?
             .iter()
-            .map(|row| top_k_of_row(row, k))
+            .map(|row| top_k_pairs(row, k))
             .collect());
     }
     top_k_masked(values, k)
@@ -172,15 +172,25 @@ fn host_score(row: &[f32], token: u32, top_k: usize) -> candle_core::Result<Toke
         );
     };
     let lse = log_sum_exp(row);
-    let raw = |v: f32| (f64::from(v) - lse) as f32;
     Ok(TokenScore {
         token,
-        logprob: raw(target),
-        top: top_k_of_row(row, top_k)
-            .into_iter()
-            .map(|(id, v)| (id, raw(v)))
-            .collect(),
+        logprob: raw_logprob(target, lse),
+        top: top_logprobs(row, lse, top_k),
     })
+}
+
+/// A logit's log-softmax value against its row's [`log_sum_exp`].
+pub fn raw_logprob(logit: f32, lse: f64) -> f32 {
+    (f64::from(logit) - lse) as f32
+}
+
+/// The best `k` entries of `row` ([`top_k_pairs`]: largest first, ties to the lower id) as
+/// log-softmax values against its [`log_sum_exp`] `lse`.
+pub fn top_logprobs(row: &[f32], lse: f64, k: usize) -> Vec<(u32, f32)> {
+    top_k_pairs(row, k)
+        .into_iter()
+        .map(|(id, v)| (id, raw_logprob(v, lse)))
+        .collect()
 }
 
 /// `ln Σ exp(row)`: each exponential in f32 (of `x - max`), their sum in f64, so a row of a
@@ -191,37 +201,6 @@ pub fn log_sum_exp(row: &[f32]) -> f64 {
     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let sum: f64 = row.iter().map(|&x| f64::from((x - max).exp())).sum();
     f64::from(max) + sum.ln()
-}
-
-/// The `k` largest entries of one row, largest first, ties to the lower index.
-fn top_k_of_row(row: &[f32], k: usize) -> Vec<(u32, f32)> {
-    let k = k.min(row.len());
-    if k == 0 {
-        return Vec::new();
-    }
-    if k == 1 {
-        // One scan (lm-eval asks for one alternative): the first of the largest in the same order.
-        let (best, value) = row
-            .iter()
-            .enumerate()
-            .skip(1)
-            .fold((0, row[0]), |b, (i, &x)| {
-                if x.total_cmp(&b.1).is_gt() {
-                    (i, x)
-                } else {
-                    b
-                }
-            });
-        return vec![(best as u32, value)];
-    }
-    let by_value = |a: &u32, b: &u32| row[*b as usize].total_cmp(&row[*a as usize]).then(a.cmp(b));
-    let mut idx: Vec<u32> = (0..row.len() as u32).collect();
-    if k < idx.len() {
-        idx.select_nth_unstable_by(k - 1, by_value);
-        idx.truncate(k);
-    }
-    idx.sort_by(by_value);
-    idx.into_iter().map(|i| (i, row[i as usize])).collect()
 }
 
 /// Draws one token per row of `logits` on CUDA with each row's settings and uniform number
