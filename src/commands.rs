@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Result};
 use candle_core::DType;
 use clap::{Parser, Subcommand, ValueEnum};
+use pruneserve::engine::kv::fp8::KvCacheDtype;
 use pruneserve::finetune::FinetuneArgs;
 use pruneserve::importance::{self, Metric};
 use pruneserve::loaded::{ComputeDtype, DeviceKind, SamplerPlace};
@@ -144,6 +145,12 @@ pub struct ServeArgs {
     /// CUDA: GiB of GPU memory for each base's paged KV pool (shared by its plan variants).
     #[arg(long)]
     pub kv_cache_gb: Option<f64>,
+    /// What the KV cache holds: auto (the model's dtype) or fp8 (E4M3 with a scale of 1, as
+    /// vLLM's `--kv-cache-dtype fp8`; alias fp8_e4m3): on CUDA half the memory and the reads of
+    /// bf16, with keys and values rounded to 3 mantissa bits, so logprobs move (see the README).
+    /// CUDA needs --dtype bf16; the CPU engine rounds the same way and keeps f32.
+    #[arg(long, value_enum, default_value_t = KvCacheDtype::Auto)]
+    pub kv_cache_dtype: KvCacheDtype,
     /// Longest sequence accepted (default: the model's max_position_embeddings).
     #[arg(long)]
     pub max_model_len: Option<usize>,
@@ -313,4 +320,10 @@ pub struct BenchArgs {
     /// CUDA: launch every decode step's kernels (no CUDA graphs), as `serve --enforce-eager`.
     #[arg(long)]
     pub enforce_eager: bool,
+    /// What the KV cache holds: auto (the model's dtype) or fp8 (E4M3 with a scale of 1, as
+    /// vLLM's `--kv-cache-dtype fp8`; alias fp8_e4m3): on CUDA half the memory and the reads of
+    /// bf16, with keys and values rounded to 3 mantissa bits, so logprobs move (see the README).
+    /// CUDA needs --dtype bf16; the CPU engine rounds the same way and keeps f32.
+    #[arg(long, value_enum, default_value_t = KvCacheDtype::Auto)]
+    pub kv_cache_dtype: KvCacheDtype,
 }

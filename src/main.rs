@@ -132,6 +132,7 @@ fn serve_command(args: ServeArgs) -> Result<()> {
         max_prefill_while_decoding,
         kv_blocks,
         kv_cache_gb,
+        kv_cache_dtype,
         max_model_len,
         max_in_flight,
         max_loras,
@@ -156,6 +157,7 @@ fn serve_command(args: ServeArgs) -> Result<()> {
         max_in_flight,
         max_model_len,
         kv_cache_gb,
+        kv_cache_dtype,
         restart_policy: Default::default(),
         max_loras,
         max_lora_rank,
@@ -338,8 +340,10 @@ fn bench_command(args: BenchArgs) -> Result<()> {
         reverse,
         adapter,
         enforce_eager,
+        kv_cache_dtype,
     } = args;
     let (model_id, loaded, dev, dtype) = load_on(model, device)?;
+    kv_cache_dtype.check(device, dtype)?;
     let lora = adapter
         .map(|dir| {
             LoraAdapter::load(&dir, &loaded.dir.config, &dev, dtype, usize::MAX).map(Arc::new)
@@ -353,11 +357,13 @@ fn bench_command(args: BenchArgs) -> Result<()> {
     let defaults = pruneserve::engine::EngineOptions::default();
     let opts = pruneserve::engine::EngineOptions {
         cuda_graph_max_batch: graph_rows(enforce_eager, defaults.cuda_graph_max_batch),
+        kv_cache_dtype,
         ..defaults
     };
     let rows = pruneserve::bench::run(loaded.model.clone(), &batches, shape, reverse, lora, &opts)?;
     println!(
-        "model {model_id}, prompt {prompt_len} tokens, {gen} generated, {device:?} {dtype:?}, {} CPU threads",
+        "model {model_id}, prompt {prompt_len} tokens, {gen} generated, {device:?} {dtype:?}, KV cache {}, {} CPU threads",
+        kv_cache_dtype.name(),
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
     );
     println!("{}", pruneserve::bench::report(&rows));

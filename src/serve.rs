@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use crate::checkpoint::CheckpointError;
 use crate::engine::batch::Batcher;
+use crate::engine::kv::fp8::{KvCacheDtype, UnsupportedKvDtype};
 use crate::engine::model::DecoderModel;
 use crate::engine::{Engine, EngineError, EngineOptions};
 use crate::limits::Limits;
@@ -30,6 +31,8 @@ pub enum ServeError {
     Usage(String),
     #[error(transparent)]
     Dtype(#[from] UnsupportedDtype),
+    #[error(transparent)]
+    KvDtype(#[from] UnsupportedKvDtype),
 }
 
 /// Engine settings shared by every base.
@@ -46,6 +49,8 @@ pub struct EngineSettings {
     pub max_model_len: Option<usize>,
     /// CUDA: GiB of the paged KV pool per base (default: `kv_blocks` at full depth).
     pub kv_cache_gb: Option<f64>,
+    /// What the KV cache holds (`--kv-cache-dtype`).
+    pub kv_cache_dtype: KvCacheDtype,
     /// When a failing engine loop gives up.
     pub restart_policy: RestartPolicy,
     /// LoRA adapters loaded at once per base, and the highest rank accepted.
@@ -155,6 +160,7 @@ pub fn start_loaded(
     wrap: Option<EngineWrapper>,
 ) -> Result<Arc<Base>, ServeError> {
     let cfg = &model.dir.config;
+    s.kv_cache_dtype.check(s.device, model.model.dtype())?;
     let max_model_len = Limits::context_length(s.max_model_len, cfg.max_position_embeddings);
     let opts = EngineOptions {
         kv_blocks: s.kv_blocks,
@@ -166,6 +172,7 @@ pub fn start_loaded(
         // Checked by `start_base`.
         device_sampling: s.sampler.on_device(s.device).unwrap_or(false),
         cuda_graph_max_batch: s.cuda_graph_max_batch,
+        kv_cache_dtype: s.kv_cache_dtype,
         ..EngineOptions::default()
     };
     let engine_err = |error| ServeError::Engine {

@@ -81,6 +81,7 @@ fn start_faulty_server(root: &std::path::Path, engines: usize, max_restarts: usi
         max_in_flight: 16,
         max_model_len: None,
         kv_cache_gb: None,
+        kv_cache_dtype: Default::default(),
         restart_policy: RestartPolicy {
             max_restarts,
             window: Duration::from_secs(60),

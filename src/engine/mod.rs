@@ -92,6 +92,8 @@ pub struct EngineOptions {
     /// On CUDA: decode steps of up to this many rows replay captured graphs ([`graphs`]); 0
     /// runs every step eagerly (`serve --enforce-eager`).
     pub cuda_graph_max_batch: usize,
+    /// What the KV cache holds (`serve --kv-cache-dtype`).
+    pub kv_cache_dtype: kv::fp8::KvCacheDtype,
 }
 
 impl Default for EngineOptions {
@@ -104,6 +106,7 @@ impl Default for EngineOptions {
             prefix_caching: false,
             device_sampling: false,
             cuda_graph_max_batch: 256,
+            kv_cache_dtype: kv::fp8::KvCacheDtype::Auto,
         }
     }
 }
@@ -228,7 +231,8 @@ impl Engine {
 
     /// An engine with the CPU KV cache.
     pub fn with_contiguous_cache(model: Arc<DecoderModel>, opts: &EngineOptions) -> Self {
-        let mut cache = kv::ContiguousKvCache::new(opts.kv_blocks, opts.block_size, model.dtype());
+        let mut cache = kv::ContiguousKvCache::new(opts.kv_blocks, opts.block_size, model.dtype())
+            .with_kv_dtype(opts.kv_cache_dtype);
         if opts.prefix_caching {
             cache = cache.with_prefix_caching();
         }
@@ -241,19 +245,20 @@ impl Engine {
         if model.device().is_cuda() {
             let cfg = model.config();
             let (kv_heads, head_dim) = (cfg.num_key_value_heads, cfg.head_dim);
+            let stored = opts.kv_cache_dtype.storage(model.dtype(), model.device());
             let blocks = match opts.kv_cache_bytes {
                 Some(bytes) => kv::paged::PagedKvCache::blocks_for_bytes(
                     bytes,
                     opts.block_size,
                     kv_heads,
                     head_dim,
-                    model.dtype(),
+                    stored,
                 ),
                 None => opts.kv_blocks * cfg.num_hidden_layers,
             };
             let mut cache = kv::paged::PagedKvCache::new(
                 model.device(),
-                model.dtype(),
+                (model.dtype(), stored),
                 blocks,
                 opts.block_size,
                 kv_heads,

@@ -4,6 +4,10 @@
 //! pairs), groups of 2 to 8 query heads, head sizes 64, 128 and 256, a sliding window with
 //! soft-capping, and contexts of 1 to 1,400 tokens in block tables that share physical blocks. The reference runs on the same bf16 values in f32; what is left
 //! is the rounding of the bf16 output (at most 2^-9 of values below 2), so the limit is 5e-3.
+//! The same cases run again over fp8 E4M3 caches (`--kv-cache-dtype fp8`) holding values
+//! rounded to E4M3, against the reference on those values; there `split` is the tensor-core
+//! kernel (`paged_decode_mma_fp8`, weights rounded to f16) and `scalar` the split kernel's
+//! scalar path.
 
 use candle_core::{DType, Device, Tensor};
 
@@ -26,7 +30,6 @@ const CASES: [Case; 5] = [
 ];
 const PHYSICAL_BLOCKS: usize = 200;
 const MAX_CONTEXT: usize = 1400;
-const X: usize = 8; // bf16 elements per 16 bytes
 
 /// Sequence `i`'s context length and its `j`-th block.
 fn context(i: usize) -> usize {
@@ -36,10 +39,14 @@ fn block(i: usize, j: usize) -> usize {
     (i * 31 + j * 17 + 5) % PHYSICAL_BLOCKS
 }
 
-fn bf16_values(n: usize, seed: u64) -> Vec<f32> {
+/// Random values exactly representable in `cache` (bf16 or fp8 E4M3).
+fn cache_values(n: usize, seed: u64, cache: DType) -> Vec<f32> {
     values(n, seed)
         .into_iter()
-        .map(|v| half::bf16::from_f32(v).to_f32())
+        .map(|v| match cache {
+            DType::F8E4M3 => float8::F8E4M3::from_f32(v).to_f32(),
+            _ => half::bf16::from_f32(v).to_f32(),
+        })
         .collect()
 }
 
@@ -47,11 +54,14 @@ fn bf16_values(n: usize, seed: u64) -> Vec<f32> {
 fn run_case(
     cuda: &Device,
     (hd, heads, kv_heads, window, softcap, seqs): Case,
-) -> candle_core::Result<[f32; 2]> {
+    cache: DType,
+) -> candle_core::Result<[f32; 3]> {
     let params = test_params(hd, (heads, kv_heads), window, softcap);
-    // The pool in token order [block, slot, kv head, dim], and in the caches' layouts.
+    // The pool in token order [block, slot, kv head, dim], and in the caches' layouts (X
+    // elements a 16-byte vector).
+    let x = 16 / cache.size_in_bytes();
     let pool = PHYSICAL_BLOCKS * BLOCK_SIZE * kv_heads * hd;
-    let (keys, vals) = (bf16_values(pool, 11), bf16_values(pool, 12));
+    let (keys, vals) = (cache_values(pool, 11, cache), cache_values(pool, 12, cache));
     let at =
         |b: usize, t: usize, h: usize, d: usize| ((b * BLOCK_SIZE + t) * kv_heads + h) * hd + d;
     let (mut kc, mut vc) = (vec![0f32; pool], vec![0f32; pool]);
@@ -60,7 +70,7 @@ fn run_case(
             for h in 0..kv_heads {
                 for d in 0..hd {
                     let head = b * kv_heads + h;
-                    kc[((head * (hd / X) + d / X) * BLOCK_SIZE + t) * X + d % X] =
+                    kc[((head * (hd / x) + d / x) * BLOCK_SIZE + t) * x + d % x] =
                         keys[at(b, t, h, d)];
                     vc[(head * hd + d) * BLOCK_SIZE + t] = vals[at(b, t, h, d)];
                 }
@@ -72,11 +82,11 @@ fn run_case(
         .flat_map(|i| (0..max_blocks).map(move |j| block(i, j) as u32))
         .collect();
     let lens: Vec<u32> = (0..seqs).map(|i| context(i) as u32).collect();
-    let q = bf16_values(seqs * heads * hd, 13);
+    let q = cache_values(seqs * heads * hd, 13, DType::BF16);
     let cpu = Device::Cpu;
     let on_cuda = |v: Vec<f32>| -> candle_core::Result<Tensor> {
         Tensor::from_vec(v, pool, &cpu)?
-            .to_dtype(DType::BF16)?
+            .to_dtype(cache)?
             .to_device(cuda)
     };
     let caches = (on_cuda(kc)?, on_cuda(vc)?);
@@ -86,7 +96,11 @@ fn run_case(
     let q_cuda = q_cpu.to_dtype(DType::BF16)?.to_device(cuda)?;
     let max_context = (0..seqs).map(context).max().unwrap_or(1);
     let mut outs = Vec::new();
-    for kernel in [DecodeKernel::Split, DecodeKernel::Shared] {
+    for kernel in [
+        DecodeKernel::Split,
+        DecodeKernel::SplitScalar,
+        DecodeKernel::Shared,
+    ] {
         let out = paged_decode(
             &q_cuda,
             (&caches.0, &caches.1),
@@ -97,7 +111,7 @@ fn run_case(
         )?;
         outs.push(out.to_dtype(DType::F32)?.to_device(&cpu)?);
     }
-    let mut errs = [0f32; 2];
+    let mut errs = [0f32; 3];
     let mut masks = MaskCache::default();
     for i in 0..seqs {
         let ctx = context(i);
@@ -133,19 +147,21 @@ fn run_case(
     Ok(errs)
 }
 
-/// One check over every case and both kernel choices.
-pub(super) fn decode_check(cuda: &Device) -> Result<Check, SelftestError> {
+/// One check over every case and both kernel choices, on caches of `cache` (bf16 or fp8).
+pub(super) fn decode_check(cuda: &Device, cache: DType) -> Result<Check, SelftestError> {
     let (mut worst, mut detail) = (0f32, Vec::new());
     for case in CASES {
-        let [split, shared] = run_case(cuda, case).map_err(CheckpointError::from)?;
+        let [split, scalar, shared] = run_case(cuda, case, cache).map_err(CheckpointError::from)?;
         detail.push(format!(
-            "hd {} heads {}/{} seqs {}: split {split:.1e}, shared {shared:.1e}",
+            "hd {} heads {}/{} seqs {}: split {split:.1e} (scalar {scalar:.1e}), shared {shared:.1e}",
             case.0, case.1, case.2, case.5
         ));
-        worst = worst.max(split).max(shared);
+        worst = worst.max(split).max(scalar).max(shared);
     }
     Ok(Check {
-        name: "decode attention kernels vs CPU attention on bf16 caches (within 5e-3)".into(),
+        name: format!(
+            "decode attention kernels vs CPU attention on {cache:?} caches (within 5e-3)"
+        ),
         passed: worst <= 5e-3,
         informational: false,
         detail: detail.join("; "),

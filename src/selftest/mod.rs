@@ -22,6 +22,7 @@ use crate::checkpoint::random_init::init_random;
 use crate::checkpoint::{CheckpointError, ModelDir};
 use crate::engine::adapters::LoraAdapter;
 use crate::engine::batch::{Batcher, GenOutput, GenRequest};
+use crate::engine::kv::fp8::KvCacheDtype;
 use crate::engine::kv::ContiguousKvCache;
 use crate::engine::model::DecoderModel;
 use crate::engine::sample::sampler::SamplingParams;
@@ -98,19 +99,21 @@ fn run(
     run_with(model, cache, prompts, max_tokens, step_tokens, None, GREEDY)
 }
 
-/// How the requests of a run pick tokens, whether sampled ones are drawn on the device, and
-/// whether decode steps launch every kernel (no CUDA graphs).
+/// How the requests of a run pick tokens, whether sampled ones are drawn on the device,
+/// whether decode steps launch every kernel (no CUDA graphs), and what the KV cache holds.
 #[derive(Clone, Copy)]
 struct Picking {
     params: fn(usize) -> SamplingParams,
     on_device: bool,
     eager: bool,
+    kv_dtype: KvCacheDtype,
 }
 
 const GREEDY: Picking = Picking {
     params: |_| SamplingParams::greedy(),
     on_device: false,
     eager: false,
+    kv_dtype: KvCacheDtype::Auto,
 };
 
 /// Seeded sampling that exercises every truncation: top-p, top-k, min-p, a hot temperature.
@@ -184,17 +187,17 @@ fn run_with(
             true => 0,
             false => defaults.cuda_graph_max_batch,
         },
+        kv_cache_dtype: picking.kv_dtype,
         ..defaults
     };
     let engine = match cache {
         CacheKind::Paged => Engine::for_device(model.clone(), &opts)?,
         CacheKind::Contiguous => Engine::new(
             model.clone(),
-            Box::new(ContiguousKvCache::new(
-                opts.kv_blocks,
-                opts.block_size,
-                model.dtype(),
-            )),
+            Box::new(
+                ContiguousKvCache::new(opts.kv_blocks, opts.block_size, model.dtype())
+                    .with_kv_dtype(picking.kv_dtype),
+            ),
             &opts,
         ),
     };
@@ -406,6 +409,37 @@ pub fn run_all(
                 },
             );
         }
+        // fp8 KV caches: the paged pool's E4M3 bytes (rope_cache, reshape_and_cache, the fp8
+        // decode kernels, gathers) against the CPU engine rounding the same values; one-step
+        // prompt logprobs held as bf16's are, generated ones reported.
+        let fp8 = Picking {
+            kv_dtype: KvCacheDtype::Fp8,
+            ..GREEDY
+        };
+        let want = run_with(
+            &cpu_model,
+            CacheKind::Contiguous,
+            &prompts,
+            24,
+            64,
+            None,
+            fp8,
+        )?;
+        let m = Arc::new(DecoderModel::load(&dir, &cuda, DType::BF16)?);
+        let got = run_with(&m, CacheKind::Paged, &prompts, 24, 4096, None, fp8)?;
+        let d = compare(&got, &want);
+        push(
+            &mut checks,
+            &mut report,
+            Check {
+                name: format!(
+                    "tiny {arch}: CUDA BF16 paged, fp8 KV vs CPU f32, fp8 KV (prompt logprobs within 2e-2)"
+                ),
+                passed: d.prompt <= 2e-2,
+                informational: false,
+                detail: d.describe(24),
+            },
+        );
     }
 
     // 2. The prefill attention kernels on random inputs against the CPU attention, and the
@@ -417,7 +451,13 @@ pub fn run_all(
     #[cfg(feature = "cuda")]
     push(&mut checks, &mut report, graphs::skinny_check(&cuda)?);
     #[cfg(feature = "cuda")]
-    push(&mut checks, &mut report, decode::decode_check(&cuda)?);
+    for cache in [DType::BF16, DType::F8E4M3] {
+        push(
+            &mut checks,
+            &mut report,
+            decode::decode_check(&cuda, cache)?,
+        );
+    }
     #[cfg(feature = "cuda")]
     for c in draw::draw_kernel_checks(&cuda)? {
         push(&mut checks, &mut report, c);

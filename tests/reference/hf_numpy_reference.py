@@ -4,14 +4,16 @@ written from the HF modelling code's definitions, for checking pruneserve's deco
 
 stdin:  {"model": DIR, "prompts": [[ids...], ...], "overrides": {config key: value}?,
          "layers": [base layers to run, in order]?, "adapter": PEFT DIR?, "overlay": DIR?,
-         "map_lineage": bool?}
+         "map_lineage": bool?, "kv_fp8": bool?}
 stdout: {"logprobs": [[logprob of token i+1 given tokens 0..i, ...], ...],
          "last_logits": [[vocab floats of the final position], ...]}
 
 An adapter is merged into the weights as PEFT's merge_and_unload does (W + scale * B @ A, scale
 alpha/r or alpha/sqrt(r) with rslora, rank_pattern/alpha_pattern by PEFT's get_pattern_key); an
 overlay's tensors replace the model's. With "map_lineage", layer i of an adapter or overlay
-directory that carries pruneserve_lineage.json is base layer kept_layers[i].
+directory that carries pruneserve_lineage.json is base layer kept_layers[i]. With "kv_fp8",
+every key (after the rotary embedding) and value is rounded to OCP fp8 E4M3 with a scale of 1
+before attention, as `--kv-cache-dtype fp8` keeps them.
 """
 import json
 import math
@@ -116,11 +118,20 @@ def rotate_half_rope(x, positions, theta, scaling):
     return x * cos + rot * sin
 
 
+def round_e4m3(x):
+    """Nearest E4M3 value (3 mantissa bits, exponents -6..8, subnormal steps of 2^-9), ties to
+    the even mantissa, saturating at +-448."""
+    a = np.abs(x)
+    e = np.floor(np.log2(np.maximum(a, 2.0**-6)))
+    step = 2.0 ** (e - 3)
+    return np.sign(x) * np.minimum(np.round(a / step) * step, 448.0)
+
+
 def gelu_tanh(x):
     return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
 
 
-def forward(w, cfg, ids, layers=None):
+def forward(w, cfg, ids, layers=None, kv_fp8=False):
     arch = cfg["architectures"][0]
     gemma = arch == "Gemma2ForCausalLM"
     nh, hidden = cfg["num_attention_heads"], cfg["hidden_size"]
@@ -165,6 +176,8 @@ def forward(w, cfg, ids, layers=None):
         q = rotate_half_rope(lin(h, p + "self_attn.q_proj").reshape(t, nh, hd), pos, theta, cfg.get("rope_scaling"))
         k = rotate_half_rope(lin(h, p + "self_attn.k_proj").reshape(t, nkv, hd), pos, theta, cfg.get("rope_scaling"))
         v = lin(h, p + "self_attn.v_proj").reshape(t, nkv, hd)
+        if kv_fp8:
+            k, v = round_e4m3(k), round_e4m3(v)
         out = np.empty((t, nh, hd))
         for head in range(nh):
             kv = head // (nh // nkv)
@@ -205,7 +218,7 @@ def main():
         merge_adapter(w, req["adapter"], req.get("map_lineage", False))
     if req.get("overlay"):
         apply_overlay(w, req["overlay"], req.get("map_lineage", False))
-    results = [forward(w, cfg, p, req.get("layers")) for p in req["prompts"]]
+    results = [forward(w, cfg, p, req.get("layers"), req.get("kv_fp8", False)) for p in req["prompts"]]
     json.dump({"logprobs": [r[0] for r in results], "last_logits": [r[1] for r in results]}, sys.stdout)
 
 

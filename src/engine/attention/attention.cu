@@ -8,15 +8,16 @@
 // rope_cache: the rotary embedding of a decode step's packed f32 q|k|v projection rows
 // [T, (heads + 2 kv_heads) * hd], with the keys and values written straight into the paged
 // caches at each row's slot (skipped for slot < 0) and the queries returned [T, heads, hd]; every
-// value is rounded to T once, as rope_heads (fused.cu) followed by reshape_and_cache store them.
+// value is rounded once (queries to T, keys and values to the caches' C), as rope_heads
+// (fused.cu) followed by reshape_and_cache store them.
 // Grid (T, tiles), THREADS threads: block (r, y) rotates pairs y * THREADS .. of row r's
 // (heads + 2 kv_heads) * hd / 2 pairs, one pair a thread (one block striding over a row's pairs
 // took 9.6 us a layer at batch 1, each thread's 24 dependent loads in a row).
-template <typename T>
+template <typename T, typename C>
 __device__ void rope_cache(const float *qkv, const float *cos, const float *sin,
-                           const int64_t *slots, T *kc, T *vc, T *q_out, int heads, int kv_heads,
+                           const int64_t *slots, C *kc, C *vc, T *q_out, int heads, int kv_heads,
                            int hd) {
-  const int r = blockIdx.x, half = hd / 2, x = 16 / sizeof(T);
+  const int r = blockIdx.x, half = hd / 2, x = 16 / sizeof(C);
   const float *row = qkv + (size_t)r * (heads + 2 * kv_heads) * hd;
   const int64_t slot = slots[r];
   const int64_t block = slot / BS, off = slot % BS;
@@ -36,12 +37,12 @@ __device__ void rope_cache(const float *qkv, const float *cos, const float *sin,
       put(q + i + half, y2);
     } else if (slot >= 0 && h < heads + kv_heads) {
       const int kh = h - heads;
-      T *k = kc + (block * kv_heads + kh) * (int64_t)(hd / x) * BS * x + off * x;
+      C *k = kc + (block * kv_heads + kh) * (int64_t)(hd / x) * BS * x + off * x;
       put(k + (i / x) * BS * x + i % x, y1);
       put(k + ((i + half) / x) * BS * x + (i + half) % x, y2);
     } else if (slot >= 0) {
       const int vh = h - heads - kv_heads;
-      T *v = vc + (block * kv_heads + vh) * (int64_t)hd * BS + off;
+      C *v = vc + (block * kv_heads + vh) * (int64_t)hd * BS + off;
       put(v + (size_t)i * BS, y1);
       put(v + (size_t)(i + half) * BS, y2);
     }
@@ -51,13 +52,38 @@ __device__ void rope_cache(const float *qkv, const float *cos, const float *sin,
 extern "C" __global__ void __launch_bounds__(THREADS)
     rope_cache_f32(const float *qkv, const float *cos, const float *sin, const int64_t *slots,
                    float *kc, float *vc, float *q, int heads, int kv_heads, int hd) {
-  rope_cache<float>(qkv, cos, sin, slots, kc, vc, q, heads, kv_heads, hd);
+  rope_cache<float, float>(qkv, cos, sin, slots, kc, vc, q, heads, kv_heads, hd);
 }
 extern "C" __global__ void __launch_bounds__(THREADS)
     rope_cache_bf16(const float *qkv, const float *cos, const float *sin, const int64_t *slots,
                     __nv_bfloat16 *kc, __nv_bfloat16 *vc, __nv_bfloat16 *q, int heads,
                     int kv_heads, int hd) {
-  rope_cache<__nv_bfloat16>(qkv, cos, sin, slots, kc, vc, q, heads, kv_heads, hd);
+  rope_cache<__nv_bfloat16, __nv_bfloat16>(qkv, cos, sin, slots, kc, vc, q, heads, kv_heads, hd);
+}
+// fp8 caches: bf16 queries, keys and values rounded once from f32 to E4M3.
+extern "C" __global__ void __launch_bounds__(THREADS)
+    rope_cache_bf16_fp8(const float *qkv, const float *cos, const float *sin,
+                        const int64_t *slots, __nv_fp8_e4m3 *kc, __nv_fp8_e4m3 *vc,
+                        __nv_bfloat16 *q, int heads, int kv_heads, int hd) {
+  rope_cache<__nv_bfloat16, __nv_fp8_e4m3>(qkv, cos, sin, slots, kc, vc, q, heads, kv_heads, hd);
+}
+
+// round_fp8: every value rounded to E4M3 (scale 1, saturating, nearest-even) and widened back,
+// the values an fp8 KV pool stores (src/engine/kv/fp8.rs holds the CPU reference). Grid-stride
+// over n elements.
+template <typename T>
+__device__ void round_fp8(const T *in, T *out, size_t n) {
+  for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+       i += (size_t)blockDim.x * gridDim.x)
+    put(out + i, to_f(__nv_fp8_e4m3(to_f(in[i]))));
+}
+extern "C" __global__ void __launch_bounds__(THREADS)
+    round_fp8_f32(const float *in, float *out, size_t n) {
+  round_fp8(in, out, n);
+}
+extern "C" __global__ void __launch_bounds__(THREADS)
+    round_fp8_bf16(const __nv_bfloat16 *in, __nv_bfloat16 *out, size_t n) {
+  round_fp8(in, out, n);
 }
 
 // prefill_attention: fresh prompt chunks (no history: each attends causally to its own rows)

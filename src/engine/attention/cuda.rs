@@ -47,6 +47,40 @@ pub(crate) fn cuda_view<'a, T: candle_core::cuda_backend::CudaDType>(
     storage_view(s, layout, what)
 }
 
+/// Every value of the contiguous f32 or bf16 storage rounded to fp8 E4M3 and widened back
+/// (`round_fp8` in attention.cu): what an fp8 pool stores. The op and its CPU reference are
+/// [`crate::engine::kv::fp8::KvCacheDtype::round`].
+pub(crate) fn round_fp8(s: &CudaStorage, l: &Layout) -> Result<CudaStorage> {
+    fn run<T>(s: &CudaStorage, l: &Layout, name: &str) -> Result<CudaStorage>
+    where
+        T: candle_core::cuda_backend::CudaDType
+            + candle_core::cuda_backend::cudarc::driver::DeviceRepr,
+    {
+        let dev = s.device().clone();
+        let input = storage_view::<T>(s, l, "values to round")?;
+        let n = input.len();
+        // SAFETY: the kernel writes every element.
+        let out = unsafe { dev.alloc::<T>(n.max(1))? };
+        let func = dev.get_or_load_custom_func(name, "pruneserve_attention", PTX)?;
+        let mut b = func.builder();
+        b.arg(&input).arg(&out).arg(&n);
+        let cfg = LaunchConfig {
+            grid_dim: (n.div_ceil(THREADS as usize).clamp(1, 4096) as u32, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: the arguments match `round_fp8_*` in attention.cu; both buffers hold n
+        // elements.
+        unsafe { b.launch(cfg) }.w()?;
+        Ok(CudaStorage::wrap_cuda_slice(out, dev))
+    }
+    match s.dtype() {
+        DType::F32 => run::<f32>(s, l, "round_fp8_f32"),
+        DType::BF16 => run::<half::bf16>(s, l, "round_fp8_bf16"),
+        other => candle_core::bail!("round_fp8: unsupported dtype {other:?}"),
+    }
+}
+
 struct RopeCache {
     cos: Tensor,
     sin: Tensor,
@@ -60,7 +94,7 @@ struct RopeCache {
 /// The rotary embedding of a decode step's packed f32 q|k|v projection rows `qkv` with the keys
 /// and values written straight into the paged caches at `slots` (`[T]` i64, < 0: not written),
 /// in one launch (`rope_cache` in attention.cu); returns the queries `[T, heads, head_dim]` in the
-/// caches' dtype. Stores the same values as [`crate::engine::ops::fused::rope_heads`] followed by
+/// caches' dtype (bf16 over fp8 caches). Stores the same values as [`crate::engine::ops::fused::rope_heads`] followed by
 /// `reshape_and_cache`, which the CPU engine's path and prompt steps take.
 pub fn rope_into_cache(
     qkv: &Tensor,
@@ -80,9 +114,12 @@ pub fn rope_into_cache(
 }
 
 impl RopeCache {
-    fn run<T>(&self, qkv: (&CudaStorage, &Layout), suffix: &str) -> Result<CudaStorage>
+    /// Queries of `T`, caches of `C`; `suffix` names the kernel's instantiation.
+    fn run<T, C>(&self, qkv: (&CudaStorage, &Layout), suffix: &str) -> Result<CudaStorage>
     where
         T: candle_core::cuda_backend::CudaDType
+            + candle_core::cuda_backend::cudarc::driver::DeviceRepr,
+        C: candle_core::cuda_backend::CudaDType
             + candle_core::cuda_backend::cudarc::driver::DeviceRepr,
     {
         let dev = qkv.0.device().clone();
@@ -100,8 +137,8 @@ impl RopeCache {
         let cos = cuda_view::<f32>(&cs, cl, "cos")?;
         let sin = cuda_view::<f32>(&ss, sl, "sin")?;
         let slots = cuda_view::<i64>(&sls, sll, "slots")?;
-        let kc = cuda_view::<T>(&kc, kl, "key cache")?;
-        let vc = cuda_view::<T>(&vc, vl, "value cache")?;
+        let kc = cuda_view::<C>(&kc, kl, "key cache")?;
+        let vc = cuda_view::<C>(&vc, vl, "value cache")?;
         if slots.len() != rows || cos.len() != rows * p.head_dim / 2 {
             candle_core::bail!("rope_cache: slots or rotary rows do not match {rows} rows");
         }
@@ -154,8 +191,9 @@ impl CustomOp1 for RopeCache {
         let p = &self.params;
         let shape = Shape::from((l.shape().dims2()?.0, p.num_heads, p.head_dim));
         let out = match self.key_cache.dtype() {
-            DType::BF16 => self.run::<half::bf16>((qkv, l), "bf16")?,
-            DType::F32 => self.run::<f32>((qkv, l), "f32")?,
+            DType::BF16 => self.run::<half::bf16, half::bf16>((qkv, l), "bf16")?,
+            DType::F8E4M3 => self.run::<half::bf16, float8::F8E4M3>((qkv, l), "bf16_fp8")?,
+            DType::F32 => self.run::<f32, f32>((qkv, l), "f32")?,
             other => candle_core::bail!("rope_cache: unsupported cache dtype {other:?}"),
         };
         Ok((out, shape))

@@ -8,11 +8,18 @@
 //   values [blocks, kv_heads, head_dim, block_size]
 // A sequence longer than one partition is split over blocks whose partial results
 // (unnormalized sums, max, sum of exponentials) are merged by paged_decode_combine.
-// - paged_decode_split (bf16, head sizes 64 and 128, and 256 for groups up to 4): each warp keeps its own online softmax
-//   over its KV blocks of the partition, loading a block's keys and values together before it
-//   uses either; the warps merge at the end. Partitions of `part` tokens (a multiple of BS).
-// - paged_decode (f32, and the other bf16 shapes up to head size 256): partitions of PART tokens; the block's warps
-//   write all scores to shared memory, then one softmax, then the values.
+// An fp8 cache (E4M3, scale 1; X = 16 elements a vector) is read by the same kernels with bf16
+// queries and outputs (the `_bf16_fp8` and `_fp8` instantiations).
+// - paged_decode_mma (the last one here; bf16 and fp8 caches, head sizes 64 and 128, and 256
+//   for groups up to 4; the default): paged_decode_split's walk with both products on tensor
+//   cores.
+// - paged_decode_split (the same shapes; PRUNESERVE_DECODE_KERNEL=scalar): each warp keeps its
+//   own online softmax over its KV blocks of the partition, loading a block's keys and values
+//   together before it uses either; the warps merge at the end. Partitions of `part` tokens (a
+//   multiple of BS).
+// - paged_decode (f32, and the other bf16 shapes up to head size 256): partitions of PART
+//   tokens; the block's warps write all scores to shared memory, then one softmax, then the
+//   values.
 #include "common.cuh"
 
 #define PART 128
@@ -23,12 +30,12 @@
 // Grid (kv_heads, seqs, parts), THREADS threads. `window` 0: none; `softcap` 0: none.
 // MAX_G: query heads per kv head (4 or 8), MAX_HD: head_dim bound (64, 128 or 256); the
 // instantiations are sized for them so that small groups and heads keep occupancy high.
-template <typename T, int MAX_G, int MAX_HD>
-__device__ void paged_decode(const T *q, const T *kc, const T *vc, const uint32_t *tables,
+template <typename T, typename C, int MAX_G, int MAX_HD>
+__device__ void paged_decode(const T *q, const C *kc, const C *vc, const uint32_t *tables,
                              const uint32_t *ctx_lens, T *out, float *part_out,
                              float *part_max, float *part_sum, int heads, int kv_heads, int hd,
                              int max_blocks, int window, float scale, float softcap) {
-  constexpr int X = 16 / sizeof(T);
+  constexpr int X = 16 / sizeof(C);
   const int kvh = blockIdx.x, seq = blockIdx.y, part = blockIdx.z, parts = gridDim.z;
   const int G = heads / kv_heads;
   const int ctx = ctx_lens[seq];
@@ -63,13 +70,13 @@ __device__ void paged_decode(const T *q, const T *kc, const T *vc, const uint32_
   const size_t block_stride = (size_t)kv_heads * hd * BS;
   for (int blk = p_start / BS + warp; blk * BS < p_end; blk += nwarps) {
     const size_t phys = tables[(size_t)seq * max_blocks + blk];
-    const T *kb = kc + phys * block_stride + (size_t)kvh * hd * BS;
+    const C *kb = kc + phys * block_stride + (size_t)kvh * hd * BS;
     float acc[MAX_G];
 #pragma unroll
     for (int g = 0; g < MAX_G; g++) acc[g] = 0.f;
     for (int i = lane; i < vecs; i += 32) {
       const int slab = i / BS;
-      T k[X];
+      C k[X];
       *reinterpret_cast<int4 *>(k) = *reinterpret_cast<const int4 *>(kb + (size_t)i * X);
 #pragma unroll
       for (int e = 0; e < X; e++) {
@@ -127,16 +134,16 @@ __device__ void paged_decode(const T *q, const T *kc, const T *vc, const uint32_
       for (int k = 0; k < MAX_HD / 32; k++) acc[g][k] = 0.f;
     for (int blk = p_start / BS + warp; blk * BS < p_end; blk += nwarps) {
       const size_t phys = tables[(size_t)seq * max_blocks + blk];
-      const T *vbase = vc + phys * block_stride + (size_t)kvh * hd * BS;
+      const C *vbase = vc + phys * block_stride + (size_t)kvh * hd * BS;
       const int t0 = blk * BS;
 #pragma unroll
       for (int k = 0; k < MAX_HD / 32; k++) {
         const int d = lane + 32 * k;
         if (d >= hd) break;
         const int4 *vb = reinterpret_cast<const int4 *>(vbase + (size_t)d * BS);
-        T vals[BS];
+        C vals[BS];
 #pragma unroll
-        for (int c = 0; c < BS * (int)sizeof(T) / 16; c++)
+        for (int c = 0; c < BS * (int)sizeof(C) / 16; c++)
           reinterpret_cast<int4 *>(vals)[c] = vb[c];
 #pragma unroll
         for (int b = 0; b < BS; b++) {
@@ -197,174 +204,61 @@ __device__ void paged_decode_combine(const float *part_out, const float *part_ma
   }
 }
 
-#define DECODE(SUFFIX, T, G, HD)                                                                \
+#define DECODE(SUFFIX, T, C, G, HD)                                                             \
   extern "C" __global__ void __launch_bounds__(THREADS) paged_decode_##SUFFIX##_g##G##_d##HD(  \
-      const T *q, const T *kc, const T *vc, const uint32_t *tables, const uint32_t *ctx_lens,  \
+      const T *q, const C *kc, const C *vc, const uint32_t *tables, const uint32_t *ctx_lens,  \
       T *out, float *part_out, float *part_max, float *part_sum, int heads, int kv_heads,      \
       int hd, int max_blocks, int window, float scale, float softcap) {                        \
-    paged_decode<T, G, HD>(q, kc, vc, tables, ctx_lens, out, part_out, part_max, part_sum,    \
-                           heads, kv_heads, hd, max_blocks, window, scale, softcap);           \
+    paged_decode<T, C, G, HD>(q, kc, vc, tables, ctx_lens, out, part_out, part_max, part_sum, \
+                              heads, kv_heads, hd, max_blocks, window, scale, softcap);        \
   }
 
-#define INSTANTIATE(SUFFIX, T)                                                                  \
-  DECODE(SUFFIX, T, 4, 64)                                                                      \
-  DECODE(SUFFIX, T, 4, 128)                                                                     \
-  DECODE(SUFFIX, T, 4, 256)                                                                     \
-  DECODE(SUFFIX, T, 8, 64)                                                                      \
-  DECODE(SUFFIX, T, 8, 128)                                                                     \
-  DECODE(SUFFIX, T, 8, 256)                                                                     \
+#define INSTANTIATE(SUFFIX, T, C)                                                               \
+  DECODE(SUFFIX, T, C, 4, 64)                                                                   \
+  DECODE(SUFFIX, T, C, 4, 128)                                                                  \
+  DECODE(SUFFIX, T, C, 4, 256)                                                                  \
+  DECODE(SUFFIX, T, C, 8, 64)                                                                   \
+  DECODE(SUFFIX, T, C, 8, 128)                                                                  \
+  DECODE(SUFFIX, T, C, 8, 256)
+
+#define COMBINE(SUFFIX, T)                                                                      \
   extern "C" __global__ void __launch_bounds__(THREADS) paged_decode_combine_##SUFFIX(        \
       const float *part_out, const float *part_max, const float *part_sum, T *out, int heads, \
       int hd, int parts) {                                                                      \
     paged_decode_combine<T>(part_out, part_max, part_sum, out, heads, hd, parts);              \
   }
 
-INSTANTIATE(f32, float)
-INSTANTIATE(bf16, __nv_bfloat16)
+INSTANTIATE(f32, float, float)
+INSTANTIATE(bf16, __nv_bfloat16, __nv_bfloat16)
+INSTANTIATE(bf16_fp8, __nv_bfloat16, __nv_fp8_e4m3)
+COMBINE(f32, float)
+COMBINE(bf16, __nv_bfloat16)
 
 
-// paged_decode_split. Grid (kv_heads, seqs, parts), THREADS threads; arguments as paged_decode's
-// plus `part`, the partition's tokens.
+// Split-style kernels' shared pieces. A partition holding no token of its sequence (or of its
+// window) writes an empty partial result (a single partition always holds the query's own
+// token, so this is never the final output).
+template <int HD>
+__device__ void empty_partial(float *part_out, float *part_max, float *part_sum, size_t head0,
+                              int G, int parts) {
+  if (parts == 1) return;
+  for (int i = threadIdx.x; i < G * HD; i += THREADS)
+    part_out[((head0 + i / HD) * parts + blockIdx.z) * HD + i % HD] = 0.f;
+  if (threadIdx.x < G) {
+    part_max[(head0 + threadIdx.x) * parts + blockIdx.z] = -INFINITY;
+    part_sum[(head0 + threadIdx.x) * parts + blockIdx.z] = 0.f;
+  }
+}
+
+// The warps' softmax states (unnormalized sums o_s, maxima m_s, sums l_s; a warp that saw no
+// block has max -inf) merged, as paged_decode_combine merges partitions: the output, or this
+// partition's partial result.
 template <int MAX_G, int HD>
-__device__ void paged_decode_split(const __nv_bfloat16 *q, const __nv_bfloat16 *kc,
-                                   const __nv_bfloat16 *vc, const uint32_t *tables,
-                                   const uint32_t *ctx_lens, __nv_bfloat16 *out, float *part_out,
-                                   float *part_max, float *part_sum, int heads, int kv_heads,
-                                   int max_blocks, int window, float scale, float softcap,
-                                   int part) {
-  typedef __nv_bfloat16 T;
-  constexpr int X = 8, NW = THREADS / 32;
-  constexpr int KVEC = (HD / X) * BS / 32;  // key vectors per lane and block
-  constexpr int DPL = HD / 32;              // value dims per lane
-  constexpr int VPD = BS * 2 / 16;          // vectors per value dim and block
-  const int kvh = blockIdx.x, seq = blockIdx.y, parts = gridDim.z;
-  const int G = heads / kv_heads;
-  const int ctx = ctx_lens[seq];
-  const int first = window > 0 ? max(0, ctx - window) : 0;
-  const int p_start = blockIdx.z * part, p_end = min(ctx, p_start + part);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  // The queries dim-major and the weights token-major, heads innermost (zero-padded to MAX_G),
-  // so one 16-byte shared load serves four heads: scalar loads, one per FMA, bound the kernel.
-  __shared__ __align__(16) float q_t[HD][MAX_G];
-  __shared__ __align__(16) float p_s[NW][BS][MAX_G];
-  __shared__ float o_s[NW][MAX_G * HD];
-  __shared__ float m_s[NW][MAX_G], l_s[NW][MAX_G];
-  const size_t head0 = (size_t)seq * heads + (size_t)kvh * G;
-  if (p_start >= p_end || p_end <= first) {  // the empty partial result, as paged_decode
-    if (parts == 1) return;
-    for (int i = threadIdx.x; i < G * HD; i += THREADS)
-      part_out[((head0 + i / HD) * parts + blockIdx.z) * HD + i % HD] = 0.f;
-    if (threadIdx.x < G) {
-      part_max[(head0 + threadIdx.x) * parts + blockIdx.z] = -INFINITY;
-      part_sum[(head0 + threadIdx.x) * parts + blockIdx.z] = 0.f;
-    }
-    return;
-  }
-  for (int i = threadIdx.x; i < MAX_G * HD; i += THREADS) {
-    const int d = i / MAX_G, g = i % MAX_G;
-    q_t[d][g] = g < G ? to_f(q[(head0 + g) * HD + d]) : 0.f;
-  }
-  for (int i = threadIdx.x; i < NW * BS * MAX_G; i += THREADS) (&p_s[0][0][0])[i] = 0.f;
-  __syncthreads();
-
-  float m[MAX_G], l[MAX_G], acc[MAX_G][DPL];
-#pragma unroll
-  for (int g = 0; g < MAX_G; g++) {
-    m[g] = -INFINITY;
-    l[g] = 0.f;
-#pragma unroll
-    for (int k = 0; k < DPL; k++) acc[g][k] = 0.f;
-  }
-  const size_t block_stride = (size_t)kv_heads * HD * BS;
-  // Blocks before the window's first token hold nothing; every block visited holds at least one
-  // token in [first, p_end), so each running max is finite after its first block.
-  for (int blk = max(p_start, first) / BS + warp; blk * BS < p_end; blk += NW) {
-    const size_t at = tables[(size_t)seq * max_blocks + blk] * block_stride + (size_t)kvh * HD * BS;
-    int4 k4[KVEC], v4[DPL][VPD];
-#pragma unroll
-    for (int j = 0; j < KVEC; j++)
-      k4[j] = *reinterpret_cast<const int4 *>(kc + at + (size_t)(lane + 32 * j) * X);
-#pragma unroll
-    for (int k = 0; k < DPL; k++)
-#pragma unroll
-      for (int c = 0; c < VPD; c++)
-        v4[k][c] = reinterpret_cast<const int4 *>(vc + at + (size_t)(lane + 32 * k) * BS)[c];
-
-    // Lane holds vectors lane + 32 j: token lane % 16, dims slab (lane / 16 + 2 j) * X + e; the
-    // lanes l and l ^ 16 together hold a token's whole dot product.
-    float s[MAX_G];
-#pragma unroll
-    for (int g = 0; g < MAX_G; g++) s[g] = 0.f;
-#pragma unroll
-    for (int j = 0; j < KVEC; j++) {
-      const T *kv = reinterpret_cast<const T *>(&k4[j]);
-      const int slab = lane / 16 + 2 * j;
-#pragma unroll
-      for (int e = 0; e < X; e++) {
-        const float x = to_f(kv[e]);
-        const float4 *qv = reinterpret_cast<const float4 *>(q_t[slab * X + e]);
-#pragma unroll
-        for (int c = 0; c < MAX_G / 4; c++) {
-          const float4 qq = qv[c];
-          s[4 * c] += qq.x * x;
-          s[4 * c + 1] += qq.y * x;
-          s[4 * c + 2] += qq.z * x;
-          s[4 * c + 3] += qq.w * x;
-        }
-      }
-    }
-    const int t = blk * BS + lane % 16;
-    const bool valid = t < p_end && t >= first;
-#pragma unroll
-    for (int g = 0; g < MAX_G; g++) {
-      if (g >= G) break;
-      float sc = (s[g] + __shfl_xor_sync(0xffffffff, s[g], 16)) * scale;
-      if (softcap > 0.f) sc = softcap * tanhf(sc / softcap);
-      sc = valid ? sc : -INFINITY;
-      float mx = sc;
-      for (int o = 8; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, o));
-      const float m_new = fmaxf(m[g], mx);
-      const float corr = __expf(m[g] - m_new);
-      const float p = valid ? __expf(sc - m_new) : 0.f;
-      float ps = p;
-      for (int o = 8; o > 0; o >>= 1) ps += __shfl_xor_sync(0xffffffff, ps, o);
-      l[g] = l[g] * corr + ps;
-      m[g] = m_new;
-#pragma unroll
-      for (int k = 0; k < DPL; k++) acc[g][k] *= corr;
-      if (lane < BS) p_s[warp][lane][g] = p;
-    }
-    __syncwarp();
-    // Values: lane owns dims lane + 32 k, whose BS values in the block are contiguous.
-#pragma unroll
-    for (int b = 0; b < BS; b++) {
-      float pb[MAX_G];
-#pragma unroll
-      for (int c = 0; c < MAX_G / 4; c++)
-        *reinterpret_cast<float4 *>(&pb[4 * c]) = reinterpret_cast<const float4 *>(p_s[warp][b])[c];
-#pragma unroll
-      for (int k = 0; k < DPL; k++) {
-        const float v = to_f(reinterpret_cast<const T *>(v4[k])[b]);
-#pragma unroll
-        for (int g = 0; g < MAX_G; g++)
-          if (g < G) acc[g][k] += pb[g] * v;
-      }
-    }
-    __syncwarp();
-  }
-
-  // The warps' softmax states merged, as paged_decode_combine merges partitions.
-#pragma unroll
-  for (int g = 0; g < MAX_G; g++) {
-    if (g >= G) break;
-#pragma unroll
-    for (int k = 0; k < DPL; k++) o_s[warp][g * HD + lane + 32 * k] = acc[g][k];
-    if (lane == 0) {
-      m_s[warp][g] = m[g];
-      l_s[warp][g] = l[g];
-    }
-  }
-  __syncthreads();
+__device__ void merge_warps(const float (*o_s)[MAX_G * HD], const float (*m_s)[MAX_G],
+                            const float (*l_s)[MAX_G], size_t head0, int G, __nv_bfloat16 *out,
+                            float *part_out, float *part_max, float *part_sum) {
+  constexpr int NW = THREADS / 32;
+  const int parts = gridDim.z;
   for (int i = threadIdx.x; i < G * HD; i += THREADS) {
     const int g = i / HD, d = i % HD;
     float mm = -INFINITY;
@@ -388,17 +282,355 @@ __device__ void paged_decode_split(const __nv_bfloat16 *q, const __nv_bfloat16 *
   }
 }
 
-#define DECODE_SPLIT(G, HD)                                                                     \
-  extern "C" __global__ void __launch_bounds__(THREADS) paged_decode_split_g##G##_d##HD(       \
-      const __nv_bfloat16 *q, const __nv_bfloat16 *kc, const __nv_bfloat16 *vc,                \
-      const uint32_t *tables, const uint32_t *ctx_lens, __nv_bfloat16 *out, float *part_out,   \
-      float *part_max, float *part_sum, int heads, int kv_heads, int max_blocks, int window,  \
-      float scale, float softcap, int part) {                                                   \
-    paged_decode_split<G, HD>(q, kc, vc, tables, ctx_lens, out, part_out, part_max, part_sum,   \
-                              heads, kv_heads, max_blocks, window, scale, softcap, part);       \
+// paged_decode_split. Grid (kv_heads, seqs, parts), THREADS threads; arguments as paged_decode's
+// plus `part`, the partition's tokens.
+template <typename C, int MAX_G, int HD>
+__device__ void paged_decode_split(const __nv_bfloat16 *q, const C *kc, const C *vc,
+                                   const uint32_t *tables,
+                                   const uint32_t *ctx_lens, __nv_bfloat16 *out, float *part_out,
+                                   float *part_max, float *part_sum, int heads, int kv_heads,
+                                   int max_blocks, int window, float scale, float softcap,
+                                   int part) {
+  constexpr int X = 16 / sizeof(C), NW = THREADS / 32, U = sizeof(C) == 1 ? 2 : 1;
+  constexpr int KVEC = (HD / X) * BS / 32;  // key vectors per lane and block
+  constexpr int DPL = HD / 32;              // value dims per lane
+  constexpr int VPD = BS * sizeof(C) / 16;  // vectors per value dim and block
+  const int kvh = blockIdx.x, seq = blockIdx.y, parts = gridDim.z;
+  const int G = heads / kv_heads;
+  const int ctx = ctx_lens[seq];
+  const int first = window > 0 ? max(0, ctx - window) : 0;
+  const int p_start = blockIdx.z * part, p_end = min(ctx, p_start + part);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  // The queries dim-major and the weights token-major, heads innermost (zero-padded to MAX_G),
+  // so one 16-byte shared load serves four heads: scalar loads, one per FMA, bound the kernel.
+  __shared__ __align__(16) float q_t[HD][MAX_G];
+  __shared__ __align__(16) float p_s[NW][BS][MAX_G];
+  __shared__ float o_s[NW][MAX_G * HD];
+  __shared__ float m_s[NW][MAX_G], l_s[NW][MAX_G];
+  const size_t head0 = (size_t)seq * heads + (size_t)kvh * G;
+  if (p_start >= p_end || p_end <= first) {  // the empty partial result, as paged_decode
+    empty_partial<HD>(part_out, part_max, part_sum, head0, G, parts);
+    return;
   }
-DECODE_SPLIT(4, 64)
-DECODE_SPLIT(4, 128)
-DECODE_SPLIT(8, 64)
-DECODE_SPLIT(8, 128)
-DECODE_SPLIT(4, 256)
+  for (int i = threadIdx.x; i < MAX_G * HD; i += THREADS) {
+    const int d = i / MAX_G, g = i % MAX_G;
+    q_t[d][g] = g < G ? to_f(q[(head0 + g) * HD + d]) : 0.f;
+  }
+  for (int i = threadIdx.x; i < NW * BS * MAX_G; i += THREADS) (&p_s[0][0][0])[i] = 0.f;
+  __syncthreads();
+
+  float m[MAX_G], l[MAX_G], acc[MAX_G][DPL];
+#pragma unroll
+  for (int g = 0; g < MAX_G; g++) {
+    m[g] = -INFINITY;
+    l[g] = 0.f;
+#pragma unroll
+    for (int k = 0; k < DPL; k++) acc[g][k] = 0.f;
+  }
+  const size_t block_stride = (size_t)kv_heads * HD * BS;
+  // Blocks before the window's first token hold nothing; every block visited holds at least one
+  // token in [first, p_end), so each running max is finite after its first block.
+  // A warp loads U consecutive blocks before it uses any (U = 2 for fp8 caches, whose blocks
+  // are half the bytes: the same bytes in flight as bf16's one block), then takes them in order.
+  for (int blk0 = max(p_start, first) / BS + warp * U; blk0 * BS < p_end; blk0 += NW * U) {
+    int4 k4u[U][KVEC], v4u[U][DPL][VPD];
+#pragma unroll
+    for (int u = 0; u < U; u++) {
+      if ((blk0 + u) * BS >= p_end) break;
+      const size_t at =
+          tables[(size_t)seq * max_blocks + blk0 + u] * block_stride + (size_t)kvh * HD * BS;
+#pragma unroll
+      for (int j = 0; j < KVEC; j++)
+        k4u[u][j] = *reinterpret_cast<const int4 *>(kc + at + (size_t)(lane + 32 * j) * X);
+#pragma unroll
+      for (int k = 0; k < DPL; k++)
+#pragma unroll
+        for (int c = 0; c < VPD; c++)
+          v4u[u][k][c] = reinterpret_cast<const int4 *>(vc + at + (size_t)(lane + 32 * k) * BS)[c];
+    }
+#pragma unroll
+    for (int u = 0; u < U; u++) {
+      const int blk = blk0 + u;
+      if (blk * BS >= p_end) break;
+      const int4 *k4 = k4u[u];
+      const int4(*v4)[VPD] = v4u[u];
+
+      // Lane holds vectors lane + 32 j: token lane % 16, dims slab (lane / 16 + 2 j) * X + e; the
+      // lanes l and l ^ 16 together hold a token's whole dot product.
+      float s[MAX_G];
+#pragma unroll
+      for (int g = 0; g < MAX_G; g++) s[g] = 0.f;
+#pragma unroll
+      for (int j = 0; j < KVEC; j++) {
+        const C *kv = reinterpret_cast<const C *>(&k4[j]);
+        const int slab = lane / 16 + 2 * j;
+#pragma unroll
+        for (int e = 0; e < X; e++) {
+          const float x = to_f(kv[e]);
+          const float4 *qv = reinterpret_cast<const float4 *>(q_t[slab * X + e]);
+#pragma unroll
+          for (int c = 0; c < MAX_G / 4; c++) {
+            const float4 qq = qv[c];
+            s[4 * c] += qq.x * x;
+            s[4 * c + 1] += qq.y * x;
+            s[4 * c + 2] += qq.z * x;
+            s[4 * c + 3] += qq.w * x;
+          }
+        }
+      }
+      const int t = blk * BS + lane % 16;
+      const bool valid = t < p_end && t >= first;
+#pragma unroll
+      for (int g = 0; g < MAX_G; g++) {
+        if (g >= G) break;
+        float sc = (s[g] + __shfl_xor_sync(0xffffffff, s[g], 16)) * scale;
+        if (softcap > 0.f) sc = softcap * tanhf(sc / softcap);
+        sc = valid ? sc : -INFINITY;
+        float mx = sc;
+        for (int o = 8; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, o));
+        const float m_new = fmaxf(m[g], mx);
+        const float corr = __expf(m[g] - m_new);
+        const float p = valid ? __expf(sc - m_new) : 0.f;
+        float ps = p;
+        for (int o = 8; o > 0; o >>= 1) ps += __shfl_xor_sync(0xffffffff, ps, o);
+        l[g] = l[g] * corr + ps;
+        m[g] = m_new;
+#pragma unroll
+        for (int k = 0; k < DPL; k++) acc[g][k] *= corr;
+        if (lane < BS) p_s[warp][lane][g] = p;
+      }
+      __syncwarp();
+      // Values: lane owns dims lane + 32 k, whose BS values in the block are contiguous.
+#pragma unroll
+      for (int b = 0; b < BS; b++) {
+        float pb[MAX_G];
+#pragma unroll
+        for (int c = 0; c < MAX_G / 4; c++)
+          *reinterpret_cast<float4 *>(&pb[4 * c]) =
+              reinterpret_cast<const float4 *>(p_s[warp][b])[c];
+#pragma unroll
+        for (int k = 0; k < DPL; k++) {
+          const float v = to_f(reinterpret_cast<const C *>(v4[k])[b]);
+#pragma unroll
+          for (int g = 0; g < MAX_G; g++)
+            if (g < G) acc[g][k] += pb[g] * v;
+        }
+      }
+      __syncwarp();
+    }
+  }
+
+  // The warps' softmax states merged, as paged_decode_combine merges partitions.
+#pragma unroll
+  for (int g = 0; g < MAX_G; g++) {
+    if (g >= G) break;
+#pragma unroll
+    for (int k = 0; k < DPL; k++) o_s[warp][g * HD + lane + 32 * k] = acc[g][k];
+    if (lane == 0) {
+      m_s[warp][g] = m[g];
+      l_s[warp][g] = l[g];
+    }
+  }
+  __syncthreads();
+  merge_warps<MAX_G, HD>(o_s, m_s, l_s, head0, G, out, part_out, part_max, part_sum);
+}
+
+// paged_decode_mma (bf16 caches) and paged_decode_mma_fp8 (fp8 E4M3; head sizes 64, 128 and
+// 256, groups up to 8): the split kernel's partitions and per-warp online softmax with both
+// products on tensor cores (mma.sync m16n8k16, f32 accumulation): the group's queries (rows
+// 0..G-1 of a 16-row tile, the rest zero) times a block's 16 keys, then the block's weights
+// times its values. The split kernel spends about 13 instructions per cached value (widening, a
+// shared load, four FMAs): that, not the bytes, bound it on fp8 caches (half the bytes gained
+// little). bf16 caches multiply in bf16 (queries and keys exact; the weights rounded to bf16,
+// 2^-9 relative: the selftest's kernel error rose from 3.9e-3 to 5.0e-3, its limit); fp8 ones
+// in f16, where E4M3 values and bf16 queries are exact within f16's range and the weights are
+// rounded to f16 (2^-11). Scores are the split kernel's up to summation order.
+// Within a block, tokens are taken in a permuted order and so are dims within each 16, so that
+// every fragment pair is one load of four values: logical (2t, 2t + 1, 2t + 8, 2t + 9) are
+// physical 4t .. 4t + 3 (t < 4); logical token j of n-tile j / 8 is physical
+// ((j % 8) / 2) * 4 + (j / 8) * 2 + j % 2.
+template <bool F16>
+__device__ __forceinline__ void mma_rows8(float (&c)[4], uint32_t a0, uint32_t a2, uint32_t b0,
+                                          uint32_t b1) {
+  // Rows 8..15 of A are zero (a1 = a3 = 0): only c[0], c[1] are used.
+  if (F16)
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(0u), "r"(a2), "r"(0u), "r"(b0), "r"(b1));
+  else
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(0u), "r"(a2), "r"(0u), "r"(b0), "r"(b1));
+}
+// Two E4M3 bytes (the lower first) widened to f16x2.
+__device__ __forceinline__ uint32_t fp8x2_to_f16x2(uint32_t two) {
+  const __half2_raw h =
+      __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(two & 0xffff), __NV_E4M3);
+  return (uint32_t)h.x | ((uint32_t)h.y << 16);
+}
+
+// What the kernel needs of a cache type: four cached values in one load (`Word`), their two
+// fragment halves, and the packing of two floats into the product's input type.
+template <typename C> struct MmaCache;
+template <> struct MmaCache<__nv_fp8_e4m3> {
+  typedef uint32_t Word;
+  static constexpr bool F16 = true;
+  static __device__ __forceinline__ uint32_t lo(Word w) { return fp8x2_to_f16x2(w); }
+  static __device__ __forceinline__ uint32_t hi(Word w) { return fp8x2_to_f16x2(w >> 16); }
+  static __device__ __forceinline__ uint32_t pack(float a, float b) {
+    const __half2 h = __floats2half2_rn(a, b);
+    return *reinterpret_cast<const uint32_t *>(&h);
+  }
+};
+template <> struct MmaCache<__nv_bfloat16> {
+  typedef uint2 Word;
+  static constexpr bool F16 = false;
+  static __device__ __forceinline__ uint32_t lo(Word w) { return w.x; }
+  static __device__ __forceinline__ uint32_t hi(Word w) { return w.y; }
+  static __device__ __forceinline__ uint32_t pack(float a, float b) {
+    const __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+    return *reinterpret_cast<const uint32_t *>(&h);
+  }
+};
+
+template <typename C, int MAX_G, int HD>
+__device__ void paged_decode_mma(const __nv_bfloat16 *q, const C *kc, const C *vc,
+                                 const uint32_t *tables, const uint32_t *ctx_lens,
+                                 __nv_bfloat16 *out, float *part_out, float *part_max,
+                                 float *part_sum, int heads, int kv_heads, int max_blocks,
+                                 int window, float scale, float softcap, int part) {
+  typedef MmaCache<C> M;
+  typedef typename M::Word Word;
+  constexpr int NW = THREADS / 32, KK = HD / 16, NT = HD / 8, X = 16 / sizeof(C);
+  const int kvh = blockIdx.x, seq = blockIdx.y, parts = gridDim.z;
+  const int G = heads / kv_heads;
+  const int ctx = ctx_lens[seq];
+  const int first = window > 0 ? max(0, ctx - window) : 0;
+  const int p_start = blockIdx.z * part, p_end = min(ctx, p_start + part);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, tig = lane % 4;
+  __shared__ float o_s[NW][MAX_G * HD];
+  __shared__ float m_s[NW][MAX_G], l_s[NW][MAX_G];
+  const size_t head0 = (size_t)seq * heads + (size_t)kvh * G;
+  if (p_start >= p_end || p_end <= first) {
+    empty_partial<HD>(part_out, part_max, part_sum, head0, G, parts);
+    return;
+  }
+  // Row g's query fragments a0 (logical dims 2 tig, +1 of each 16) and a2 (2 tig + 8, +9).
+  uint32_t qa[KK][2];
+#pragma unroll
+  for (int kk = 0; kk < KK; kk++) {
+    const __nv_bfloat16 *qr = q + (head0 + min(g, G - 1)) * HD + kk * 16 + tig * 4;
+    const bool real = g < G;
+    qa[kk][0] = real ? M::pack(to_f(qr[0]), to_f(qr[1])) : 0u;
+    qa[kk][1] = real ? M::pack(to_f(qr[2]), to_f(qr[3])) : 0u;
+  }
+  // Row g's running max, this lane's share of its sum, and its output dims n * 8 + 2 tig, +1.
+  float m = -INFINITY, l = 0.f, o[NT][2];
+#pragma unroll
+  for (int n = 0; n < NT; n++) o[n][0] = o[n][1] = 0.f;
+  const size_t block_stride = (size_t)kv_heads * HD * BS;
+  // As in paged_decode_split, every block visited holds a token in [first, p_end).
+  for (int blk = max(p_start, first) / BS + warp; blk * BS < p_end; blk += NW) {
+    const C *kb = kc + tables[(size_t)seq * max_blocks + blk] * block_stride + (size_t)kvh * HD * BS;
+    const C *vb = vc + (kb - kc);
+    // Keys [HD / X][BS][X]: n-tile t's column g is physical token (g / 2) * 4 + 2 t + g % 2,
+    // its physical dims kk * 16 + 4 tig .. + 3. Values [HD][BS]: dim n * 8 + g, physical tokens
+    // 4 tig .. 4 tig + 3.
+    Word kw[2][KK], vw[NT];
+#pragma unroll
+    for (int t = 0; t < 2; t++)
+#pragma unroll
+      for (int kk = 0; kk < KK; kk++) {
+        const int d = kk * 16 + tig * 4, tok = (g / 2) * 4 + t * 2 + g % 2;
+        kw[t][kk] = *reinterpret_cast<const Word *>(kb + ((d / X) * BS + tok) * X + d % X);
+      }
+#pragma unroll
+    for (int n = 0; n < NT; n++)
+      vw[n] = *reinterpret_cast<const Word *>(vb + (size_t)(n * 8 + g) * BS + tig * 4);
+
+    float sc[2][4];
+#pragma unroll
+    for (int t = 0; t < 2; t++) {
+      sc[t][0] = sc[t][1] = sc[t][2] = sc[t][3] = 0.f;
+#pragma unroll
+      for (int kk = 0; kk < KK; kk++)
+        mma_rows8<M::F16>(sc[t], qa[kk][0], qa[kk][1], M::lo(kw[t][kk]), M::hi(kw[t][kk]));
+    }
+    // sc[t][e]: logical token 8 t + 2 tig + e, physical 4 tig + 2 t + e.
+    float mx = -INFINITY;
+    bool valid[2][2];
+#pragma unroll
+    for (int t = 0; t < 2; t++)
+#pragma unroll
+      for (int e = 0; e < 2; e++) {
+        const int tok = blk * BS + tig * 4 + t * 2 + e;
+        float x = sc[t][e] * scale;
+        if (softcap > 0.f) x = softcap * tanhf(x / softcap);
+        valid[t][e] = tok < p_end && tok >= first;
+        sc[t][e] = x;
+        if (valid[t][e]) mx = fmaxf(mx, x);
+      }
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
+    const float m_new = fmaxf(m, mx);
+    const float corr = __expf(m - m_new);
+    float p[2][2];
+    l *= corr;
+#pragma unroll
+    for (int t = 0; t < 2; t++)
+#pragma unroll
+      for (int e = 0; e < 2; e++) {
+        p[t][e] = valid[t][e] ? __expf(sc[t][e] - m_new) : 0.f;
+        l += p[t][e];
+      }
+    m = m_new;
+    const uint32_t pa0 = M::pack(p[0][0], p[0][1]), pa2 = M::pack(p[1][0], p[1][1]);
+#pragma unroll
+    for (int n = 0; n < NT; n++) {
+      float c[4] = {o[n][0] * corr, o[n][1] * corr, 0.f, 0.f};
+      mma_rows8<M::F16>(c, pa0, pa2, M::lo(vw[n]), M::hi(vw[n]));
+      o[n][0] = c[0];
+      o[n][1] = c[1];
+    }
+  }
+  l += __shfl_xor_sync(0xffffffff, l, 1);
+  l += __shfl_xor_sync(0xffffffff, l, 2);
+  if (g < G) {
+#pragma unroll
+    for (int n = 0; n < NT; n++) {
+      o_s[warp][g * HD + n * 8 + tig * 2] = o[n][0];
+      o_s[warp][g * HD + n * 8 + tig * 2 + 1] = o[n][1];
+    }
+    if (tig == 0) {
+      m_s[warp][g] = m;
+      l_s[warp][g] = l;
+    }
+  }
+  __syncthreads();
+  merge_warps<MAX_G, HD>(o_s, m_s, l_s, head0, G, out, part_out, part_max, part_sum);
+}
+
+// The split-walk kernels (paged_decode_split, paged_decode_mma) per cache type and shape.
+#define WALK(NAME, FN, C, G, HD)                                                                \
+  extern "C" __global__ void __launch_bounds__(THREADS) NAME##_g##G##_d##HD(                    \
+      const __nv_bfloat16 *q, const C *kc, const C *vc, const uint32_t *tables,                \
+      const uint32_t *ctx_lens, __nv_bfloat16 *out, float *part_out, float *part_max,          \
+      float *part_sum, int heads, int kv_heads, int max_blocks, int window, float scale,       \
+      float softcap, int part) {                                                                \
+    FN<C, G, HD>(q, kc, vc, tables, ctx_lens, out, part_out, part_max, part_sum, heads,        \
+                 kv_heads, max_blocks, window, scale, softcap, part);                           \
+  }
+#define WALK_SHAPES(NAME, FN, C)                                                                \
+  WALK(NAME, FN, C, 4, 64)                                                                      \
+  WALK(NAME, FN, C, 4, 128)                                                                     \
+  WALK(NAME, FN, C, 4, 256)                                                                     \
+  WALK(NAME, FN, C, 8, 64)                                                                      \
+  WALK(NAME, FN, C, 8, 128)
+WALK_SHAPES(paged_decode_split, paged_decode_split, __nv_bfloat16)
+WALK_SHAPES(paged_decode_split_fp8, paged_decode_split, __nv_fp8_e4m3)
+WALK_SHAPES(paged_decode_mma, paged_decode_mma, __nv_bfloat16)
+WALK_SHAPES(paged_decode_mma_fp8, paged_decode_mma, __nv_fp8_e4m3)

@@ -3,12 +3,17 @@
 //! heads, so each cached key and value is read once per group), with the semantics of
 //! [`crate::engine::attention::attend`] (sliding windows, score soft-capping); checked against it
 //! by `pruneserve selftest --device cuda` (`selftest/decode.rs`, and every model check).
-//! - `paged_decode_split` (bf16 caches; head size 64 or 128, or 256 with groups up to 4): every warp keeps its own online
-//!   softmax over its blocks and loads a block's keys and values before using either, so each
-//!   SM has several times the memory in flight; partitions of 128 to 512 tokens by how many
-//!   (sequence, kv head) pairs the step has.
+//! - `paged_decode_mma` (bf16 or fp8 caches; head size 64 or 128, or 256 with groups up to 4;
+//!   the default): every warp keeps its own online softmax over its blocks, both products on
+//!   tensor cores (a block's 16 keys against the group's queries as one 16-row tile);
+//!   partitions of 128 to 512 tokens by how many (sequence, kv head) pairs the step has.
+//! - `paged_decode_split` (the same shapes and partitions, `PRUNESERVE_DECODE_KERNEL=scalar`):
+//!   the same walk with scalar FMAs, which bound it at about 13 instructions per cached value.
 //! - `paged_decode` (any other shape, f32 caches, or `PRUNESERVE_DECODE_KERNEL=shared`):
 //!   partitions of 128 tokens, one shared-memory softmax per partition.
+//!
+//! All read fp8 E4M3 caches too (`--kv-cache-dtype fp8`: bf16 queries and outputs, the `_fp8`
+//! instantiations).
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
@@ -28,20 +33,24 @@ const THREADS: u32 = 128;
 /// Which decode kernel a step asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DecodeKernel {
-    /// `paged_decode_split` where it applies (bf16; head size 64 or 128, or 256 with groups of
-    /// up to 4), else `paged_decode`.
+    /// `paged_decode_mma` (tensor cores, the split kernel's partitions) where it applies (head
+    /// size 64 or 128, or 256 with groups of up to 4); else `paged_decode`.
     Split,
+    /// `paged_decode_split` instead (scalar FMAs: the kernel before session 17, for A/B runs
+    /// and the selftest).
+    SplitScalar,
     /// `paged_decode` always.
     Shared,
 }
 
 impl DecodeKernel {
     /// [`DecodeKernel::Split`], unless `PRUNESERVE_DECODE_KERNEL=shared` asks for the kernel
-    /// before session 11 (A/B runs).
+    /// before session 11 or `=scalar` for the split kernel's scalar path (A/B runs).
     pub fn configured() -> Self {
         static KERNEL: std::sync::LazyLock<DecodeKernel> = std::sync::LazyLock::new(|| {
             match std::env::var("PRUNESERVE_DECODE_KERNEL").as_deref() {
                 Ok("shared") => DecodeKernel::Shared,
+                Ok("scalar") => DecodeKernel::SplitScalar,
                 _ => DecodeKernel::Split,
             }
         });
@@ -53,7 +62,15 @@ impl DecodeKernel {
     fn function(self, suffix: &str, group: usize, hd: usize, pairs: usize) -> (String, usize) {
         let g = if group <= 4 { 4 } else { 8 };
         let split_shape = hd == 64 || hd == 128 || (hd == 256 && g == 4);
-        if self == DecodeKernel::Split && suffix == "bf16" && split_shape {
+        let split_name = match (suffix, self) {
+            (_, DecodeKernel::Shared) => None,
+            ("bf16", DecodeKernel::Split) => Some("paged_decode_mma"),
+            ("bf16", _) => Some("paged_decode_split"),
+            ("bf16_fp8", DecodeKernel::Split) => Some("paged_decode_mma_fp8"),
+            ("bf16_fp8", _) => Some("paged_decode_split_fp8"),
+            _ => None,
+        };
+        if let (Some(split), true) = (split_name, split_shape) {
             // Longer partitions when there are enough pairs to fill the device: fewer partial
             // results to merge, and each warp walks more blocks.
             let part = match pairs {
@@ -61,7 +78,7 @@ impl DecodeKernel {
                 256..1024 => 256,
                 _ => 512,
             };
-            return (format!("paged_decode_split_g{g}_d{hd}"), part);
+            return (format!("{split}_g{g}_d{hd}"), part);
         }
         let d = match hd {
             0..=64 => 64,
@@ -84,8 +101,9 @@ struct PagedDecode {
     kernel: DecodeKernel,
 }
 
-/// Attention of the decode queries `q` (`[seqs, heads, head_dim]`, the caches' dtype) against
-/// their cached histories; `[seqs, heads, head_dim]` in the same dtype. `kernel`:
+/// Attention of the decode queries `q` (`[seqs, heads, head_dim]`, the caches' dtype, or bf16
+/// with fp8 caches) against their cached histories; `[seqs, heads, head_dim]` in `q`'s dtype.
+/// `kernel`:
 /// [`DecodeKernel::configured`] on the engine's path.
 pub fn paged_decode(
     q: &Tensor,
@@ -115,14 +133,18 @@ pub fn paged_decode(
 }
 
 impl PagedDecode {
-    fn run<T>(
+    /// Launches the kernels for queries of `T` over caches of `C`; `suffix` names the
+    /// instantiation, `out_suffix` the combine kernel's (by `T`).
+    fn run<T, C>(
         &self,
         dev: &CudaDevice,
         (q, ql): (&CudaStorage, &Layout),
-        suffix: &str,
+        (suffix, out_suffix): (&str, &str),
     ) -> Result<CudaStorage>
     where
         T: candle_core::cuda_backend::CudaDType
+            + candle_core::cuda_backend::cudarc::driver::DeviceRepr,
+        C: candle_core::cuda_backend::CudaDType
             + candle_core::cuda_backend::cudarc::driver::DeviceRepr,
     {
         let (seqs, heads, hd) = ql.shape().dims3()?;
@@ -131,8 +153,8 @@ impl PagedDecode {
         let (vc, vl) = self.value_cache.storage_and_layout();
         let (tb, tl) = self.tables.storage_and_layout();
         let (cl, cll) = self.context_lens.storage_and_layout();
-        let kc = cuda_view::<T>(&kc, kl, "key cache")?;
-        let vc = cuda_view::<T>(&vc, vl, "value cache")?;
+        let kc = cuda_view::<C>(&kc, kl, "key cache")?;
+        let vc = cuda_view::<C>(&vc, vl, "value cache")?;
         let tables = cuda_view::<u32>(&tb, tl, "block tables")?;
         let ctx = cuda_view::<u32>(&cl, cll, "context lengths")?;
         let max_blocks = tl.shape().dims2()?.1;
@@ -140,7 +162,7 @@ impl PagedDecode {
         let (name, part) =
             self.kernel
                 .function(suffix, heads / p.num_kv_heads, hd, seqs * p.num_kv_heads);
-        let split = name.starts_with("paged_decode_split");
+        let split = !name.starts_with(&format!("paged_decode_{suffix}"));
         let parts = self.max_context.div_ceil(part).max(1);
         // SAFETY: the kernels write every output element before it is read (the partial
         // buffers only when there are several partitions).
@@ -154,7 +176,8 @@ impl PagedDecode {
             )
         };
         let func = dev.get_or_load_custom_func(&name, "pruneserve_decode", DECODE_PTX)?;
-        // `paged_decode_split` takes no head size (its instantiation's) and ends with `part`.
+        // `paged_decode_split` and `paged_decode_mma` take no head size (their instantiation's)
+        // and end with `part`.
         let (heads_i, kv_i, hd_i) = (heads as i32, p.num_kv_heads as i32, hd as i32);
         let (max_blocks, window) = (max_blocks as i32, p.window.unwrap_or(0) as i32);
         let (scale, softcap, part_i) =
@@ -180,7 +203,7 @@ impl PagedDecode {
         unsafe { b.launch(cfg) }.w()?;
         if parts > 1 {
             let func = dev.get_or_load_custom_func(
-                &format!("paged_decode_combine_{suffix}"),
+                &format!("paged_decode_combine_{out_suffix}"),
                 "pruneserve_decode",
                 DECODE_PTX,
             )?;
@@ -211,10 +234,15 @@ impl CustomOp1 for PagedDecode {
 
     fn cuda_fwd(&self, q: &CudaStorage, ql: &Layout) -> Result<(CudaStorage, Shape)> {
         let dev = q.device().clone();
-        let out = match q.dtype() {
-            DType::BF16 => self.run::<half::bf16>(&dev, (q, ql), "bf16")?,
-            DType::F32 => self.run::<f32>(&dev, (q, ql), "f32")?,
-            other => candle_core::bail!("paged decode: unsupported dtype {other:?}"),
+        let out = match (q.dtype(), self.key_cache.dtype()) {
+            (DType::BF16, DType::BF16) => {
+                self.run::<half::bf16, half::bf16>(&dev, (q, ql), ("bf16", "bf16"))?
+            }
+            (DType::BF16, DType::F8E4M3) => {
+                self.run::<half::bf16, float8::F8E4M3>(&dev, (q, ql), ("bf16_fp8", "bf16"))?
+            }
+            (DType::F32, DType::F32) => self.run::<f32, f32>(&dev, (q, ql), ("f32", "f32"))?,
+            (q, c) => candle_core::bail!("paged decode: unsupported dtypes {q:?} over {c:?}"),
         };
         Ok((out, ql.shape().clone()))
     }

@@ -5,6 +5,7 @@
 
 #[cfg(feature = "cuda")]
 pub mod buffers;
+pub mod fp8;
 #[cfg(feature = "cuda")]
 pub mod paged;
 pub mod prefix;
@@ -194,6 +195,9 @@ pub struct ContiguousKvCache {
     total_blocks: usize,
     used_blocks: usize,
     dtype: DType,
+    /// Keys and values are rounded to this first (fp8: the CPU reference of the paged pool's
+    /// bytes, still stored in `dtype`).
+    kv_dtype: fp8::KvCacheDtype,
     masks: MaskCache,
     /// Cached prefixes, when prefix caching is on; their blocks come out of the same pool.
     prefixes: Option<prefix::PrefixStore<Vec<(Tensor, Tensor)>>>,
@@ -207,9 +211,16 @@ impl ContiguousKvCache {
             total_blocks,
             used_blocks: 0,
             dtype,
+            kv_dtype: fp8::KvCacheDtype::Auto,
             masks: MaskCache::default(),
             prefixes: None,
         }
+    }
+
+    /// The same cache rounding keys and values to `kv_dtype` before they are used.
+    pub fn with_kv_dtype(mut self, kv_dtype: fp8::KvCacheDtype) -> Self {
+        self.kv_dtype = kv_dtype;
+        self
     }
 
     /// The same cache keeping finished sequences' prefixes for reuse.
@@ -278,6 +289,7 @@ impl KvCache for ContiguousKvCache {
         v: &Tensor,
         params: &AttnParams,
     ) -> candle_core::Result<Tensor> {
+        let (k, v) = (&self.kv_dtype.round(k)?, &self.kv_dtype.round(v)?);
         let mut outs = Vec::with_capacity(chunks.len());
         for c in chunks {
             let s = self.seqs.get_mut(&c.seq).ok_or_else(|| {
@@ -291,7 +303,8 @@ impl KvCache for ContiguousKvCache {
                 attend_chunk(q, c, keys, values, params, &mut self.masks, self.dtype)
             };
             if c.start == 0 {
-                // A fresh prompt attends to its own keys and values as given (f32 on prefill).
+                // A fresh prompt attends to its own keys and values as given (f32 on prefill,
+                // rounded to an fp8 cache's values).
                 outs.push(attend_to(&new_k, &new_v)?);
                 *slot = Some((new_k.to_dtype(self.dtype)?, new_v.to_dtype(self.dtype)?));
                 continue;

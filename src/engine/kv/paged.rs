@@ -5,6 +5,11 @@
 //! caches) to their history gathered from the pool; f32 caches take continued chunks through
 //! candle ops.
 //!
+//! An fp8 pool (`--kv-cache-dtype fp8`, [`crate::engine::kv::fp8`]) stores E4M3 bytes with a
+//! scale of 1: keys and values are rounded once before anything attends to them (fresh prompts
+//! included), the decode kernels read the bytes, and histories are gathered widened to the
+//! model's dtype.
+//!
 //! With prefix caching, cached prefixes are blocks of the pool itself, counted by the pool
 //! ([`crate::engine::kv::tables`]): a hit puts them in place of a sequence's first blocks, and
 //! they are evicted (least recently used first) when a reservation runs short. A branch of shared
@@ -22,6 +27,7 @@ use crate::engine::attention::cuda::{
 use crate::engine::attention::decode::{paged_decode, DecodeKernel};
 use crate::engine::attention::{attend_chunk, chunk_heads, AttnParams, MaskCache};
 use crate::engine::kv::buffers::{base_ptr, write_into, GraphKvInputs};
+use crate::engine::kv::fp8::KvCacheDtype;
 use crate::engine::kv::prefix::{Pin, PrefixStore, ScoreMemo};
 use crate::engine::kv::tables::{BlockPool, BlockTables};
 use crate::engine::kv::{ChunkRef, KvCache, KvCapacity, KvError, KvUsage};
@@ -57,7 +63,13 @@ pub struct PagedKvCache {
     key_cache: Tensor,
     value_cache: Tensor,
     device: Device,
+    /// The model's dtype: queries, outputs and gathered histories.
     dtype: DType,
+    /// What the pool stores: `dtype`, or fp8 E4M3.
+    stored: DType,
+    /// fp8 pools: the keys' and values' scales (1, `[1]` f32 on the device) that
+    /// mistralrs-paged-attn's writes and gathers take.
+    fp8_scales: Option<Tensor>,
     step: Option<UploadedStep>,
     masks: MaskCache,
     /// Prefix caching: entries name pool blocks, which they hold beside the sequences using them.
@@ -80,33 +92,46 @@ impl PagedKvCache {
         bytes / (2 * kv_heads * head_dim * block_size * dtype.size_in_bytes())
     }
 
+    /// A pool of `num_blocks` layer-blocks for a model computing in `dtype`, storing `stored`
+    /// (the same dtype, or fp8 E4M3).
     pub fn new(
         device: &Device,
-        dtype: DType,
+        (dtype, stored): (DType, DType),
         num_blocks: usize,
         block_size: usize,
         kv_heads: usize,
         head_dim: usize,
     ) -> candle_core::Result<Self> {
+        match (dtype, stored) {
+            (a, b) if a == b => {}
+            (DType::BF16, DType::F8E4M3) => {}
+            _ => candle_core::bail!("a {dtype:?} model cannot keep a {stored:?} paged KV cache"),
+        }
         if block_size != BLOCK_SIZE {
             candle_core::bail!(
                 "the CUDA paged cache uses blocks of {BLOCK_SIZE} tokens, not {block_size}"
             );
         }
-        let x = 16 / dtype.size_in_bytes();
+        let x = 16 / stored.size_in_bytes();
         let key_cache = Tensor::zeros(
             (num_blocks, kv_heads, head_dim / x, block_size, x),
-            dtype,
+            stored,
             device,
         )?;
         let value_cache =
-            Tensor::zeros((num_blocks, kv_heads, head_dim, block_size), dtype, device)?;
+            Tensor::zeros((num_blocks, kv_heads, head_dim, block_size), stored, device)?;
+        let fp8_scales = match stored {
+            DType::F8E4M3 => Some(Tensor::new(&[1f32], device)?),
+            _ => None,
+        };
         Ok(Self {
             pool: BlockPool::new(num_blocks, block_size),
             key_cache,
             value_cache,
             device: device.clone(),
             dtype,
+            stored,
+            fp8_scales,
             step: None,
             masks: MaskCache::default(),
             prefixes: None,
@@ -129,14 +154,15 @@ impl PagedKvCache {
         }
         let blocks = self.pool.total_blocks();
         for cache in [&self.key_cache, &self.value_cache] {
-            let bytes = cache.elem_count() / blocks * self.dtype.size_in_bytes();
+            let bytes = cache.elem_count() / blocks * self.stored.size_in_bytes();
             let (storage, layout) = cache.storage_and_layout();
             let candle_core::Storage::Cuda(s) = &*storage else {
                 candle_core::bail!("kv: the paged cache is not on a CUDA device");
             };
             let stream = s.device().cuda_stream();
-            let base = match self.dtype {
+            let base = match self.stored {
                 DType::BF16 => base_ptr::<half::bf16>(s, layout, &stream)?,
+                DType::F8E4M3 => base_ptr::<float8::F8E4M3>(s, layout, &stream)?,
                 _ => base_ptr::<f32>(s, layout, &stream)?,
             };
             for &(src, dst) in pairs {
@@ -171,11 +197,12 @@ impl PagedKvCache {
         let used = len.div_ceil(self.pool.block_size());
         let table = Tensor::new(&table[..used], &self.device)?.reshape((1, used))?;
         let cu = Tensor::new(&[0u32, len as u32], &self.device)?;
+        let scales = self.fp8_scales.as_ref();
         let (k, v) = gather_kv_cache(
             &self.key_cache,
             &self.value_cache,
-            None,
-            None,
+            scales,
+            scales,
             &table,
             &cu,
             self.dtype,
@@ -314,13 +341,19 @@ impl KvCache for PagedKvCache {
             .ok_or_else(|| candle_core::Error::Msg("kv: attend before begin_step".into()))?;
         let slots = fresh(&step.slots.i(plan_pos)?)?;
         // q/k/v arrive in f32 on steps with prefill rows: the cache stores its dtype, fresh
-        // prompts attend to their own unrounded keys, everything else in the cache's dtype;
-        // the attention output is in q's dtype.
+        // prompts attend to their own unrounded keys (rounded to E4M3 first for an fp8 pool,
+        // as everything reading the pool sees them), everything else in the model's dtype; the
+        // attention output is in q's dtype.
+        let (k, v) = match self.stored {
+            DType::F8E4M3 => (&KvCacheDtype::Fp8.round(k)?, &KvCacheDtype::Fp8.round(v)?),
+            _ => (k, v),
+        };
+        let scales = self.fp8_scales.as_ref();
         reshape_and_cache(
             &fresh(&k.to_dtype(self.dtype)?)?,
             &fresh(&v.to_dtype(self.dtype)?)?,
-            None,
-            None,
+            scales,
+            scales,
             &self.key_cache,
             &self.value_cache,
             &slots,
