@@ -20,6 +20,7 @@
 # Usage: BIN=dir-with-binaries TOKENIZER=tokenizer.json TOKENIZER_CONFIG=tokenizer_config.json
 #        LLAMACPP_TARBALL=llamacpp.tar.xz OUT=out-dir [PHASES=...] [REPEATS=3] [PEER_REPEATS=1]
 #        bench/gpu.sh            (no LLAMACPP_TARBALL: the llama.cpp peer is left out)
+#        SERVE_FLAGS="--kv-cache-dtype fp8" adds flags to pruneserve's server (phase ours).
 set -euo pipefail
 BIN=${BIN:-target/release}
 TOKENIZER=${TOKENIZER:?path to the Llama-3 tokenizer.json}
@@ -69,7 +70,7 @@ fi
 if has ours && [ ! -f "$OUT/pruneserve.json" ]; then
   start_server "$OUT/server.log" "$PORT" --model "$CKPT" --served-model-name llama8b \
     --variant rev25=reverse:0.25 --device cuda --kv-cache-gb "$KV_GB" --max-step-tokens 8192 \
-    --max-model-len 4096
+    --max-model-len 4096 ${SERVE_FLAGS:-}
   "$BIN/pruneval" bench --base-url "http://127.0.0.1:$PORT" --models llama8b \
     --concurrency 256 --prompt-len 256 --output-len 1024 --score-prompts 0 --repeats "$REPEATS" \
     --json "$OUT/pruneserve-steady.json"
