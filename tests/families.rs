@@ -10,11 +10,7 @@ use pruneserve::plan::LayerPlan;
 use serde_json::{json, Value};
 
 fn reference(dir: &std::path::Path, prompts: &[Vec<u32>], overrides: Value) -> Vec<Vec<f64>> {
-    let out = run_python(
-        "hf_numpy_reference.py",
-        &json!({"model": dir, "prompts": prompts, "overrides": overrides}),
-    );
-    serde_json::from_value(out["logprobs"].clone()).unwrap()
+    numpy_logprobs(&json!({"model": dir, "prompts": prompts, "overrides": overrides}))
 }
 
 #[test]

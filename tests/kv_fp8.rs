@@ -19,11 +19,7 @@ use pruneserve::plan::LayerPlan;
 use serde_json::json;
 
 fn reference(dir: &std::path::Path, prompts: &[Vec<u32>], kv_fp8: bool) -> Vec<Vec<f64>> {
-    let out = run_python(
-        "hf_numpy_reference.py",
-        &json!({"model": dir, "prompts": prompts, "kv_fp8": kv_fp8}),
-    );
-    serde_json::from_value(out["logprobs"].clone()).unwrap()
+    numpy_logprobs(&json!({"model": dir, "prompts": prompts, "kv_fp8": kv_fp8}))
 }
 
 fn fp8_batcher(model: &Arc<DecoderModel>, step_tokens: usize, prefix_caching: bool) -> Batcher {

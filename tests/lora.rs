@@ -21,8 +21,7 @@ use pruneserve::plan::{LayerPlan, PlanSpec};
 use serde_json::{json, Value};
 
 fn reference(req: Value) -> Vec<Vec<f64>> {
-    let out = run_python("hf_numpy_reference.py", &req);
-    serde_json::from_value(out["logprobs"].clone()).unwrap()
+    numpy_logprobs(&req)
 }
 
 fn load_adapter(dir: &Path, model: &pruneserve::engine::model::DecoderModel) -> Arc<LoraAdapter> {

@@ -224,6 +224,13 @@ pub fn max_abs_diff(a: &[f32], b: &[f64]) -> f64 {
         .fold(0.0, f64::max)
 }
 
+/// Logprobs of the independent numpy forward (`tests/reference/hf_numpy_reference.py`) for a
+/// request of its stdin form (`{"model", "prompts", ...}`).
+pub fn numpy_logprobs(req: &Value) -> Vec<Vec<f64>> {
+    let out = run_python("hf_numpy_reference.py", req);
+    serde_json::from_value(out["logprobs"].clone()).unwrap()
+}
+
 /// Deterministic pseudo-random token ids below `vocab`.
 pub fn pseudo_tokens(n: usize, vocab: usize, salt: usize) -> Vec<u32> {
     (0..n)
