@@ -1,8 +1,8 @@
 //! `--kv-cache-dtype`: what the KV cache holds. `auto` keeps keys and values in the model's
 //! dtype; `fp8` (vLLM's name, also `fp8_e4m3`) rounds every key and value to OCP fp8 E4M3 with a
-//! scale of 1 (vLLM's default without calibrated scales: magnitudes above 448 saturate, below
-//! 2^-9 flush to zero) before anything attends to it, so a fresh prompt, a continued chunk, a
-//! prefix-cache hit and a decode step all see the same rounded values. The CUDA paged pool
+//! scale of 1 (vLLM's default without calibrated scales: magnitudes above 448 saturate, those of
+//! 2^-10 or less round to zero) before anything attends to it, so a fresh prompt, a continued
+//! chunk, a prefix-cache hit and a decode step all see the same rounded values. The CUDA paged pool
 //! stores the bytes (half the memory and the bandwidth of bf16); the CPU engine, the reference,
 //! rounds the same way and keeps the values in f32.
 //!
