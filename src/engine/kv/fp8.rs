@@ -78,15 +78,8 @@ impl KvCacheDtype {
 /// looks its kernels up under other names than it builds them with.
 struct RoundFp8;
 
-fn rounded<T: Copy>(
-    v: &[T],
-    l: &Layout,
-    via: impl Fn(T) -> f32,
-    back: impl Fn(f32) -> T,
-) -> Vec<T> {
-    let (a, b) = l.contiguous_offsets().unwrap_or((0, 0));
-    v[a..b]
-        .iter()
+fn rounded<T: Copy>(v: &[T], via: impl Fn(T) -> f32, back: impl Fn(f32) -> T) -> Vec<T> {
+    v.iter()
         .map(|&x| back(F8E4M3::from_f32(via(x)).to_f32()))
         .collect()
 }
@@ -97,13 +90,13 @@ impl CustomOp1 for RoundFp8 {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        if !l.is_contiguous() {
+        let Some((a, b)) = l.contiguous_offsets() else {
             candle_core::bail!("round_fp8 takes contiguous values");
-        }
+        };
         let out = match s {
-            CpuStorage::F32(v) => CpuStorage::F32(rounded(v, l, |x| x, |x| x)),
+            CpuStorage::F32(v) => CpuStorage::F32(rounded(&v[a..b], |x| x, |x| x)),
             CpuStorage::BF16(v) => {
-                CpuStorage::BF16(rounded(v, l, half::bf16::to_f32, half::bf16::from_f32))
+                CpuStorage::BF16(rounded(&v[a..b], half::bf16::to_f32, half::bf16::from_f32))
             }
             other => candle_core::bail!(
                 "round_fp8: unsupported dtype {:?}",
