@@ -291,7 +291,7 @@ __device__ void paged_decode_split(const __nv_bfloat16 *q, const C *kc, const C 
                                    float *part_max, float *part_sum, int heads, int kv_heads,
                                    int max_blocks, int window, float scale, float softcap,
                                    int part) {
-  constexpr int X = 16 / sizeof(C), NW = THREADS / 32, U = sizeof(C) == 1 ? 2 : 1;
+  constexpr int X = 16 / sizeof(C), NW = THREADS / 32;
   constexpr int KVEC = (HD / X) * BS / 32;  // key vectors per lane and block
   constexpr int DPL = HD / 32;              // value dims per lane
   constexpr int VPD = BS * sizeof(C) / 16;  // vectors per value dim and block
@@ -330,94 +330,80 @@ __device__ void paged_decode_split(const __nv_bfloat16 *q, const C *kc, const C 
   const size_t block_stride = (size_t)kv_heads * HD * BS;
   // Blocks before the window's first token hold nothing; every block visited holds at least one
   // token in [first, p_end), so each running max is finite after its first block.
-  // A warp loads U consecutive blocks before it uses any (U = 2 for fp8 caches, whose blocks
-  // are half the bytes: the same bytes in flight as bf16's one block), then takes them in order.
-  for (int blk0 = max(p_start, first) / BS + warp * U; blk0 * BS < p_end; blk0 += NW * U) {
-    int4 k4u[U][KVEC], v4u[U][DPL][VPD];
+  for (int blk = max(p_start, first) / BS + warp; blk * BS < p_end; blk += NW) {
+    const size_t at = tables[(size_t)seq * max_blocks + blk] * block_stride + (size_t)kvh * HD * BS;
+    int4 k4[KVEC], v4[DPL][VPD];
 #pragma unroll
-    for (int u = 0; u < U; u++) {
-      if ((blk0 + u) * BS >= p_end) break;
-      const size_t at =
-          tables[(size_t)seq * max_blocks + blk0 + u] * block_stride + (size_t)kvh * HD * BS;
+    for (int j = 0; j < KVEC; j++)
+      k4[j] = *reinterpret_cast<const int4 *>(kc + at + (size_t)(lane + 32 * j) * X);
 #pragma unroll
-      for (int j = 0; j < KVEC; j++)
-        k4u[u][j] = *reinterpret_cast<const int4 *>(kc + at + (size_t)(lane + 32 * j) * X);
+    for (int k = 0; k < DPL; k++)
 #pragma unroll
-      for (int k = 0; k < DPL; k++)
-#pragma unroll
-        for (int c = 0; c < VPD; c++)
-          v4u[u][k][c] = reinterpret_cast<const int4 *>(vc + at + (size_t)(lane + 32 * k) * BS)[c];
-    }
-#pragma unroll
-    for (int u = 0; u < U; u++) {
-      const int blk = blk0 + u;
-      if (blk * BS >= p_end) break;
-      const int4 *k4 = k4u[u];
-      const int4(*v4)[VPD] = v4u[u];
+      for (int c = 0; c < VPD; c++)
+        v4[k][c] = reinterpret_cast<const int4 *>(vc + at + (size_t)(lane + 32 * k) * BS)[c];
 
-      // Lane holds vectors lane + 32 j: token lane % 16, dims slab (lane / 16 + 2 j) * X + e; the
-      // lanes l and l ^ 16 together hold a token's whole dot product.
-      float s[MAX_G];
+    // Lane holds vectors lane + 32 j: token lane % 16, dims slab (lane / 16 + 2 j) * X + e; the
+    // lanes l and l ^ 16 together hold a token's whole dot product.
+    float s[MAX_G];
 #pragma unroll
-      for (int g = 0; g < MAX_G; g++) s[g] = 0.f;
+    for (int g = 0; g < MAX_G; g++) s[g] = 0.f;
 #pragma unroll
-      for (int j = 0; j < KVEC; j++) {
-        const C *kv = reinterpret_cast<const C *>(&k4[j]);
-        const int slab = lane / 16 + 2 * j;
+    for (int j = 0; j < KVEC; j++) {
+      const C *kv = reinterpret_cast<const C *>(&k4[j]);
+      const int slab = lane / 16 + 2 * j;
 #pragma unroll
-        for (int e = 0; e < X; e++) {
-          const float x = to_f(kv[e]);
-          const float4 *qv = reinterpret_cast<const float4 *>(q_t[slab * X + e]);
+      for (int e = 0; e < X; e++) {
+        const float x = to_f(kv[e]);
+        const float4 *qv = reinterpret_cast<const float4 *>(q_t[slab * X + e]);
 #pragma unroll
-          for (int c = 0; c < MAX_G / 4; c++) {
-            const float4 qq = qv[c];
-            s[4 * c] += qq.x * x;
-            s[4 * c + 1] += qq.y * x;
-            s[4 * c + 2] += qq.z * x;
-            s[4 * c + 3] += qq.w * x;
-          }
+        for (int c = 0; c < MAX_G / 4; c++) {
+          const float4 qq = qv[c];
+          s[4 * c] += qq.x * x;
+          s[4 * c + 1] += qq.y * x;
+          s[4 * c + 2] += qq.z * x;
+          s[4 * c + 3] += qq.w * x;
         }
       }
-      const int t = blk * BS + lane % 16;
-      const bool valid = t < p_end && t >= first;
-#pragma unroll
-      for (int g = 0; g < MAX_G; g++) {
-        if (g >= G) break;
-        float sc = (s[g] + __shfl_xor_sync(0xffffffff, s[g], 16)) * scale;
-        if (softcap > 0.f) sc = softcap * tanhf(sc / softcap);
-        sc = valid ? sc : -INFINITY;
-        float mx = sc;
-        for (int o = 8; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, o));
-        const float m_new = fmaxf(m[g], mx);
-        const float corr = __expf(m[g] - m_new);
-        const float p = valid ? __expf(sc - m_new) : 0.f;
-        float ps = p;
-        for (int o = 8; o > 0; o >>= 1) ps += __shfl_xor_sync(0xffffffff, ps, o);
-        l[g] = l[g] * corr + ps;
-        m[g] = m_new;
-#pragma unroll
-        for (int k = 0; k < DPL; k++) acc[g][k] *= corr;
-        if (lane < BS) p_s[warp][lane][g] = p;
-      }
-      __syncwarp();
-      // Values: lane owns dims lane + 32 k, whose BS values in the block are contiguous.
-#pragma unroll
-      for (int b = 0; b < BS; b++) {
-        float pb[MAX_G];
-#pragma unroll
-        for (int c = 0; c < MAX_G / 4; c++)
-          *reinterpret_cast<float4 *>(&pb[4 * c]) =
-              reinterpret_cast<const float4 *>(p_s[warp][b])[c];
-#pragma unroll
-        for (int k = 0; k < DPL; k++) {
-          const float v = to_f(reinterpret_cast<const C *>(v4[k])[b]);
-#pragma unroll
-          for (int g = 0; g < MAX_G; g++)
-            if (g < G) acc[g][k] += pb[g] * v;
-        }
-      }
-      __syncwarp();
     }
+    const int t = blk * BS + lane % 16;
+    const bool valid = t < p_end && t >= first;
+#pragma unroll
+    for (int g = 0; g < MAX_G; g++) {
+      if (g >= G) break;
+      float sc = (s[g] + __shfl_xor_sync(0xffffffff, s[g], 16)) * scale;
+      if (softcap > 0.f) sc = softcap * tanhf(sc / softcap);
+      sc = valid ? sc : -INFINITY;
+      float mx = sc;
+      for (int o = 8; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, o));
+      const float m_new = fmaxf(m[g], mx);
+      const float corr = __expf(m[g] - m_new);
+      const float p = valid ? __expf(sc - m_new) : 0.f;
+      float ps = p;
+      for (int o = 8; o > 0; o >>= 1) ps += __shfl_xor_sync(0xffffffff, ps, o);
+      l[g] = l[g] * corr + ps;
+      m[g] = m_new;
+#pragma unroll
+      for (int k = 0; k < DPL; k++) acc[g][k] *= corr;
+      if (lane < BS) p_s[warp][lane][g] = p;
+    }
+    __syncwarp();
+    // Values: lane owns dims lane + 32 k, whose BS values in the block are contiguous.
+#pragma unroll
+    for (int b = 0; b < BS; b++) {
+      float pb[MAX_G];
+#pragma unroll
+      for (int c = 0; c < MAX_G / 4; c++)
+        *reinterpret_cast<float4 *>(&pb[4 * c]) =
+            reinterpret_cast<const float4 *>(p_s[warp][b])[c];
+#pragma unroll
+      for (int k = 0; k < DPL; k++) {
+        const float v = to_f(reinterpret_cast<const C *>(v4[k])[b]);
+#pragma unroll
+        for (int g = 0; g < MAX_G; g++)
+          if (g < G) acc[g][k] += pb[g] * v;
+      }
+    }
+    __syncwarp();
   }
 
   // The warps' softmax states merged, as paged_decode_combine merges partitions.

@@ -57,9 +57,16 @@ impl DecodeKernel {
         *KERNEL
     }
 
-    /// The function to launch and its partition's tokens, for a step of `pairs` (sequence, kv
+    /// The function to launch, its partition's tokens, and whether it is one of the split walk's
+    /// kernels (`paged_decode_split`, `paged_decode_mma`), for a step of `pairs` (sequence, kv
     /// head) pairs.
-    fn function(self, suffix: &str, group: usize, hd: usize, pairs: usize) -> (String, usize) {
+    fn function(
+        self,
+        suffix: &str,
+        group: usize,
+        hd: usize,
+        pairs: usize,
+    ) -> (String, usize, bool) {
         let g = if group <= 4 { 4 } else { 8 };
         let split_shape = hd == 64 || hd == 128 || (hd == 256 && g == 4);
         let split_name = match (suffix, self) {
@@ -78,14 +85,14 @@ impl DecodeKernel {
                 256..1024 => 256,
                 _ => 512,
             };
-            return (format!("{split}_g{g}_d{hd}"), part);
+            return (format!("{split}_g{g}_d{hd}"), part, true);
         }
         let d = match hd {
             0..=64 => 64,
             65..=128 => 128,
             _ => 256,
         };
-        (format!("paged_decode_{suffix}_g{g}_d{d}"), PARTITION)
+        (format!("paged_decode_{suffix}_g{g}_d{d}"), PARTITION, false)
     }
 }
 
@@ -159,10 +166,9 @@ impl PagedDecode {
         let ctx = cuda_view::<u32>(&cl, cll, "context lengths")?;
         let max_blocks = tl.shape().dims2()?.1;
         let p = &self.params;
-        let (name, part) =
+        let (name, part, split) =
             self.kernel
                 .function(suffix, heads / p.num_kv_heads, hd, seqs * p.num_kv_heads);
-        let split = !name.starts_with(&format!("paged_decode_{suffix}"));
         let parts = self.max_context.div_ceil(part).max(1);
         // SAFETY: the kernels write every output element before it is read (the partial
         // buffers only when there are several partitions).
