@@ -427,30 +427,34 @@ __device__ void paged_decode_split(const __nv_bfloat16 *q, const C *kc, const C 
 // 0..G-1 of a 16-row tile, the rest zero) times a block's 16 keys, then the block's weights
 // times its values. The split kernel spends about 13 instructions per cached value (widening, a
 // shared load, four FMAs): that, not the bytes, bound it on fp8 caches (half the bytes gained
-// little). bf16 caches multiply in bf16 (queries and keys exact; the weights rounded to bf16,
-// 2^-9 relative: the selftest's kernel error rose from 3.9e-3 to 5.0e-3, its limit); fp8 ones
-// in f16, where E4M3 values and bf16 queries are exact within f16's range and the weights are
-// rounded to f16 (2^-11). Scores are the split kernel's up to summation order.
+// little). bf16 caches multiply in bf16, fp8 ones in f16, where E4M3 values and bf16 queries are
+// exact within f16's range: the scores are the split kernel's up to summation order. The
+// attention weights are not exact in either type, so each is split into its rounded value and
+// the rounded remainder (hi + lo, about 2^-17 relative in bf16): the tile's rows 0..7 carry the
+// hi terms and rows 8..15, which the queries leave zero, the lo terms; their two output rows
+// are summed, so the split costs no product. (Rounded to bf16 alone, the weights had taken the
+// selftest's kernel error from 3.9e-3 to 5.0e-3, its limit.)
 // Within a block, tokens are taken in a permuted order and so are dims within each 16, so that
 // every fragment pair is one load of four values: logical (2t, 2t + 1, 2t + 8, 2t + 9) are
 // physical 4t .. 4t + 3 (t < 4); logical token j of n-tile j / 8 is physical
 // ((j % 8) / 2) * 4 + (j / 8) * 2 + j % 2.
+// A's fragments: a0 (row g, k 2 tig, +1), a1 (row g + 8, same k), a2 (row g, k 2 tig + 8, +9),
+// a3 (row g + 8, same k); c[0], c[1] are row g's outputs, c[2], c[3] row g + 8's.
 template <bool F16>
-__device__ __forceinline__ void mma_rows8(float (&c)[4], uint32_t a0, uint32_t a2, uint32_t b0,
-                                          uint32_t b1) {
-  // Rows 8..15 of A are zero (a1 = a3 = 0): only c[0], c[1] are used.
+__device__ __forceinline__ void mma_16x8x16(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2,
+                                            uint32_t a3, uint32_t b0, uint32_t b1) {
   if (F16)
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
         "{%8,%9}, {%0,%1,%2,%3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a0), "r"(0u), "r"(a2), "r"(0u), "r"(b0), "r"(b1));
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
   else
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
         "{%8,%9}, {%0,%1,%2,%3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a0), "r"(0u), "r"(a2), "r"(0u), "r"(b0), "r"(b1));
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 // Two E4M3 bytes (the lower first) widened to f16x2.
 __device__ __forceinline__ uint32_t fp8x2_to_f16x2(uint32_t two) {
@@ -460,7 +464,8 @@ __device__ __forceinline__ uint32_t fp8x2_to_f16x2(uint32_t two) {
 }
 
 // What the kernel needs of a cache type: four cached values in one load (`Word`), their two
-// fragment halves, and the packing of two floats into the product's input type.
+// fragment halves, the packing of two floats into the product's input type and the rounding to
+// it.
 template <typename C> struct MmaCache;
 template <> struct MmaCache<__nv_fp8_e4m3> {
   typedef uint32_t Word;
@@ -471,6 +476,7 @@ template <> struct MmaCache<__nv_fp8_e4m3> {
     const __half2 h = __floats2half2_rn(a, b);
     return *reinterpret_cast<const uint32_t *>(&h);
   }
+  static __device__ __forceinline__ float rounded(float a) { return __half2float(__float2half_rn(a)); }
 };
 template <> struct MmaCache<__nv_bfloat16> {
   typedef uint2 Word;
@@ -480,6 +486,9 @@ template <> struct MmaCache<__nv_bfloat16> {
   static __device__ __forceinline__ uint32_t pack(float a, float b) {
     const __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
     return *reinterpret_cast<const uint32_t *>(&h);
+  }
+  static __device__ __forceinline__ float rounded(float a) {
+    return __bfloat162float(__float2bfloat16_rn(a));
   }
 };
 
@@ -544,7 +553,8 @@ __device__ void paged_decode_mma(const __nv_bfloat16 *q, const C *kc, const C *v
       sc[t][0] = sc[t][1] = sc[t][2] = sc[t][3] = 0.f;
 #pragma unroll
       for (int kk = 0; kk < KK; kk++)
-        mma_rows8<M::F16>(sc[t], qa[kk][0], qa[kk][1], M::lo(kw[t][kk]), M::hi(kw[t][kk]));
+        mma_16x8x16<M::F16>(sc[t], qa[kk][0], 0u, qa[kk][1], 0u, M::lo(kw[t][kk]),
+                            M::hi(kw[t][kk]));
     }
     // sc[t][e]: logical token 8 t + 2 tig + e, physical 4 tig + 2 t + e.
     float mx = -INFINITY;
@@ -574,13 +584,21 @@ __device__ void paged_decode_mma(const __nv_bfloat16 *q, const C *kc, const C *v
         l += p[t][e];
       }
     m = m_new;
-    const uint32_t pa0 = M::pack(p[0][0], p[0][1]), pa2 = M::pack(p[1][0], p[1][1]);
+    // Row g's weights rounded (hi) and row g + 8's their remainders (lo).
+    float ph[2][2];
+#pragma unroll
+    for (int t = 0; t < 2; t++)
+#pragma unroll
+      for (int e = 0; e < 2; e++) ph[t][e] = M::rounded(p[t][e]);
+    const uint32_t pa0 = M::pack(ph[0][0], ph[0][1]), pa2 = M::pack(ph[1][0], ph[1][1]);
+    const uint32_t pa1 = M::pack(p[0][0] - ph[0][0], p[0][1] - ph[0][1]),
+                   pa3 = M::pack(p[1][0] - ph[1][0], p[1][1] - ph[1][1]);
 #pragma unroll
     for (int n = 0; n < NT; n++) {
       float c[4] = {o[n][0] * corr, o[n][1] * corr, 0.f, 0.f};
-      mma_rows8<M::F16>(c, pa0, pa2, M::lo(vw[n]), M::hi(vw[n]));
-      o[n][0] = c[0];
-      o[n][1] = c[1];
+      mma_16x8x16<M::F16>(c, pa0, pa1, pa2, pa3, M::lo(vw[n]), M::hi(vw[n]));
+      o[n][0] = c[0] + c[2];
+      o[n][1] = c[1] + c[3];
     }
   }
   l += __shfl_xor_sync(0xffffffff, l, 1);
