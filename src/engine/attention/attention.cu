@@ -221,18 +221,22 @@ extern "C" __global__ void __launch_bounds__(PREFILL_THREADS)
 
 // prefill_mma: the tensor-core prefill attention (mma.sync m16n8k16, bf16 inputs, f32
 // accumulation, online softmax; flash-attention 2's structure). A block of 4 warps serves 64
-// query rows of one head of one chunk, each warp 16 rows; key tiles of BC rows are staged in
-// shared memory as bf16, values transposed. Chunk c's query i (row q_row0 + i of q, absolute
-// position start + i) attends causally to keys 0 ..= start + i, which are rows k_row0 + j of k/v
-// (a fresh chunk: its own rows, start 0; a continued chunk: its gathered history and itself).
+// query rows of one head of one chunk, each warp 16 rows. Chunk c's query i (row q_row0 + i of
+// q, absolute position start + i) attends causally to keys 0 ..= start + i, which are rows
+// k_row0 + j of k/v (a fresh chunk: its own rows, start 0; a continued chunk: its gathered
+// history and itself).
 // Exact chunks take every product as three bf16 terms (hi·hi + hi·lo + lo·hi, x = hi + lo: 16
 // significant bits, the compensated GEMMs' precision); the others one (inputs rounded to bf16).
 // chunks: [n, 6] u32 (q_row0, len, k_row0, start, out0, exact). q [*, heads, hd] and out
 // [*, heads * hd] are f32; k and v are [*, kv_heads, hd] as bf16 terms (split_bf16 in fused.cu:
-// the hi values, then at + kv_len the lo values), staged with 16-byte loads; hd <= D, a multiple
-// of 8.
+// the hi values, then at + kv_len the lo values, which only exact chunks read); hd <= D, a
+// multiple of 16.
+// Key and value tiles of BC rows are copied to shared memory row-major with cp.async (two
+// tiles in flight for one-term chunks: the next is copied while this one is multiplied) and
+// read as fragments with ldmatrix (values transposed by ldmatrix.trans). The queries' fragments
+// stay in registers for D <= 128, where their staging tile is then reused by the key tiles.
 // Grid (tiles of 64 query rows, heads, chunks), 128 threads, dynamic shared memory
-// prefill_mma_smem(D, BC) bytes.
+// MmaTiles<D, BC, EXACT>::BYTES (the host's mma_smem_bytes in cuda.rs computes the same).
 #define MMA_WARPS 4
 #define MMA_ROWS (16 * MMA_WARPS)
 
@@ -254,27 +258,92 @@ __device__ __forceinline__ uint32_t pack_rest(float a, float b) {
   __nv_bfloat162 v = __floats2bfloat162_rn(a, b);
   return pack_bf16(a - __low2float(v), b - __high2float(v));
 }
-__device__ __forceinline__ uint32_t ld32(const __nv_bfloat16 *p) {
-  return *reinterpret_cast<const uint32_t *>(p);
+
+// Four 8x8 bf16 matrices from shared memory: thread t gives the address of row t % 8 of matrix
+// t / 8; r[m] gets matrix m's row lane / 4, columns 2 (lane % 4), +1 (TRANS: that column's rows).
+template <bool TRANS>
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const __nv_bfloat16 *p) {
+  const unsigned a = (unsigned)__cvta_generic_to_shared(p);
+  if (TRANS)
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+  else
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
 }
-// Stores x as its bf16 hi term at p and its lo term at p + lo_off.
-__device__ __forceinline__ void put_terms(__nv_bfloat16 *p, size_t lo_off, float x) {
-  __nv_bfloat16 hi = __float2bfloat16_rn(x);
-  p[0] = hi;
-  p[lo_off] = __float2bfloat16_rn(x - __bfloat162float(hi));
+// 16 bytes from global to shared memory without passing through registers; zeros when !valid
+// (src is then not read, but must still be an address of the tensor).
+__device__ __forceinline__ void cp_async16(__nv_bfloat16 *dst, const __nv_bfloat16 *src,
+                                           bool valid) {
+  const unsigned a = (unsigned)__cvta_generic_to_shared(dst);
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(a), "l"(src),
+               "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
-// c += a·b: one bf16 product, or for exact ones three (a·b + a·b_lo + a_lo·b); b's fragment is
-// read from shared memory at `b` (hi term) and `b + lo` (lo term).
+// Shared-memory layout (bf16 elements) of one instantiation: the query tile's terms, then
+// STAGES key|value tiles of TERMS terms each; rows padded by 8 elements, so ldmatrix's eight
+// 16-byte rows fall in distinct banks.
+template <int D, int BC, bool EXACT> struct MmaTiles {
+  static constexpr int LD = D + 8, TERMS = EXACT ? 2 : 1, STAGES = EXACT ? 1 : 2;
+  static constexpr bool Q_IN_REGS = D <= 128 && !EXACT;
+  static constexpr int Q_TERM = MMA_ROWS * LD, KV_TERM = BC * LD;
+  static constexpr int STAGE = 2 * TERMS * KV_TERM;
+  static constexpr int Q_ELEMS = TERMS * Q_TERM, TILES_ELEMS = STAGES * STAGE;
+  // With the queries in registers their tile is read before the first key tile is written.
+  static constexpr int TILES_AT = Q_IN_REGS ? 0 : Q_ELEMS;
+  static constexpr int ELEMS =
+      Q_IN_REGS ? (Q_ELEMS > TILES_ELEMS ? Q_ELEMS : TILES_ELEMS) : Q_ELEMS + TILES_ELEMS;
+  static constexpr int BYTES = 2 * ELEMS;
+};
+
+// c += a·b: one bf16 product, or for exact ones three (a·b + a·b_lo + a_lo·b).
 template <bool EXACT>
 __device__ __forceinline__ void mma_terms(float (&c)[4], const uint32_t (&a)[4],
-                                          const uint32_t (&a_lo)[4], const __nv_bfloat16 *b,
-                                          int lo) {
-  mma_bf16(c, a, ld32(b), ld32(b + 8));
+                                          const uint32_t (&a_lo)[4], uint32_t b0, uint32_t b1,
+                                          uint32_t b0_lo, uint32_t b1_lo) {
+  mma_bf16(c, a, b0, b1);
   if (EXACT) {
-    mma_bf16(c, a, ld32(b + lo), ld32(b + lo + 8));
-    mma_bf16(c, a_lo, ld32(b), ld32(b + 8));
+    mma_bf16(c, a, b0_lo, b1_lo);
+    mma_bf16(c, a_lo, b0, b1);
   }
+}
+
+// Copies keys and values k0 .. k0 + BC - 1 (zeros past `last` and past hd) into tile `tile`.
+template <int D, int BC, bool EXACT>
+__device__ __forceinline__ void prefill_load_tile(__nv_bfloat16 *tile,
+                                                  const __nv_bfloat16 *k,
+                                                  const __nv_bfloat16 *v, size_t kv_len,
+                                                  int k_row0, int k0, int last, int kv_heads,
+                                                  int kvh, int hd) {
+  typedef MmaTiles<D, BC, EXACT> T;
+  for (int i = threadIdx.x; i < BC * D / 8; i += 32 * MMA_WARPS) {
+    const int r = i / (D / 8), d = i % (D / 8) * 8;
+    const bool in = k0 + r <= last && d < hd;
+    const size_t at = in ? ((size_t)(k_row0 + k0 + r) * kv_heads + kvh) * hd + d : 0;
+#pragma unroll
+    for (int t = 0; t < T::TERMS; t++) {
+      cp_async16(tile + t * T::KV_TERM + r * T::LD + d, k + t * kv_len + at, in);
+      cp_async16(tile + (T::TERMS + t) * T::KV_TERM + r * T::LD + d, v + t * kv_len + at, in);
+    }
+  }
+}
+
+// The A fragments of query rows warp * 16 .. + 15, dims kk * 16 .. + 15 (hi, and lo if EXACT).
+template <int D, int BC, bool EXACT>
+__device__ __forceinline__ void prefill_q_frag(uint32_t (&a)[4], uint32_t (&al)[4],
+                                               const __nv_bfloat16 *q_s, int kk) {
+  typedef MmaTiles<D, BC, EXACT> T;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const __nv_bfloat16 *p =
+      q_s + (warp * 16 + lane % 8 + (lane / 8 % 2) * 8) * T::LD + kk * 16 + (lane / 16) * 8;
+  ldmatrix_x4<false>(a, p);
+  if (EXACT) ldmatrix_x4<false>(al, p + T::Q_TERM);
 }
 
 template <int D, int BC, bool EXACT>
@@ -282,68 +351,86 @@ __device__ void prefill_mma(const float *q, const __nv_bfloat16 *k, const __nv_b
                             size_t kv_len, float *out, const uint32_t *ch, int heads,
                             int kv_heads, int hd, int window, float scale, float softcap,
                             __nv_bfloat16 *smem) {
-  constexpr int LD = D + 8;         // row stride of Q and K tiles (bank-conflict free)
-  constexpr int LDV = BC + 8;       // row stride of the transposed V tile
-  constexpr int Q_TERM = MMA_ROWS * LD, K_TERM = BC * LD, V_TERM = D * LDV;
-  __nv_bfloat16 *q_s = smem, *k_s = q_s + 2 * Q_TERM, *v_s = k_s + 2 * K_TERM;
+  typedef MmaTiles<D, BC, EXACT> T;
+  constexpr int LD = T::LD;
+  __nv_bfloat16 *q_s = smem, *tiles = smem + T::TILES_AT;
   const int q_row0 = ch[0], len = ch[1], k_row0 = ch[2], start = ch[3], out0 = ch[4];
   const int h = blockIdx.y, kvh = h / (heads / kv_heads);
   const int q0 = blockIdx.x * MMA_ROWS;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, tig = lane % 4;
-  for (int i = tid; i < MMA_ROWS * D; i += 32 * MMA_WARPS) {
-    const int r = i / D, d = i % D;
-    const float x = (q0 + r < len && d < hd) ? q[((size_t)(q_row0 + q0 + r) * heads + h) * hd + d]
-                                             : 0.f;
-    put_terms(q_s + r * LD + d, Q_TERM, x);
+  // The query tile's terms, four values a thread and load.
+  for (int i = tid; i < MMA_ROWS * D / 4; i += 32 * MMA_WARPS) {
+    const int r = i / (D / 4), d = i % (D / 4) * 4;
+    float4 x = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (q0 + r < len && d < hd)
+      x = *reinterpret_cast<const float4 *>(q + ((size_t)(q_row0 + q0 + r) * heads + h) * hd + d);
+    uint2 hi = make_uint2(pack_bf16(x.x, x.y), pack_bf16(x.z, x.w));
+    *reinterpret_cast<uint2 *>(q_s + r * LD + d) = hi;
+    if (EXACT)
+      *reinterpret_cast<uint2 *>(q_s + T::Q_TERM + r * LD + d) =
+          make_uint2(pack_rest(x.x, x.y), pack_rest(x.z, x.w));
   }
+  __syncthreads();
+  uint32_t qf[T::Q_IN_REGS ? D / 16 : 1][4], qfl[T::Q_IN_REGS && EXACT ? D / 16 : 1][4];
+  if (T::Q_IN_REGS) {
+#pragma unroll
+    for (int kk = 0; kk < D / 16; kk++)
+      prefill_q_frag<D, BC, EXACT>(qf[T::Q_IN_REGS ? kk : 0], qfl[T::Q_IN_REGS && EXACT ? kk : 0],
+                                   q_s, kk);
+    __syncthreads();  // the key tiles reuse the query tile's memory
+  }
+
   float o[D / 8][4];
 #pragma unroll
   for (int n = 0; n < D / 8; n++) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
-  // This thread's two query rows (absolute positions) and the block's last one.
+  // This thread's two query rows (absolute positions) and the block's first and last ones.
   const int wq = q0 + warp * 16 + g;
   const int pos[2] = {start + wq, start + wq + 8};
   const int last = start + min(q0 + MMA_ROWS, len) - 1;
   const int first = window > 0 ? max(0, start + q0 - window + 1) / BC * BC : 0;
-  for (int k0 = first; k0 <= last; k0 += BC) {
-    __syncthreads();
-    // 8 values per thread and load; keys along d (row-major stores), values along r (their
-    // transposed scalar stores then fall in distinct banks).
-    constexpr int TERMS = EXACT ? 2 : 1;
-    for (int i = tid; i < BC * D / 8; i += 32 * MMA_WARPS) {
-      const int kr = i / (D / 8), kd = i % (D / 8) * 8, vr = i % BC, vd = i / BC * 8;
-      const bool k_in = k0 + kr <= last && kd < hd, v_in = k0 + vr <= last && vd < hd;
-      const size_t k_at = ((size_t)(k_row0 + k0 + kr) * kv_heads + kvh) * hd + kd;
-      const size_t v_at = ((size_t)(k_row0 + k0 + vr) * kv_heads + kvh) * hd + vd;
-#pragma unroll
-      for (int t = 0; t < TERMS; t++) {
-        const uint4 zero = make_uint4(0, 0, 0, 0);
-        const uint4 kx = k_in ? *reinterpret_cast<const uint4 *>(k + t * kv_len + k_at) : zero;
-        *reinterpret_cast<uint4 *>(k_s + t * K_TERM + kr * LD + kd) = kx;
-        const uint4 vx = v_in ? *reinterpret_cast<const uint4 *>(v + t * kv_len + v_at) : zero;
-        const __nv_bfloat16 *ve = reinterpret_cast<const __nv_bfloat16 *>(&vx);
-#pragma unroll
-        for (int j = 0; j < 8; j++) v_s[t * V_TERM + (vd + j) * LDV + vr] = ve[j];
-      }
+  prefill_load_tile<D, BC, EXACT>(tiles, k, v, kv_len, k_row0, first, last, kv_heads, kvh, hd);
+  cp_async_commit();
+  for (int k0 = first, it = 0; k0 <= last; k0 += BC, it++) {
+    const bool more = k0 + BC <= last;
+    if (T::STAGES == 2) {
+      if (more)
+        prefill_load_tile<D, BC, EXACT>(tiles + ((it + 1) % 2) * T::STAGE, k, v, kv_len, k_row0,
+                                        k0 + BC, last, kv_heads, kvh, hd);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
     }
     __syncthreads();
-    // S = Q Kᵀ for this warp's 16 rows and the tile's BC keys.
+    const __nv_bfloat16 *k_s = tiles + (T::STAGES == 2 ? it % 2 : 0) * T::STAGE;
+    const __nv_bfloat16 *v_s = k_s + T::TERMS * T::KV_TERM;
+    // S = Q Kᵀ for this warp's 16 rows and the tile's BC keys; ldmatrix gives key n-tiles j,
+    // j + 1 (b0, b1 each) in one load.
     float s[BC / 8][4];
 #pragma unroll
     for (int j = 0; j < BC / 8; j++) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
 #pragma unroll
     for (int kk = 0; kk < D / 16; kk++) {
-      const __nv_bfloat16 *qa = q_s + (warp * 16 + g) * LD + kk * 16 + tig * 2;
-      uint32_t a[4] = {ld32(qa), ld32(qa + 8 * LD), ld32(qa + 8), ld32(qa + 8 * LD + 8)};
-      uint32_t al[4] = {0, 0, 0, 0};
-      if (EXACT) {
-        const __nv_bfloat16 *ql = qa + Q_TERM;
-        al[0] = ld32(ql), al[1] = ld32(ql + 8 * LD), al[2] = ld32(ql + 8),
-        al[3] = ld32(ql + 8 * LD + 8);
+      uint32_t a[4], al[4] = {0, 0, 0, 0};
+      if (T::Q_IN_REGS) {
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+          a[e] = qf[T::Q_IN_REGS ? kk : 0][e];
+          if (EXACT) al[e] = qfl[T::Q_IN_REGS && EXACT ? kk : 0][e];
+        }
+      } else {
+        prefill_q_frag<D, BC, EXACT>(a, al, q_s, kk);
       }
 #pragma unroll
-      for (int j = 0; j < BC / 8; j++) {
-        mma_terms<EXACT>(s[j], a, al, k_s + (j * 8 + g) * LD + kk * 16 + tig * 2, K_TERM);
+      for (int j = 0; j < BC / 8; j += 2) {
+        const __nv_bfloat16 *kp =
+            k_s + ((j + lane / 16) * 8 + lane % 8) * LD + kk * 16 + (lane / 8 % 2) * 8;
+        uint32_t b[4], bl[4] = {0, 0, 0, 0};
+        ldmatrix_x4<false>(b, kp);
+        if (EXACT) ldmatrix_x4<false>(bl, kp + T::KV_TERM);
+        mma_terms<EXACT>(s[j], a, al, b[0], b[1], bl[0], bl[1]);
+        mma_terms<EXACT>(s[j + 1], a, al, b[2], b[3], bl[2], bl[3]);
       }
     }
     // Scale, cap and mask; the online softmax of rows g and g + 8 (a row's 4 lanes share it).
@@ -384,7 +471,8 @@ __device__ void prefill_mma(const float *q, const __nv_bfloat16 *k, const __nv_b
     for (int n = 0; n < D / 8; n++) {
       o[n][0] *= alpha[0], o[n][1] *= alpha[0], o[n][2] *= alpha[1], o[n][3] *= alpha[1];
     }
-    // O += P V: P's accumulators of two key n-tiles are the A fragment of 16 keys.
+    // O += P V: P's accumulators of two key n-tiles are the A fragment of 16 keys; ldmatrix.trans
+    // gives value dim tiles n, n + 1 (b0, b1 each) of those keys in one load.
 #pragma unroll
     for (int kc = 0; kc < BC / 16; kc++) {
       const float *p0 = s[2 * kc], *p1 = s[2 * kc + 1];
@@ -396,9 +484,21 @@ __device__ void prefill_mma(const float *q, const __nv_bfloat16 *k, const __nv_b
         al[2] = pack_rest(p1[0], p1[1]), al[3] = pack_rest(p1[2], p1[3]);
       }
 #pragma unroll
-      for (int n = 0; n < D / 8; n++) {
-        mma_terms<EXACT>(o[n], a, al, v_s + (n * 8 + g) * LDV + kc * 16 + tig * 2, V_TERM);
+      for (int n = 0; n < D / 8; n += 2) {
+        const __nv_bfloat16 *vp =
+            v_s + (kc * 16 + (lane / 8 % 2) * 8 + lane % 8) * LD + (n + lane / 16) * 8;
+        uint32_t b[4], bl[4] = {0, 0, 0, 0};
+        ldmatrix_x4<true>(b, vp);
+        if (EXACT) ldmatrix_x4<true>(bl, vp + T::KV_TERM);
+        mma_terms<EXACT>(o[n], a, al, b[0], b[1], bl[0], bl[1]);
+        mma_terms<EXACT>(o[n + 1], a, al, b[2], b[3], bl[2], bl[3]);
       }
+    }
+    __syncthreads();  // this tile's memory is the one the next copy but one writes
+    if (T::STAGES == 1 && more) {
+      prefill_load_tile<D, BC, EXACT>(tiles, k, v, kv_len, k_row0, k0 + BC, last, kv_heads, kvh,
+                                      hd);
+      cp_async_commit();
     }
   }
 #pragma unroll
@@ -415,29 +515,29 @@ __device__ void prefill_mma(const float *q, const __nv_bfloat16 *k, const __nv_b
 #pragma unroll
     for (int n = 0; n < D / 8; n++) {
       const int d = n * 8 + tig * 2;
-      if (d < hd) dst[d] = o[n][2 * r] * inv;
-      if (d + 1 < hd) dst[d + 1] = o[n][2 * r + 1] * inv;
+      if (d < hd) *reinterpret_cast<float2 *>(dst + d) = make_float2(o[n][2 * r] * inv, o[n][2 * r + 1] * inv);
     }
   }
 }
 
-#define PREFILL_MMA(D, BC)                                                                     \
+// One kernel per kind of chunk, so that neither takes the other's registers: prefill_mma_d{D}
+// serves one-term chunks and prefill_mma_exact_d{D} exact ones; each skips the other kind's
+// chunks of the table.
+#define PREFILL_MMA(NAME, EXACT, D, BC)                                                        \
   extern "C" __global__ void __launch_bounds__(32 * MMA_WARPS)                                 \
-      prefill_mma_d##D(const float *q, const __nv_bfloat16 *k, const __nv_bfloat16 *v,        \
-                       size_t kv_len, float *out, const uint32_t *chunks, int heads,           \
-                       int kv_heads, int hd, int window, float scale, float softcap) {         \
+      NAME##_d##D(const float *q, const __nv_bfloat16 *k, const __nv_bfloat16 *v,              \
+                  size_t kv_len, float *out, const uint32_t *chunks, int heads, int kv_heads,  \
+                  int hd, int window, float scale, float softcap) {                            \
     extern __shared__ __align__(16) unsigned char smem_raw[];                                  \
     __nv_bfloat16 *smem = reinterpret_cast<__nv_bfloat16 *>(smem_raw);                         \
     const uint32_t *ch = chunks + 6 * blockIdx.z;                                              \
-    if ((int)(blockIdx.x * MMA_ROWS) >= (int)ch[1]) return;                                    \
-    if (ch[5])                                                                                 \
-      prefill_mma<D, BC, true>(q, k, v, kv_len, out, ch, heads, kv_heads, hd, window, scale,   \
-                               softcap, smem);                                                 \
-    else                                                                                       \
-      prefill_mma<D, BC, false>(q, k, v, kv_len, out, ch, heads, kv_heads, hd, window, scale,  \
-                                softcap, smem);                                                \
+    if ((int)(blockIdx.x * MMA_ROWS) >= (int)ch[1] || (ch[5] != 0) != EXACT) return;           \
+    prefill_mma<D, BC, EXACT>(q, k, v, kv_len, out, ch, heads, kv_heads, hd, window, scale,    \
+                              softcap, smem);                                                  \
   }
-
-PREFILL_MMA(64, 64)
-PREFILL_MMA(128, 64)
-PREFILL_MMA(256, 32)
+#define PREFILL_MMA_SHAPES(NAME, EXACT)                                                        \
+  PREFILL_MMA(NAME, EXACT, 64, 64)                                                             \
+  PREFILL_MMA(NAME, EXACT, 128, 64)                                                            \
+  PREFILL_MMA(NAME, EXACT, 256, 32)
+PREFILL_MMA_SHAPES(prefill_mma, false)
+PREFILL_MMA_SHAPES(prefill_mma_exact, true)

@@ -15,7 +15,7 @@ use candle_core::cuda_backend::{CudaStorage, WrapErr};
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Storage, Tensor};
 
 use crate::engine::attention::AttnParams;
-use crate::engine::ops::gemm::cuda::split_bf16;
+use crate::engine::ops::gemm::cuda::split_terms;
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/attention.ptx"));
 /// Tokens per cache block the kernel is built for (BS).
@@ -242,6 +242,10 @@ struct PrefillAttention {
     chunks: Tensor,
     n_chunks: usize,
     max_len: usize,
+    /// Whether any chunk is exact (three-term products: lo terms and their tiles), and whether
+    /// any is not.
+    any_exact: bool,
+    any_one_term: bool,
     out_rows: usize,
     params: AttnParams,
     kernel: PrefillKernel,
@@ -284,12 +288,19 @@ pub fn prefill_attention(
         chunks: Tensor::from_vec(flat, (chunks.len(), 6), q.device())?,
         n_chunks: chunks.len(),
         max_len: chunks.iter().map(|c| c.len).max().unwrap_or(0),
+        any_exact: chunks.iter().any(|c| c.exact),
+        any_one_term: chunks.iter().any(|c| !c.exact),
         out_rows,
         params: *params,
         kernel,
     };
-    q.contiguous()?
-        .apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &op)
+    // The tensor-core kernel reads queries four floats at a time: their start must be aligned.
+    let q = if q.layout().start_offset() % 4 == 0 {
+        q.contiguous()?
+    } else {
+        q.copy()?
+    };
+    q.apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &op)
 }
 
 /// Query rows per block of the tensor-core kernel (MMA_ROWS), and its instantiations: head
@@ -305,33 +316,61 @@ fn mma_shape(hd: usize) -> (usize, usize) {
     }
 }
 
-/// Dynamic shared memory of prefill_mma: hi and lo terms of the Q tile, the K tile and the
-/// transposed V tile, bf16, rows padded by 8 elements.
-fn mma_smem_bytes(d: usize, bc: usize) -> usize {
-    2 * 2 * (MMA_ROWS * (d + 8) + bc * (d + 8) + d * (bc + 8))
+/// Dynamic shared memory of prefill_mma for one kind of chunk (`MmaTiles<D, BC, EXACT>::BYTES`
+/// in attention.cu): the query tile and the key|value tiles in flight (two of one bf16 term, or
+/// one of two terms for exact chunks), rows padded by 8 elements; the query tile shares the
+/// key tiles' memory when its fragments stay in registers (one-term chunks, D <= 128).
+fn mma_smem_bytes(d: usize, bc: usize, exact: bool) -> usize {
+    let (terms, stages) = if exact { (2, 1) } else { (1, 2) };
+    let q = terms * MMA_ROWS * (d + 8);
+    let tiles = stages * 2 * terms * bc * (d + 8);
+    let elems = if d <= 128 && !exact {
+        q.max(tiles)
+    } else {
+        q + tiles
+    };
+    2 * elems
+}
+
+/// One launch of a prefill kernel: its name, grid width (query tiles), threads and dynamic
+/// shared memory.
+struct PrefillLaunch {
+    name: String,
+    grid_x: usize,
+    threads: u32,
+    smem: usize,
 }
 
 impl PrefillAttention {
-    /// The kernel's name, grid width (query tiles), threads and dynamic shared memory.
-    fn launch_shape(&self, hd: usize) -> (String, usize, u32, usize) {
+    /// The launches this step's chunks take: the f32 kernel once, or the tensor-core kernel of
+    /// each kind of chunk present (one-term, exact), each skipping the other kind's chunks.
+    fn launches(&self, hd: usize) -> Vec<PrefillLaunch> {
         match self.kernel {
             PrefillKernel::Simt => {
                 let rows_per_tile = if hd <= 128 { 32 } else { 16 };
-                (
-                    "prefill_attention_f32".to_string(),
-                    self.max_len.div_ceil(rows_per_tile),
-                    256,
-                    0,
-                )
+                vec![PrefillLaunch {
+                    name: "prefill_attention_f32".to_string(),
+                    grid_x: self.max_len.div_ceil(rows_per_tile),
+                    threads: 256,
+                    smem: 0,
+                }]
             }
             PrefillKernel::Mma => {
                 let (d, bc) = mma_shape(hd);
-                (
-                    format!("prefill_mma_d{d}"),
-                    self.max_len.div_ceil(MMA_ROWS),
-                    MMA_THREADS,
-                    mma_smem_bytes(d, bc),
-                )
+                [(false, self.any_one_term), (true, self.any_exact)]
+                    .into_iter()
+                    .filter(|&(_, present)| present)
+                    .map(|(exact, _)| PrefillLaunch {
+                        name: if exact {
+                            format!("prefill_mma_exact_d{d}")
+                        } else {
+                            format!("prefill_mma_d{d}")
+                        },
+                        grid_x: self.max_len.div_ceil(MMA_ROWS),
+                        threads: MMA_THREADS,
+                        smem: mma_smem_bytes(d, bc, exact),
+                    })
+                    .collect()
             }
         }
     }
@@ -373,21 +412,19 @@ impl candle_core::CustomOp3 for PrefillAttention {
         let chunks = cuda_view::<u32>(&cg, cl, "chunk table")?;
         // SAFETY: the kernel writes every row the chunks cover; the caller reads only those.
         let out = unsafe { dev.alloc::<f32>(self.out_rows.max(1) * heads * hd)? };
-        let (name, grid_x, threads, smem) = self.launch_shape(hd);
-        // The tensor-core kernel stages keys and values from their bf16 terms.
+        // The tensor-core kernels stage keys and values from their bf16 terms (the lo terms
+        // only for exact chunks).
         let terms = match self.kernel {
-            PrefillKernel::Mma => Some((split_bf16(&dev, &k)?, split_bf16(&dev, &v)?, k.len())),
+            PrefillKernel::Mma => {
+                let lo = self.any_exact;
+                Some((
+                    split_terms(&dev, &k, lo)?,
+                    split_terms(&dev, &v, lo)?,
+                    k.len(),
+                ))
+            }
             PrefillKernel::Simt => None,
         };
-        let func = dev.get_or_load_custom_func(&name, "pruneserve_attention", PTX)?;
-        if smem > 0 {
-            use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum as Attr;
-            func.set_attribute(
-                Attr::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                smem as i32,
-            )
-            .w()?;
-        }
         let ints = [
             heads as i32,
             p.num_kv_heads as i32,
@@ -395,28 +432,40 @@ impl candle_core::CustomOp3 for PrefillAttention {
             p.window.unwrap_or(0) as i32,
         ];
         let floats = [p.scale as f32, p.softcap.unwrap_or(0.0) as f32];
-        let mut b = func.builder();
-        b.arg(&q);
-        match &terms {
-            Some((kt, vt, len)) => b.arg(kt).arg(vt).arg(len),
-            None => b.arg(&k).arg(&v),
-        };
-        b.arg(&out).arg(&chunks);
-        for i in &ints {
-            b.arg(i);
+        for launch in self.launches(hd) {
+            let func = dev.get_or_load_custom_func(&launch.name, "pruneserve_attention", PTX)?;
+            if launch.smem > 0 {
+                use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum as Attr;
+                func.set_attribute(
+                    Attr::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    launch.smem as i32,
+                )
+                .w()?;
+            }
+            let mut b = func.builder();
+            b.arg(&q);
+            match &terms {
+                Some((kt, vt, len)) => b.arg(kt).arg(vt).arg(len),
+                None => b.arg(&k).arg(&v),
+            };
+            b.arg(&out).arg(&chunks);
+            for i in &ints {
+                b.arg(i);
+            }
+            for f in &floats {
+                b.arg(f);
+            }
+            let cfg = LaunchConfig {
+                grid_dim: (launch.grid_x as u32, heads as u32, self.n_chunks as u32),
+                block_dim: (launch.threads, 1, 1),
+                shared_mem_bytes: launch.smem as u32,
+            };
+            // SAFETY: the arguments match `prefill_attention_f32` and `prefill_mma{,_exact}_d*`
+            // in attention.cu; chunk rows lie inside q/k/v and output rows inside `out` (each
+            // launch writes the rows of its kind's chunks); the dynamic shared memory is what the
+            // instantiation's tiles take (allowed above).
+            unsafe { b.launch(cfg) }.w()?;
         }
-        for f in &floats {
-            b.arg(f);
-        }
-        let cfg = LaunchConfig {
-            grid_dim: (grid_x as u32, heads as u32, self.n_chunks as u32),
-            block_dim: (threads, 1, 1),
-            shared_mem_bytes: smem as u32,
-        };
-        // SAFETY: the arguments match `prefill_attention_f32` and `prefill_mma_d*` in
-        // attention.cu; chunk rows lie inside q/k/v and output rows inside `out`; the dynamic
-        // shared memory is what the instantiation's tiles take (allowed above).
-        unsafe { b.launch(cfg) }.w()?;
         Ok((
             CudaStorage::wrap_cuda_slice(out, dev),
             Shape::from((self.out_rows, heads * hd)),

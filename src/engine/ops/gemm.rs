@@ -349,17 +349,9 @@ pub(crate) mod cuda {
         }
     }
 
-    /// The bf16 terms of f32 values, `x = hi + lo`: the `n` hi values, then the `n` lo values
-    /// (`split_bf16` in fused.cu).
-    pub(crate) fn split_bf16(
-        dev: &candle_core::cuda_backend::CudaDevice,
-        x: &CudaView<'_, f32>,
-    ) -> Result<CudaSlice<half::bf16>> {
-        split_terms(dev, x, true)
-    }
-
-    /// [`split_bf16`], or the `n` hi values alone unless `with_lo`.
-    fn split_terms(
+    /// The bf16 terms of f32 values, `x = hi + lo` (`split_bf16` in fused.cu): the `n` hi
+    /// values, then, when `with_lo`, the `n` lo values.
+    pub(crate) fn split_terms(
         dev: &candle_core::cuda_backend::CudaDevice,
         x: &CudaView<'_, f32>,
         with_lo: bool,
