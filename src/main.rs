@@ -341,6 +341,7 @@ fn bench_command(args: BenchArgs) -> Result<()> {
         adapter,
         enforce_eager,
         kv_cache_dtype,
+        kv_cache_gb,
     } = args;
     let (model_id, loaded, dev, dtype) = load_on(model, device)?;
     kv_cache_dtype.check(device, dtype)?;
@@ -358,6 +359,7 @@ fn bench_command(args: BenchArgs) -> Result<()> {
     let opts = pruneserve::engine::EngineOptions {
         cuda_graph_max_batch: graph_rows(enforce_eager, defaults.cuda_graph_max_batch),
         kv_cache_dtype,
+        kv_cache_bytes: kv_cache_gb.map(pruneserve::serve::gib_to_bytes),
         ..defaults
     };
     let rows = pruneserve::bench::run(loaded.model.clone(), &batches, shape, reverse, lora, &opts)?;

@@ -165,9 +165,7 @@ pub fn start_loaded(
     let opts = EngineOptions {
         kv_blocks: s.kv_blocks,
         max_model_len: Some(max_model_len),
-        kv_cache_bytes: s
-            .kv_cache_gb
-            .map(|gb| (gb * f64::from(1u32 << 30)) as usize),
+        kv_cache_bytes: s.kv_cache_gb.map(gib_to_bytes),
         prefix_caching: s.prefix_caching,
         // Checked by `start_base`.
         device_sampling: s.sampler.on_device(s.device).unwrap_or(false),
@@ -353,4 +351,9 @@ pub fn entries_from_args(
         layers: None,
         variants,
     }])
+}
+
+/// `--kv-cache-gb` in bytes (`serve`, `bench`).
+pub fn gib_to_bytes(gb: f64) -> usize {
+    (gb * f64::from(1u32 << 30)) as usize
 }

@@ -265,3 +265,19 @@ fn options_the_device_cannot_run_are_refused_in_one_line() {
         assert!(err.starts_with("error: ") && err.contains(needle), "{err}");
     }
 }
+
+#[test]
+fn a_kv_cache_size_that_is_not_positive_is_refused_in_one_line() {
+    for command in ["serve", "bench"] {
+        for gb in ["0", "-1", "nan", "inf", "many"] {
+            let arg = format!("--kv-cache-gb={gb}");
+            let (ok, _, err) = pruneserve(&[command, &arg]);
+            assert!(!ok, "{command} --kv-cache-gb {gb} was accepted");
+            assert_eq!(err.trim_end().lines().count(), 1, "{err:?}");
+            assert!(
+                err.starts_with("error: ") && err.contains("expected a positive number of GiB"),
+                "{err}"
+            );
+        }
+    }
+}
