@@ -10,9 +10,7 @@ use std::sync::Arc;
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaStorage, WrapErr};
-use candle_core::{
-    CpuStorage, CustomOp2, DType, Device, InplaceOp3, Layout, Result, Shape, Storage, Tensor,
-};
+use candle_core::{CustomOp2, DType, Device, InplaceOp3, Layout, Result, Shape, Storage, Tensor};
 
 use super::{mma, Delta, Group, LoraAdapter, StepSlots, GROUPS};
 use crate::engine::attention::cuda::storage_view;
@@ -377,15 +375,7 @@ impl CustomOp2 for Shrink {
         "lora-shrink"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        candle_core::bail!("lora-shrink runs on CUDA only")
-    }
+    crate::engine::ops::cuda_only_cpu_fwd!(2);
 
     fn cuda_fwd(
         &self,
@@ -457,17 +447,7 @@ impl InplaceOp3 for Expand {
         "lora-expand"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &mut CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<()> {
-        candle_core::bail!("lora-expand runs on CUDA only")
-    }
+    crate::engine::ops::cuda_only_cpu_fwd!(inplace 3);
 
     fn cuda_fwd(
         &self,

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{CudaStream, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaStorage, WrapErr};
-use candle_core::{CpuStorage, DType, InplaceOp1, InplaceOp2, Layout, Result, Tensor};
+use candle_core::{DType, InplaceOp1, InplaceOp2, Layout, Result, Tensor};
 
 use crate::engine::attention::cuda::{cuda_view, storage_view};
 
@@ -118,9 +118,7 @@ impl InplaceOp1 for Shrink {
         "lora-mma-shrink"
     }
 
-    fn cpu_fwd(&self, _: &mut CpuStorage, _: &Layout) -> Result<()> {
-        candle_core::bail!("lora-mma-shrink runs on CUDA only")
-    }
+    crate::engine::ops::cuda_only_cpu_fwd!(inplace 1);
 
     fn cuda_fwd(&self, xs: &mut CudaStorage, xl: &Layout) -> Result<()> {
         let at = &self.at;
@@ -182,9 +180,7 @@ impl InplaceOp2 for Expand {
         "lora-mma-expand"
     }
 
-    fn cpu_fwd(&self, _: &mut CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<()> {
-        candle_core::bail!("lora-mma-expand runs on CUDA only")
-    }
+    crate::engine::ops::cuda_only_cpu_fwd!(inplace 2);
 
     fn cuda_fwd(
         &self,

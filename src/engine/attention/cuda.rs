@@ -12,7 +12,7 @@
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{CudaView, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaStorage, WrapErr};
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{CustomOp1, DType, Layout, Result, Shape, Storage, Tensor};
 
 use crate::engine::attention::AttnParams;
 use crate::engine::ops::gemm::cuda::split_terms;
@@ -183,9 +183,7 @@ impl CustomOp1 for RopeCache {
         "rope-cache"
     }
 
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        candle_core::bail!("rope_cache runs on CUDA only (the CPU engine writes its own cache)")
-    }
+    crate::engine::ops::cuda_only_cpu_fwd!(1);
 
     fn cuda_fwd(&self, qkv: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
         let p = &self.params;
@@ -381,17 +379,7 @@ impl candle_core::CustomOp3 for PrefillAttention {
         "prefill-attention"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        candle_core::bail!("prefill attention runs on CUDA only")
-    }
+    crate::engine::ops::cuda_only_cpu_fwd!(3);
 
     fn cuda_fwd(
         &self,

@@ -18,7 +18,7 @@
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaDevice, CudaStorage, WrapErr};
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CustomOp1, DType, Layout, Result, Shape, Tensor};
 
 use crate::engine::attention::cuda::{cuda_view, storage_view};
 use crate::engine::attention::AttnParams;
@@ -234,9 +234,7 @@ impl CustomOp1 for PagedDecode {
         "paged-decode"
     }
 
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        candle_core::bail!("paged decode runs on CUDA only")
-    }
+    crate::engine::ops::cuda_only_cpu_fwd!(1);
 
     fn cuda_fwd(&self, q: &CudaStorage, ql: &Layout) -> Result<(CudaStorage, Shape)> {
         let dev = q.device().clone();

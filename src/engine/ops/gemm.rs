@@ -8,7 +8,9 @@
 
 use std::ops::Range;
 
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CustomOp2, DType, Result, Tensor};
+#[cfg(feature = "cuda")]
+use candle_core::{Layout, Shape};
 
 /// The rows of a packed step whose f32 inputs are taken compensated (two bf16 terms); every
 /// other row takes its input rounded once to bf16. Sorted, disjoint and merged runs, so each
@@ -164,17 +166,7 @@ impl candle_core::InplaceOp3 for GemmAccumulate {
         "gemm-accumulate"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &mut CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<()> {
-        candle_core::bail!("gemm-accumulate runs on CUDA only")
-    }
+    crate::engine::ops::cuda_only_cpu_fwd!(inplace 3);
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(
@@ -202,15 +194,7 @@ impl CustomOp2 for GemmF32Out {
         "gemm-f32-out"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        candle_core::bail!("gemm-f32-out runs on CUDA only")
-    }
+    crate::engine::ops::cuda_only_cpu_fwd!(2);
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(

@@ -223,7 +223,7 @@ mod cuda {
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::driver::{CudaView, LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::{CudaStorage, WrapErr};
-    use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+    use candle_core::{CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 
     use super::{score_rows, ScoreSpan, TokenScore};
     use crate::engine::attention::cuda::storage_view;
@@ -238,9 +238,7 @@ mod cuda {
             "greedy-pick"
         }
 
-        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-            candle_core::bail!("greedy-pick runs on CUDA only")
-        }
+        crate::engine::ops::cuda_only_cpu_fwd!(1);
 
         fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
             pairs_per_row(s, l, "greedy_pick_f32", None)
@@ -294,15 +292,7 @@ mod cuda {
             "device-draw"
         }
 
-        fn cpu_fwd(
-            &self,
-            _: &CpuStorage,
-            _: &Layout,
-            _: &CpuStorage,
-            _: &Layout,
-        ) -> Result<(CpuStorage, Shape)> {
-            candle_core::bail!("device-draw runs on CUDA only")
-        }
+        crate::engine::ops::cuda_only_cpu_fwd!(2);
 
         fn cuda_fwd(
             &self,
@@ -362,17 +352,7 @@ mod cuda {
             "score-pick"
         }
 
-        fn cpu_fwd(
-            &self,
-            _: &CpuStorage,
-            _: &Layout,
-            _: &CpuStorage,
-            _: &Layout,
-            _: &CpuStorage,
-            _: &Layout,
-        ) -> Result<(CpuStorage, Shape)> {
-            candle_core::bail!("score-pick runs on CUDA only")
-        }
+        crate::engine::ops::cuda_only_cpu_fwd!(3);
 
         fn cuda_fwd(
             &self,
