@@ -131,8 +131,8 @@ pub struct ServeArgs {
     /// (f16 is refused: the kernels are built for bf16 and f32).
     #[arg(long, value_enum, default_value_t = ComputeDtype::Auto)]
     pub dtype: ComputeDtype,
-    /// Token budget of one engine step (decode tokens + prefill chunk).
-    #[arg(long, default_value_t = 2048)]
+    /// Token budget of one engine step (decode tokens + prefill chunk), at least 1.
+    #[arg(long, default_value_t = 2048, value_parser = at_least_one())]
     pub max_step_tokens: usize,
     /// Most prompt tokens a step carries beside decoding sequences, so a long prompt delays
     /// their next token by a bounded step (0: up to --max-step-tokens). Steps without decoding
@@ -304,11 +304,11 @@ pub struct BenchArgs {
     #[arg(long, value_enum, default_value_t = DeviceKind::Cpu)]
     pub device: DeviceKind,
     /// Most tokens one engine step runs (prefill chunks and decode rows).
-    #[arg(long, default_value_t = 4096)]
+    #[arg(long, default_value_t = 4096, value_parser = at_least_one())]
     pub step_tokens: usize,
-    #[arg(long, value_delimiter = ',', default_values_t = vec![1, 8])]
+    #[arg(long, value_delimiter = ',', default_values_t = vec![1, 8], value_parser = at_least_one())]
     pub batches: Vec<usize>,
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = 128, value_parser = at_least_one())]
     pub prompt_len: usize,
     #[arg(long, default_value_t = 32)]
     pub gen: usize,
@@ -331,6 +331,12 @@ pub struct BenchArgs {
     /// batch run at once (about 113 of 256 with 512-token prompts and 64 generated).
     #[arg(long, value_parser = positive_gib)]
     pub kv_cache_gb: Option<f64>,
+}
+
+/// A count of at least 1 (a step budget, batch size or prompt length of 0 makes no progress or
+/// no figure).
+fn at_least_one() -> clap::builder::RangedU64ValueParser<usize> {
+    clap::builder::RangedU64ValueParser::<usize>::new().range(1..)
 }
 
 /// `--kv-cache-gb`: a positive, finite number of GiB (0, a negative or NaN would size the pool

@@ -281,3 +281,21 @@ fn a_kv_cache_size_that_is_not_positive_is_refused_in_one_line() {
         }
     }
 }
+
+#[test]
+fn zero_step_budgets_batches_and_prompt_lengths_are_refused_in_one_line() {
+    for args in [
+        &["serve", "--max-step-tokens", "0"][..],
+        &["bench", "--step-tokens", "0"],
+        &["bench", "--batches", "1,0"],
+        &["bench", "--prompt-len", "0"],
+    ] {
+        let (ok, _, err) = pruneserve(args);
+        assert!(!ok, "{args:?} was accepted");
+        assert_eq!(err.trim_end().lines().count(), 1, "{err:?}");
+        assert!(
+            err.starts_with("error: ") && err.contains("0 is not in 1.."),
+            "{args:?}: {err}"
+        );
+    }
+}

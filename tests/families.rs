@@ -17,10 +17,13 @@ fn reference(dir: &std::path::Path, prompts: &[Vec<u32>], overrides: Value) -> V
 fn every_family_matches_the_numpy_reference() {
     let tmp = tempfile::tempdir().unwrap();
     let prompts = vec![pseudo_tokens(40, 300, 1), pseudo_tokens(17, 300, 2)];
-    for (i, arch) in FAMILIES.iter().enumerate() {
-        let dir = write_tiny(tmp.path(), arch, tiny_config(arch), i as u64);
-        let model = load_cpu(&dir);
-        let plan = Arc::new(LayerPlan::full(model.config().num_hidden_layers));
+    for TinyFamily {
+        arch,
+        dir,
+        model,
+        full: plan,
+    } in tiny_families(tmp.path())
+    {
         let ours = score_all(&model, &plan, &prompts);
         let want = reference(&dir, &prompts, json!({}));
         for (o, w) in ours.iter().zip(&want) {

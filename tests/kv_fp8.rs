@@ -51,10 +51,13 @@ fn max_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
 fn every_family_matches_the_reference_with_fp8_keys_and_values() {
     let tmp = tempfile::tempdir().unwrap();
     let prompts = vec![pseudo_tokens(40, 300, 1), pseudo_tokens(17, 300, 2)];
-    for (i, arch) in FAMILIES.iter().enumerate() {
-        let dir = write_tiny(tmp.path(), arch, tiny_config(arch), i as u64);
-        let model = load_cpu(&dir);
-        let plan = Arc::new(LayerPlan::full(model.config().num_hidden_layers));
+    for TinyFamily {
+        arch,
+        dir,
+        model,
+        full: plan,
+    } in tiny_families(tmp.path())
+    {
         let reqs = prompts
             .iter()
             .map(|p| score_request(&plan, p.clone()))

@@ -144,6 +144,30 @@ pub const FAMILIES: [&str; 4] = [
     "Gemma2ForCausalLM",
 ];
 
+/// One family's tiny random checkpoint (its `tiny_config`, seeded by its index in
+/// [`FAMILIES`]), loaded on the CPU, with its full plan.
+pub struct TinyFamily {
+    pub arch: &'static str,
+    pub dir: PathBuf,
+    pub model: Arc<DecoderModel>,
+    pub full: Arc<LayerPlan>,
+}
+
+/// [`TinyFamily`] of each of the four families, written under `root/<arch>` as it is reached.
+pub fn tiny_families(root: &Path) -> impl Iterator<Item = TinyFamily> + '_ {
+    FAMILIES.iter().enumerate().map(move |(i, &arch)| {
+        let dir = write_tiny(root, arch, tiny_config(arch), i as u64);
+        let model = load_cpu(&dir);
+        let full = Arc::new(LayerPlan::full(model.config().num_hidden_layers));
+        TinyFamily {
+            arch,
+            dir,
+            model,
+            full,
+        }
+    })
+}
+
 /// Writes a tiny random checkpoint of `config` under `root/name`.
 pub fn write_tiny(root: &Path, name: &str, config: Value, seed: u64) -> PathBuf {
     let dir = root.join(name);
