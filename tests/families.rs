@@ -17,13 +17,8 @@ fn reference(dir: &std::path::Path, prompts: &[Vec<u32>], overrides: Value) -> V
 fn every_family_matches_the_numpy_reference() {
     let tmp = tempfile::tempdir().unwrap();
     let prompts = vec![pseudo_tokens(40, 300, 1), pseudo_tokens(17, 300, 2)];
-    for TinyFamily {
-        arch,
-        dir,
-        model,
-        full: plan,
-    } in tiny_families(tmp.path())
-    {
+    for family in tiny_families(tmp.path()) {
+        let (arch, dir, model, plan) = (family.arch, family.dir, family.model, family.full);
         let ours = score_all(&model, &plan, &prompts);
         let want = reference(&dir, &prompts, json!({}));
         for (o, w) in ours.iter().zip(&want) {

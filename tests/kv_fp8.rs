@@ -51,13 +51,8 @@ fn max_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
 fn every_family_matches_the_reference_with_fp8_keys_and_values() {
     let tmp = tempfile::tempdir().unwrap();
     let prompts = vec![pseudo_tokens(40, 300, 1), pseudo_tokens(17, 300, 2)];
-    for TinyFamily {
-        arch,
-        dir,
-        model,
-        full: plan,
-    } in tiny_families(tmp.path())
-    {
+    for family in tiny_families(tmp.path()) {
+        let (arch, dir, model, plan) = (family.arch, family.dir, family.model, family.full);
         let reqs = prompts
             .iter()
             .map(|p| score_request(&plan, p.clone()))
