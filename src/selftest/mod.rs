@@ -5,6 +5,8 @@
 #[cfg(feature = "cuda")]
 mod decode;
 #[cfg(feature = "cuda")]
+mod decode_timing;
+#[cfg(feature = "cuda")]
 mod draw;
 #[cfg(feature = "cuda")]
 mod graphs;
@@ -458,6 +460,12 @@ pub fn run_all(
             decode::decode_check(&cuda, cache)?,
         );
     }
+    #[cfg(feature = "cuda")]
+    push(
+        &mut checks,
+        &mut report,
+        decode_timing::decode_timing_check(&cuda),
+    );
     #[cfg(feature = "cuda")]
     for c in draw::draw_kernel_checks(&cuda)? {
         push(&mut checks, &mut report, c);
