@@ -234,7 +234,8 @@ extern "C" __global__ void __launch_bounds__(PREFILL_THREADS)
 // Key and value tiles of BC rows are copied to shared memory row-major with cp.async (two
 // tiles in flight for one-term chunks: the next is copied while this one is multiplied) and
 // read as fragments with ldmatrix (values transposed by ldmatrix.trans). The queries' fragments
-// stay in registers for D <= 128, where their staging tile is then reused by the key tiles.
+// of one-term chunks stay in registers for D <= 128, where their staging tile is then reused by
+// the key tiles (exact chunks, with twice the fragments, read theirs from shared memory).
 // Grid (tiles of 64 query rows, heads, chunks), 128 threads, dynamic shared memory
 // MmaTiles<D, BC, EXACT>::BYTES (the host's mma_smem_bytes in cuda.rs computes the same).
 #define MMA_WARPS 4
