@@ -2,7 +2,8 @@
 # Decode steps from captured CUDA graphs against eager launches (`--enforce-eager`), in one device
 # call and one binary. 8B-shaped bf16 checkpoint.
 #   1. engine (`pruneserve bench`): decode tok/s at batch 1, 16, 64 and 256 (256-token prompts,
-#      128 generated), eager then graphs;
+#      128 generated; a 40 GiB pool, so all 256 run at once: the default pool ran about 170 of
+#      them until session 18), eager then graphs;
 #   2. serving (`pruneval bench`): 1, 16 and 64 concurrent streams of 512 in / 256 out (REPEATS
 #      runs each), then 256 concurrent of 256 in / 1,024 out, eager (base) then graphs (base and
 #      rev25).
@@ -19,7 +20,8 @@ for part in ${PARTS:-engine serve}; do
     case $part in
     engine)
       "$BIN/pruneserve" bench --device cuda --model "$CKPT" --batches 1,16,64,256 \
-        --prompt-len 256 --gen 128 --step-tokens 8192 "${flag[@]}" > "$OUT/engine-$mode.txt" 2>&1
+        --prompt-len 256 --gen 128 --step-tokens 8192 --kv-cache-gb 40 "${flag[@]}" \
+        > "$OUT/engine-$mode.txt" 2>&1
       echo "== engine $mode"; grep -v "^\s*$" "$OUT/engine-$mode.txt" | tail -12 ;;
     serve)
       models=llama8b; [ "$mode" = graphs ] && models=llama8b,rev25
