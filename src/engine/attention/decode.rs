@@ -1,8 +1,9 @@
-//! The decode attention kernels (decode.cu): one query token per sequence against its paged KV
-//! history, grouped-query aware (a thread block per kv head serves its whole group of query
-//! heads, so each cached key and value is read once per group), with the semantics of
-//! [`crate::engine::attention::attend`] (sliding windows, score soft-capping); checked against it
-//! by `pruneserve selftest --device cuda` (`selftest/decode.rs`, and every model check).
+//! The decode attention kernels (decode.cu, decode_mma.cuh): one query token per sequence
+//! against its paged KV history, grouped-query aware (a thread block per kv head serves its
+//! whole group of query heads, so each cached key and value is read once per group), with the
+//! semantics of [`crate::engine::attention::attend`] (sliding windows, score soft-capping);
+//! checked against it by `pruneserve selftest --device cuda` (`selftest/decode.rs`, and every
+//! model check).
 //! - `paged_decode_mma` (bf16 or fp8 caches; head size 64 or 128, or 256 with groups up to 4;
 //!   the default): every warp keeps its own online softmax over its blocks, both products on
 //!   tensor cores (a block's 16 keys against the group's queries as one 16-row tile);
