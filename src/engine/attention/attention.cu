@@ -241,20 +241,7 @@ extern "C" __global__ void __launch_bounds__(PREFILL_THREADS)
 #define MMA_WARPS 4
 #define MMA_ROWS (16 * MMA_WARPS)
 
-__device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
-                                         uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-      "{%8,%9}, {%0,%1,%2,%3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-// Two floats as bf16x2 (the first in the low half), and the rounding rests of both.
-__device__ __forceinline__ uint32_t pack_bf16(float a, float b) {
-  __nv_bfloat162 v = __floats2bfloat162_rn(a, b);
-  return *reinterpret_cast<uint32_t *>(&v);
-}
+// The rounding rests of two floats as bf16x2 (pack_bf16, common.cuh, packs the rounded values).
 __device__ __forceinline__ uint32_t pack_rest(float a, float b) {
   __nv_bfloat162 v = __floats2bfloat162_rn(a, b);
   return pack_bf16(a - __low2float(v), b - __high2float(v));
@@ -308,10 +295,10 @@ template <bool EXACT>
 __device__ __forceinline__ void mma_terms(float (&c)[4], const uint32_t (&a)[4],
                                           const uint32_t (&a_lo)[4], uint32_t b0, uint32_t b1,
                                           uint32_t b0_lo, uint32_t b1_lo) {
-  mma_bf16(c, a, b0, b1);
+  mma_16x8x16(c, a[0], a[1], a[2], a[3], b0, b1);
   if (EXACT) {
-    mma_bf16(c, a, b0_lo, b1_lo);
-    mma_bf16(c, a_lo, b0, b1);
+    mma_16x8x16(c, a[0], a[1], a[2], a[3], b0_lo, b1_lo);
+    mma_16x8x16(c, a_lo[0], a_lo[1], a_lo[2], a_lo[3], b0, b1);
   }
 }
 

@@ -1,5 +1,5 @@
 // Helpers shared by the attention kernels (decode.cu, attention.cu): element conversion and
-// rounding, warp reductions, and the paged cache's tokens per block.
+// rounding, warp reductions, the tensor-core product, and the paged cache's tokens per block.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -25,4 +25,31 @@ __device__ __forceinline__ float warp_max(float v) {
 __device__ __forceinline__ float warp_sum(float v) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
   return v;
+}
+
+// c += A·B on tensor cores (mma.sync m16n8k16, f32 accumulation; bf16 inputs, or f16 with F16).
+// A's fragments: a0 (row g, k 2 tig, +1), a1 (row g + 8, same k), a2 (row g, k 2 tig + 8, +9),
+// a3 (row g + 8, same k); c[0], c[1] are row g's outputs, c[2], c[3] row g + 8's (g = lane / 4,
+// tig = lane % 4).
+template <bool F16 = false>
+__device__ __forceinline__ void mma_16x8x16(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2,
+                                            uint32_t a3, uint32_t b0, uint32_t b1) {
+  if (F16)
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  else
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// Two floats as bf16x2 (the first in the low half).
+__device__ __forceinline__ uint32_t pack_bf16(float a, float b) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(a, b);
+  return *reinterpret_cast<const uint32_t *>(&v);
 }

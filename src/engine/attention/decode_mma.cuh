@@ -19,25 +19,8 @@
 // Within a block, tokens are taken in a permuted order and so are dims within each 16, so that
 // every fragment pair is one load of four values: logical (2t, 2t + 1, 2t + 8, 2t + 9) are
 // physical 4t .. 4t + 3 (t < 4); logical token j of n-tile j / 8 is physical
-// ((j % 8) / 2) * 4 + (j / 8) * 2 + j % 2.
-// A's fragments: a0 (row g, k 2 tig, +1), a1 (row g + 8, same k), a2 (row g, k 2 tig + 8, +9),
-// a3 (row g + 8, same k); c[0], c[1] are row g's outputs, c[2], c[3] row g + 8's.
-template <bool F16>
-__device__ __forceinline__ void mma_16x8x16(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2,
-                                            uint32_t a3, uint32_t b0, uint32_t b1) {
-  if (F16)
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-  else
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
+// ((j % 8) / 2) * 4 + (j / 8) * 2 + j % 2. The products are common.cuh's mma_16x8x16.
+
 // Two E4M3 bytes (the lower first) widened to f16x2.
 __device__ __forceinline__ uint32_t fp8x2_to_f16x2(uint32_t two) {
   const __half2_raw h =
@@ -65,10 +48,7 @@ template <> struct MmaCache<__nv_bfloat16> {
   static constexpr bool F16 = false;
   static __device__ __forceinline__ uint32_t lo(Word w) { return w.x; }
   static __device__ __forceinline__ uint32_t hi(Word w) { return w.y; }
-  static __device__ __forceinline__ uint32_t pack(float a, float b) {
-    const __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
-    return *reinterpret_cast<const uint32_t *>(&h);
-  }
+  static __device__ __forceinline__ uint32_t pack(float a, float b) { return pack_bf16(a, b); }
   static __device__ __forceinline__ float rounded(float a) {
     return __bfloat162float(__float2bfloat16_rn(a));
   }
