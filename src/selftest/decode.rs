@@ -6,8 +6,8 @@
 //! is the rounding of the bf16 output (at most 2^-9 of values below 2), so the limit is 5e-3.
 //! The same cases run again over fp8 E4M3 caches (`--kv-cache-dtype fp8`) holding values
 //! rounded to E4M3, against the reference on those values; there `split` is the tensor-core
-//! kernel (`paged_decode_mma_fp8`, weights rounded to f16) and `scalar` the split kernel's
-//! scalar path.
+//! kernel (`paged_decode_mma_fp8`, products in f16) and `scalar` the split kernel's scalar
+//! path.
 
 use candle_core::{DType, Device, Tensor};
 
@@ -147,7 +147,7 @@ fn run_case(
     Ok(errs)
 }
 
-/// One check over every case and both kernel choices, on caches of `cache` (bf16 or fp8).
+/// One check over every case and each kernel choice, on caches of `cache` (bf16 or fp8).
 pub(super) fn decode_check(cuda: &Device, cache: DType) -> Result<Check, SelftestError> {
     let (mut worst, mut detail) = (0f32, Vec::new());
     for case in CASES {

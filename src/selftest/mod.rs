@@ -25,7 +25,6 @@ use crate::checkpoint::{CheckpointError, ModelDir};
 use crate::engine::adapters::LoraAdapter;
 use crate::engine::batch::{Batcher, GenOutput, GenRequest};
 use crate::engine::kv::fp8::KvCacheDtype;
-use crate::engine::kv::ContiguousKvCache;
 use crate::engine::model::DecoderModel;
 use crate::engine::sample::sampler::SamplingParams;
 use crate::engine::{Engine, EngineError, EngineOptions};
@@ -194,14 +193,7 @@ fn run_with(
     };
     let engine = match cache {
         CacheKind::Paged => Engine::for_device(model.clone(), &opts)?,
-        CacheKind::Contiguous => Engine::new(
-            model.clone(),
-            Box::new(
-                ContiguousKvCache::new(opts.kv_blocks, opts.block_size, model.dtype())
-                    .with_kv_dtype(picking.kv_dtype),
-            ),
-            &opts,
-        ),
+        CacheKind::Contiguous => Engine::with_contiguous_cache(model.clone(), &opts),
     };
     let plan = Arc::new(LayerPlan::full(model.config().num_hidden_layers));
     let reqs = prompts

@@ -94,8 +94,9 @@ struct RopeCache {
 /// The rotary embedding of a decode step's packed f32 q|k|v projection rows `qkv` with the keys
 /// and values written straight into the paged caches at `slots` (`[T]` i64, < 0: not written),
 /// in one launch (`rope_cache` in attention.cu); returns the queries `[T, heads, head_dim]` in the
-/// caches' dtype (bf16 over fp8 caches). Stores the same values as [`crate::engine::ops::fused::rope_heads`] followed by
-/// `reshape_and_cache`, which the CPU engine's path and prompt steps take.
+/// caches' dtype (bf16 over fp8 caches). Stores the same values as
+/// [`crate::engine::ops::fused::rope_heads`] followed by `reshape_and_cache`, which the CPU
+/// engine's path and prompt steps take.
 pub fn rope_into_cache(
     qkv: &Tensor,
     (cos, sin): (&Tensor, &Tensor),
