@@ -142,15 +142,8 @@ pub struct ServeArgs {
     /// KV cache capacity per base, in blocks of 16 tokens.
     #[arg(long, default_value_t = 4096)]
     pub kv_blocks: usize,
-    /// CUDA: GiB of GPU memory for each base's paged KV pool (shared by its plan variants).
-    #[arg(long, value_parser = positive_gib)]
-    pub kv_cache_gb: Option<f64>,
-    /// What the KV cache holds: auto (the model's dtype) or fp8 (E4M3 with a scale of 1, as
-    /// vLLM's `--kv-cache-dtype fp8`; alias fp8_e4m3): on CUDA half the memory and the reads of
-    /// bf16, with keys and values rounded to 3 mantissa bits, so logprobs move (see the README).
-    /// CUDA needs --dtype bf16; the CPU engine rounds the same way and keeps f32.
-    #[arg(long, value_enum, default_value_t = KvCacheDtype::Auto)]
-    pub kv_cache_dtype: KvCacheDtype,
+    #[command(flatten)]
+    pub kv_cache: KvCacheArgs,
     /// Longest sequence accepted (default: the model's max_position_embeddings).
     #[arg(long)]
     pub max_model_len: Option<usize>,
@@ -320,17 +313,25 @@ pub struct BenchArgs {
     /// CUDA: launch every decode step's kernels (no CUDA graphs), as `serve --enforce-eager`.
     #[arg(long)]
     pub enforce_eager: bool,
+    #[command(flatten)]
+    pub kv_cache: KvCacheArgs,
+}
+
+/// The KV cache's size on CUDA and what it holds (`serve`, `bench`).
+#[derive(clap::Args, Debug, Clone, Copy)]
+pub struct KvCacheArgs {
+    /// CUDA: GiB of GPU memory for each base's paged KV pool (shared by its plan variants).
+    /// Without it the pool holds --kv-blocks (bench: 4,096) blocks of 16 tokens a layer, which
+    /// caps how many sequences of a large batch run at once (about 113 of 256 with 512-token
+    /// prompts and 64 generated).
+    #[arg(long, value_parser = positive_gib)]
+    pub kv_cache_gb: Option<f64>,
     /// What the KV cache holds: auto (the model's dtype) or fp8 (E4M3 with a scale of 1, as
     /// vLLM's `--kv-cache-dtype fp8`; alias fp8_e4m3): on CUDA half the memory and the reads of
     /// bf16, with keys and values rounded to 3 mantissa bits, so logprobs move (see the README).
     /// CUDA needs --dtype bf16; the CPU engine rounds the same way and keeps f32.
     #[arg(long, value_enum, default_value_t = KvCacheDtype::Auto)]
     pub kv_cache_dtype: KvCacheDtype,
-    /// CUDA: GiB of GPU memory for the paged KV pool, as `serve --kv-cache-gb`. Without it the
-    /// pool holds 4,096 blocks of 16 tokens a layer, which caps how many sequences of a large
-    /// batch run at once (about 113 of 256 with 512-token prompts and 64 generated).
-    #[arg(long, value_parser = positive_gib)]
-    pub kv_cache_gb: Option<f64>,
 }
 
 /// A count of at least 1 (a step budget, batch size or prompt length of 0 makes no progress or

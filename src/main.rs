@@ -9,7 +9,8 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use candle_core::DType;
 use commands::{
-    BenchArgs, Cli, Command, InfluenceArgs, InitLoraArgs, InitRandomArgs, SelftestArgs, ServeArgs,
+    BenchArgs, Cli, Command, InfluenceArgs, InitLoraArgs, InitRandomArgs, KvCacheArgs,
+    SelftestArgs, ServeArgs,
 };
 use pruneserve::api::validation::Validator;
 use pruneserve::api::{self, AppState};
@@ -131,8 +132,10 @@ fn serve_command(args: ServeArgs) -> Result<()> {
         max_step_tokens,
         max_prefill_while_decoding,
         kv_blocks,
-        kv_cache_gb,
-        kv_cache_dtype,
+        kv_cache: KvCacheArgs {
+            kv_cache_gb,
+            kv_cache_dtype,
+        },
         max_model_len,
         max_in_flight,
         max_loras,
@@ -340,8 +343,10 @@ fn bench_command(args: BenchArgs) -> Result<()> {
         reverse,
         adapter,
         enforce_eager,
-        kv_cache_dtype,
-        kv_cache_gb,
+        kv_cache: KvCacheArgs {
+            kv_cache_gb,
+            kv_cache_dtype,
+        },
     } = args;
     let (model_id, loaded, dev, dtype) = load_on(model, device)?;
     kv_cache_dtype.check(device, dtype)?;
