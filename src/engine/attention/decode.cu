@@ -234,7 +234,6 @@ INSTANTIATE(bf16_fp8, __nv_bfloat16, __nv_fp8_e4m3)
 COMBINE(f32, float)
 COMBINE(bf16, __nv_bfloat16)
 
-
 // Split-style kernels' shared pieces. A partition holding no token of its sequence (or of its
 // window) writes an empty partial result (a single partition always holds the query's own
 // token, so this is never the final output).
