@@ -1,13 +1,13 @@
 //! The decode attention kernels against the CPU attention ([`attend`], candle ops in f32) on
-//! random bf16 caches: every kernel choice ([`DecodeKernel`]) over shapes that reach each of the
-//! split kernel's partition sizes (128, 256 and 512 tokens by the step's (sequence, kv head)
+//! random bf16 caches: every kernel choice ([`DECODE_KERNELS`]) over shapes that reach each of
+//! the split kernel's partition sizes (128, 256 and 512 tokens by the step's (sequence, kv head)
 //! pairs), groups of 2 to 8 query heads, head sizes 64, 128 and 256, a sliding window with
-//! soft-capping, and contexts of 1 to 1,400 tokens in block tables that share physical blocks. The reference runs on the same bf16 values in f32; what is left
-//! is the rounding of the bf16 output (at most 2^-9 of values below 2), so the limit is 5e-3.
-//! The same cases run again over fp8 E4M3 caches (`--kv-cache-dtype fp8`) holding values
-//! rounded to E4M3, against the reference on those values; there `split` is the tensor-core
-//! kernel (`paged_decode_mma_fp8`, products in f16) and `scalar` the split kernel's scalar
-//! path.
+//! soft-capping, and contexts of 1 to 1,400 tokens in block tables that share physical blocks.
+//! The reference runs on the same bf16 values in f32; what is left is the rounding of the bf16
+//! output (at most 2^-9 of values below 2), so the limit is 5e-3. The same cases run again over
+//! fp8 E4M3 caches (`--kv-cache-dtype fp8`) holding values rounded to E4M3, against the
+//! reference on those values; there the `mma` kernels (`paged_decode_mma_fp8`, staged or
+//! direct) multiply in f16 and `scalar` is the split kernel's scalar path.
 
 use candle_core::{DType, Device, Tensor};
 
@@ -15,7 +15,7 @@ use super::prefill::{test_params, values};
 use super::{Check, SelftestError};
 use crate::checkpoint::CheckpointError;
 use crate::engine::attention::cuda::BLOCK_SIZE;
-use crate::engine::attention::decode::{paged_decode, DecodeKernel};
+use crate::engine::attention::decode::{paged_decode, DECODE_KERNELS};
 use crate::engine::attention::{attend, MaskCache};
 
 /// (head size, query heads, kv heads, window, soft cap, sequences).
@@ -55,7 +55,7 @@ fn run_case(
     cuda: &Device,
     (hd, heads, kv_heads, window, softcap, seqs): Case,
     cache: DType,
-) -> candle_core::Result<[f32; 3]> {
+) -> candle_core::Result<[f32; DECODE_KERNELS.len()]> {
     let params = test_params(hd, (heads, kv_heads), window, softcap);
     // The pool in token order [block, slot, kv head, dim], and in the caches' layouts (X
     // elements a 16-byte vector).
@@ -96,11 +96,7 @@ fn run_case(
     let q_cuda = q_cpu.to_dtype(DType::BF16)?.to_device(cuda)?;
     let max_context = (0..seqs).map(context).max().unwrap_or(1);
     let mut outs = Vec::new();
-    for kernel in [
-        DecodeKernel::Split,
-        DecodeKernel::SplitScalar,
-        DecodeKernel::Shared,
-    ] {
+    for (_, kernel) in DECODE_KERNELS {
         let out = paged_decode(
             &q_cuda,
             (&caches.0, &caches.1),
@@ -111,7 +107,7 @@ fn run_case(
         )?;
         outs.push(out.to_dtype(DType::F32)?.to_device(&cpu)?);
     }
-    let mut errs = [0f32; 3];
+    let mut errs = [0f32; DECODE_KERNELS.len()];
     let mut masks = MaskCache::default();
     for i in 0..seqs {
         let ctx = context(i);
@@ -151,12 +147,21 @@ fn run_case(
 pub(super) fn decode_check(cuda: &Device, cache: DType) -> Result<Check, SelftestError> {
     let (mut worst, mut detail) = (0f32, Vec::new());
     for case in CASES {
-        let [split, scalar, shared] = run_case(cuda, case, cache).map_err(CheckpointError::from)?;
+        let errs = run_case(cuda, case, cache).map_err(CheckpointError::from)?;
+        let each: Vec<String> = DECODE_KERNELS
+            .iter()
+            .zip(errs)
+            .map(|((name, _), err)| format!("{name} {err:.1e}"))
+            .collect();
         detail.push(format!(
-            "hd {} heads {}/{} seqs {}: split {split:.1e} (scalar {scalar:.1e}), shared {shared:.1e}",
-            case.0, case.1, case.2, case.5
+            "hd {} heads {}/{} seqs {}: {}",
+            case.0,
+            case.1,
+            case.2,
+            case.5,
+            each.join(", ")
         ));
-        worst = worst.max(split).max(scalar).max(shared);
+        worst = errs.into_iter().fold(worst, f32::max);
     }
     Ok(Check {
         name: format!(

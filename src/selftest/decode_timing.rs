@@ -13,7 +13,7 @@ use candle_core::{DType, Device, Tensor};
 use super::prefill::test_params;
 use super::Check;
 use crate::engine::attention::cuda::BLOCK_SIZE;
-use crate::engine::attention::decode::{paged_decode, DecodeKernel};
+use crate::engine::attention::decode::{paged_decode, DecodeKernel, DECODE_KERNELS};
 
 const SEQS: usize = 256;
 const HEADS: usize = 32;
@@ -71,11 +71,7 @@ fn timings(cuda: &Device, cache: DType) -> candle_core::Result<String> {
     let tokens: usize = (0..SEQS).map(context).sum();
     let bytes = (tokens * KV_HEADS * HEAD_DIM * 2 * cache.size_in_bytes()) as f64;
     let mut parts = Vec::new();
-    for (name, kernel) in [
-        ("split", DecodeKernel::Split),
-        ("scalar", DecodeKernel::SplitScalar),
-        ("shared", DecodeKernel::Shared),
-    ] {
+    for (name, kernel) in DECODE_KERNELS {
         let us = time_kernel(
             cuda,
             (&q, (&kc, &vc), (&tables, &lens)),

@@ -261,19 +261,6 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const __nv_bfloat1
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                  : "r"(a));
 }
-// 16 bytes from global to shared memory without passing through registers; zeros when !valid
-// (src is then not read, but must still be an address of the tensor).
-__device__ __forceinline__ void cp_async16(__nv_bfloat16 *dst, const __nv_bfloat16 *src,
-                                           bool valid) {
-  const unsigned a = (unsigned)__cvta_generic_to_shared(dst);
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(a), "l"(src),
-               "r"(valid ? 16 : 0));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N> __device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
-
 // Shared-memory layout (bf16 elements) of one instantiation: the query tile's terms, then
 // STAGES key|value tiles of TERMS terms each; rows padded by 8 elements, so ldmatrix's eight
 // 16-byte rows fall in distinct banks.

@@ -12,7 +12,8 @@
 // queries and outputs (the `_bf16_fp8` and `_fp8` instantiations).
 // - paged_decode_mma (in decode_mma.cuh, instantiated here; bf16 and fp8 caches, head sizes 64
 //   and 128, and 256 for groups up to 4; the default): paged_decode_split's walk with both
-//   products on tensor cores.
+//   products on tensor cores, each warp's blocks staged in shared memory by cp.async
+//   (`_direct`, PRUNESERVE_DECODE_KERNEL=mma-direct: loaded straight to registers).
 // - paged_decode_split (the same shapes; PRUNESERVE_DECODE_KERNEL=scalar): each warp keeps its
 //   own online softmax over its KV blocks of the partition, loading a block's keys and values
 //   together before it uses either; the warps merge at the end. Partitions of `part` tokens (a
@@ -249,11 +250,11 @@ __device__ void empty_partial(float *part_out, float *part_max, float *part_sum,
   }
 }
 
-// The warps' softmax states (unnormalized sums o_s, maxima m_s, sums l_s; a warp that saw no
-// block has max -inf) merged, as paged_decode_combine merges partitions: the output, or this
-// partition's partial result.
+// The warps' softmax states (unnormalized sums o_s, warp w's at w * o_stride, maxima m_s, sums
+// l_s; a warp that saw no block has max -inf) merged, as paged_decode_combine merges partitions:
+// the output, or this partition's partial result.
 template <int MAX_G, int HD>
-__device__ void merge_warps(const float (*o_s)[MAX_G * HD], const float (*m_s)[MAX_G],
+__device__ void merge_warps(const float *o_s, int o_stride, const float (*m_s)[MAX_G],
                             const float (*l_s)[MAX_G], size_t head0, int G, __nv_bfloat16 *out,
                             float *part_out, float *part_max, float *part_sum) {
   constexpr int NW = THREADS / 32;
@@ -267,7 +268,7 @@ __device__ void merge_warps(const float (*o_s)[MAX_G * HD], const float (*m_s)[M
       if (m_s[w][g] == -INFINITY) continue;
       const float f = __expf(m_s[w][g] - mm);
       ll += l_s[w][g] * f;
-      o += o_s[w][i] * f;
+      o += o_s[w * o_stride + i] * f;
     }
     if (parts == 1) {
       put(out + (head0 + g) * HD + d, ll > 0.f ? o / ll : 0.f);
@@ -417,19 +418,25 @@ __device__ void paged_decode_split(const __nv_bfloat16 *q, const C *kc, const C 
     }
   }
   __syncthreads();
-  merge_warps<MAX_G, HD>(o_s, m_s, l_s, head0, G, out, part_out, part_max, part_sum);
+  merge_warps<MAX_G, HD>(&o_s[0][0], MAX_G * HD, m_s, l_s, head0, G, out, part_out, part_max,
+                         part_sum);
 }
 
 #include "decode_mma.cuh"
 
-// The split-walk kernels (paged_decode_split, paged_decode_mma) per cache type and shape.
+// The split-walk kernels (paged_decode_split, paged_decode_mma) per cache type and shape; `FN`
+// names a macro giving the instantiation for (C, G, HD) (paged_decode_mma's staged in shared
+// memory or loading straight to registers).
+#define SPLIT(C, G, HD) paged_decode_split<C, G, HD>
+#define MMA(C, G, HD) paged_decode_mma<C, G, HD, true>
+#define MMA_DIRECT(C, G, HD) paged_decode_mma<C, G, HD, false>
 #define WALK(NAME, FN, C, G, HD)                                                                \
   extern "C" __global__ void __launch_bounds__(THREADS) NAME##_g##G##_d##HD(                    \
       const __nv_bfloat16 *q, const C *kc, const C *vc, const uint32_t *tables,                \
       const uint32_t *ctx_lens, __nv_bfloat16 *out, float *part_out, float *part_max,          \
       float *part_sum, int heads, int kv_heads, int max_blocks, int window, float scale,       \
       float softcap, int part) {                                                                \
-    FN<C, G, HD>(q, kc, vc, tables, ctx_lens, out, part_out, part_max, part_sum, heads,        \
+    FN(C, G, HD)(q, kc, vc, tables, ctx_lens, out, part_out, part_max, part_sum, heads,        \
                  kv_heads, max_blocks, window, scale, softcap, part);                           \
   }
 #define WALK_SHAPES(NAME, FN, C)                                                                \
@@ -438,7 +445,9 @@ __device__ void paged_decode_split(const __nv_bfloat16 *q, const C *kc, const C 
   WALK(NAME, FN, C, 4, 256)                                                                     \
   WALK(NAME, FN, C, 8, 64)                                                                      \
   WALK(NAME, FN, C, 8, 128)
-WALK_SHAPES(paged_decode_split, paged_decode_split, __nv_bfloat16)
-WALK_SHAPES(paged_decode_split_fp8, paged_decode_split, __nv_fp8_e4m3)
-WALK_SHAPES(paged_decode_mma, paged_decode_mma, __nv_bfloat16)
-WALK_SHAPES(paged_decode_mma_fp8, paged_decode_mma, __nv_fp8_e4m3)
+WALK_SHAPES(paged_decode_split, SPLIT, __nv_bfloat16)
+WALK_SHAPES(paged_decode_split_fp8, SPLIT, __nv_fp8_e4m3)
+WALK_SHAPES(paged_decode_mma, MMA, __nv_bfloat16)
+WALK_SHAPES(paged_decode_mma_direct, MMA_DIRECT, __nv_bfloat16)
+WALK_SHAPES(paged_decode_mma_fp8, MMA, __nv_fp8_e4m3)
+WALK_SHAPES(paged_decode_mma_fp8_direct, MMA_DIRECT, __nv_fp8_e4m3)

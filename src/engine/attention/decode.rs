@@ -37,6 +37,10 @@ pub enum DecodeKernel {
     /// `paged_decode_mma` (tensor cores, the split kernel's partitions) where it applies (head
     /// size 64 or 128, or 256 with groups of up to 4); else `paged_decode`.
     Split,
+    /// `paged_decode_mma` loading each block's fragments straight from the cache to registers
+    /// (the kernel of session 18) instead of staging blocks in shared memory, for A/B runs and
+    /// the selftest.
+    SplitDirect,
     /// `paged_decode_split` instead (scalar FMAs: the kernel before session 17, for A/B runs
     /// and the selftest).
     SplitScalar,
@@ -44,16 +48,24 @@ pub enum DecodeKernel {
     Shared,
 }
 
+/// Every kernel choice with its name in `PRUNESERVE_DECODE_KERNEL` and the selftest.
+pub const DECODE_KERNELS: [(&str, DecodeKernel); 4] = [
+    ("mma", DecodeKernel::Split),
+    ("mma-direct", DecodeKernel::SplitDirect),
+    ("scalar", DecodeKernel::SplitScalar),
+    ("shared", DecodeKernel::Shared),
+];
+
 impl DecodeKernel {
-    /// [`DecodeKernel::Split`], unless `PRUNESERVE_DECODE_KERNEL=shared` asks for the kernel
-    /// before session 11 or `=scalar` for the split kernel's scalar path (A/B runs).
+    /// [`DecodeKernel::Split`], unless `PRUNESERVE_DECODE_KERNEL` names another of
+    /// [`DECODE_KERNELS`] (A/B runs).
     pub fn configured() -> Self {
         static KERNEL: std::sync::LazyLock<DecodeKernel> = std::sync::LazyLock::new(|| {
-            match std::env::var("PRUNESERVE_DECODE_KERNEL").as_deref() {
-                Ok("shared") => DecodeKernel::Shared,
-                Ok("scalar") => DecodeKernel::SplitScalar,
-                _ => DecodeKernel::Split,
-            }
+            let asked = std::env::var("PRUNESERVE_DECODE_KERNEL").unwrap_or_default();
+            DECODE_KERNELS
+                .iter()
+                .find(|(name, _)| *name == asked)
+                .map_or(DecodeKernel::Split, |(_, k)| *k)
         });
         *KERNEL
     }
@@ -72,9 +84,11 @@ impl DecodeKernel {
         let split_shape = hd == 64 || hd == 128 || (hd == 256 && g == 4);
         let split_name = match (suffix, self) {
             (_, DecodeKernel::Shared) => None,
-            ("bf16", DecodeKernel::Split) => Some("paged_decode_mma"),
-            ("bf16", _) => Some("paged_decode_split"),
+            ("bf16", DecodeKernel::SplitScalar) => Some("paged_decode_split"),
+            ("bf16", DecodeKernel::SplitDirect) => Some("paged_decode_mma_direct"),
+            ("bf16", _) => Some("paged_decode_mma"),
             ("bf16_fp8", DecodeKernel::Split) => Some("paged_decode_mma_fp8"),
+            ("bf16_fp8", DecodeKernel::SplitDirect) => Some("paged_decode_mma_fp8_direct"),
             ("bf16_fp8", _) => Some("paged_decode_split_fp8"),
             _ => None,
         };

@@ -20,6 +20,13 @@
 // every fragment pair is one load of four values: logical (2t, 2t + 1, 2t + 8, 2t + 9) are
 // physical 4t .. 4t + 3 (t < 4); logical token j of n-tile j / 8 is physical
 // ((j % 8) / 2) * 4 + (j / 8) * 2 + j % 2. The products are common.cuh's mma_16x8x16.
+// Each warp copies its blocks (keys and values whole) into its own shared-memory stages with
+// cp.async, two blocks ahead on fp8 caches at head size 128 and one on bf16 ones, and reads its
+// fragments from there; the copy of a later block runs while this one is multiplied. Loaded
+// straight to registers (STAGED false, `_direct`: the kernel of session 18, kept for A/B runs),
+// ptxas put the value loads after the first key products, so each block waited for two memory
+// round trips: 2.60 against 3.16 TB/s on fp8 caches, 3.60 against 3.83 on bf16 (selftest
+// timing, H200, docs/benchmarks.md session 19).
 
 // Two E4M3 bytes (the lower first) widened to f16x2.
 __device__ __forceinline__ uint32_t fp8x2_to_f16x2(uint32_t two) {
@@ -54,7 +61,18 @@ template <> struct MmaCache<__nv_bfloat16> {
   }
 };
 
-template <typename C, int MAX_G, int HD>
+// Shared memory a warp stages its blocks in (paged_decode_mma with STAGED): one block's keys and
+// values take 2 * HD * BS * sizeof(C) bytes (4 KB for fp8 at head size 128, 8 KB for bf16), two
+// such stages where they fit in 8 KB a warp, one otherwise; none where one does not fit (bf16
+// at head size 256, which loads straight to registers). The warps' softmax states reuse the
+// region once their walks are done.
+template <typename C, int HD> struct MmaStages {
+  static constexpr int TENSOR = HD * BS * sizeof(C), WARP_BYTES = 8192;
+  static constexpr int COUNT = 2 * TENSOR > WARP_BYTES ? 0 : 4 * TENSOR > WARP_BYTES ? 1 : 2;
+  static constexpr int CHUNKS = TENSOR / 16 / 32;  // 16-byte copies a lane per tensor
+};
+
+template <typename C, int MAX_G, int HD, bool STAGED>
 __device__ void paged_decode_mma(const __nv_bfloat16 *q, const C *kc, const C *vc,
                                  const uint32_t *tables, const uint32_t *ctx_lens,
                                  __nv_bfloat16 *out, float *part_out, float *part_max,
@@ -62,14 +80,20 @@ __device__ void paged_decode_mma(const __nv_bfloat16 *q, const C *kc, const C *v
                                  int window, float scale, float softcap, int part) {
   typedef MmaCache<C> M;
   typedef typename M::Word Word;
+  typedef MmaStages<C, HD> S;
   constexpr int NW = THREADS / 32, KK = HD / 16, NT = HD / 8, X = 16 / sizeof(C);
+  constexpr int STAGES = STAGED ? S::COUNT : 0;
+  // A warp's region: its stages, or room for its sums alone when it loads straight to registers.
+  constexpr int REGION = STAGES > 0 ? S::WARP_BYTES : MAX_G * HD * sizeof(float);
+  static_assert(MAX_G * HD * sizeof(float) <= REGION, "a warp's sums fit its region");
   const int kvh = blockIdx.x, seq = blockIdx.y, parts = gridDim.z;
   const int G = heads / kv_heads;
   const int ctx = ctx_lens[seq];
   const int first = window > 0 ? max(0, ctx - window) : 0;
   const int p_start = blockIdx.z * part, p_end = min(ctx, p_start + part);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, tig = lane % 4;
-  __shared__ float o_s[NW][MAX_G * HD];
+  // Each warp's region: its stages while it walks, its unnormalized sums (o) after.
+  __shared__ __align__(16) unsigned char warp_s[NW][REGION];
   __shared__ float m_s[NW][MAX_G], l_s[NW][MAX_G];
   const size_t head0 = (size_t)seq * heads + (size_t)kvh * G;
   if (p_start >= p_end || p_end <= first) {
@@ -90,10 +114,42 @@ __device__ void paged_decode_mma(const __nv_bfloat16 *q, const C *kc, const C *v
 #pragma unroll
   for (int n = 0; n < NT; n++) o[n][0] = o[n][1] = 0.f;
   const size_t block_stride = (size_t)kv_heads * HD * BS;
-  // As in paged_decode_split, every block visited holds a token in [first, p_end).
-  for (int blk = max(p_start, first) / BS + warp; blk * BS < p_end; blk += NW) {
-    const C *kb = kc + tables[(size_t)seq * max_blocks + blk] * block_stride + (size_t)kvh * HD * BS;
-    const C *vb = vc + (kb - kc);
+  // As in paged_decode_split, every block visited holds a token in [first, p_end): this warp's
+  // are blk0, blk0 + NW, ...
+  const int blk0 = max(p_start, first) / BS + warp;
+  auto keys_of = [&](int blk) {
+    return kc + tables[(size_t)seq * max_blocks + blk] * block_stride + (size_t)kvh * HD * BS;
+  };
+  // Staged: stage s holds keys then values of one block, copied by the warp's lanes with
+  // cp.async (one commit group per block, empty past the walk's end).
+  auto stage = [&](int s) { return reinterpret_cast<C *>(&warp_s[warp][0]) + s * 2 * HD * BS; };
+  auto issue = [&](int s, int blk) {
+    if (blk * BS < p_end) {
+      const C *kb = keys_of(blk), *vb = vc + (kb - kc);
+#pragma unroll
+      for (int c = 0; c < S::CHUNKS; c++) {
+        const int at = (lane + 32 * c) * X;
+        cp_async16(stage(s) + at, kb + at);
+        cp_async16(stage(s) + HD * BS + at, vb + at);
+      }
+    }
+    cp_async_commit();
+  };
+  if constexpr (STAGES > 0) {
+#pragma unroll
+    for (int s = 0; s < STAGES; s++) issue(s, blk0 + s * NW);
+  }
+  for (int blk = blk0, i = 0; blk * BS < p_end; blk += NW, i++) {
+    const C *kb, *vb;
+    if constexpr (STAGES > 0) {
+      cp_async_wait<STAGES - 1>();
+      __syncwarp();
+      kb = stage(i % STAGES);
+      vb = kb + HD * BS;
+    } else {
+      kb = keys_of(blk);
+      vb = vc + (kb - kc);
+    }
     // Keys [HD / X][BS][X]: n-tile t's column g is physical token (g / 2) * 4 + 2 t + g % 2,
     // its physical dims kk * 16 + 4 tig .. + 3. Values [HD][BS]: dim n * 8 + g, physical tokens
     // 4 tig .. 4 tig + 3.
@@ -108,6 +164,11 @@ __device__ void paged_decode_mma(const __nv_bfloat16 *q, const C *kc, const C *v
 #pragma unroll
     for (int n = 0; n < NT; n++)
       vw[n] = *reinterpret_cast<const Word *>(vb + (size_t)(n * 8 + g) * BS + tig * 4);
+    if constexpr (STAGES > 0) {
+      // Every lane has its fragments of this stage before the stage takes a later block.
+      __syncwarp();
+      issue(i % STAGES, blk + STAGES * NW);
+    }
 
     float sc[2][4];
 #pragma unroll
@@ -165,11 +226,13 @@ __device__ void paged_decode_mma(const __nv_bfloat16 *q, const C *kc, const C *v
   }
   l += __shfl_xor_sync(0xffffffff, l, 1);
   l += __shfl_xor_sync(0xffffffff, l, 2);
+  // The warp's stages are done with (its last groups are empty).
+  float *o_s = reinterpret_cast<float *>(&warp_s[warp][0]);
   if (g < G) {
 #pragma unroll
     for (int n = 0; n < NT; n++) {
-      o_s[warp][g * HD + n * 8 + tig * 2] = o[n][0];
-      o_s[warp][g * HD + n * 8 + tig * 2 + 1] = o[n][1];
+      o_s[g * HD + n * 8 + tig * 2] = o[n][0];
+      o_s[g * HD + n * 8 + tig * 2 + 1] = o[n][1];
     }
     if (tig == 0) {
       m_s[warp][g] = m;
@@ -177,5 +240,6 @@ __device__ void paged_decode_mma(const __nv_bfloat16 *q, const C *kc, const C *v
     }
   }
   __syncthreads();
-  merge_warps<MAX_G, HD>(o_s, m_s, l_s, head0, G, out, part_out, part_max, part_sum);
+  merge_warps<MAX_G, HD>(reinterpret_cast<const float *>(&warp_s[0][0]), REGION / 4, m_s,
+                         l_s, head0, G, out, part_out, part_max, part_sum);
 }
