@@ -1,5 +1,7 @@
 //! With the `cuda` feature, compiles the engine's kernels (each `.cu` beside the Rust that launches
-//! it: engine/ops/fused.cu, engine/ops/gemm.cu, engine/attention/attention.cu and decode.cu (with common.cuh and decode_mma.cuh), engine/sample/sampling.cu, engine/adapters/lora.cu) to PTX with nvcc (`$NVCC`, `$CUDA_HOME/bin/nvcc` or
+//! it: engine/ops/fused.cu, engine/ops/gemm.cu, engine/attention/attention.cu and decode.cu (with
+//! common.cuh and decode_mma.cuh), engine/sample/sampling.cu, engine/adapters/lora.cu (with
+//! common.cuh)) to PTX with nvcc (`$NVCC`, `$CUDA_HOME/bin/nvcc` or
 //! `nvcc` on PATH) for `compute_$CUDA_COMPUTE_CAP` (default 80, JIT-compiled by the driver for
 //! newer GPUs). Without the feature it does nothing.
 

@@ -10,6 +10,8 @@
 #include <stdint.h>
 #include <cooperative_groups.h>
 
+#include "../attention/common.cuh"  // mma_16x8x16
+
 #define NONE 0xffffffffffffffffull
 
 struct Entry {
@@ -225,22 +227,13 @@ __device__ __forceinline__ uint4 ld128(const __nv_bfloat16* p, bool ok) {
     return ok ? *reinterpret_cast<const uint4*>(p) : make_uint4(0, 0, 0, 0);
 }
 
-// c += a (16x16, row-major fragment) . b (16x8, column-major fragment).
-__device__ __forceinline__ void mma16816(float* c, unsigned a0, unsigned a1, unsigned a2,
-                                         unsigned a3, unsigned b0, unsigned b1) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
 // acc[n] += rows (x0: row g, x1: row g + 8) . columns b[n] over one 32-wide chunk of k, each
-// lane's 8 k per row in x0, x1 and b[n] (the same 8 k for all).
+// lane's 8 k per row in x0, x1 and b[n] (the same 8 k for all); common.cuh's product.
 __device__ __forceinline__ void mma_chunk(float (&acc)[2][4], uint4 x0, uint4 x1, const uint4 (&b)[2]) {
 #pragma unroll
     for (int n = 0; n < 2; n++) {
-        mma16816(acc[n], x0.x, x1.x, x0.y, x1.y, b[n].x, b[n].y);
-        mma16816(acc[n], x0.z, x1.z, x0.w, x1.w, b[n].z, b[n].w);
+        mma_16x8x16(acc[n], x0.x, x1.x, x0.y, x1.y, b[n].x, b[n].y);
+        mma_16x8x16(acc[n], x0.z, x1.z, x0.w, x1.w, b[n].z, b[n].w);
     }
 }
 

@@ -1,5 +1,6 @@
 // Helpers shared by the attention kernels (decode.cu, attention.cu): element conversion and
-// rounding, warp reductions, the tensor-core product, and the paged cache's tokens per block.
+// rounding, warp reductions, the tensor-core product (lora.cu's too), cp.async copies, and the
+// paged cache's tokens per block.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
