@@ -19,7 +19,7 @@ const SEQS: usize = 256;
 const HEADS: usize = 32;
 const KV_HEADS: usize = 8;
 const HEAD_DIM: usize = 128;
-const LAUNCHES: usize = 10;
+pub(super) const LAUNCHES: usize = 10;
 const MAX_CONTEXT: usize = 1000;
 
 /// Sequence `i`'s context: 600 to [`MAX_CONTEXT`] tokens.
@@ -27,7 +27,26 @@ fn context(i: usize) -> usize {
     600 + (i * 157) % (MAX_CONTEXT - 599)
 }
 
-/// Microseconds per launch of `kernel` (best of three runs of [`LAUNCHES`]).
+/// Microseconds per launch of `launch` (called with the launch's index): the best of three runs
+/// of [`LAUNCHES`] back to back between two synchronizations.
+pub(super) fn best_micros(
+    cuda: &Device,
+    mut launch: impl FnMut(usize) -> candle_core::Result<()>,
+) -> candle_core::Result<f64> {
+    let mut best = f64::INFINITY;
+    for _ in 0..3 {
+        cuda.synchronize()?;
+        let t = Instant::now();
+        for i in 0..LAUNCHES {
+            launch(i)?;
+        }
+        cuda.synchronize()?;
+        best = best.min(t.elapsed().as_secs_f64() * 1e6 / LAUNCHES as f64);
+    }
+    Ok(best)
+}
+
+/// Microseconds per launch of `kernel` ([`best_micros`]).
 fn time_kernel(
     cuda: &Device,
     inputs: (&Tensor, (&Tensor, &Tensor), (&Tensor, &Tensor)),
@@ -36,17 +55,9 @@ fn time_kernel(
 ) -> candle_core::Result<f64> {
     let (q, caches, tables) = inputs;
     let params = test_params(HEAD_DIM, (HEADS, KV_HEADS), None, None);
-    let mut best = f64::INFINITY;
-    for _ in 0..3 {
-        cuda.synchronize()?;
-        let t = Instant::now();
-        for _ in 0..LAUNCHES {
-            paged_decode(q, caches, tables, max_context, &params, kernel)?;
-        }
-        cuda.synchronize()?;
-        best = best.min(t.elapsed().as_secs_f64() * 1e6 / LAUNCHES as f64);
-    }
-    Ok(best)
+    best_micros(cuda, |_| {
+        paged_decode(q, caches, tables, max_context, &params, kernel).map(|_| ())
+    })
 }
 
 /// One line per cache type: each kernel's µs per launch and the TB/s of cache it reads.
@@ -90,18 +101,10 @@ fn timings(cuda: &Device, cache: DType) -> candle_core::Result<String> {
     ))
 }
 
-/// The informational timing over bf16 and fp8 caches; a failure to run it is a failed check
-/// (with the error), and the selftest goes on.
-pub(super) fn decode_timing_check(cuda: &Device) -> Check {
-    let name = format!(
-        "decode attention time, {SEQS} sequences of 600-1,000 tokens, {HEADS}/{KV_HEADS} heads of \
-         {HEAD_DIM} (best of 3 x {LAUNCHES} launches)"
-    );
-    match [DType::BF16, DType::F8E4M3]
-        .into_iter()
-        .map(|cache| timings(cuda, cache))
-        .collect::<candle_core::Result<Vec<_>>>()
-    {
+/// An informational timing check of `lines` (one `; `-joined detail), or, when they could not be
+/// measured, a failed check naming the error (the selftest goes on either way).
+pub(super) fn timing_check(name: String, lines: candle_core::Result<Vec<String>>) -> Check {
+    match lines {
         Ok(lines) => Check {
             name,
             passed: true,
@@ -112,7 +115,20 @@ pub(super) fn decode_timing_check(cuda: &Device) -> Check {
             name,
             passed: false,
             informational: false,
-            detail: format!("the kernels could not be timed: {e}"),
+            detail: format!("could not be timed: {e}"),
         },
     }
+}
+
+/// The informational timing over bf16 and fp8 caches ([`timing_check`]).
+pub(super) fn decode_timing_check(cuda: &Device) -> Check {
+    let name = format!(
+        "decode attention time, {SEQS} sequences of 600-1,000 tokens, {HEADS}/{KV_HEADS} heads of \
+         {HEAD_DIM} (best of 3 x {LAUNCHES} launches)"
+    );
+    let lines = [DType::BF16, DType::F8E4M3]
+        .into_iter()
+        .map(|cache| timings(cuda, cache))
+        .collect();
+    timing_check(name, lines)
 }

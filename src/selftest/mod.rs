@@ -10,6 +10,8 @@ mod decode_timing;
 mod draw;
 #[cfg(feature = "cuda")]
 mod graphs;
+#[cfg(feature = "cuda")]
+mod layer_timing;
 mod lora;
 #[cfg(feature = "cuda")]
 mod prefill;
@@ -457,6 +459,12 @@ pub fn run_all(
         &mut checks,
         &mut report,
         decode_timing::decode_timing_check(&cuda),
+    );
+    #[cfg(feature = "cuda")]
+    push(
+        &mut checks,
+        &mut report,
+        layer_timing::layer_timing_check(&cuda),
     );
     #[cfg(feature = "cuda")]
     for c in draw::draw_kernel_checks(&cuda)? {
