@@ -13,7 +13,7 @@ use candle_core::{DType, Device, Tensor};
 use super::prefill::test_params;
 use super::Check;
 use crate::engine::attention::cuda::BLOCK_SIZE;
-use crate::engine::attention::decode::{paged_decode, DecodeKernel, DECODE_KERNELS};
+use crate::engine::attention::decode::{paged_decode, DECODE_KERNELS};
 
 const SEQS: usize = 256;
 const HEADS: usize = 32;
@@ -46,20 +46,6 @@ pub(super) fn best_micros(
     Ok(best)
 }
 
-/// Microseconds per launch of `kernel` ([`best_micros`]).
-fn time_kernel(
-    cuda: &Device,
-    inputs: (&Tensor, (&Tensor, &Tensor), (&Tensor, &Tensor)),
-    max_context: usize,
-    kernel: DecodeKernel,
-) -> candle_core::Result<f64> {
-    let (q, caches, tables) = inputs;
-    let params = test_params(HEAD_DIM, (HEADS, KV_HEADS), None, None);
-    best_micros(cuda, |_| {
-        paged_decode(q, caches, tables, max_context, &params, kernel).map(|_| ())
-    })
-}
-
 /// One line per cache type: each kernel's µs per launch and the TB/s of cache it reads.
 fn timings(cuda: &Device, cache: DType) -> candle_core::Result<String> {
     let max_blocks = MAX_CONTEXT.div_ceil(BLOCK_SIZE);
@@ -81,14 +67,20 @@ fn timings(cuda: &Device, cache: DType) -> candle_core::Result<String> {
     let max_context = (0..SEQS).map(context).max().unwrap_or(1);
     let tokens: usize = (0..SEQS).map(context).sum();
     let bytes = (tokens * KV_HEADS * HEAD_DIM * 2 * cache.size_in_bytes()) as f64;
+    let params = test_params(HEAD_DIM, (HEADS, KV_HEADS), None, None);
     let mut parts = Vec::new();
     for (name, kernel) in DECODE_KERNELS {
-        let us = time_kernel(
-            cuda,
-            (&q, (&kc, &vc), (&tables, &lens)),
-            max_context,
-            kernel,
-        )?;
+        let us = best_micros(cuda, |_| {
+            paged_decode(
+                &q,
+                (&kc, &vc),
+                (&tables, &lens),
+                max_context,
+                &params,
+                kernel,
+            )
+            .map(|_| ())
+        })?;
         parts.push(format!(
             "{name} {us:.1} us ({:.2} TB/s)",
             bytes / (us * 1e-6) / 1e12
