@@ -1,6 +1,5 @@
 //! With the `cuda` feature, compiles the engine's kernels (each `.cu` beside the Rust that launches
-//! it: engine/ops/fused.cu, engine/ops/gemm.cu, engine/ops/stream_gemm.cu (with the attention's
-//! common.cuh), engine/attention/attention.cu and decode.cu (with
+//! it: engine/ops/fused.cu, engine/ops/gemm.cu, engine/attention/attention.cu and decode.cu (with
 //! common.cuh and decode_mma.cuh), engine/sample/sampling.cu, engine/adapters/lora.cu (with
 //! common.cuh)) to PTX with nvcc (`$NVCC`, `$CUDA_HOME/bin/nvcc` or
 //! `nvcc` on PATH) for `compute_$CUDA_COMPUTE_CAP` (default 80, JIT-compiled by the driver for
@@ -25,7 +24,6 @@ fn main() {
     for (name, src) in [
         ("fused", "src/engine/ops/fused.cu"),
         ("gemm", "src/engine/ops/gemm.cu"),
-        ("stream_gemm", "src/engine/ops/stream_gemm.cu"),
         ("attention", "src/engine/attention/attention.cu"),
         ("decode", "src/engine/attention/decode.cu"),
         ("sampling", "src/engine/sample/sampling.cu"),

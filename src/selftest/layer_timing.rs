@@ -1,8 +1,7 @@
 //! How long a decode layer's operations other than attention take on the 8B shape
-//! (informational), at 1 to 256 rows: RMSNorm of the f32 residual to bf16, the q|k|v, o, gate|up
-//! and down projections (bf16 rows, f32 outputs; o and down accumulating into the residual, as
-//! decode steps run them; up to 64 rows through the weight-streaming kernel and through cuBLAS
-//! for comparison) and `act_mul`. Each is timed as decode_timing times the
+//! (informational), at 1 to 256 rows: RMSNorm of the f32 residual to bf16, the q|k|v,
+//! o, gate|up and down projections (bf16 rows, f32 outputs; o and down accumulating into the
+//! residual, as decode steps run them) and `act_mul`. Each is timed as decode_timing times the
 //! attention kernels ([`best_micros`]), its weights rotated over [`COPIES`] copies (1.7 GB in
 //! all) so that L2 holds none of them between launches; projections also report the TB/s of
 //! weights read. The engine runs these inside decode graphs, where launch gaps are smaller; the
@@ -15,7 +14,6 @@ use super::Check;
 use crate::engine::model::config::Activation;
 use crate::engine::ops::fused::{act_mul, rms_norm_to};
 use crate::engine::ops::gemm::{linear_f32, linear_f32_accumulate};
-use crate::engine::ops::stream_gemm;
 
 const HIDDEN: usize = 4096;
 const QKV: usize = 6144;
@@ -47,24 +45,6 @@ fn figure(name: &str, us: f64, bytes: Option<usize>) -> String {
     }
 }
 
-/// A projection's figure: through the engine's path, and where that is the weight-streaming
-/// kernel (up to [`stream_gemm::MAX_ROWS`] rows), through cuBLAS too.
-fn projection(
-    name: &str,
-    rows: usize,
-    bytes: usize,
-    mut time: impl FnMut() -> candle_core::Result<f64>,
-) -> candle_core::Result<String> {
-    let engine = figure(name, time()?, Some(bytes));
-    if rows > stream_gemm::MAX_ROWS || !stream_gemm::enabled() {
-        return Ok(engine);
-    }
-    stream_gemm::set_enabled(false);
-    let cublas = time();
-    stream_gemm::set_enabled(true);
-    Ok(format!("{engine} [cuBLAS {}]", figure("", cublas?, Some(bytes)).trim()))
-}
-
 /// One line: each operation's µs at `rows` rows.
 fn timings(cuda: &Device, layer: &Layer, rows: usize) -> candle_core::Result<String> {
     let residual = Tensor::full(0.5f32, (rows, HIDDEN), cuda)?;
@@ -85,23 +65,33 @@ fn timings(cuda: &Device, layer: &Layer, rows: usize) -> candle_core::Result<Str
             linear_f32_accumulate(residual.clone(), x, &w[i % COPIES]).map(|_| ())
         })
     };
-    let norm = best_micros(cuda, |_| {
-        rms_norm_to(&residual, &alpha, 1e-5, DType::BF16).map(|_| ())
-    })?;
-    let act_mul = best_micros(cuda, |_| {
-        act_mul(&gate_up, Activation::Silu, DType::BF16).map(|_| ())
-    })?;
     let parts = [
-        figure("norm", norm, None),
-        projection("q|k|v", rows, bytes(&layer.qkv), || project(&layer.qkv))?,
-        projection("o+=", rows, bytes(&layer.o), || accumulate(&normed, &layer.o))?,
-        projection("gate|up", rows, bytes(&layer.gate_up), || {
-            project(&layer.gate_up)
-        })?,
-        figure("act_mul", act_mul, None),
-        projection("down+=", rows, bytes(&layer.down), || {
-            accumulate(&act, &layer.down)
-        })?,
+        figure(
+            "norm",
+            best_micros(cuda, |_| {
+                rms_norm_to(&residual, &alpha, 1e-5, DType::BF16).map(|_| ())
+            })?,
+            None,
+        ),
+        figure("q|k|v", project(&layer.qkv)?, Some(bytes(&layer.qkv))),
+        figure("o+=", accumulate(&normed, &layer.o)?, Some(bytes(&layer.o))),
+        figure(
+            "gate|up",
+            project(&layer.gate_up)?,
+            Some(bytes(&layer.gate_up)),
+        ),
+        figure(
+            "act_mul",
+            best_micros(cuda, |_| {
+                act_mul(&gate_up, Activation::Silu, DType::BF16).map(|_| ())
+            })?,
+            None,
+        ),
+        figure(
+            "down+=",
+            accumulate(&act, &layer.down)?,
+            Some(bytes(&layer.down)),
+        ),
     ];
     Ok(format!("{rows} rows: {} µs", parts.join(", ")))
 }

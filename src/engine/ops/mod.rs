@@ -1,13 +1,11 @@
 //! The decoder's custom ops, each with a CPU implementation that defines what it computes and a
 //! CUDA kernel (`*.cu` beside its launcher, built by build.rs) checked against it: fused norms,
-//! rope and activations ([`fused`]), f32-output projections ([`gemm`], with [`stream_gemm`] for
-//! steps of a few dozen rows on CUDA), and row gathers and bias adds that upload nothing per
-//! launch ([`rows`]).
+//! rope and activations ([`fused`]), f32-output projections ([`gemm`]), and row gathers and bias
+//! adds that upload nothing per launch ([`rows`]).
 
 pub mod fused;
 pub mod gemm;
 pub mod rows;
-pub mod stream_gemm;
 
 /// The `cpu_fwd` of a custom op that runs on CUDA only (candle's `CustomOp1/2/3` and
 /// `InplaceOp1/2/3` require one): an error naming the op. `cuda_only_cpu_fwd!(N)` inside the
