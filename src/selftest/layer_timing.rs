@@ -1,7 +1,8 @@
 //! How long a decode layer's operations other than attention take on the 8B shape
-//! (informational), at 1 to 256 rows: RMSNorm of the f32 residual to bf16, the q|k|v,
+//! (informational), at 1 to 512 rows: RMSNorm of the f32 residual to bf16, the q|k|v,
 //! o, gate|up and down projections (bf16 rows, f32 outputs; o and down accumulating into the
-//! residual, as decode steps run them) and `act_mul`. Each is timed as decode_timing times the
+//! residual, as decode steps run them; through cuBLASLt and, for comparison, `GemmEx`) and
+//! `act_mul`. Each is timed as decode_timing times the
 //! attention kernels ([`best_micros`]), its weights rotated over [`COPIES`] copies (1.7 GB in
 //! all) so that L2 holds none of them between launches; projections also report the TB/s of
 //! weights read. The engine runs these inside decode graphs, where launch gaps are smaller; the
@@ -12,13 +13,14 @@ use candle_core::{DType, Device, Tensor};
 use super::decode_timing::{best_micros, timing_check, LAUNCHES};
 use super::Check;
 use crate::engine::model::config::Activation;
+use crate::engine::ops::cublaslt;
 use crate::engine::ops::fused::{act_mul, rms_norm_to};
 use crate::engine::ops::gemm::{linear_f32, linear_f32_accumulate};
 
 const HIDDEN: usize = 4096;
 const QKV: usize = 6144;
 const INTERMEDIATE: usize = 14336;
-const ROWS: [usize; 7] = [1, 8, 16, 32, 64, 128, 256];
+const ROWS: [usize; 8] = [1, 8, 16, 32, 64, 128, 256, 512];
 /// Copies of each weight the launches rotate over.
 const COPIES: usize = 4;
 
@@ -43,6 +45,27 @@ fn figure(name: &str, us: f64, bytes: Option<usize>) -> String {
         Some(b) => format!("{name} {us:.1} ({:.2} TB/s)", b as f64 / (us * 1e-6) / 1e12),
         None => format!("{name} {us:.1}"),
     }
+}
+
+/// A projection's figure through the engine's path and, where that is cuBLASLt (up to
+/// [`cublaslt::MAX_ROWS`] rows, more than one), through cuBLAS's `GemmEx` for comparison.
+fn projection(
+    name: &str,
+    rows: usize,
+    bytes: usize,
+    mut time: impl FnMut() -> candle_core::Result<f64>,
+) -> candle_core::Result<String> {
+    let engine = figure(name, time()?, Some(bytes));
+    if !(2..=cublaslt::MAX_ROWS).contains(&rows) || !cublaslt::enabled() {
+        return Ok(engine);
+    }
+    cublaslt::set_enabled(false);
+    let gemm_ex = time();
+    cublaslt::set_enabled(true);
+    Ok(format!(
+        "{engine} [GemmEx {}]",
+        figure("", gemm_ex?, Some(bytes)).trim()
+    ))
 }
 
 /// One line: each operation's µs at `rows` rows.
@@ -73,13 +96,13 @@ fn timings(cuda: &Device, layer: &Layer, rows: usize) -> candle_core::Result<Str
             })?,
             None,
         ),
-        figure("q|k|v", project(&layer.qkv)?, Some(bytes(&layer.qkv))),
-        figure("o+=", accumulate(&normed, &layer.o)?, Some(bytes(&layer.o))),
-        figure(
-            "gate|up",
-            project(&layer.gate_up)?,
-            Some(bytes(&layer.gate_up)),
-        ),
+        projection("q|k|v", rows, bytes(&layer.qkv), || project(&layer.qkv))?,
+        projection("o+=", rows, bytes(&layer.o), || {
+            accumulate(&normed, &layer.o)
+        })?,
+        projection("gate|up", rows, bytes(&layer.gate_up), || {
+            project(&layer.gate_up)
+        })?,
         figure(
             "act_mul",
             best_micros(cuda, |_| {
@@ -87,11 +110,9 @@ fn timings(cuda: &Device, layer: &Layer, rows: usize) -> candle_core::Result<Str
             })?,
             None,
         ),
-        figure(
-            "down+=",
-            accumulate(&act, &layer.down)?,
-            Some(bytes(&layer.down)),
-        ),
+        projection("down+=", rows, bytes(&layer.down), || {
+            accumulate(&act, &layer.down)
+        })?,
     ];
     Ok(format!("{rows} rows: {} µs", parts.join(", ")))
 }
