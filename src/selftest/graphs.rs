@@ -1,7 +1,6 @@
 //! The decode path on the device:
-//! - projections of 1 to 513 rows (one row through `gemm.cu`'s skinny kernel, 2 to 512 through
-//!   cuBLASLt, more through `GemmEx`), plain and accumulated, against the CPU's f32 product of the
-//!   same bf16 values;
+//! - projections of 1 to 513 rows (one row through `gemm.cu`'s skinny kernel, more through
+//!   cuBLAS), plain and accumulated, against the CPU's f32 product of the same bf16 values;
 //! - decode steps replayed from captured CUDA graphs against the same engine launching every
 //!   kernel itself (`--enforce-eager`): requests of different lengths generate past a context
 //!   bucket (256 tokens), so graphs of several buckets are captured and replayed, padded rows
@@ -24,10 +23,9 @@ pub(super) fn values(shape: (usize, usize), seed: u64) -> candle_core::Result<Te
     Tensor::from_vec(v, shape, &Device::Cpu)?.to_dtype(DType::BF16)
 }
 
-/// Projections of 1 to 513 rows (one through the skinny kernel, 2 to 512 through cuBLASLt, more
-/// through cuBLAS's `GemmEx`), plain and accumulated into existing rows, against the CPU's f32
-/// product of the same bf16 values, on two shapes: a small one not a multiple of any tile, and
-/// one of 1,000 x 4,104.
+/// Projections of 1 to 513 rows (one through the skinny kernel, more through cuBLAS), plain and
+/// accumulated into existing rows, against the CPU's f32 product of the same bf16 values, on two
+/// shapes: a small one not a multiple of any tile, and one of 1,000 x 4,104.
 pub(super) fn skinny_check(cuda: &Device) -> Result<Check, SelftestError> {
     skinny_diffs(cuda).map_err(|e| SelftestError::Engine(e.into()))
 }
@@ -57,8 +55,8 @@ fn skinny_diffs(cuda: &Device) -> candle_core::Result<Check> {
         }
     }
     Ok(Check {
-        name: "projections of 1 (skinny kernel), 2-512 (cuBLASLt) and 513 rows (GemmEx) vs CPU \
-               f32, 300x1032 and 1000x4104, within 3e-5 of the products' magnitude"
+        name: "projections of 1 (skinny kernel) to 513 rows (cuBLAS) vs CPU f32, 300x1032 and \
+               1000x4104, within 3e-5 of the products' magnitude"
             .into(),
         passed: worst <= 3e-5,
         informational: false,

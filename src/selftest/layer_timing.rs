@@ -1,8 +1,7 @@
 //! How long a decode layer's operations other than attention take on the 8B shape
 //! (informational), at 1 to 512 rows: RMSNorm of the f32 residual to bf16, the q|k|v,
 //! o, gate|up and down projections (bf16 rows, f32 outputs; o and down accumulating into the
-//! residual, as decode steps run them; through cuBLASLt and, for comparison, `GemmEx`) and
-//! `act_mul`. Each is timed as decode_timing times the
+//! residual, as decode steps run them) and `act_mul`. Each is timed as decode_timing times the
 //! attention kernels ([`best_micros`]), its weights rotated over [`COPIES`] copies (1.7 GB in
 //! all) so that L2 holds none of them between launches; projections also report the TB/s of
 //! weights read. The engine runs these inside decode graphs, where launch gaps are smaller; the
@@ -13,7 +12,6 @@ use candle_core::{DType, Device, Tensor};
 use super::decode_timing::{best_micros, timing_check, LAUNCHES};
 use super::Check;
 use crate::engine::model::config::Activation;
-use crate::engine::ops::cublaslt;
 use crate::engine::ops::fused::{act_mul, rms_norm_to};
 use crate::engine::ops::gemm::{linear_f32, linear_f32_accumulate};
 
@@ -47,27 +45,6 @@ fn figure(name: &str, us: f64, bytes: Option<usize>) -> String {
     }
 }
 
-/// A projection's figure through the engine's path and, where that is cuBLASLt (up to
-/// [`cublaslt::MAX_ROWS`] rows, more than one), through cuBLAS's `GemmEx` for comparison.
-fn projection(
-    name: &str,
-    rows: usize,
-    bytes: usize,
-    mut time: impl FnMut() -> candle_core::Result<f64>,
-) -> candle_core::Result<String> {
-    let engine = figure(name, time()?, Some(bytes));
-    if !(2..=cublaslt::MAX_ROWS).contains(&rows) || !cublaslt::enabled() {
-        return Ok(engine);
-    }
-    cublaslt::set_enabled(false);
-    let gemm_ex = time();
-    cublaslt::set_enabled(true);
-    Ok(format!(
-        "{engine} [GemmEx {}]",
-        figure("", gemm_ex?, Some(bytes)).trim()
-    ))
-}
-
 /// One line: each operation's µs at `rows` rows.
 fn timings(cuda: &Device, layer: &Layer, rows: usize) -> candle_core::Result<String> {
     let residual = Tensor::full(0.5f32, (rows, HIDDEN), cuda)?;
@@ -96,13 +73,13 @@ fn timings(cuda: &Device, layer: &Layer, rows: usize) -> candle_core::Result<Str
             })?,
             None,
         ),
-        projection("q|k|v", rows, bytes(&layer.qkv), || project(&layer.qkv))?,
-        projection("o+=", rows, bytes(&layer.o), || {
-            accumulate(&normed, &layer.o)
-        })?,
-        projection("gate|up", rows, bytes(&layer.gate_up), || {
-            project(&layer.gate_up)
-        })?,
+        figure("q|k|v", project(&layer.qkv)?, Some(bytes(&layer.qkv))),
+        figure("o+=", accumulate(&normed, &layer.o)?, Some(bytes(&layer.o))),
+        figure(
+            "gate|up",
+            project(&layer.gate_up)?,
+            Some(bytes(&layer.gate_up)),
+        ),
         figure(
             "act_mul",
             best_micros(cuda, |_| {
@@ -110,9 +87,11 @@ fn timings(cuda: &Device, layer: &Layer, rows: usize) -> candle_core::Result<Str
             })?,
             None,
         ),
-        projection("down+=", rows, bytes(&layer.down), || {
-            accumulate(&act, &layer.down)
-        })?,
+        figure(
+            "down+=",
+            accumulate(&act, &layer.down)?,
+            Some(bytes(&layer.down)),
+        ),
     ];
     Ok(format!("{rows} rows: {} µs", parts.join(", ")))
 }

@@ -2,9 +2,8 @@
 //! dtype. bf16 weights take bf16 activations in one GEMM, or f32 activations compensated as two
 //! bf16 terms (see [`linear_f32`]), on every row or only on the rows a step names exact
 //! ([`ExactRows`], [`linear_rows`]); on CUDA each GEMM is one cuBLAS GemmEx (bf16 inputs, f32
-//! compute and output), one cuBLASLt matmul for decode-sized steps ([`super::cublaslt`]), or for
-//! a single row (batch-1 decode) a skinny kernel of `gemm.cu` with the same products and f32
-//! sums, and the hi/lo split is `split_bf16` in `fused.cu`. The CPU path
+//! compute and output), or for a single row (batch-1 decode) a skinny kernel of `gemm.cu` with
+//! the same products and f32 sums, and the hi/lo split is `split_bf16` in `fused.cu`. The CPU path
 //! computes the same values and is what the CPU tests run.
 
 use std::ops::Range;
@@ -423,9 +422,7 @@ pub(crate) mod cuda {
         let (xp, _gx) = x.device_ptr(&stream);
         let (wp, _gw) = w.device_ptr(&stream);
         let (yp, _gy) = y.device_ptr_mut(&stream);
-        if skinny(dev, (xp, wp, yp), (t, n, k), beta)?
-            || crate::engine::ops::cublaslt::try_matmul(dev, (xp, wp, yp), (t, n, k), beta)?
-        {
+        if skinny(dev, (xp, wp, yp), (t, n, k), beta)? {
             return Ok(());
         }
         // Column-major view: yᵀ[n, T] = (w stored [k, n])ᵀ · (x stored [k, T]).
