@@ -2,8 +2,9 @@
 //! logits and uniform numbers, at Llama-3's vocabulary size (128,256 ids), where the engine checks'
 //! small vocabularies do not reach: flat, peaked and heavily tied logits (every value a multiple of
 //! 0.5, so the truncation boundaries fall inside runs of equal values) under the paper's
-//! sampling and top-k / top-p / min-p mixes. Tokens must be equal and logprobs within 1e-4. The
-//! kernel's time for one row and for 256 rows is reported (informational). The prompt-scoring
+//! sampling and top-k / top-p / min-p mixes, drawn in one step of every row (a block per row) and
+//! in steps of four rows (a cluster of blocks per row). Tokens must be equal and logprobs within
+//! 1e-4. The kernel's time for one row (both ways) and for 256 rows is reported (informational). The prompt-scoring
 //! kernel (`score_pick_f32`) is checked the same way against the CPU's candle log-softmax.
 
 use std::time::Instant;
@@ -14,7 +15,7 @@ use super::prefill::values;
 use super::{Check, SelftestError};
 use crate::checkpoint::CheckpointError;
 use crate::engine::sample::sampler::{DeviceDraw, Sampler, SamplingParams};
-use crate::engine::sample::scoring::{draw_rows, score_spans, ScoreSpan};
+use crate::engine::sample::scoring::{draw_rows, score_spans, set_cluster_draws, ScoreSpan};
 
 const VOCAB: usize = 128_256;
 const SEEDS: u64 = 4;
@@ -66,7 +67,13 @@ fn compare(cuda: &Device) -> candle_core::Result<(usize, usize, f32)> {
     }
     let n = draws.len();
     let logits = Tensor::from_vec(rows, (n, VOCAB), cuda)?;
-    let got = draw_rows(&logits, &draws)?;
+    // All rows in one step (a block per row), then steps of SEEDS rows (a cluster per row).
+    let mut got = draw_rows(&logits, &draws)?;
+    for at in (0..n).step_by(SEEDS as usize) {
+        let step = logits.narrow(0, at, SEEDS as usize)?;
+        got.extend(draw_rows(&step, &draws[at..at + SEEDS as usize])?);
+    }
+    let want: Vec<_> = want.iter().chain(&want).collect();
     let differ = got
         .iter()
         .zip(&want)
@@ -77,7 +84,7 @@ fn compare(cuda: &Device) -> candle_core::Result<(usize, usize, f32)> {
         .zip(&want)
         .map(|(g, w)| (g.logprob - w.logprob).abs())
         .fold(0f32, f32::max);
-    Ok((n, differ, worst))
+    Ok((2 * n, differ, worst))
 }
 
 /// Milliseconds of one `draw_rows` call over `rows` rows of paper-sampled flat logits (the best
@@ -116,12 +123,19 @@ pub(super) fn draw_kernel_checks(cuda: &Device) -> Result<Vec<Check>, SelftestEr
         detail: format!("{n} rows: {differ} tokens differ; max |dlogprob| {worst:.1e}"),
     };
     let one = time_draws(cuda, 1).map_err(CheckpointError::from)?;
+    set_cluster_draws(false);
+    let one_block = time_draws(cuda, 1);
+    set_cluster_draws(true);
+    let one_block = one_block.map_err(CheckpointError::from)?;
     let many = time_draws(cuda, 256).map_err(CheckpointError::from)?;
     let timing = Check {
         name: format!("device draw time over {VOCAB} ids (T 0.9, top_p 0.95)"),
         passed: true,
         informational: true,
-        detail: format!("1 row {one:.2} ms; 256 rows {many:.2} ms (best of 3, with the readback)"),
+        detail: format!(
+            "1 row {one:.2} ms (a block per row: {one_block:.2}); 256 rows {many:.2} ms (best of \
+             3, with the readback)"
+        ),
     };
     Ok(vec![check, timing])
 }

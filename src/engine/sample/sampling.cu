@@ -107,9 +107,18 @@ extern "C" __global__ void __launch_bounds__(PICK_THREADS)
 // 2^-40 fixed point (u64), so the result does not depend on the order of the threads' additions;
 // each id's mass (a double-precision exp) is computed once, into `masses` (rows x vocab u64,
 // scratch), and read by the later passes. out[row] = (token, raw logprob = x[token] -
-// logsumexp(x), the sum of f32 exponentials in double). Grid (rows), DRAW_THREADS threads.
+// logsumexp(x), the sum of f32 exponentials in double). `draw_f32`: grid (rows), a block of
+// DRAW_THREADS threads per row. `draw_f32_c8` (sm_90, for steps of few rows): a cluster of
+// DRAW_CLUSTER blocks per row, each over its own contiguous eighth of the ids, every reduction
+// taken over the cluster through distributed shared memory, so one row's passes run on eight
+// multiprocessors; the same integer sums and cuts give the same token (the double-precision
+// log-sum-exp is summed in another order, a difference far below f32's rounding).
+
+#include <cooperative_groups.h>
 
 #define DRAW_THREADS 1024
+#define DRAW_WARPS (DRAW_THREADS / 32)
+#define DRAW_CLUSTER 8
 #define FIXED_ONE 1099511627776.0  // 2^40
 
 // Per row, 5 doubles: u, 1 / temperature, top_p, min_p, top_k (0: all).
@@ -123,6 +132,51 @@ __device__ __forceinline__ unsigned int order_key(float x) {
 
 __device__ __forceinline__ unsigned long long fixed_mass(float x, float max, float inv_t) {
   return (unsigned long long)(exp((double)((x - max) * inv_t)) * FIXED_ONE);
+}
+
+__device__ __forceinline__ unsigned long long warp_sum_u64(unsigned long long v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
+  return v;
+}
+
+// The C blocks of a row: this block's rank, a barrier over all of them, and another block's
+// copy of a shared variable. C = 1 is a plain block (clusters exist from sm_90 on).
+template <int C> struct Rows {
+  static __device__ __forceinline__ int rank() {
+#if __CUDA_ARCH__ >= 900
+    if constexpr (C > 1) return (int)cooperative_groups::this_cluster().block_rank();
+#endif
+    return 0;
+  }
+  static __device__ __forceinline__ void sync() {
+#if __CUDA_ARCH__ >= 900
+    if constexpr (C > 1) {
+      cooperative_groups::this_cluster().sync();
+      return;
+    }
+#endif
+    __syncthreads();
+  }
+  template <typename T> static __device__ __forceinline__ T *at(T *p, int r) {
+#if __CUDA_ARCH__ >= 900
+    if constexpr (C > 1) return cooperative_groups::this_cluster().map_shared_rank(p, r);
+#endif
+    return p;
+  }
+};
+
+// Reductions over the row's blocks; every thread of every block gets the result. `slot` is a
+// shared variable of this block that the others read (published, then a barrier; a second
+// barrier before it is written again). Sums are taken in block order.
+template <int C, typename T, typename Op>
+__device__ T rows_reduce(T block_value, T *slot, Op op) {
+  if constexpr (C == 1) return block_value;
+  if (threadIdx.x == 0) *slot = block_value;
+  Rows<C>::sync();
+  T v = *Rows<C>::at(slot, 0);
+  for (int r = 1; r < C; r++) v = op(v, *Rows<C>::at(slot, r));
+  Rows<C>::sync();
+  return v;
 }
 
 // Block-wide reductions (every thread gets the result).
@@ -148,8 +202,13 @@ __device__ double block_sum(double v, double *scratch) {
   return v;
 }
 
-__device__ __forceinline__ unsigned long long warp_sum_u64(unsigned long long v) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
+__device__ unsigned long long block_sum_u64(unsigned long long v, unsigned long long *scratch) {
+  v = warp_sum_u64(v);
+  __syncthreads();
+  if (threadIdx.x % 32 == 0) scratch[threadIdx.x / 32] = v;
+  __syncthreads();
+  v = warp_sum_u64(scratch[threadIdx.x % 32]);
+  __syncthreads();
   return v;
 }
 
@@ -188,83 +247,123 @@ __device__ unsigned long long block_scan(unsigned long long v, unsigned long lon
   return v + (warp > 0 ? scratch[warp - 1] : 0ull);
 }
 
-// Walks in id order. The ids are cut into DRAW_WARPS contiguous chunks, one per warp; a pass
-// sums each chunk (exact integers, so in any order), then only the chunk where the running sum
-// crosses the target is walked tile by tile. `A` gives an id's amount (0: not counted).
-#define DRAW_WARPS (DRAW_THREADS / 32)
+// The shared state of one row's draw in one block.
+template <int C> struct DrawShared {
+  float fscratch[32];
+  double dscratch[32];
+  // This block's histogram (read by the row's other blocks) and the row's (summed).
+  unsigned long long hist[256];
+  unsigned long long bins[256];
+  // Chunk sums: this block's DRAW_WARPS, then the row's C * DRAW_WARPS in id order.
+  unsigned long long chunk[DRAW_WARPS];
+  unsigned long long chunks[C * DRAW_WARPS];
+  unsigned long long scan[33];
+  int found[3];
+  // Published values for rows_reduce and broadcasts.
+  float slot_f;
+  double slot_d;
+  unsigned long long slot_u;
+  int slot_i;
+};
 
-__device__ __forceinline__ int chunk_len(int vocab) {
-  return ((vocab + DRAW_WARPS - 1) / DRAW_WARPS + 31) / 32 * 32;
+// The ids [lo, hi) of this block: C * DRAW_WARPS chunks of chunk_len ids in id order, chunk c
+// walked by warp c % DRAW_WARPS of block c / DRAW_WARPS.
+template <int C> __device__ __forceinline__ int chunk_len(int vocab) {
+  return ((vocab + C * DRAW_WARPS - 1) / (C * DRAW_WARPS) + 31) / 32 * 32;
 }
 
-// Every chunk's sum into chunk_sum[warp]; returns the total (every thread), and the largest id
-// with an amount in `last` (-1: none).
-template <typename A>
-__device__ unsigned long long chunk_sums(int vocab, const A &amount,
-                                         unsigned long long *chunk_sum, int *last) {
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, len = chunk_len(vocab);
-  if (threadIdx.x == 0) *last = -1;
+// Sums the blocks' histograms `hist` into every block's `bins`.
+template <int C> __device__ void merge_hist(DrawShared<C> &sh) {
+  Rows<C>::sync();
+  for (int b = threadIdx.x; b < 256; b += DRAW_THREADS) {
+    unsigned long long v = 0;
+    for (int r = 0; r < C; r++) v += Rows<C>::at(sh.hist, r)[b];
+    sh.bins[b] = v;
+  }
+  Rows<C>::sync();
+}
+
+// The total of an amount over the row's ids and the largest id with an amount (-1: none).
+struct Sums {
+  unsigned long long total;
+  int last;
+};
+
+// Every chunk's sum into sh.chunks (id order); returns the total and the last id (every thread).
+template <int C, typename A>
+__device__ __forceinline__ Sums chunk_sums(int vocab, const A &amount, DrawShared<C> &sh) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, len = chunk_len<C>(vocab);
+  const int c = Rows<C>::rank() * DRAW_WARPS + warp;
+  if (threadIdx.x == 0) sh.found[2] = -1;
   __syncthreads();
   unsigned long long sum = 0;
   int mine = -1;
-  const int end = min(vocab, (warp + 1) * len);
-  for (int i = warp * len + lane; i < end; i += 32) {
+  const int end = min(vocab, (c + 1) * len);
+  for (int i = c * len + lane; i < end; i += 32) {
     const unsigned long long a = amount(i);
     sum += a;
     if (a > 0) mine = i;
   }
   sum = warp_sum_u64(sum);
-  if (lane == 0) chunk_sum[warp] = sum;
-  if (mine >= 0) atomicMax(last, mine);
-  __syncthreads();
-  unsigned long long total = warp_sum_u64(chunk_sum[lane]);
-  __syncthreads();
-  return total;
+  if (lane == 0) sh.chunk[warp] = sum;
+  if (mine >= 0) atomicMax(&sh.found[2], mine);
+  Rows<C>::sync();
+  for (int k = threadIdx.x; k < C * DRAW_WARPS; k += DRAW_THREADS)
+    sh.chunks[k] = Rows<C>::at(sh.chunk, k / DRAW_WARPS)[k % DRAW_WARPS];
+  int l = -1;
+  for (int r = 0; r < C; r++) l = max(l, *Rows<C>::at(&sh.found[2], r));
+  Rows<C>::sync();
+  unsigned long long total = 0;
+  for (int k = 0; k < C * DRAW_WARPS; k++) total += sh.chunks[k];
+  return {total, l};
 }
 
 // The id where the running sum (id order, starting from `carry`) crosses `target`: with STRICT
 // the first id whose sum passes it (sum > target >= sum - amount), else the first whose sum
-// reaches it (sum >= target > sum - amount). -1 when no id does. chunk_sum from chunk_sums.
-template <bool STRICT, typename A>
+// reaches it (sum >= target > sum - amount). -1 when no id does. sh.chunks from chunk_sums.
+template <bool STRICT, int C, typename A>
 __device__ int chunk_crossing(int vocab, const A &amount, unsigned long long carry,
-                              unsigned long long target, const unsigned long long *chunk_sum,
-                              unsigned long long *scan, int *found) {
-  const int len = chunk_len(vocab);
+                              unsigned long long target, DrawShared<C> &sh) {
+  const int len = chunk_len<C>(vocab);
   if (threadIdx.x == 0) {
     int c = -1;
-    for (int w = 0; w < DRAW_WARPS; w++) {
-      const unsigned long long upto = carry + chunk_sum[w];
+    for (int w = 0; w < C * DRAW_WARPS; w++) {
+      const unsigned long long upto = carry + sh.chunks[w];
       if (STRICT ? upto > target : upto >= target) {
         c = w;
         break;
       }
       carry = upto;
     }
-    found[0] = c;
-    found[1] = -1;
-    scan[32] = carry;
+    sh.found[0] = c;
+    sh.found[1] = -1;
+    sh.scan[32] = carry;
   }
   __syncthreads();
-  const int c = found[0];
-  carry = scan[32];
+  const int c = sh.found[0];
+  carry = sh.scan[32];
   __syncthreads();
   if (c < 0) return -1;
-  const int end = min(vocab, (c + 1) * len);
-  for (int base = c * len; base < end; base += DRAW_THREADS) {
-    const int i = base + threadIdx.x;
-    const unsigned long long a = i < end ? amount(i) : 0ull;
-    unsigned long long tile_total;
-    const unsigned long long upto = carry + block_scan(a, scan, tile_total);
-    const bool crossed =
-        a > 0 && (STRICT ? upto > target && upto - a <= target : upto >= target && upto - a < target);
-    if (crossed) found[1] = i;
-    __syncthreads();
-    if (found[1] >= 0) break;
-    carry += tile_total;
+  // The block holding chunk c walks it; the others wait for its answer.
+  const int owner = c / DRAW_WARPS;
+  if (owner == Rows<C>::rank()) {
+    const int end = min(vocab, (c + 1) * len);
+    for (int base = c * len; base < end; base += DRAW_THREADS) {
+      const int i = base + threadIdx.x;
+      const unsigned long long a = i < end ? amount(i) : 0ull;
+      unsigned long long tile_total;
+      const unsigned long long upto = carry + block_scan(a, sh.scan, tile_total);
+      const bool crossed = a > 0 && (STRICT ? upto > target && upto - a <= target
+                                            : upto >= target && upto - a < target);
+      if (crossed) sh.found[1] = i;
+      __syncthreads();
+      if (sh.found[1] >= 0) break;
+      carry += tile_total;
+    }
   }
-  __syncthreads();
-  const int r = found[1];
-  __syncthreads();
+  Rows<C>::sync();
+  const int r = *Rows<C>::at(&sh.found[1], owner);
+  Rows<C>::sync();
   return r;
 }
 
@@ -320,21 +419,23 @@ struct KeptMass {
 // The shortest prefix (value descending, lower id first) of the candidates passing `within` whose
 // amount reaches `target` (amount: 1 per id when `by_mass` is false, else the fixed-point mass):
 // a radix select over the 32 key bits, 8 per pass, then the tied ids in id order. With
-// `first_built`, hist already holds the first pass (key bits 24..31 of every candidate).
-__device__ Cut select_prefix(const float *row, const unsigned long long *mass, int vocab,
-                             Cut within, bool by_mass, unsigned long long target, bool first_built,
-                             unsigned long long *hist, unsigned long long *scan, int *found) {
+// `first_built`, sh.bins already holds the first pass (key bits 24..31 of every candidate).
+// [lo, hi) are this block's ids.
+template <int C>
+__device__ Cut select_prefix(const float *row, const unsigned long long *mass, int vocab, int lo,
+                             int hi, Cut within, bool by_mass, unsigned long long target,
+                             bool first_built, DrawShared<C> &sh) {
   unsigned int prefix = 0, mask = 0;
   unsigned long long above = 0;
   for (int shift = 24; shift >= 0; shift -= 8) {
     if (!(first_built && shift == 24)) {
-      for (int b = threadIdx.x; b < 256; b += DRAW_THREADS) hist[b] = 0;
+      for (int b = threadIdx.x; b < 256; b += DRAW_THREADS) sh.hist[b] = 0;
       __syncthreads();
-      for (int base = 0; base < vocab; base += DRAW_THREADS) {
+      for (int base = lo; base < hi; base += DRAW_THREADS) {
         const int i = base + threadIdx.x;
         int bin = -1;
         unsigned long long a = 0;
-        if (i < vocab) {
+        if (i < hi) {
           const float x = row[i];
           const unsigned int key = order_key(x);
           if (passes(within, key, i) && (key & mask) == prefix) {
@@ -342,126 +443,142 @@ __device__ Cut select_prefix(const float *row, const unsigned long long *mass, i
             a = by_mass ? mass[i] : 1ull;
           }
         }
-        hist_add(hist, bin, a);
+        hist_add(sh.hist, bin, a);
       }
+      merge_hist<C>(sh);
     }
-    __syncthreads();
     if (threadIdx.x == 0) {
       unsigned long long acc = above;
       int chosen = -1, lowest = 0;
       for (int b = 255; b >= 0; --b) {
-        if (hist[b] == 0) continue;
+        if (sh.bins[b] == 0) continue;
         lowest = b;
-        if (acc + hist[b] >= target) {
+        if (acc + sh.bins[b] >= target) {
           chosen = b;
           break;
         }
-        acc += hist[b];
+        acc += sh.bins[b];
       }
       if (chosen < 0) {  // rounding: the whole remainder
         chosen = lowest;
-        acc -= hist[lowest];
+        acc -= sh.bins[lowest];
       }
-      found[0] = chosen;
-      scan[32] = acc;
+      sh.found[0] = chosen;
+      sh.scan[32] = acc;
     }
     __syncthreads();
-    prefix |= ((unsigned int)found[0]) << shift;
+    prefix |= ((unsigned int)sh.found[0]) << shift;
     mask |= 255u << shift;
-    above = scan[32];
+    above = sh.scan[32];
     __syncthreads();
   }
   // Ties at the threshold key, in id order, until the target is reached (all of them when it
   // is not).
   const TieAmount ties{row, mass, within, prefix, by_mass};
-  chunk_sums(vocab, ties, hist, found + 2);
-  const int crossing = chunk_crossing<false>(vocab, ties, above, target, hist, scan, found);
+  chunk_sums<C>(vocab, ties, sh);
+  const int crossing = chunk_crossing<false, C>(vocab, ties, above, target, sh);
   Cut c;
   c.key = prefix;
   c.last_id = crossing < 0 ? vocab - 1 : crossing;
   return c;
 }
 
-extern "C" __global__ void __launch_bounds__(DRAW_THREADS)
-    draw_f32(const float *logits, float *out, int vocab, const double *params,
-             unsigned long long *masses) {
-  const float *row = logits + (size_t)blockIdx.x * vocab;
-  unsigned long long *mass = masses + (size_t)blockIdx.x * vocab;
-  const double *p = params + (size_t)blockIdx.x * DRAW_PARAMS;
+// One row's draw by block `rank` of its C (see the section's comment).
+template <int C>
+__device__ void draw_row(const float *row, float *out, int vocab, const double *p,
+                         unsigned long long *mass) {
+  __shared__ DrawShared<C> sh;
   const double u = p[0], top_p = p[2], min_p = p[3];
   const float inv_t = (float)p[1];
   const int top_k = (int)p[4];
-  __shared__ float fscratch[32];
-  __shared__ double dscratch[32];
-  __shared__ unsigned long long hist[256];
-  __shared__ unsigned long long scan[33];
-  __shared__ int found[3];
+  const int len = chunk_len<C>(vocab), rank = Rows<C>::rank();
+  const int lo = min(vocab, rank * DRAW_WARPS * len), hi = min(vocab, lo + DRAW_WARPS * len);
 
   float max = -INFINITY;
-  for (int i = threadIdx.x; i < vocab; i += DRAW_THREADS) max = fmaxf(max, row[i]);
-  max = block_max(max, fscratch);
+  for (int i = lo + threadIdx.x; i < hi; i += DRAW_THREADS) max = fmaxf(max, row[i]);
+  max = rows_reduce<C>(block_max(max, sh.fscratch), &sh.slot_f,
+                       [](float a, float b) { return fmaxf(a, b); });
   // One pass computes every id's mass (the row's scratch; the later passes read it), the
   // log-sum-exp and, when every id is a top-p candidate (no top-k), the first histogram of the
   // top-p select (key bits 24..31, by mass), whose bins sum to the total mass.
   const bool by_top_k = top_k > 0 && top_k < vocab;
   const bool fused = top_p < 1.0 && !by_top_k;
-  for (int b = threadIdx.x; b < 256; b += DRAW_THREADS) hist[b] = 0;
+  for (int b = threadIdx.x; b < 256; b += DRAW_THREADS) sh.hist[b] = 0;
   __syncthreads();
   double sum = 0.0;
-  for (int base = 0; base < vocab; base += DRAW_THREADS) {
+  for (int base = lo; base < hi; base += DRAW_THREADS) {
     const int i = base + threadIdx.x;
     int bin = -1;
     unsigned long long a = 0;
-    if (i < vocab) {
+    if (i < hi) {
       const float x = row[i];
       sum += (double)expf(x - max);
       a = fixed_mass(x, max, inv_t);
       mass[i] = a;
       if (fused) bin = (int)(order_key(x) >> 24);
     }
-    if (fused) hist_add(hist, bin, a);
+    if (fused) hist_add(sh.hist, bin, a);
   }
-  const double lse = (double)max + log(block_sum(sum, dscratch));
+  const double total_exp = rows_reduce<C>(block_sum(sum, sh.dscratch), &sh.slot_d,
+                                           [](double a, double b) { return a + b; });
+  const double lse = (double)max + log(total_exp);
+  if (fused) merge_hist<C>(sh);
 
   Cut keep;
   keep.key = 0;
   keep.last_id = vocab;
   if (by_top_k)
-    keep = select_prefix(row, mass, vocab, keep, false, (unsigned long long)top_k, false, hist,
-                         scan, found);
+    keep = select_prefix<C>(row, mass, vocab, lo, hi, keep, false, (unsigned long long)top_k,
+                            false, sh);
   if (top_p < 1.0) {
     unsigned long long total_mass = 0;
     if (fused) {
-      __syncthreads();
-      for (int b = threadIdx.x; b < 256; b += DRAW_THREADS) total_mass += hist[b];
+      for (int b = threadIdx.x; b < 256; b += DRAW_THREADS) total_mass += sh.bins[b];
     } else {
-      for (int i = threadIdx.x; i < vocab; i += DRAW_THREADS) {
+      for (int i = lo + threadIdx.x; i < hi; i += DRAW_THREADS) {
         const float x = row[i];
         const unsigned int key = order_key(x);
         if (passes(keep, key, i)) total_mass += mass[i];
       }
     }
-    total_mass = warp_sum_u64(total_mass);
-    __syncthreads();
-    if (threadIdx.x % 32 == 0) scan[threadIdx.x / 32] = total_mass;
-    __syncthreads();
-    const double total = (double)warp_sum_u64(scan[threadIdx.x % 32]);
-    __syncthreads();
-    const unsigned long long target = (unsigned long long)ceil(top_p * total);
-    keep = select_prefix(row, mass, vocab, keep, true, target, fused, hist, scan, found);
+    total_mass = block_sum_u64(total_mass, sh.scan);
+    if (!fused)
+      total_mass = rows_reduce<C>(total_mass, &sh.slot_u,
+                                  [](unsigned long long a, unsigned long long b) { return a + b; });
+    const unsigned long long target = (unsigned long long)ceil(top_p * (double)total_mass);
+    keep = select_prefix<C>(row, mass, vocab, lo, hi, keep, true, target, fused, sh);
   }
   const unsigned long long floor_mass = (unsigned long long)(min_p * FIXED_ONE);
 
   // The kept mass, then the id where the running mass (id order) passes u times it; when
   // rounding runs past the end, the last kept id.
   const KeptMass kept{row, mass, keep, floor_mass, max};
-  const double kept_total = (double)chunk_sums(vocab, kept, hist, found + 2);
-  const int last_kept = found[2];
+  const Sums kept_sums = chunk_sums<C>(vocab, kept, sh);
+  const double kept_total = (double)kept_sums.total;
+  const int last_kept = kept_sums.last;
   const unsigned long long target = (unsigned long long)(u * kept_total);
-  const int crossing = chunk_crossing<true>(vocab, kept, 0ull, target, hist, scan, found);
-  if (threadIdx.x == 0) {
+  const int crossing = chunk_crossing<true, C>(vocab, kept, 0ull, target, sh);
+  if (threadIdx.x == 0 && rank == 0) {
     const int token = crossing >= 0 ? crossing : last_kept < 0 ? 0 : last_kept;
-    out[2 * blockIdx.x] = (float)token;
-    out[2 * blockIdx.x + 1] = (float)((double)row[token] - lse);
+    out[0] = (float)token;
+    out[1] = (float)((double)row[token] - lse);
   }
 }
+
+extern "C" __global__ void __launch_bounds__(DRAW_THREADS)
+    draw_f32(const float *logits, float *out, int vocab, const double *params,
+             unsigned long long *masses) {
+  const size_t r = blockIdx.x;
+  draw_row<1>(logits + r * vocab, out + 2 * r, vocab, params + r * DRAW_PARAMS,
+              masses + r * vocab);
+}
+
+#if __CUDA_ARCH__ >= 900
+extern "C" __global__ void __cluster_dims__(DRAW_CLUSTER, 1, 1) __launch_bounds__(DRAW_THREADS)
+    draw_f32_c8(const float *logits, float *out, int vocab, const double *params,
+                unsigned long long *masses) {
+  const size_t r = blockIdx.x / DRAW_CLUSTER;
+  draw_row<DRAW_CLUSTER>(logits + r * vocab, out + 2 * r, vocab, params + r * DRAW_PARAMS,
+                         masses + r * vocab);
+}
+#endif

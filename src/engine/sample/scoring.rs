@@ -203,6 +203,23 @@ pub fn log_sum_exp(row: &[f32]) -> f64 {
     f64::from(max) + sum.ln()
 }
 
+/// Draw steps of at most this many rows take a cluster of blocks per row on CUDA (sm_90), so that
+/// one row's passes over the vocabulary run on several multiprocessors; more rows fill the GPU
+/// with a block each.
+pub const CLUSTER_DRAW_ROWS: usize = 16;
+
+static CLUSTER_DRAWS: std::sync::LazyLock<std::sync::atomic::AtomicBool> =
+    std::sync::LazyLock::new(|| {
+        let on = std::env::var("PRUNESERVE_DRAW_CLUSTER").map_or(true, |v| v != "0");
+        std::sync::atomic::AtomicBool::new(on)
+    });
+
+/// Turns the cluster draws of small steps on or off for this process (on unless
+/// `PRUNESERVE_DRAW_CLUSTER=0`; the selftest times both).
+pub fn set_cluster_draws(on: bool) {
+    CLUSTER_DRAWS.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// Draws one token per row of `logits` on CUDA with each row's settings and uniform number
 /// (`draw_f32` in sampling.cu; its definition, and the CPU reference it is checked against by
 /// `selftest`, is [`super::sampler::Sampler::sample`]): the token and its raw logprob, so only two
@@ -241,17 +258,18 @@ mod cuda {
         crate::engine::ops::cuda_only_cpu_fwd!(1);
 
         fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
-            pairs_per_row(s, l, "greedy_pick_f32", None)
+            pairs_per_row(s, l, ("greedy_pick_f32", 1), None)
         }
     }
 
-    /// Launches `kernel` of sampling.cu with one 1024-thread block per row of the f32 logits in
-    /// `s`: arguments (logits, out, vocab[, params, masses]), two f32 written per row into `out`;
-    /// draws get a scratch of 8 bytes per logit (each id's fixed-point mass, computed once).
+    /// Launches `kernel` of sampling.cu with `blocks` 1024-thread blocks per row of the f32
+    /// logits in `s` (a cluster when more than one): arguments (logits, out, vocab[, params,
+    /// masses]), two f32 written per row into `out`; draws get a scratch of 8 bytes per logit
+    /// (each id's fixed-point mass, computed once).
     fn pairs_per_row(
         s: &CudaStorage,
         l: &Layout,
-        kernel: &str,
+        (kernel, blocks): (&str, usize),
         params: Option<&CudaView<'_, f64>>,
     ) -> Result<(CudaStorage, Shape)> {
         let (rows, vocab) = l.shape().dims2()?;
@@ -271,18 +289,41 @@ mod cuda {
             b.arg(p).arg(m);
         }
         let cfg = LaunchConfig {
-            grid_dim: (rows as u32, 1, 1),
+            grid_dim: ((rows * blocks) as u32, 1, 1),
             block_dim: (1024, 1, 1),
             shared_mem_bytes: 0,
         };
         // SAFETY: the arguments match `greedy_pick_f32(logits, out, vocab)` and
-        // `draw_f32(logits, out, vocab, params, masses)` (5 doubles per row, rows * vocab u64) in
-        // sampling.cu.
+        // `draw_f32(logits, out, vocab, params, masses)` / `draw_f32_c8` (5 doubles per row,
+        // rows * vocab u64) in sampling.cu; `draw_f32_c8` is compiled with clusters of
+        // DRAW_CLUSTER_BLOCKS, which divides the grid.
         unsafe { b.launch(cfg) }.w()?;
         Ok((
             CudaStorage::wrap_cuda_slice(out, dev),
             Shape::from((rows, 2)),
         ))
+    }
+
+    /// Blocks of `draw_f32_c8`'s cluster (DRAW_CLUSTER in sampling.cu).
+    const DRAW_CLUSTER_BLOCKS: usize = 8;
+
+    /// The draw kernel for `rows` rows: steps of at most [`super::CLUSTER_DRAW_ROWS`] rows take
+    /// a cluster of blocks per row (sm_90 builds, unless [`super::set_cluster_draws`] turned it
+    /// off; a cluster launch that fails is run again a block per row), the others a block per
+    /// row.
+    fn draw_kernel(
+        dev: &candle_core::cuda_backend::CudaDevice,
+        rows: usize,
+    ) -> (&'static str, usize) {
+        let cluster = super::CLUSTER_DRAWS.load(std::sync::atomic::Ordering::Relaxed)
+            && rows <= super::CLUSTER_DRAW_ROWS
+            && dev
+                .get_or_load_custom_func("draw_f32_c8", "pruneserve_sampling", PTX)
+                .is_ok();
+        match cluster {
+            true => ("draw_f32_c8", DRAW_CLUSTER_BLOCKS),
+            false => ("draw_f32", 1),
+        }
     }
 
     struct Draw;
@@ -302,7 +343,13 @@ mod cuda {
             pl: &Layout,
         ) -> Result<(CudaStorage, Shape)> {
             let params = storage_view::<f64>(ps, pl, "draw params")?;
-            pairs_per_row(s, l, "draw_f32", Some(&params))
+            let rows = l.shape().dims2()?.0;
+            let kernel = draw_kernel(s.device(), rows);
+            match pairs_per_row(s, l, kernel, Some(&params)) {
+                // A cluster the device cannot place (a small MIG slice): a block per row.
+                Err(_) if kernel.1 > 1 => pairs_per_row(s, l, ("draw_f32", 1), Some(&params)),
+                other => other,
+            }
         }
     }
 
