@@ -266,8 +266,11 @@ template <int C> struct DrawShared {
   int slot_i;
 };
 
-// The ids [lo, hi) of this block: C * DRAW_WARPS chunks of chunk_len ids in id order, chunk c
-// walked by warp c % DRAW_WARPS of block c / DRAW_WARPS.
+// Walks in id order. The row's ids are cut into C * DRAW_WARPS contiguous chunks of chunk_len
+// ids, chunk c summed by warp c % DRAW_WARPS of block c / DRAW_WARPS (a block's chunks are its
+// ids [lo, hi)); a pass sums each chunk (exact integers, so in any order), then only the chunk
+// where the running sum crosses the target is walked tile by tile, by its block. `A` gives an
+// id's amount (0: not counted).
 template <int C> __device__ __forceinline__ int chunk_len(int vocab) {
   return ((vocab + C * DRAW_WARPS - 1) / (C * DRAW_WARPS) + 31) / 32 * 32;
 }
