@@ -4,8 +4,9 @@
 //! 0.5, so the truncation boundaries fall inside runs of equal values) under the paper's
 //! sampling and top-k / top-p / min-p mixes, drawn in one step of every row (a block per row) and
 //! in steps of four rows (a cluster of blocks per row). Tokens must be equal and logprobs within
-//! 1e-4. The kernel's time for one row (both ways) and for 256 rows is reported (informational). The prompt-scoring
-//! kernel (`score_pick_f32`) is checked the same way against the CPU's candle log-softmax.
+//! 1e-4. The kernel's time for one row (both ways) and for 256 rows is reported (informational).
+//! The prompt-scoring kernel (`score_pick_f32`) is checked the same way against the CPU's candle
+//! log-softmax.
 
 use std::time::Instant;
 

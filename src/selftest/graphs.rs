@@ -26,14 +26,14 @@ pub(super) fn values(shape: (usize, usize), seed: u64) -> candle_core::Result<Te
 /// Projections of 1 to 513 rows (one through the skinny kernel, more through cuBLAS), plain and
 /// accumulated into existing rows, against the CPU's f32 product of the same bf16 values, on two
 /// shapes: a small one not a multiple of any tile, and one of 1,000 x 4,104.
-pub(super) fn skinny_check(cuda: &Device) -> Result<Check, SelftestError> {
-    skinny_diffs(cuda).map_err(|e| SelftestError::Engine(e.into()))
+pub(super) fn projection_check(cuda: &Device) -> Result<Check, SelftestError> {
+    projection_diffs(cuda).map_err(|e| SelftestError::Engine(e.into()))
 }
 
 const PROJECTION_SHAPES: [(usize, usize); 2] = [(300, 1032), (1000, 4104)];
 const PROJECTION_ROWS: [usize; 16] = [1, 2, 3, 4, 5, 6, 7, 8, 9, 16, 17, 33, 64, 65, 256, 513];
 
-fn skinny_diffs(cuda: &Device) -> candle_core::Result<Check> {
+fn projection_diffs(cuda: &Device) -> candle_core::Result<Check> {
     let mut worst = 0f32;
     let mut report = Vec::new();
     for (n, k) in PROJECTION_SHAPES {

@@ -439,13 +439,13 @@ pub fn run_all(
     }
 
     // 2. The prefill attention kernels on random inputs against the CPU attention, and the
-    //    skinny projections of decode steps against the CPU product.
+    //    projections of 1 to 513 rows against the CPU product.
     #[cfg(feature = "cuda")]
     for c in prefill::prefill_checks(&cuda)? {
         push(&mut checks, &mut report, c);
     }
     #[cfg(feature = "cuda")]
-    push(&mut checks, &mut report, graphs::skinny_check(&cuda)?);
+    push(&mut checks, &mut report, graphs::projection_check(&cuda)?);
     #[cfg(feature = "cuda")]
     for cache in [DType::BF16, DType::F8E4M3] {
         push(

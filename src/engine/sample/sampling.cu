@@ -263,7 +263,6 @@ template <int C> struct DrawShared {
   float slot_f;
   double slot_d;
   unsigned long long slot_u;
-  int slot_i;
 };
 
 // Walks in id order. The row's ids are cut into C * DRAW_WARPS contiguous chunks of chunk_len
