@@ -1,10 +1,9 @@
 //! With the `cuda` feature, compiles the engine's kernels (each `.cu` beside the Rust that launches
-//! it: engine/ops/fused.cu (with ops/activation.cuh), engine/ops/gemm.cu,
-//! engine/attention/attention.cu and decode.cu (with common.cuh and decode_mma.cuh),
-//! engine/sample/sampling.cu, engine/adapters/lora.cu (with common.cuh and activation.cuh)) to
-//! PTX with nvcc (`$NVCC`, `$CUDA_HOME/bin/nvcc` or `nvcc` on PATH) for
-//! `compute_$CUDA_COMPUTE_CAP` (default 80, JIT-compiled by the driver for newer GPUs). Without
-//! the feature it does nothing.
+//! it: engine/ops/fused.cu, engine/ops/gemm.cu, engine/attention/attention.cu and decode.cu (with
+//! common.cuh and decode_mma.cuh), engine/sample/sampling.cu, engine/adapters/lora.cu (with
+//! common.cuh)) to PTX with nvcc (`$NVCC`, `$CUDA_HOME/bin/nvcc` or
+//! `nvcc` on PATH) for `compute_$CUDA_COMPUTE_CAP` (default 80, JIT-compiled by the driver for
+//! newer GPUs). Without the feature it does nothing.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -33,7 +32,6 @@ fn main() {
         println!("cargo:rerun-if-changed={src}");
         println!("cargo:rerun-if-changed=src/engine/attention/common.cuh");
         println!("cargo:rerun-if-changed=src/engine/attention/decode_mma.cuh");
-        println!("cargo:rerun-if-changed=src/engine/ops/activation.cuh");
         let out = out_dir.join(format!("{name}.ptx"));
         let status = Command::new(&nvcc)
             .args(["--ptx", "-O3", &format!("-arch=compute_{cap}"), src, "-o"])

@@ -15,11 +15,6 @@ sed -e 's/lora_shrink_mma/old_shrink_mma/; s/lora_expand_mma/old_expand_mma/' \
     -e 's/lora_shrink_f32/old_shrink_f32/; s/lora_shrink_bf16/old_shrink_bf16/' \
     -e 's/"C" __global__ void lora_expand(/"C" __global__ void old_expand(/' "$OLD_CU" \
     > "$WORK/old_renamed.cu"
-# The engine's tree as lora.cu includes it (../attention/common.cuh, ../ops/activation.cuh).
-mkdir -p "$WORK/adapters" "$WORK/attention" "$WORK/ops"
-mv "$WORK/old_renamed.cu" "$WORK/adapters/"
-cp "$ROOT/src/engine/adapters/lora.cu" "$ROOT/bench/lora_kernels.cu" "$WORK/adapters/"
-cp "$ROOT/src/engine/attention/common.cuh" "$WORK/attention/"
-cp "$ROOT/src/engine/ops/activation.cuh" "$WORK/ops/"
-nvcc -O3 -arch="$ARCH" -std=c++17 "$WORK/adapters/lora_kernels.cu" -o "$WORK/lora-kernels"
+cp "$ROOT/src/engine/adapters/lora.cu" "$ROOT/bench/lora_kernels.cu" "$WORK/"
+nvcc -O3 -arch="$ARCH" -std=c++17 "$WORK/lora_kernels.cu" -o "$WORK/lora-kernels"
 "$WORK/lora-kernels"

@@ -5,16 +5,15 @@
 //! candle path in `mod.rs` defines what they compute; `selftest` checks both against it.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{CudaEvent, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaStorage, WrapErr};
 use candle_core::{CustomOp2, DType, Device, InplaceOp3, Layout, Result, Shape, Storage, Tensor};
 
 use super::{mma, Delta, Group, LoraAdapter, StepSlots, GROUPS};
 use crate::engine::attention::cuda::storage_view;
-use crate::engine::model::config::Activation;
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/lora.ptx"));
 /// Rows per block of the shrink kernel, warps (splitting `in`) per block, rows per expand block.
@@ -95,10 +94,9 @@ pub fn entries(layers: &[Option<super::LayerLora>]) -> Result<Vec<[Entry; GROUPS
         .collect()
 }
 
-/// Tiles of the tensor-core path (`lora.cu`): rows of one slot, at most [`mma::TILE`] each, and
-/// those of the rows with no adapter.
+/// Tiles of the tensor-core path (`lora.cu`): rows of one slot, at most [`mma::TILE`] each.
 fn max_tiles(rows: usize, capacity: usize) -> usize {
-    rows.div_ceil(mma::TILE) + capacity + 1
+    rows.div_ceil(mma::TILE) + capacity
 }
 
 /// Where the tiles start in a table of `rows` rows and `capacity` slots over `layers` base
@@ -109,14 +107,13 @@ fn tiles_at(rows: usize, layers: usize, capacity: usize) -> usize {
 
 /// The i64 words of a table of `rows` rows and `capacity` slots over `layers` base layers.
 pub fn table_len(rows: usize, layers: usize, capacity: usize) -> usize {
-    tiles_at(rows, layers, capacity) + 2 + (3 + mma::TILE) * max_tiles(rows, capacity)
+    tiles_at(rows, layers, capacity) + 2 + 3 * max_tiles(rows, capacity) + rows
 }
 
 /// A table's words and the widest R per layer and group: the row slots (`-1`: none), the
 /// `[layer][group][slot]` entries (zeros past the adapters), then the tiles of the tensor-core
-/// path: their count, the rows' count, `{slot, start, rows}` per tile (zeros past them; slot -1
-/// for the rows with no adapter, last), then each tile's packed rows in [`mma::TILE`] words
-/// (the rows sorted by slot, those with none last, from `start`).
+/// path: their count, the adapted rows' count, `{slot, start, rows}` per tile (zeros past them)
+/// and the rows sorted by slot.
 fn table_words(
     step: &StepSlots,
     layers: usize,
@@ -141,26 +138,18 @@ fn table_words(
     }
     let mut order: Vec<i64> = Vec::with_capacity(rows);
     let mut tiles = Vec::new();
-    let plain: Vec<u32> = (0..rows as u32)
-        .filter(|&t| row_slots[t as usize].is_none())
-        .collect();
-    let slots_then_plain = step.members.iter().enumerate().map(|(k, m)| (k as i64, m));
-    for (slot, members) in slots_then_plain.chain(std::iter::once((-1, &plain))) {
+    for (k, members) in step.members.iter().enumerate() {
         let first = order.len();
         order.extend(members.iter().map(|&t| t as i64));
         for start in (first..order.len()).step_by(mma::TILE) {
             let n = (order.len() - start).min(mma::TILE);
-            tiles.extend([slot, start as i64, n as i64]);
+            tiles.extend([k as i64, start as i64, n as i64]);
         }
     }
     meta.extend([(tiles.len() / 3) as i64, order.len() as i64]);
     meta.extend(&tiles);
     meta.resize(meta.len() + 3 * max_tiles(rows, capacity) - tiles.len(), 0);
-    // Each tile's packed rows, TILE words (rows past the tile repeat its first).
-    for tile in tiles.chunks(3) {
-        let (start, n) = (tile[1] as usize, tile[2] as usize);
-        meta.extend((0..mma::TILE).map(|j| order[start + if j < n { j } else { 0 }]));
-    }
+    meta.extend(&order);
     meta.resize(table_len(rows, layers, capacity), 0);
     (meta, rmax)
 }
@@ -182,9 +171,6 @@ pub struct LoraTable {
     /// The group whose shrink [`LoraTable::prefetch`] started on the side stream
     /// ([`pending_key`]; 0: none), which [`LoraTable::add`] joins before its expand.
     pending: Arc<AtomicUsize>,
-    /// The group and the point of candle's stream its side-stream shrink waits for, between
-    /// [`LoraTable::prefetch`] and [`LoraTable::beside`].
-    forked: Arc<Mutex<Option<(usize, CudaEvent)>>>,
     /// Keeps the tensors the table points into alive.
     _adapters: Vec<Arc<LoraAdapter>>,
 }
@@ -192,22 +178,10 @@ pub struct LoraTable {
 impl LoraTable {
     /// The table of a step's rows grouped by adapter, uploaded.
     pub fn new(step: StepSlots, layers: usize, device: &Device) -> Result<Self> {
-        Self::build(step, layers, device, true)
-    }
-
-    /// The table of a step whose shrinks run as GEMMs ([`Self::act_from`]): no scratch.
-    pub fn without_scratch(step: StepSlots, layers: usize, device: &Device) -> Result<Self> {
-        Self::build(step, layers, device, false)
-    }
-
-    fn build(step: StepSlots, layers: usize, device: &Device, scratch: bool) -> Result<Self> {
         let (rows, slots) = (step.row_slots.len(), step.adapters.len());
         let (meta, rmax) = table_words(&step, layers, slots);
         let len = meta.len();
-        let widest = match scratch {
-            true => rmax.iter().flatten().copied().max().unwrap_or(0),
-            false => 0,
-        };
+        let widest = rmax.iter().flatten().copied().max().unwrap_or(0);
         Ok(Self {
             meta: Tensor::from_vec(meta, len, device)?,
             rows,
@@ -216,7 +190,6 @@ impl LoraTable {
             rmax,
             scratch: Tensor::zeros(rows * widest.max(1), DType::F32, device)?,
             pending: Arc::default(),
-            forked: Arc::default(),
             _adapters: step.adapters,
         })
     }
@@ -253,7 +226,6 @@ impl LoraTable {
             rmax: vec![[rank; GROUPS]; layers],
             scratch: scratch.clone(),
             pending: Arc::default(),
-            forked: Arc::default(),
             _adapters: step.adapters,
         })
     }
@@ -284,7 +256,6 @@ impl LoraTable {
         Ok(Some(mma::Launch {
             rows: self.rows,
             entries,
-            capacity: self.slots,
             tiles: (
                 tiles_at(self.rows, self.rmax.len(), self.slots),
                 self.max_tiles,
@@ -305,141 +276,25 @@ impl LoraTable {
         static SIDE: std::sync::LazyLock<bool> = std::sync::LazyLock::new(|| {
             std::env::var("PRUNESERVE_LORA_SIDE_STREAM").map_or(true, |v| v != "0")
         });
-        static SIDE_ROWS: std::sync::LazyLock<usize> = std::sync::LazyLock::new(|| {
-            std::env::var("PRUNESERVE_LORA_SIDE_ROWS")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(SIDE_STREAM_MAX_ROWS)
-        });
-        static AFTER: std::sync::LazyLock<bool> = std::sync::LazyLock::new(|| {
-            std::env::var("PRUNESERVE_LORA_SIDE_AFTER").is_ok_and(|v| v == "1")
-        });
-        if !*SIDE || self.rows > *SIDE_ROWS || !is_fresh(x) {
+        if !*SIDE || self.rows > SIDE_STREAM_MAX_ROWS || !is_fresh(x) {
             return Ok(());
         }
-        if self.mma_launch(x, at, out)?.is_none() {
+        let Some(launch) = self.mma_launch(x, at, out)? else {
             return Ok(());
-        }
+        };
         let Device::Cuda(dev) = x.device() else {
             return Ok(());
         };
+        let main = dev.cuda_stream();
+        let side = mma::side_stream(&main)?;
         // The side stream waits for everything queued so far: `x`, and the previous group's
         // expand that reads the same scratch.
-        let fork = dev.cuda_stream().record_event(None).w()?;
-        self.forked
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("the LoRA fork's lock is poisoned".into()))?
-            .replace((pending_key(at), fork));
-        if !*AFTER {
-            self.beside(x, at, out)?;
-        }
-        Ok(())
-    }
-
-    /// Launches on the side stream the shrink [`Self::prefetch`] forked for `group`, after the
-    /// base projection was launched (so that its blocks take the multiprocessors the
-    /// projection leaves); nothing when none was forked.
-    pub fn beside(&self, x: &Tensor, at: (usize, Group), out: usize) -> Result<()> {
-        let forked = self
-            .forked
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("the LoRA fork's lock is poisoned".into()))?
-            .take();
-        let (Some((key, fork)), Device::Cuda(dev)) = (forked, x.device()) else {
-            return Ok(());
-        };
-        let Some(launch) = self
-            .mma_launch(x, at, out)?
-            .filter(|_| key == pending_key(at))
-        else {
-            return Ok(());
-        };
-        let side = mma::side_stream(&dev.cuda_stream())?;
-        side.wait(&fork).w()?;
+        side.join(&main).w()?;
         x.inplace_op1(&mma::Shrink {
             at: launch,
             stream: Some(side),
         })?;
-        self.pending.store(key, Ordering::Relaxed);
-        Ok(())
-    }
-
-    /// Whether [`Self::act`] serves `group` of base layer `layer` for rows `x` and `out` output
-    /// columns: the tensor-core path takes them and the group is adapted.
-    pub fn fuses_act(&self, x: &Tensor, at: (usize, Group), out: usize) -> Result<bool> {
-        Ok(out.is_multiple_of(16) && self.mma_launch(x, at, out)?.is_some())
-    }
-
-    /// A gated MLP's activation product of the gate|up rows `y` (f32 `[T, 2n]`) with each row's
-    /// delta of `x` for the gate|up `group` of base layer `layer` added first
-    /// ([`mma::ExpandAct`]), in `dtype`; only where [`Self::fuses_act`] said so.
-    pub fn act(
-        &self,
-        y: &Tensor,
-        x: &Tensor,
-        at: (usize, Group),
-        act: Activation,
-        dtype: DType,
-    ) -> Result<Tensor> {
-        let Some(launch) = self.mma_launch(x, at, y.dim(1)?)? else {
-            candle_core::bail!("lora: the fused activation does not take these rows");
-        };
-        self.shrink_for(launch.clone(), x, at)?;
-        fresh(y)?.apply_op1_no_bwd(&mma::ExpandAct {
-            at: launch,
-            act,
-            dtype,
-        })
-    }
-
-    /// [`Self::act`] for a table without scratch, from the shrunk rows `h` (f32 `[T, R]`, rows
-    /// in the table's sorted order, which is theirs for a step of one adapter on every row).
-    pub fn act_from(
-        &self,
-        y: &Tensor,
-        h: &Tensor,
-        at: (usize, Group),
-        act: Activation,
-        dtype: DType,
-    ) -> Result<Tensor> {
-        let (rmax, entries) = self.group_at(at);
-        if rmax == 0 || h.dims2()? != (self.rows, rmax) || h.dtype() != DType::F32 {
-            candle_core::bail!("lora: shrunk rows {:?} do not fit the table", h.shape());
-        }
-        let launch = mma::Launch {
-            rows: self.rows,
-            entries,
-            capacity: self.slots,
-            tiles: (
-                tiles_at(self.rows, self.rmax.len(), self.slots),
-                self.max_tiles,
-            ),
-            rmax,
-            meta: self.meta.clone(),
-            scratch: fresh(h)?,
-        };
-        fresh(y)?.apply_op1_no_bwd(&mma::ExpandAct {
-            at: launch,
-            act,
-            dtype,
-        })
-    }
-
-    /// Finishes the shrink of `group`: joins the side stream's when [`Self::prefetch`] started
-    /// it, else launches it on candle's stream.
-    fn shrink_for(&self, launch: mma::Launch, x: &Tensor, at: (usize, Group)) -> Result<()> {
-        let prefetched = self.pending.swap(0, Ordering::Relaxed) == pending_key(at);
-        match (prefetched, x.device()) {
-            (true, Device::Cuda(dev)) => {
-                let main = dev.cuda_stream();
-                let side = mma::side_stream(&main)?;
-                main.join(&side).w()?;
-            }
-            _ => fresh(x)?.inplace_op1(&mma::Shrink {
-                at: launch,
-                stream: None,
-            })?,
-        }
+        self.pending.store(pending_key(at), Ordering::Relaxed);
         Ok(())
     }
 
@@ -450,9 +305,20 @@ impl LoraTable {
             return Ok(y);
         }
         let out = y.dim(1)?;
+        let prefetched = self.pending.swap(0, Ordering::Relaxed) == pending_key((layer, group));
         if let Some(launch) = self.mma_launch(x, (layer, group), out)? {
             let y = fresh(&y)?;
-            self.shrink_for(launch.clone(), x, (layer, group))?;
+            match (prefetched, x.device()) {
+                (true, Device::Cuda(dev)) => {
+                    let main = dev.cuda_stream();
+                    let side = mma::side_stream(&main)?;
+                    main.join(&side).w()?;
+                }
+                _ => fresh(x)?.inplace_op1(&mma::Shrink {
+                    at: launch.clone(),
+                    stream: None,
+                })?,
+            }
             y.inplace_op2(&self.meta, &mma::Expand(launch))?;
             return Ok(y);
         }

@@ -53,12 +53,7 @@ impl Delta {
 
     /// `x · Aᵀ` in the dtype of `x`, compensated on the `exact` rows of an f32 `x`.
     fn shrunk_rows(&self, x: &Tensor, exact: &ExactRows) -> candle_core::Result<Tensor> {
-        self.shrunk_f32(x, exact)?.to_dtype(x.dtype())
-    }
-
-    /// `x · Aᵀ` as f32 `[T, R]`, compensated on the `exact` rows of an f32 `x`.
-    pub fn shrunk_f32(&self, x: &Tensor, exact: &ExactRows) -> candle_core::Result<Tensor> {
-        linear_rows(x, &self.a, None, exact)
+        linear_rows(x, &self.a, None, exact)?.to_dtype(x.dtype())
     }
 }
 

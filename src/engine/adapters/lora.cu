@@ -1,7 +1,5 @@
 // LoRA shrink and expand for a step whose rows may each use a different adapter (Punica's BGMV):
-// one launch each per packed projection group, whatever the number of adapters in the step; for
-// a gated MLP's gate|up group the expand can also apply the activation (`lora_expand_act_*`),
-// replacing the separate `act_mul`.
+// one launch each per packed projection group, whatever the number of adapters in the step.
 //
 // `meta` (64-bit words): meta[t] is row t's slot (all ones: no adapter), and at `entries` a table
 // of slots, each {A pointer, B pointer, R, segments}: A is [R, in], B is [out, R] (scale folded
@@ -13,7 +11,6 @@
 #include <cooperative_groups.h>
 
 #include "../attention/common.cuh"  // mma_16x8x16
-#include "../ops/activation.cuh"     // act_of
 
 #define NONE 0xffffffffffffffffull
 
@@ -187,20 +184,16 @@ extern "C" __global__ void lora_expand(const float* h, const unsigned long long*
 }
 
 // ---- Tensor-core path (bf16 rows; `in`, `out` and R multiples of 16) ----
-// The rows of a step are sorted by slot and cut into tiles of at most TILE rows of one slot,
-// the rows with no adapter last, in tiles of slot -1 (built on the host, after the entries at
-// `tiles_at`): {tiles, rows, then per tile {slot, start, rows}, max_tiles of them, then TILE
-// words per tile: its packed rows (`tile_row`)}. A tile's rows hold sorted positions start ..
-// start + rows, which index the shrunk rows h. Only the fused gate|up expand reads the tiles of
-// slot -1 (every row needs its activation); the other kernels skip them. A block reads its tile,
-// its slot's entry and its packed rows in one round of loads before any other.
+// The rows of a step are sorted by slot and cut into tiles of at most TILE rows of one slot
+// (built on the host, after the entries at `tiles_at`): {tiles, rows, then per tile {slot,
+// start, rows}, max_tiles of them, then order[p], the packed row of sorted position p}.
 // Both kernels issue `mma.sync.m16n8k16` (bf16 in, f32 accumulate) on fragments loaded 16 bytes
 // a lane: a lane takes 8 consecutive k of each row it holds, and the two k16 steps of each 32
 // are fed those k in an order that is the same for both operands, which a dot product allows.
 // Shrink gives each block one 16-row slice and 16 ranks over a fixed part of `in`; on sm_90 the
 // SHRINK_SPLIT parts are a cluster of blocks whose first adds the others' sums from their shared
 // memory in rank order, so h (f32) is written in one pass with no global partial sums. Expand
-// gives each block one tile and 16 * EXPAND_WARPS columns of B: it stages the tile's h in shared memory
+// gives each block one tile and 16 * EXPAND_WARPS columns: it stages the tile's h in shared memory
 // as bf16 hi + lo halves (about f32's precision), once for all its warps; each warp keeps its
 // columns of B in registers across the tile's slices and loads the outputs it updates before the
 // products. Every memory access a kernel can issue early is issued before the first wait. An
@@ -211,52 +204,22 @@ extern "C" __global__ void lora_expand(const float* h, const unsigned long long*
 #define SHRINK_WARPS 8
 #define EXPAND_WARPS 8
 #define EXPAND_CH 64
-// Words per staged row (expand_tile's STRIDE): a chunk's pairs and 16 more, so that the 16-byte
-// loads of a quarter warp (rows g, g + 1, four lanes each) fall in distinct banks.
+// Words per staged row: EXPAND_CH / 2 pairs and 16 more, so that the 16-byte loads of a quarter
+// warp (rows g, g + 1, four lanes each) fall in distinct banks.
+#define HS_STRIDE (EXPAND_CH / 2 + 16)
 
 struct Tile {
     int slot, start, rows;
 };
 
-// Slots whose entries a block reads with its tile (the slot capacity of a step's table); the
-// entry of a slot past them is read after the tile.
-#define PRELOAD_SLOTS 32
-
-// Tile i of the step and, in `e`, its slot's entry for the group at word `entries` (zeros for
-// the rows with no adapter); false past the step's tiles. One round of loads: the threads below
-// 4 + 4 * capacity each load one word into shared memory (the tile count, the tile's words and
-// the group's entries of every slot) and the block picks its own, so that the tile and its
-// slot's entry do not wait for each other. Every thread of the block calls it.
-__device__ __forceinline__ bool tile_entry(const unsigned long long* meta, int tiles_at,
-                                           int entries, int capacity, int i, Tile& t, Entry& e) {
-    __shared__ unsigned long long words[4 + 4 * PRELOAD_SLOTS];
-    const int n = 4 + 4 * min(capacity, PRELOAD_SLOTS);
-    for (int k = threadIdx.x; k < n; k += blockDim.x)
-        words[k] = k == 0 ? meta[tiles_at]
-                          : (k < 4 ? meta[tiles_at + 2 + 3 * i + k - 1] : meta[entries + k - 4]);
-    __syncthreads();
-    if ((unsigned long long)i >= words[0]) return false;
-    t.slot = (int)words[1];
-    t.start = (int)words[2];
-    t.rows = (int)words[3];
-    if (t.slot < 0) {
-        e = Entry{nullptr, nullptr, 0, 0};
-    } else if (t.slot < PRELOAD_SLOTS) {
-        const unsigned long long* w = words + 4 + 4 * t.slot;
-        e = Entry{reinterpret_cast<const __nv_bfloat16*>(w[0]),
-                  reinterpret_cast<const __nv_bfloat16*>(w[1]), w[2], w[3]};
-    } else {
-        e = reinterpret_cast<const Entry*>(meta + entries)[t.slot];
-    }
+__device__ __forceinline__ bool tile_at(const unsigned long long* meta, int tiles_at, int i,
+                                        Tile& t) {
+    if ((unsigned long long)i >= meta[tiles_at]) return false;
+    const unsigned long long* w = meta + tiles_at + 2 + 3 * i;
+    t.slot = (int)w[0];
+    t.start = (int)w[1];
+    t.rows = (int)w[2];
     return true;
-}
-
-// The packed row of row j of tile i: the table keeps TILE words per tile (after its tiles,
-// `max_tiles` records), rows past the tile's repeating its first, so that a kernel reads them
-// with its tile, before it knows how many rows the tile holds.
-__device__ __forceinline__ long long tile_row(const unsigned long long* meta, int tiles_at,
-                                              int max_tiles, int i, int j) {
-    return (long long)meta[tiles_at + 2 + 3 * max_tiles + i * TILE + j];
 }
 
 // 8 bf16 at p when `ok` (16-byte aligned), zeros otherwise.
@@ -325,7 +288,7 @@ __device__ __forceinline__ void shrink_block(const __nv_bfloat16* xr0, const __n
     }
 }
 
-// h[p, r] = x[row, :] . A_slot[r, :] for the 16-row slice blockIdx.x % SLICES of tile
+// h[p, r] = x[order[p], :] . A_slot[r, :] for the 16-row slice blockIdx.x % SLICES of tile
 // blockIdx.x / SLICES and ranks blockIdx.y * 16 .. +16 (below the slot's R). Grid (max_tiles *
 // SLICES, rmax / 16, SPLIT), 32 * SHRINK_WARPS threads. On sm_90 the SPLIT blocks along z form a
 // cluster, block z summing the z-th part of `in`'s 32-wide chunks (so that `in` is read by
@@ -333,24 +296,21 @@ __device__ __forceinline__ void shrink_block(const __nv_bfloat16* xr0, const __n
 // takes all of `in` and the others return.
 template <int SPLIT>
 __device__ __forceinline__ void shrink_mma(const __nv_bfloat16* x, const unsigned long long* meta,
-                                           int entries, int capacity, int tiles_at,
-                                           int max_tiles, int in, int rmax, float* h) {
+                                           int entries, int tiles_at, int max_tiles, int in,
+                                           int rmax, float* h) {
     __shared__ float sum[16][17];
     Tile tile;
-    Entry e;
-    const int slice = blockIdx.x % SLICES, i = blockIdx.x / SLICES;
-    const int g = (threadIdx.x % 32) / 4;
-    const int first = 16 * slice, row0 = first + g, row1 = row0 + 8;
-    // Rows past the tile read its first row; their sums are not written.
-    const long long p0 = tile_row(meta, tiles_at, max_tiles, i, row0);
-    const long long p1 = tile_row(meta, tiles_at, max_tiles, i, row1);
-    if (!tile_entry(meta, tiles_at, entries, capacity, i, tile, e) || 16 * slice >= tile.rows ||
-        tile.slot < 0)
-        return;
+    const int slice = blockIdx.x % SLICES;
+    if (!tile_at(meta, tiles_at, blockIdx.x / SLICES, tile) || 16 * slice >= tile.rows) return;
+    const Entry e = reinterpret_cast<const Entry*>(meta + entries)[tile.slot];
     const int r0 = blockIdx.y * 16;
     if (r0 >= (int)e.r) return;
-    const __nv_bfloat16* xr0 = x + p0 * in;
-    const __nv_bfloat16* xr1 = x + p1 * in;
+    const int g = (threadIdx.x % 32) / 4;
+    const unsigned long long* order = meta + tiles_at + 2 + 3 * max_tiles;
+    const int first = 16 * slice, row0 = first + g, row1 = row0 + 8;
+    // Rows past the tile read the slice's first row; their sums are not written.
+    const __nv_bfloat16* xr0 = x + order[tile.start + (row0 < tile.rows ? row0 : first)] * in;
+    const __nv_bfloat16* xr1 = x + order[tile.start + (row1 < tile.rows ? row1 : first)] * in;
     const __nv_bfloat16* ar0 = e.a + (size_t)(r0 + g) * in;
     const __nv_bfloat16* ar1 = e.a + (size_t)(r0 + 8 + g) * in;
     const int chunks = (in + 31) / 32;
@@ -390,9 +350,9 @@ __device__ __forceinline__ void shrink_mma(const __nv_bfloat16* x, const unsigne
 #define SHRINK_KERNEL(split)                                                                   \
     extern "C" __global__ void __launch_bounds__(32 * SHRINK_WARPS) CLUSTER(split)             \
         lora_shrink_mma##split(const __nv_bfloat16* x, const unsigned long long* meta,         \
-                               int entries, int capacity, int tiles_at, int max_tiles, int in, \
-                               int rmax, float* h) {                                           \
-        shrink_mma<split>(x, meta, entries, capacity, tiles_at, max_tiles, in, rmax, h);       \
+                               int entries, int tiles_at, int max_tiles, int in, int rmax,     \
+                               float* h) {                                                     \
+        shrink_mma<split>(x, meta, entries, tiles_at, max_tiles, in, rmax, h);                 \
     }
 SHRINK_KERNEL(4)
 SHRINK_KERNEL(8)
@@ -406,123 +366,64 @@ __device__ __forceinline__ void halves(float2 v, unsigned& hi, unsigned& lo) {
     lo = *reinterpret_cast<const unsigned*>(&l);
 }
 
-__device__ __forceinline__ void store(float* p, float v) { *p = v; }
-__device__ __forceinline__ void store(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
-
-// 8 bf16 pairs of rows g and g + 8 at pair w of a staged slice, both halves.
-template <int STRIDE>
-__device__ __forceinline__ void staged(const unsigned (*hs)[TILE][STRIDE], int row, int w,
-                                       uint4 (&x)[2][2]) {
-#pragma unroll
-    for (int half = 0; half < 2; half++) {
-        x[half][0] = *reinterpret_cast<const uint4*>(&hs[half][row][w]);
-        x[half][1] = *reinterpret_cast<const uint4*>(&hs[half][row + 8][w]);
-    }
-}
-
-// One 16 x 8 product: acc += rows (x) . one 8-column fragment b over a 32-wide chunk of ranks.
-__device__ __forceinline__ void mma_frag(float (&acc)[4], const uint4 (&x)[2][2], uint4 b) {
-#pragma unroll
-    for (int half = 0; half < 2; half++) {
-        mma_16x8x16(acc, x[half][0].x, x[half][1].x, x[half][0].y, x[half][1].y, b.x, b.y);
-        mma_16x8x16(acc, x[half][0].z, x[half][1].z, x[half][0].w, x[half][1].w, b.z, b.w);
-    }
-}
-
-// The expand of tile blockIdx.x: for each row p of the tile (packed row `tile_row`) and each of
-// this warp's two 8-column fragments f of B (columns col[f] .. +8), acc = h[p, :R] . B_slot[col,
-// :R] over only the ranks those columns' rows of B can hold non-zero (Entry::seg), then:
-// - PARTS 1 (`lora_expand_mma`): y[row, col] += acc, y [T, cols]; the warp's columns are
-//   16 consecutive ones, blockIdx.y * 16 * EXPAND_WARPS + 16 * warp;
-// - PARTS 2 (`lora_expand_act_*`): y [T, 2 cols] holds a gated MLP's gate | up projections and
-//   is only read; out[row, c] = act(gate + its delta) * (up + its delta) for the warp's 8
-//   columns c from blockIdx.y * 8 * EXPAND_WARPS + 8 * warp, fragment 0 gate column c and
-//   fragment 1 up column cols + c. Tiles of rows with no adapter (slot -1) get act(gate) * up.
-// Grid (max_tiles, column blocks), 32 * EXPAND_WARPS threads. The block's ranks go by chunks of
-// CH (EXPAND_CH; twice that for the fused activation): each warp issues its B loads for the
-// chunk and the block its loads of the chunk's h, which it stages as bf16 hi and lo pairs (about
-// f32's precision); then every slice of the tile is multiplied by the same B fragments. The
-// outputs a lane updates are loaded before any product.
-template <int PARTS, typename T>
-__device__ __forceinline__ void expand_tile(const float* h, const unsigned long long* meta,
-                                            int entries, int capacity, int tiles_at,
-                                            int max_tiles, int cols, int rmax, float* y, T* out,
-                                            int act) {
-    // The fused activation's warps take ranks of two modules (gate's, then up's): their chunk
-    // holds both, so that B and h are loaded in one round.
-    constexpr int CH = PARTS * EXPAND_CH, PAIRS = CH / 2, STRIDE = PAIRS + 16;
-    constexpr int PER_THREAD = TILE * PAIRS / (32 * EXPAND_WARPS);
-    __shared__ __align__(16) unsigned hs[2][TILE][STRIDE];
+// y[order[p], o] += h[p, :R] . B_slot[o, :R] for the rows of tile blockIdx.x and columns
+// blockIdx.y * 16 * EXPAND_WARPS + 16 * warp .. +16, over only the ranks each column's row of B
+// can hold non-zero (Entry::seg; a warp's 16 columns share them). Grid (max_tiles, ceil(out /
+// (16 * EXPAND_WARPS))), 32 * EXPAND_WARPS threads. The block's ranks go by chunks of EXPAND_CH:
+// each warp issues its B loads for the chunk and the block its loads of the chunk's h, which it
+// stages as hi and lo pairs; then every slice of the tile is multiplied by the same B fragments.
+extern "C" __global__ void __launch_bounds__(32 * EXPAND_WARPS)
+    lora_expand_mma(const float* h, const unsigned long long* meta, int entries, int tiles_at,
+                    int max_tiles, int out, int rmax, float* y) {
+    constexpr int PAIRS = EXPAND_CH / 2, PER_THREAD = TILE * PAIRS / (32 * EXPAND_WARPS);
+    __shared__ __align__(16) unsigned hs[2][TILE][HS_STRIDE];
     Tile tile;
-    Entry e;
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-    int prow[SLICES][2];
-#pragma unroll
-    for (int s = 0; s < SLICES; s++)
-#pragma unroll
-        for (int u = 0; u < 2; u++)
-            prow[s][u] = (int)tile_row(meta, tiles_at, max_tiles, blockIdx.x, 16 * s + g + 8 * u);
-    if (!tile_entry(meta, tiles_at, entries, capacity, blockIdx.x, tile, e)) return;
+    if (!tile_at(meta, tiles_at, blockIdx.x, tile)) return;
+    const Entry e = reinterpret_cast<const Entry*>(meta + entries)[tile.slot];
     const int R = (int)e.r;
-    if (PARTS == 1 && R == 0) return;
-    // B's columns of this warp's two fragments and of the block's first and last ones.
-    const int per_warp = 16 / PARTS;
-    const int first = blockIdx.y * per_warp * EXPAND_WARPS, c = first + per_warp * warp;
-    const int last = min(first + per_warp * EXPAND_WARPS, cols) - 1;
-    // Warps past `cols` still stage h with the others.
-    const bool active = c < cols;
-    const int col[2] = {c, PARTS == 1 ? c + 8 : cols + c};
-    const int stride = PARTS * cols;
-    int lo[2] = {0, 0}, hi[2] = {0, 0}, block_lo = 0, block_hi = 0;
-    if (R > 0) {
-        int unused;
-        seg_ranks(e, first, block_lo, unused);
-        seg_ranks(e, PARTS == 1 ? last : cols + last, unused, block_hi);
-        if (PARTS == 2) {
-            int l2, h2;
-            seg_ranks(e, cols + first, l2, unused);
-            seg_ranks(e, last, unused, h2);
-            block_lo = min(block_lo, l2);
-            block_hi = max(block_hi, h2);
-        }
-#pragma unroll
-        for (int f = 0; f < 2; f++) seg_ranks(e, active ? col[f] : 0, lo[f], hi[f]);
-    }
+    if (R == 0) return;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    const int first = blockIdx.y * 16 * EXPAND_WARPS, o0 = first + 16 * warp;
+    // Warps past `out` still stage h with the others.
+    const bool active = o0 < out;
+    int lo, hi, block_lo, block_hi, unused;
+    seg_ranks(e, min(o0, out - 1), lo, hi);
+    seg_ranks(e, first, block_lo, unused);
+    seg_ranks(e, min(first + 16 * EXPAND_WARPS, out) - 1, unused, block_hi);
+    const __nv_bfloat16* br[2] = {e.b + (size_t)(active ? o0 + g : 0) * R,
+                                  e.b + (size_t)(active ? o0 + 8 + g : 0) * R};
+    // The outputs this lane updates, loaded before any product.
+    const unsigned long long* order = meta + tiles_at + 2 + 3 * max_tiles;
+    long long prow[SLICES][2];
     float2 yv[SLICES][2][2];
 #pragma unroll
     for (int s = 0; s < SLICES; s++)
 #pragma unroll
         for (int u = 0; u < 2; u++) {
             const int row = 16 * s + g + 8 * u;
-            if (!active || row >= tile.rows) prow[s][u] = -1;
+            prow[s][u] = active && row < tile.rows ? (long long)order[tile.start + row] : -1;
 #pragma unroll
-            for (int f = 0; f < 2; f++)
-                yv[s][u][f] = prow[s][u] >= 0 ? *reinterpret_cast<const float2*>(
-                                                    y + (size_t)prow[s][u] * stride + col[f] + 2 * t)
+            for (int n = 0; n < 2; n++)
+                yv[s][u][n] = prow[s][u] >= 0 ? *reinterpret_cast<const float2*>(
+                                                    y + prow[s][u] * out + o0 + 8 * n + 2 * t)
                                               : make_float2(0.f, 0.f);
         }
-    float acc[SLICES][2][4] = {};
-    if (block_lo < block_hi) {
-        // A warp's last chunk of ranks may read up to 16 words past a staged row: zeros, which
-        // its zero B fragments multiply, never uninitialized (NaN) words.
-        for (int i = threadIdx.x; i < 2 * TILE * (STRIDE - PAIRS); i += blockDim.x) {
-            const int pad = STRIDE - PAIRS;
-            hs[i / (TILE * pad)][(i / pad) % TILE][PAIRS + i % pad] = 0;
-        }
+    // A warp's last chunk of ranks may read up to 16 words past a staged row: zeros, which its
+    // zero B fragments multiply, never uninitialized (NaN) words.
+    for (int i = threadIdx.x; i < 2 * TILE * (HS_STRIDE - PAIRS); i += blockDim.x) {
+        const int pad = HS_STRIDE - PAIRS;
+        hs[i / (TILE * pad)][(i / pad) % TILE][PAIRS + i % pad] = 0;
     }
-    for (int c0 = block_lo; c0 < block_hi; c0 += CH) {
-        // Each fragment's ranks within the chunk, from a multiple of 8 above c0.
-        int from[2], to[2];
-        uint4 b[2][CH / 32];
+    float acc[SLICES][2][4] = {};
+    for (int c0 = block_lo; c0 < block_hi; c0 += EXPAND_CH) {
+        // This warp's ranks within the chunk, from a multiple of 8 above c0.
+        const int from = max(lo, c0), to = min(hi, c0 + EXPAND_CH);
+        uint4 b[EXPAND_CH / 32][2];
 #pragma unroll
-        for (int f = 0; f < 2; f++) {
-            from[f] = max(lo[f], c0);
-            to[f] = min(hi[f], c0 + CH);
+        for (int j = 0; j < EXPAND_CH / 32; j++) {
+            const int r = from + 32 * j + 8 * t;
 #pragma unroll
-            for (int j = 0; j < CH / 32; j++) {
-                const int r = from[f] + 32 * j + 8 * t;
-                b[f][j] = ld128(e.b + (size_t)(active ? col[f] + g : 0) * R + r, active && r < to[f]);
-            }
+            for (int n = 0; n < 2; n++) b[j][n] = ld128(br[n] + r, active && r < to);
         }
         float2 hv[PER_THREAD];
 #pragma unroll
@@ -539,27 +440,20 @@ __device__ __forceinline__ void expand_tile(const float* h, const unsigned long 
             halves(hv[i], hs[0][row][kp], hs[1][row][kp]);
         }
         __syncthreads();
-        if (!active) continue;
+        if (!active || from >= to) continue;
+        const int chunks = (to - from + 31) / 32, w0 = (from - c0) / 2;
 #pragma unroll
         for (int s = 0; s < SLICES; s++) {
             if (16 * s >= tile.rows) continue;
 #pragma unroll
-            for (int j = 0; j < CH / 32; j++) {
-                if (PARTS == 1) {
-                    // Both fragments take the same ranks: one load of the staged rows.
-                    if (from[0] + 32 * j >= to[0]) continue;
-                    uint4 x[2][2];
-                    staged(hs, 16 * s + g, (from[0] - c0) / 2 + 16 * j + 4 * t, x);
+            for (int j = 0; j < EXPAND_CH / 32; j++) {
+                if (j >= chunks) continue;
+                const int w = w0 + 16 * j + 4 * t;
 #pragma unroll
-                    for (int f = 0; f < 2; f++) mma_frag(acc[s][f], x, b[f][j]);
-                } else {
-#pragma unroll
-                    for (int f = 0; f < 2; f++) {
-                        if (from[f] + 32 * j >= to[f]) continue;
-                        uint4 x[2][2];
-                        staged(hs, 16 * s + g, (from[f] - c0) / 2 + 16 * j + 4 * t, x);
-                        mma_frag(acc[s][f], x, b[f][j]);
-                    }
+                for (int half = 0; half < 2; half++) {
+                    const uint4 x0 = *reinterpret_cast<const uint4*>(&hs[half][16 * s + g][w]);
+                    const uint4 x1 = *reinterpret_cast<const uint4*>(&hs[half][16 * s + 8 + g][w]);
+                    mma_chunk(acc[s], x0, x1, b[j]);
                 }
             }
         }
@@ -568,45 +462,13 @@ __device__ __forceinline__ void expand_tile(const float* h, const unsigned long 
 #pragma unroll
     for (int s = 0; s < SLICES; s++)
 #pragma unroll
-        for (int u = 0; u < 2; u++) {
-            if (prow[s][u] < 0) continue;
-            float2 v[2];
+        for (int u = 0; u < 2; u++)
 #pragma unroll
-            for (int f = 0; f < 2; f++) {
-                v[f] = yv[s][u][f];
-                v[f].x += acc[s][f][2 * u];
-                v[f].y += acc[s][f][2 * u + 1];
+            for (int n = 0; n < 2; n++) {
+                if (prow[s][u] < 0) continue;
+                float2 v = yv[s][u][n];
+                v.x += acc[s][n][2 * u];
+                v.y += acc[s][n][2 * u + 1];
+                *reinterpret_cast<float2*>(y + prow[s][u] * out + o0 + 8 * n + 2 * t) = v;
             }
-            if (PARTS == 1) {
-#pragma unroll
-                for (int f = 0; f < 2; f++)
-                    *reinterpret_cast<float2*>(y + (size_t)prow[s][u] * cols + col[f] + 2 * t) = v[f];
-            } else {
-                T* dst = out + (size_t)prow[s][u] * cols + c + 2 * t;
-                store(dst, act_of(v[0].x, act) * v[1].x);
-                store(dst + 1, act_of(v[0].y, act) * v[1].y);
-            }
-        }
 }
-
-// y[row, o] += h[p, :R] . B_slot[o, :R] for the rows of each tile (expand_tile, PARTS 1).
-// Grid (max_tiles, ceil(out / (16 * EXPAND_WARPS))).
-extern "C" __global__ void __launch_bounds__(32 * EXPAND_WARPS)
-    lora_expand_mma(const float* h, const unsigned long long* meta, int entries, int capacity,
-                    int tiles_at, int max_tiles, int out, int rmax, float* y) {
-    expand_tile<1, float>(h, meta, entries, capacity, tiles_at, max_tiles, out, rmax, y, nullptr,
-                          0);
-}
-
-// out[t, c] = act(gate + delta) * (up + delta) for a gated MLP's f32 gate | up rows y [T, 2 n]
-// and every row t of the step (expand_tile, PARTS 2; `act` 0 silu, 1 gelu tanh), out [T, n].
-// Grid (max_tiles, ceil(n / (8 * EXPAND_WARPS))).
-#define EXPAND_ACT(SUFFIX, T)                                                                   \
-    extern "C" __global__ void __launch_bounds__(32 * EXPAND_WARPS) lora_expand_act_##SUFFIX(   \
-        const float* h, const unsigned long long* meta, int entries, int capacity,             \
-        int tiles_at, int max_tiles, int n, int rmax, const float* y, T* out, int act) {       \
-        expand_tile<2, T>(h, meta, entries, capacity, tiles_at, max_tiles, n, rmax,            \
-                          const_cast<float*>(y), out, act);                                     \
-    }
-EXPAND_ACT(f32, float)
-EXPAND_ACT(bf16, __nv_bfloat16)

@@ -12,10 +12,9 @@ use std::sync::{Arc, Mutex, OnceLock};
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{CudaStream, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaStorage, WrapErr};
-use candle_core::{CustomOp1, DType, InplaceOp1, InplaceOp2, Layout, Result, Shape, Tensor};
+use candle_core::{DType, InplaceOp1, InplaceOp2, Layout, Result, Tensor};
 
 use crate::engine::attention::cuda::{cuda_view, storage_view};
-use crate::engine::model::config::Activation;
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/lora.ptx"));
 /// Rows per tile (`TILE` in lora.cu).
@@ -25,8 +24,6 @@ pub const TILE: usize = 64;
 const SHRINK_THREADS: usize = 256;
 const EXPAND_COLS: usize = 128;
 const EXPAND_THREADS: usize = 256;
-/// Activation columns per block of `lora_expand_act_*` (8 per warp).
-const EXPAND_ACT_COLS: usize = 64;
 /// 16-row slices per tile (`SLICES`).
 const SLICES: usize = TILE / 16;
 /// Inputs wider than this split across 8 blocks of a cluster, others across 4 (measured on the
@@ -43,15 +40,13 @@ pub fn takes(x: &Tensor, out: usize) -> Result<bool> {
 }
 
 /// Where one projection group's launches find their rows and slots: `entries` is the word offset
-/// of the group's slot entries in the table (`capacity` of them), `tiles` the offset of its tiles and their capacity,
+/// of the group's slot entries in the table, `tiles` the offset of its tiles and their capacity,
 /// `rmax` the ranks the launches cover (a multiple of 16, at least every slot's R), `scratch`
 /// (f32, at least rows * rmax) the shrunk rows, written by shrink and read by expand.
 #[derive(Clone)]
 pub struct Launch {
     pub rows: usize,
     pub entries: usize,
-    /// Slots of the table (its entries per group).
-    pub capacity: usize,
     pub tiles: (usize, usize),
     pub rmax: usize,
     pub meta: Tensor,
@@ -67,16 +62,6 @@ pub struct Shrink {
 
 /// `y += scratch · Bᵀ` for each row's slot, on candle's stream.
 pub struct Expand(pub Launch);
-
-/// A gated MLP's activation product with the gate|up group's deltas added first: for f32 rows
-/// `[T, 2n]` laid out gate | up (only read), `act(gate + Δgate) * (up + Δup)` as `[T, n]` in
-/// `dtype` (f32 or bf16) for every row of the step, those with no adapter included, as
-/// `lora_expand_act_*` in lora.cu computes it; `at.scratch` holds the group's shrunk rows.
-pub struct ExpandAct {
-    pub at: Launch,
-    pub act: Activation,
-    pub dtype: DType,
-}
 
 /// The stream that runs shrinks beside the base projection of the same rows: one per candle
 /// stream, made once. The launcher joins it to candle's stream before a shrink (so it sees its
@@ -117,10 +102,14 @@ impl Launch {
         Ok(h)
     }
 
-    /// The kernels' table arguments: (entries, capacity, tiles_at, max_tiles, rmax).
-    fn words(&self) -> [i32; 5] {
+    fn words(&self) -> (i32, i32, i32, i32) {
         let (tiles_at, max_tiles) = self.tiles;
-        [self.entries, self.capacity, tiles_at, max_tiles, self.rmax].map(|w| w as i32)
+        (
+            self.entries as i32,
+            tiles_at as i32,
+            max_tiles as i32,
+            self.rmax as i32,
+        )
     }
 }
 
@@ -151,7 +140,7 @@ impl InplaceOp1 for Shrink {
         let meta = cuda_view::<i64>(&ms, ml, "LoRA table")?;
         let (ss, sl) = at.scratch.storage_and_layout();
         let h = at.scratch_view(&ss, sl)?;
-        let words = at.words();
+        let (entries, tiles_at, max_tiles, rmax) = at.words();
         let inp_i = inp as i32;
         let (name, split) = if inp > WIDE_IN {
             ("lora_shrink_mma8", 8)
@@ -164,11 +153,12 @@ impl InplaceOp1 for Shrink {
         let main = dev.cuda_stream();
         let stream = self.stream.as_ref().unwrap_or(&main);
         let mut b = stream.launch_builder(&func);
-        b.arg(&x).arg(&meta);
-        for w in &words[..4] {
-            b.arg(w);
-        }
-        b.arg(&inp_i).arg(&words[4]).arg(&h);
+        b.arg(&x)
+            .arg(&meta)
+            .arg(&entries)
+            .arg(&tiles_at)
+            .arg(&max_tiles);
+        b.arg(&inp_i).arg(&rmax).arg(&h);
         let cfg = LaunchConfig {
             grid_dim: ((at.tiles.1 * SLICES) as u32, (at.rmax / 16) as u32, split),
             block_dim: (SHRINK_THREADS as u32, 1, 1),
@@ -213,15 +203,16 @@ impl InplaceOp2 for Expand {
         let (ss, sl) = at.scratch.storage_and_layout();
         let h = at.scratch_view(&ss, sl)?;
         let y = ys.as_cuda_slice_mut::<f32>()?;
-        let words = at.words();
+        let (entries, tiles_at, max_tiles, rmax) = at.words();
         let out_i = out as i32;
         let func = dev.get_or_load_custom_func("lora_expand_mma", "pruneserve_lora", PTX)?;
         let mut b = func.builder();
-        b.arg(&h).arg(&meta);
-        for w in &words[..4] {
-            b.arg(w);
-        }
-        b.arg(&out_i).arg(&words[4]).arg(y);
+        b.arg(&h)
+            .arg(&meta)
+            .arg(&entries)
+            .arg(&tiles_at)
+            .arg(&max_tiles);
+        b.arg(&out_i).arg(&rmax).arg(y);
         let cfg = LaunchConfig {
             grid_dim: (at.tiles.1 as u32, out.div_ceil(EXPAND_COLS) as u32, 1),
             block_dim: (EXPAND_THREADS as u32, 1, 1),
@@ -233,69 +224,5 @@ impl InplaceOp2 for Expand {
         // group's shrink wrote (the launcher joined its stream first).
         unsafe { b.launch(cfg) }.w()?;
         Ok(())
-    }
-}
-
-impl CustomOp1 for ExpandAct {
-    fn name(&self) -> &'static str {
-        "lora-mma-expand-act"
-    }
-
-    crate::engine::ops::cuda_only_cpu_fwd!(1);
-
-    fn cuda_fwd(&self, ys: &CudaStorage, yl: &Layout) -> Result<(CudaStorage, Shape)> {
-        let at = &self.at;
-        let (t, cols) = yl.shape().dims2()?;
-        let n = cols / 2;
-        let act: i32 = match self.act {
-            Activation::Silu => 0,
-            Activation::GeluTanh => 1,
-            Activation::GeluErf => candle_core::bail!("lora-mma-expand-act: no exact gelu"),
-        };
-        if t != at.rows || !n.is_multiple_of(8) || cols != 2 * n {
-            candle_core::bail!(
-                "lora-mma-expand-act: [{t}, {cols}] gate | up rows (want {} rows, n a multiple of 8)",
-                at.rows
-            );
-        }
-        let dev = ys.device().clone();
-        let y = storage_view::<f32>(ys, yl, "gate | up rows")?;
-        let (ms, ml) = at.meta.storage_and_layout();
-        let meta = cuda_view::<i64>(&ms, ml, "LoRA table")?;
-        let (ss, sl) = at.scratch.storage_and_layout();
-        let h = at.scratch_view(&ss, sl)?;
-        let words = at.words();
-        let n_i = n as i32;
-        let cfg = LaunchConfig {
-            grid_dim: (at.tiles.1 as u32, n.div_ceil(EXPAND_ACT_COLS) as u32, 1),
-            block_dim: (EXPAND_THREADS as u32, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        macro_rules! run {
-            ($t:ty, $name:literal) => {{
-                let func = dev.get_or_load_custom_func($name, "pruneserve_lora", PTX)?;
-                // SAFETY: the kernel writes every element of [t, n]: the table's tiles hold every
-                // row of the step (those with no adapter in tiles of slot -1).
-                let out = unsafe { dev.alloc::<$t>(t * n)? };
-                let mut b = func.builder();
-                b.arg(&h).arg(&meta);
-                for w in &words[..4] {
-                    b.arg(w);
-                }
-                b.arg(&n_i).arg(&words[4]).arg(&y).arg(&out).arg(&act);
-                // SAFETY: the arguments match `lora_expand_act_*` in lora.cu; y is [t, 2n] f32
-                // (checked), out [t, n] with each element written by one thread; B is [2n, R]
-                // with R <= rmax and the entry's segments inside it; h holds what this group's
-                // shrink wrote (ordered before on this stream, or joined from the side stream).
-                unsafe { b.launch(cfg) }.w()?;
-                CudaStorage::wrap_cuda_slice(out, dev)
-            }};
-        }
-        let storage = match self.dtype {
-            DType::F32 => run!(f32, "lora_expand_act_f32"),
-            DType::BF16 => run!(half::bf16, "lora_expand_act_bf16"),
-            other => candle_core::bail!("lora-mma-expand-act: no {other:?} output"),
-        };
-        Ok((storage, Shape::from((t, n))))
     }
 }

@@ -4,12 +4,11 @@
 
 use std::sync::Arc;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 
 #[cfg(feature = "cuda")]
 use super::cuda;
 use super::{Group, LoraAdapter};
-use crate::engine::model::config::Activation;
 use crate::engine::ops::gemm::ExactRows;
 
 /// Steps of at most this many rows use the CUDA kernels even with a single adapter (two launches
@@ -18,19 +17,6 @@ use crate::engine::ops::gemm::ExactRows;
 /// faster from 64 rows up (docs/benchmarks.md). Steps that mix adapters always use the kernels.
 #[cfg(feature = "cuda")]
 const KERNEL_ROWS: usize = 16;
-
-/// The longest step of one adapter on every row whose gate|up activation is fused
-/// (`PRUNESERVE_LORA_ACT_ROWS`, for A/B measurements; 0: never).
-#[cfg(feature = "cuda")]
-fn act_rows() -> usize {
-    static ROWS: std::sync::LazyLock<usize> = std::sync::LazyLock::new(|| {
-        std::env::var("PRUNESERVE_LORA_ACT_ROWS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(usize::MAX)
-    });
-    *ROWS
-}
 
 /// The widest packed rank a decode graph serves (`--max-lora-rank` 512 on q|k|v); a graph's
 /// shrunk-rows scratch holds this many per row.
@@ -43,10 +29,6 @@ pub struct StepLora {
     groups: Vec<(Arc<LoraAdapter>, Option<Tensor>)>,
     #[cfg(feature = "cuda")]
     table: Option<cuda::LoraTable>,
-    /// On CUDA, for one adapter on every row of a longer step (its shrinks cuBLAS GEMMs): the
-    /// tiles the fused gate|up activation runs over ([`Self::act`]).
-    #[cfg(feature = "cuda")]
-    act_table: Option<cuda::LoraTable>,
 }
 
 /// A step's rows grouped by adapter: the distinct adapters in order of first use (slots), each
@@ -131,18 +113,8 @@ impl StepLora {
             return Ok(Self {
                 groups: Vec::new(),
                 table: Some(cuda::LoraTable::new(slots, layers, device)?),
-                act_table: None,
             });
         }
-        #[cfg(feature = "cuda")]
-        let act_table = match slots.adapters.as_slice() {
-            [a] if device.is_cuda() && !a.cuda_entries.is_empty() && rows.len() <= act_rows() => {
-                let layers = a.layers.len();
-                let step = StepSlots::of(rows);
-                Some(cuda::LoraTable::without_scratch(step, layers, device)?)
-            }
-            _ => None,
-        };
         let groups = slots
             .adapters
             .into_iter()
@@ -159,8 +131,6 @@ impl StepLora {
             groups,
             #[cfg(feature = "cuda")]
             table: None,
-            #[cfg(feature = "cuda")]
-            act_table,
         })
     }
 
@@ -177,64 +147,7 @@ impl StepLora {
         Ok(Self {
             groups: Vec::new(),
             table: Some(cuda::LoraTable::in_buffer(buffers, slots, layers, shape)?),
-            act_table: None,
         })
-    }
-
-    /// Whether [`Self::act`] applies the adapters of the gate|up `group` of base layer `layer`
-    /// for rows `x` (`out` output columns) together with the activation `act`: on CUDA, when the
-    /// slot table's tensor-core kernels take the rows (bf16 rows of decode graphs and of eager
-    /// steps that use them), the group is adapted and `act` is not the exact gelu. Otherwise
-    /// the projection goes through [`Self::prefetch`] and [`Self::add`], then `act_mul` (one
-    /// adapter on every row of a longer step: cuBLAS GEMMs, which measured faster there).
-    #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
-    pub fn fuses_act(
-        &self,
-        x: &Tensor,
-        at: (usize, Group),
-        out: usize,
-        act: Activation,
-    ) -> candle_core::Result<bool> {
-        #[cfg(feature = "cuda")]
-        {
-            if act == Activation::GeluErf || !out.is_multiple_of(16) {
-                return Ok(false);
-            }
-            if let Some(table) = &self.table {
-                return table.fuses_act(x, at, out);
-            }
-            if let (Some(_), [(adapter, None)]) = (&self.act_table, self.groups.as_slice()) {
-                return Ok(adapter.layer(at.0).and_then(|l| at.1.of(l)).is_some());
-            }
-        }
-        Ok(false)
-    }
-
-    /// `act(gate + Δgate) * (up + Δup)` in `dtype` for the gate|up rows `y` (f32 `[T, 2n]`, the
-    /// base projection of `x`) of base layer `layer`, where [`Self::fuses_act`] said so: what
-    /// [`Self::add`] then `act_mul` compute, in one kernel after the shrink.
-    #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
-    pub fn act(
-        &self,
-        y: &Tensor,
-        x: &Tensor,
-        (layer, group): (usize, Group),
-        (act, dtype): (Activation, DType),
-        exact: &ExactRows,
-    ) -> candle_core::Result<Tensor> {
-        #[cfg(feature = "cuda")]
-        {
-            if let Some(table) = &self.table {
-                return table.act(y, x, (layer, group), act, dtype);
-            }
-            if let (Some(table), [(adapter, None)]) = (&self.act_table, self.groups.as_slice()) {
-                if let Some(delta) = adapter.layer(layer).and_then(|l| group.of(l)) {
-                    let h = delta.shrunk_f32(x, exact)?;
-                    return table.act_from(y, &h, (layer, group), act, dtype);
-                }
-            }
-        }
-        candle_core::bail!("lora: no fused activation for layer {layer}'s {group:?} group")
     }
 
     /// Starts the adapters' part of `group` of base layer `layer` for rows `x` (with `out` output
@@ -245,17 +158,6 @@ impl StepLora {
         #[cfg(feature = "cuda")]
         if let Some(table) = &self.table {
             return table.prefetch(x, at, out);
-        }
-        Ok(())
-    }
-
-    /// The second half of [`Self::prefetch`], called after the base projection's launch: the
-    /// side-stream shrink (on CUDA), launched then where the side stream is set to follow it.
-    #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
-    pub fn beside(&self, x: &Tensor, at: (usize, Group), out: usize) -> candle_core::Result<()> {
-        #[cfg(feature = "cuda")]
-        if let Some(table) = &self.table {
-            return table.beside(x, at, out);
         }
         Ok(())
     }

@@ -68,7 +68,9 @@ impl Mlp {
         residual: Option<Tensor>,
         at: LayerAt<'_>,
     ) -> candle_core::Result<Tensor> {
-        let m = at.project_act(x, &self.gate_up, self.act)?;
+        let dev = x.device();
+        let gate_up = at.project(x, (&self.gate_up, None), None, Group::GateUp)?;
+        let m = phase(dev, "act_mul", || act_mul(&gate_up, self.act, at.gemm_in))?;
         at.project(&m, (&self.down, None), residual, Group::Down)
     }
 }
@@ -328,27 +330,7 @@ impl LayerAt<'_> {
             Some(r) => linear_rows_accumulate(r, x, w, exact),
             None => linear_rows(x, w, bias, exact),
         })?;
-        phase(dev, "lora", || self.lora.beside(x, at, w.dim(0)?))?;
         phase(dev, "lora", || self.lora.add(y, x, at, exact))
-    }
-
-    /// `act(gate) * up` of the gate|up projection `x · wᵀ`, in `gemm_in`: with the step's
-    /// adapters' deltas added to gate and up by the kernel that applies the activation where
-    /// [`StepLora::fuses_act`] allows (after the base GEMM, the shrink beside it), else
-    /// [`Self::project`] then `act_mul`.
-    fn project_act(&self, x: &Tensor, w: &Tensor, act: Activation) -> candle_core::Result<Tensor> {
-        let (dev, at, out) = (x.device(), (self.layer, Group::GateUp), w.dim(0)?);
-        if self.lora.fuses_act(x, at, out, act)? {
-            phase(dev, "lora", || self.lora.prefetch(x, at, out))?;
-            let y = phase(dev, Group::GateUp.gemm_phase(), || {
-                linear_rows(x, w, None, self.exact)
-            })?;
-            phase(dev, "lora", || self.lora.beside(x, at, out))?;
-            let kinds = (act, self.gemm_in);
-            return phase(dev, "lora", || self.lora.act(&y, x, at, kinds, self.exact));
-        }
-        let gate_up = self.project(x, (w, None), None, Group::GateUp)?;
-        phase(dev, "act_mul", || act_mul(&gate_up, act, self.gemm_in))
     }
 }
 

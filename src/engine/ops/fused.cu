@@ -5,8 +5,6 @@
 #include <cuda_bf16.h>
 #include <stdint.h>
 
-#include "activation.cuh"
-
 __device__ __forceinline__ void store(float *p, float v) { *p = v; }
 __device__ __forceinline__ void store(__nv_bfloat16 *p, float v) { *p = __float2bfloat16_rn(v); }
 
@@ -77,10 +75,18 @@ __device__ void rope_heads(const float *src, const float *cos, const float *sin,
   }
 }
 
+__device__ __forceinline__ float silu(float x) { return x / (1.f + expf(-x)); }
+__device__ __forceinline__ float gelu_tanh(float x) {
+  return 0.5f * x * (1.f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x)));
+}
+
 // act(gate) * up for f32 rows laid out [gate (n) | up (n)]; out is [rows, n].
 // Grid: (rows, column blocks of ACT_COLS); each thread takes ACT_COLS / blockDim.x columns, four
 // adjacent ones at a time when n is a multiple of 4 and gu 16-byte aligned (16-byte loads).
 #define ACT_COLS 1024
+__device__ __forceinline__ float act_of(float g, int act) {
+  return act == 0 ? silu(g) : gelu_tanh(g);
+}
 template <typename T>
 __device__ void act_mul(const float *gu, T *out, int rows, int n, int act) {
   const int r = blockIdx.x;
