@@ -15,6 +15,10 @@ sed -e 's/lora_shrink_mma/old_shrink_mma/; s/lora_expand_mma/old_expand_mma/' \
     -e 's/lora_shrink_f32/old_shrink_f32/; s/lora_shrink_bf16/old_shrink_bf16/' \
     -e 's/"C" __global__ void lora_expand(/"C" __global__ void old_expand(/' "$OLD_CU" \
     > "$WORK/old_renamed.cu"
-cp "$ROOT/src/engine/adapters/lora.cu" "$ROOT/bench/lora_kernels.cu" "$WORK/"
-nvcc -O3 -arch="$ARCH" -std=c++17 "$WORK/lora_kernels.cu" -o "$WORK/lora-kernels"
+# The engine's tree as lora.cu includes it (../attention/common.cuh).
+mkdir -p "$WORK/adapters" "$WORK/attention"
+mv "$WORK/old_renamed.cu" "$WORK/adapters/"
+cp "$ROOT/src/engine/adapters/lora.cu" "$ROOT/bench/lora_kernels.cu" "$WORK/adapters/"
+cp "$ROOT/src/engine/attention/common.cuh" "$WORK/attention/"
+nvcc -O3 -arch="$ARCH" -std=c++17 "$WORK/adapters/lora_kernels.cu" -o "$WORK/lora-kernels"
 "$WORK/lora-kernels"
