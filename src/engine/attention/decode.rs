@@ -7,7 +7,9 @@
 //! - `paged_decode_mma` (bf16 or fp8 caches; head size 64 or 128, or 256 with groups up to 4;
 //!   the default): every warp keeps its own online softmax over its blocks, both products on
 //!   tensor cores (a block's 16 keys against the group's queries as one 16-row tile);
-//!   partitions of 128 to 512 tokens by how many (sequence, kv head) pairs the step has.
+//!   partitions of 128 to 512 tokens by how many (sequence, kv head) pairs the step has, up to
+//!   1,024 for few pairs over long contexts (`partition.rs`; `PRUNESERVE_DECODE_PART`
+//!   forces one).
 //! - `paged_decode_split` (the same shapes and partitions, `PRUNESERVE_DECODE_KERNEL=scalar`):
 //!   the same walk with scalar FMAs, which bound it at about 13 instructions per cached value.
 //! - `paged_decode` (any other shape, f32 caches, or `PRUNESERVE_DECODE_KERNEL=shared`):
@@ -22,6 +24,7 @@ use candle_core::cuda_backend::{CudaDevice, CudaStorage, WrapErr};
 use candle_core::{CustomOp1, DType, Layout, Result, Shape, Tensor};
 
 use crate::engine::attention::cuda::{cuda_view, storage_view};
+use crate::engine::attention::partition::split_partition;
 use crate::engine::attention::AttnParams;
 
 const DECODE_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/decode.ptx"));
@@ -72,13 +75,13 @@ impl DecodeKernel {
 
     /// The function to launch, its partition's tokens, and whether it is one of the split walk's
     /// kernels (`paged_decode_split`, `paged_decode_mma`), for a step of `pairs` (sequence, kv
-    /// head) pairs.
+    /// head) pairs over up to `max_context` tokens on a device of `sms` multiprocessors.
     fn function(
         self,
         suffix: &str,
-        group: usize,
-        hd: usize,
-        pairs: usize,
+        (group, hd): (usize, usize),
+        (pairs, max_context): (usize, usize),
+        sms: usize,
     ) -> (String, usize, bool) {
         let g = if group <= 4 { 4 } else { 8 };
         let split_shape = hd == 64 || hd == 128 || (hd == 256 && g == 4);
@@ -93,13 +96,15 @@ impl DecodeKernel {
             _ => None,
         };
         if let (Some(split), true) = (split_name, split_shape) {
-            // Longer partitions when there are enough pairs to fill the device: fewer partial
-            // results to merge, and each warp walks more blocks.
-            let part = match pairs {
-                0..256 => 128,
-                256..1024 => 256,
-                _ => 512,
-            };
+            // `split_partition`'s length, or PRUNESERVE_DECODE_PART's (a multiple of 16; other
+            // values are ignored) for A/B measurements.
+            static PART: std::sync::LazyLock<Option<usize>> = std::sync::LazyLock::new(|| {
+                std::env::var("PRUNESERVE_DECODE_PART")
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .filter(|p: &usize| *p >= 16 && p.is_multiple_of(16))
+            });
+            let part = PART.unwrap_or_else(|| split_partition(pairs, max_context, sms));
             return (format!("{split}_g{g}_d{hd}"), part, true);
         }
         let d = match hd {
@@ -109,6 +114,18 @@ impl DecodeKernel {
         };
         (format!("paged_decode_{suffix}_g{g}_d{d}"), PARTITION, false)
     }
+}
+
+/// The device's multiprocessor count, read once per process (one GPU model per server).
+fn multiprocessors(dev: &CudaDevice) -> Result<usize> {
+    static SMS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    if let Some(n) = SMS.get() {
+        return Ok(*n);
+    }
+    use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
+    let attr = CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT;
+    let n = dev.cuda_stream().context().attribute(attr).w()?.max(1) as usize;
+    Ok(*SMS.get_or_init(|| n))
 }
 
 struct PagedDecode {
@@ -181,9 +198,13 @@ impl PagedDecode {
         let ctx = cuda_view::<u32>(&cl, cll, "context lengths")?;
         let max_blocks = tl.shape().dims2()?.1;
         let p = &self.params;
-        let (name, part, split) =
-            self.kernel
-                .function(suffix, heads / p.num_kv_heads, hd, seqs * p.num_kv_heads);
+        let sms = multiprocessors(dev)?;
+        let (name, part, split) = self.kernel.function(
+            suffix,
+            (heads / p.num_kv_heads, hd),
+            (seqs * p.num_kv_heads, self.max_context),
+            sms,
+        );
         let parts = self.max_context.div_ceil(part).max(1);
         // SAFETY: the kernels write every output element before it is read (the partial
         // buffers only when there are several partitions).

@@ -5,6 +5,7 @@
 pub mod cuda;
 #[cfg(feature = "cuda")]
 pub mod decode;
+pub mod partition;
 
 use std::collections::HashMap;
 
