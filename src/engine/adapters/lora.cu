@@ -268,19 +268,10 @@ __device__ __forceinline__ void shrink_block(const __nv_bfloat16* xr0, const __n
                                              int c0, int c1, int in, float (*sum)[17]) {
     __shared__ float red[SHRINK_WARPS][16][17];
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-    const int n = c1 - c0, w0 = c0 + warp * n / SHRINK_WARPS, w1 = c0 + (warp + 1) * n / SHRINK_WARPS;
-    // The adapter's rows are the host's: fetched while the kernel before may still run.
-    for (int c = w0; c < w1; c++) {
-        const int k = 32 * c + 8 * t;
-        if (k < in) {
-            prefetch_l2(ar0 + k);
-            prefetch_l2(ar1 + k);
-        }
-    }
-    grid_wait();
-    grid_release();
+    const int n = c1 - c0;
     float acc[2][4] = {};
-    shrink_chunks(xr0, xr1, ar0, ar1, w0, w1, in, t, acc);
+    shrink_chunks(xr0, xr1, ar0, ar1, c0 + warp * n / SHRINK_WARPS,
+                  c0 + (warp + 1) * n / SHRINK_WARPS, in, t, acc);
 #pragma unroll
     for (int q = 0; q < 2; q++)
 #pragma unroll
@@ -401,12 +392,6 @@ extern "C" __global__ void __launch_bounds__(32 * EXPAND_WARPS)
     seg_ranks(e, min(first + 16 * EXPAND_WARPS, out) - 1, unused, block_hi);
     const __nv_bfloat16* br[2] = {e.b + (size_t)(active ? o0 + g : 0) * R,
                                   e.b + (size_t)(active ? o0 + 8 + g : 0) * R};
-    // B is the host's: fetched while the shrink may still run; h and y only after it.
-    for (int r = lo + 8 * t; active && r < hi; r += 32) {
-        prefetch_l2(br[0] + r);
-        prefetch_l2(br[1] + r);
-    }
-    grid_wait();
     // The outputs this lane updates, loaded before any product.
     const unsigned long long* order = meta + tiles_at + 2 + 3 * max_tiles;
     long long prow[SLICES][2];

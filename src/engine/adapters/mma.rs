@@ -10,12 +10,11 @@
 use std::sync::{Arc, Mutex, OnceLock};
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{CudaStream, DevicePtr, LaunchConfig};
-use candle_core::cuda_backend::{CudaDevice, CudaStorage, WrapErr};
+use candle_core::cuda_backend::cudarc::driver::{CudaStream, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::{CudaStorage, WrapErr};
 use candle_core::{DType, InplaceOp1, InplaceOp2, Layout, Result, Tensor};
 
 use crate::engine::attention::cuda::{cuda_view, storage_view};
-use crate::engine::ops::pdl;
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/lora.ptx"));
 /// Rows per tile (`TILE` in lora.cu).
@@ -148,33 +147,31 @@ impl InplaceOp1 for Shrink {
         } else {
             ("lora_shrink_mma4", 4)
         };
+        let func = dev
+            .get_or_load_custom_func(name, "pruneserve_lora", PTX)?
+            .into_cuda_function();
         let main = dev.cuda_stream();
         let stream = self.stream.as_ref().unwrap_or(&main);
+        let mut b = stream.launch_builder(&func);
+        b.arg(&x)
+            .arg(&meta)
+            .arg(&entries)
+            .arg(&tiles_at)
+            .arg(&max_tiles);
+        b.arg(&inp_i).arg(&rmax).arg(&h);
         let cfg = LaunchConfig {
             grid_dim: ((at.tiles.1 * SLICES) as u32, (at.rmax / 16) as u32, split),
             block_dim: (SHRINK_THREADS as u32, 1, 1),
             shared_mem_bytes: 0,
         };
-        let (xp, _x) = x.device_ptr(stream);
-        let (mp, _m) = meta.device_ptr(stream);
-        let (hp, _h) = h.device_ptr(stream);
         // SAFETY: the arguments match `lora_shrink_mma4`/`8` (a cluster of `split` blocks along
         // z, the grid's z); x is [t, inp] bf16 with inp a multiple of 16; the table's tiles hold
         // sorted rows below t, its entries point into adapter tensors the step holds, each
         // [R, inp] with R <= rmax; h (checked) holds t * rmax floats and is the table's own
         // scratch, which only this group's shrink and expand touch until the next group's
-        // shrink, ordered after this expand (on the side stream, by the launcher's joins). The
-        // kernel reads only the table and A before `grid_wait` (PDL's contract).
-        unsafe {
-            launch_group(
-                &dev,
-                (stream, self.stream.is_none()),
-                (name, cfg),
-                [xp, mp],
-                [entries, tiles_at, max_tiles, inp_i, rmax],
-                hp,
-            )
-        }
+        // shrink, ordered after this expand (on the side stream, by the launcher's joins).
+        unsafe { b.launch(cfg) }.w()?;
+        Ok(())
     }
 }
 
@@ -208,68 +205,24 @@ impl InplaceOp2 for Expand {
         let y = ys.as_cuda_slice_mut::<f32>()?;
         let (entries, tiles_at, max_tiles, rmax) = at.words();
         let out_i = out as i32;
+        let func = dev.get_or_load_custom_func("lora_expand_mma", "pruneserve_lora", PTX)?;
+        let mut b = func.builder();
+        b.arg(&h)
+            .arg(&meta)
+            .arg(&entries)
+            .arg(&tiles_at)
+            .arg(&max_tiles);
+        b.arg(&out_i).arg(&rmax).arg(y);
         let cfg = LaunchConfig {
             grid_dim: (at.tiles.1 as u32, out.div_ceil(EXPAND_COLS) as u32, 1),
             block_dim: (EXPAND_THREADS as u32, 1, 1),
             shared_mem_bytes: 0,
         };
-        let stream = dev.cuda_stream();
-        let (hp, _h) = h.device_ptr(&stream);
-        let (mp, _m) = meta.device_ptr(&stream);
-        let (yp, _y) = y.device_ptr(&stream);
         // SAFETY: the arguments match `lora_expand_mma`; y is [t, out] f32, out a multiple of
         // 16, and each of its elements is updated by one thread; B is [out, R] with R <= rmax,
         // and the entry's segments name column and rank boundaries inside it; h holds what this
-        // group's shrink wrote (the launcher joined its stream first). The kernel reads only the
-        // table and B before `grid_wait` (PDL's contract).
-        unsafe {
-            launch_group(
-                &dev,
-                (&stream, true),
-                ("lora_expand_mma", cfg),
-                [hp, mp],
-                [entries, tiles_at, max_tiles, out_i, rmax],
-                yp,
-            )
-        }
-    }
-}
-
-/// Launches a shrink or expand kernel, whose parameters are two pointers, five ints and a
-/// pointer, on `stream`, with PDL where `overlap` allows ([`pdl::run`]; not on the side stream,
-/// whose shrinks wait for candle's stream through events).
-///
-/// # Safety
-/// The arguments must match the kernel's and the memory they point to stay valid until it runs.
-unsafe fn launch_group(
-    dev: &CudaDevice,
-    stream: (&Arc<CudaStream>, bool),
-    (name, cfg): (&'static str, LaunchConfig),
-    [p0, p1]: [u64; 2],
-    words: [i32; 5],
-    p2: u64,
-) -> Result<()> {
-    use pdl::Arg::{Ptr, I32};
-    let [w0, w1, w2, w3, w4] = words;
-    let mut args = [
-        Ptr(p0),
-        Ptr(p1),
-        I32(w0),
-        I32(w1),
-        I32(w2),
-        I32(w3),
-        I32(w4),
-        Ptr(p2),
-    ];
-    // SAFETY: the caller's contract; both kernels read only the table and the adapter's weights
-    // before `grid_wait`.
-    unsafe {
-        pdl::run(
-            dev,
-            stream,
-            (("pruneserve_lora", PTX), name),
-            cfg,
-            &mut args,
-        )
+        // group's shrink wrote (the launcher joined its stream first).
+        unsafe { b.launch(cfg) }.w()?;
+        Ok(())
     }
 }

@@ -17,9 +17,6 @@ template <typename T, typename C>
 __device__ void rope_cache(const float *qkv, const float *cos, const float *sin,
                            const int64_t *slots, C *kc, C *vc, T *q_out, int heads, int kv_heads,
                            int hd) {
-  // Launched with PDL (ops/pdl.rs): the q|k|v rows come from the kernel ahead.
-  grid_wait();
-  grid_release();
   const int r = blockIdx.x, half = hd / 2, x = 16 / sizeof(C);
   const float *row = qkv + (size_t)r * (heads + 2 * kv_heads) * hd;
   const int64_t slot = slots[r];

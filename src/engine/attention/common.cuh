@@ -10,26 +10,6 @@
 // Tokens per KV-cache block (the engine's block size).
 #define BS 16
 
-// Programmatic dependent launch (sm_90): a kernel launched with the attribute may start while the
-// kernel before it in the stream is still running. `grid_wait` returns once that kernel has ended
-// and its writes are visible: nothing written by an earlier kernel may be read before it (what a
-// kernel reads first must be the host's: tables, weights). `grid_release` lets the next kernel
-// start early. Both are no-ops in a plain launch and before sm_90.
-__device__ __forceinline__ void grid_wait() {
-#if __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void grid_release() {
-#if __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-}
-// Fetches the 16 bytes at p into L2 (no wait).
-__device__ __forceinline__ void prefetch_l2(const void *p) {
-  asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
-}
-
 __device__ __forceinline__ float to_f(float v) { return v; }
 __device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
 __device__ __forceinline__ void put(float *p, float v) { *p = v; }

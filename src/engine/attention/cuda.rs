@@ -10,13 +10,12 @@
 //!   fresh chunks; f32 caches).
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{CudaView, DevicePtr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{CudaView, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaStorage, WrapErr};
 use candle_core::{CustomOp1, DType, Layout, Result, Shape, Storage, Tensor};
 
 use crate::engine::attention::AttnParams;
 use crate::engine::ops::gemm::cuda::split_terms;
-use crate::engine::ops::pdl::{self, Arg};
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/attention.ptx"));
 /// Tokens per cache block the kernel is built for (BS).
@@ -146,20 +145,21 @@ impl RopeCache {
         }
         // SAFETY: the kernel writes every query element.
         let q = unsafe { dev.alloc::<T>(rows * p.num_heads * p.head_dim)? };
-        let stream = dev.cuda_stream();
-        let ptr = |p: u64| Arg::Ptr(p);
-        let mut args = [
-            ptr(qkv.device_ptr(&stream).0),
-            ptr(cos.device_ptr(&stream).0),
-            ptr(sin.device_ptr(&stream).0),
-            ptr(slots.device_ptr(&stream).0),
-            ptr(kc.device_ptr(&stream).0),
-            ptr(vc.device_ptr(&stream).0),
-            ptr(q.device_ptr(&stream).0),
-            Arg::I32(p.num_heads as i32),
-            Arg::I32(p.num_kv_heads as i32),
-            Arg::I32(p.head_dim as i32),
-        ];
+        let func = dev.get_or_load_custom_func(
+            &format!("rope_cache_{suffix}"),
+            "pruneserve_attention",
+            PTX,
+        )?;
+        let (h, kvh, hd) = (p.num_heads as i32, p.num_kv_heads as i32, p.head_dim as i32);
+        let mut b = func.builder();
+        b.arg(&qkv)
+            .arg(&cos)
+            .arg(&sin)
+            .arg(&slots)
+            .arg(&kc)
+            .arg(&vc)
+            .arg(&q);
+        b.arg(&h).arg(&kvh).arg(&hd);
         let pairs = (p.num_heads + 2 * p.num_kv_heads) * p.head_dim / 2;
         let cfg = LaunchConfig {
             grid_dim: (
@@ -170,20 +170,11 @@ impl RopeCache {
             block_dim: (THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
-        let kernel = format!("rope_cache_{suffix}");
         // SAFETY: the arguments match `rope_cache_*` in attention.cu. The caches are written
         // through shared views, as reshape_and_cache writes them: only at the step's own slots
         // (reserved for these rows, below the block count), ordered on candle's one stream
-        // before any kernel reading them; the kernel waits (`grid_wait`) before any access.
-        unsafe {
-            pdl::run(
-                &dev,
-                (&stream, true),
-                (("pruneserve_attention", PTX), &kernel),
-                cfg,
-                &mut args,
-            )?
-        };
+        // before any kernel reading them.
+        unsafe { b.launch(cfg) }.w()?;
         Ok(CudaStorage::wrap_cuda_slice(q, dev))
     }
 }

@@ -210,8 +210,6 @@ __device__ void paged_decode_combine(const float *part_out, const float *part_ma
       const T *q, const C *kc, const C *vc, const uint32_t *tables, const uint32_t *ctx_lens,  \
       T *out, float *part_out, float *part_max, float *part_sum, int heads, int kv_heads,      \
       int hd, int max_blocks, int window, float scale, float softcap) {                        \
-    grid_wait();                                                                                \
-    grid_release();                                                                             \
     paged_decode<T, C, G, HD>(q, kc, vc, tables, ctx_lens, out, part_out, part_max, part_sum, \
                               heads, kv_heads, hd, max_blocks, window, scale, softcap);        \
   }
@@ -228,8 +226,6 @@ __device__ void paged_decode_combine(const float *part_out, const float *part_ma
   extern "C" __global__ void __launch_bounds__(THREADS) paged_decode_combine_##SUFFIX(        \
       const float *part_out, const float *part_max, const float *part_sum, T *out, int heads, \
       int hd, int parts) {                                                                      \
-    grid_wait();                                                                                \
-    grid_release();                                                                             \
     paged_decode_combine<T>(part_out, part_max, part_sum, out, heads, hd, parts);              \
   }
 
@@ -440,8 +436,6 @@ __device__ void paged_decode_split(const __nv_bfloat16 *q, const C *kc, const C 
       const uint32_t *ctx_lens, __nv_bfloat16 *out, float *part_out, float *part_max,          \
       float *part_sum, int heads, int kv_heads, int max_blocks, int window, float scale,       \
       float softcap, int part) {                                                                \
-    grid_wait();                                                                                \
-    grid_release();                                                                             \
     FN(C, G, HD)(q, kc, vc, tables, ctx_lens, out, part_out, part_max, part_sum, heads,        \
                  kv_heads, max_blocks, window, scale, softcap, part);                           \
   }

@@ -19,14 +19,13 @@
 //! instantiations).
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{DevicePtr, LaunchConfig};
+use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaDevice, CudaStorage, WrapErr};
 use candle_core::{CustomOp1, DType, Layout, Result, Shape, Tensor};
 
 use crate::engine::attention::cuda::{cuda_view, storage_view};
 use crate::engine::attention::partition::split_partition;
 use crate::engine::attention::AttnParams;
-use crate::engine::ops::pdl::{self, Arg};
 
 const DECODE_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/decode.ptx"));
 /// Tokens per partition of `paged_decode` (PART in decode.cu).
@@ -218,65 +217,49 @@ impl PagedDecode {
                 dev.alloc::<f32>(partial)?,
             )
         };
+        let func = dev.get_or_load_custom_func(&name, "pruneserve_decode", DECODE_PTX)?;
         // `paged_decode_split` and `paged_decode_mma` take no head size (their instantiation's)
         // and end with `part`.
-        let stream = dev.cuda_stream();
-        let ptr = |p: u64| Arg::Ptr(p);
-        let mut args = vec![
-            ptr(q.device_ptr(&stream).0),
-            ptr(kc.device_ptr(&stream).0),
-            ptr(vc.device_ptr(&stream).0),
-            ptr(tables.device_ptr(&stream).0),
-            ptr(ctx.device_ptr(&stream).0),
-            ptr(out.device_ptr(&stream).0),
-            ptr(part_out.device_ptr(&stream).0),
-            ptr(part_max.device_ptr(&stream).0),
-            ptr(part_sum.device_ptr(&stream).0),
-            Arg::I32(heads as i32),
-            Arg::I32(p.num_kv_heads as i32),
-        ];
+        let (heads_i, kv_i, hd_i) = (heads as i32, p.num_kv_heads as i32, hd as i32);
+        let (max_blocks, window) = (max_blocks as i32, p.window.unwrap_or(0) as i32);
+        let (scale, softcap, part_i) =
+            (p.scale as f32, p.softcap.unwrap_or(0.0) as f32, part as i32);
+        let mut b = func.builder();
+        b.arg(&q).arg(&kc).arg(&vc).arg(&tables).arg(&ctx);
+        b.arg(&out).arg(&part_out).arg(&part_max).arg(&part_sum);
+        b.arg(&heads_i).arg(&kv_i);
         if !split {
-            args.push(Arg::I32(hd as i32));
+            b.arg(&hd_i);
         }
-        args.extend([
-            Arg::I32(max_blocks as i32),
-            Arg::I32(p.window.unwrap_or(0) as i32),
-            Arg::F32(p.scale as f32),
-            Arg::F32(p.softcap.unwrap_or(0.0) as f32),
-        ]);
+        b.arg(&max_blocks).arg(&window).arg(&scale).arg(&softcap);
         if split {
-            args.push(Arg::I32(part as i32));
+            b.arg(&part_i);
         }
         let cfg = LaunchConfig {
             grid_dim: (p.num_kv_heads as u32, seqs as u32, parts as u32),
             block_dim: (THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
-        let module = ("pruneserve_decode", DECODE_PTX);
-        // SAFETY: the arguments match `paged_decode_*` in decode.cu; every index the kernel
-        // reads is below the context lengths and block-table sizes uploaded for this step; the
-        // buffers stay alive past the launch (candle's single stream orders their reuse), and
-        // the kernel waits (`grid_wait`) before any read.
-        unsafe { pdl::run(dev, (&stream, true), (module, &name), cfg, &mut args)? };
+        // SAFETY: the arguments match `paged_decode_*` in attention.cu; every index the kernel
+        // reads is below the context lengths and block-table sizes uploaded for this step.
+        unsafe { b.launch(cfg) }.w()?;
         if parts > 1 {
-            let mut args = [
-                ptr(part_out.device_ptr(&stream).0),
-                ptr(part_max.device_ptr(&stream).0),
-                ptr(part_sum.device_ptr(&stream).0),
-                ptr(out.device_ptr(&stream).0),
-                Arg::I32(heads as i32),
-                Arg::I32(hd as i32),
-                Arg::I32(parts as i32),
-            ];
+            let func = dev.get_or_load_custom_func(
+                &format!("paged_decode_combine_{out_suffix}"),
+                "pruneserve_decode",
+                DECODE_PTX,
+            )?;
+            let mut b = func.builder();
+            let (h, d, n) = (heads as i32, hd as i32, parts as i32);
+            b.arg(&part_out).arg(&part_max).arg(&part_sum).arg(&out);
+            b.arg(&h).arg(&d).arg(&n);
             let cfg = LaunchConfig {
                 grid_dim: (heads as u32, seqs as u32, 1),
                 block_dim: (THREADS, 1, 1),
                 shared_mem_bytes: 0,
             };
-            let combine = format!("paged_decode_combine_{out_suffix}");
-            // SAFETY: the arguments match `paged_decode_combine_*` in decode.cu, which waits
-            // for the partitions' kernel (`grid_wait`) before reading its partial sums.
-            unsafe { pdl::run(dev, (&stream, true), (module, &combine), cfg, &mut args)? };
+            // SAFETY: the arguments match `paged_decode_combine_*` in attention.cu.
+            unsafe { b.launch(cfg) }.w()?;
         }
         Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
     }

@@ -1,12 +1,9 @@
 // Fused decoder kernels for pruneserve (see src/engine/fused.rs and gemm.rs for the CPU
 // definitions they must match). Inputs are f32 (residual stream, f32-output projections);
 // outputs are f32 or bf16 (`_f32` / `_bf16` suffix), rounded once. Compiled to PTX by build.rs
-// with nvcc. The kernels launched through fused.rs's `launch` (norm, rope, act_mul) may start
-// before the kernel ahead of them ends (ops/pdl.rs): each waits for it (`grid_wait`) first.
+// with nvcc.
 #include <cuda_bf16.h>
 #include <stdint.h>
-
-#include "../attention/common.cuh"  // grid_wait, grid_release
 
 __device__ __forceinline__ void store(float *p, float v) { *p = v; }
 __device__ __forceinline__ void store(__nv_bfloat16 *p, float v) { *p = __float2bfloat16_rn(v); }
@@ -115,21 +112,15 @@ __device__ void act_mul(const float *gu, T *out, int rows, int n, int act) {
 #define INSTANTIATE(SUFFIX, T)                                                                  \
   extern "C" __global__ void rms_norm_to_##SUFFIX(const float *x, const float *alpha, T *out,   \
                                                    int cols, float eps) {                       \
-    grid_wait();                                                                                \
-    grid_release();                                                                             \
     rms_norm_to<T>(x, alpha, out, cols, eps);                                                   \
   }                                                                                             \
   extern "C" __global__ void rope_heads_##SUFFIX(const float *src, const float *cos,            \
                                                   const float *sin, T *out, int src_cols,       \
                                                   int col0, int heads, int hd, int rotate) {    \
-    grid_wait();                                                                                \
-    grid_release();                                                                             \
     rope_heads<T>(src, cos, sin, out, src_cols, col0, heads, hd, rotate);                       \
   }                                                                                             \
   extern "C" __global__ void act_mul_##SUFFIX(const float *gu, T *out, int rows, int n,         \
                                                int act) {                                       \
-    grid_wait();                                                                                \
-    grid_release();                                                                             \
     act_mul<T>(gu, out, rows, n, act);                                                          \
   }
 

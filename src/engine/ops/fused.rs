@@ -265,14 +265,9 @@ pub fn act_mul(gate_up: &Tensor, act: Activation, out: DType) -> Result<Tensor> 
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda {
     use candle_core::backend::BackendStorage;
-    use candle_core::cuda_backend::cudarc::driver::{DevicePtr, LaunchConfig};
-    use candle_core::cuda_backend::CudaStorage;
+    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::{CudaStorage, WrapErr};
     use candle_core::{DType, Layout, Result};
-
-    use crate::engine::ops::pdl::{self, Arg};
-
-    /// The name candle loads fused.cu's module under.
-    const MODULE: &str = "pruneserve_fused";
 
     /// The kernels of fused.cu (the hi/lo split of [`crate::engine::ops::gemm`] included).
     pub(crate) const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fused.ptx"));
@@ -306,31 +301,28 @@ pub(crate) mod cuda {
             block_dim: (block, 1, 1),
             shared_mem_bytes: 0,
         };
-        let stream = dev.cuda_stream();
         macro_rules! run {
             ($t:ty, $suffix:literal) => {{
+                let func = dev.get_or_load_custom_func(
+                    &format!("{name}_{}", $suffix),
+                    "pruneserve_fused",
+                    PTX,
+                )?;
                 // SAFETY: every element is written by the kernel before it is read.
                 let dst = unsafe { dev.alloc::<$t>(len)? };
-                let mut args = Vec::with_capacity(views.len() + 1 + ints.len() + floats.len());
+                let mut b = func.builder();
                 for v in &views {
-                    args.push(Arg::Ptr(v.device_ptr(&stream).0));
+                    b.arg(v);
                 }
-                args.push(Arg::Ptr(dst.device_ptr(&stream).0));
-                args.extend(ints.iter().map(|&i| Arg::I32(i)));
-                args.extend(floats.iter().map(|&f| Arg::F32(f)));
-                let kernel = format!("{name}_{}", $suffix);
-                // SAFETY: the argument list matches the kernel's signature in fused.cu; the
-                // views and `dst` stay alive past the launch (candle's single stream orders
-                // their reuse), and fused.cu's kernels wait (`grid_wait`) before any read.
-                unsafe {
-                    pdl::run(
-                        &dev,
-                        (&stream, true),
-                        ((MODULE, PTX), &kernel),
-                        cfg,
-                        &mut args,
-                    )?
-                };
+                b.arg(&dst);
+                for i in ints {
+                    b.arg(i);
+                }
+                for f in floats {
+                    b.arg(f);
+                }
+                // SAFETY: the argument list matches the kernel's signature in fused.cu.
+                unsafe { b.launch(cfg) }.w()?;
                 CudaStorage::wrap_cuda_slice(dst, dev.clone())
             }};
         }

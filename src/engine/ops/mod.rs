@@ -1,13 +1,10 @@
 //! The decoder's custom ops, each with a CPU implementation that defines what it computes and a
 //! CUDA kernel (`*.cu` beside its launcher, built by build.rs) checked against it: fused norms,
 //! rope and activations ([`fused`]), f32-output projections ([`gemm`]), and row gathers and bias
-//! adds that upload nothing per launch ([`rows`]); on CUDA, launches that may overlap the kernel
-//! before them (`pdl`).
+//! adds that upload nothing per launch ([`rows`]).
 
 pub mod fused;
 pub mod gemm;
-#[cfg(feature = "cuda")]
-pub mod pdl;
 pub mod rows;
 
 /// The `cpu_fwd` of a custom op that runs on CUDA only (candle's `CustomOp1/2/3` and
