@@ -6,6 +6,7 @@
 #[cfg(feature = "cuda")]
 pub mod buffers;
 pub mod fp8;
+pub mod padded;
 #[cfg(feature = "cuda")]
 pub mod paged;
 pub mod prefix;

@@ -28,6 +28,7 @@ use crate::engine::attention::decode::{paged_decode, DecodeKernel};
 use crate::engine::attention::{attend_chunk, chunk_heads, AttnParams, MaskCache};
 use crate::engine::kv::buffers::{base_ptr, write_into, GraphKvInputs};
 use crate::engine::kv::fp8::KvCacheDtype;
+use crate::engine::kv::padded::PaddedDecode;
 use crate::engine::kv::prefix::{Pin, PrefixStore, ScoreMemo};
 use crate::engine::kv::tables::{BlockPool, BlockTables};
 use crate::engine::kv::{ChunkRef, KvCache, KvCapacity, KvError, KvUsage};
@@ -74,6 +75,8 @@ pub struct PagedKvCache {
     masks: MaskCache,
     /// Prefix caching: entries name pool blocks, which they hold beside the sequences using them.
     prefixes: Option<PrefixStore<BlockTables>>,
+    /// Decode graphs' step indices, rewritten in place each step.
+    padded: PaddedDecode,
 }
 
 fn kernel_err(e: KvError) -> candle_core::Error {
@@ -135,6 +138,7 @@ impl PagedKvCache {
             step: None,
             masks: MaskCache::default(),
             prefixes: None,
+            padded: PaddedDecode::default(),
         })
     }
 
@@ -301,13 +305,13 @@ impl KvCache for PagedKvCache {
         plan_len: usize,
         into: &GraphKvInputs,
     ) -> candle_core::Result<bool> {
-        let tables = self
-            .pool
-            .step_tables(chunks, plan_len)
+        let padded = &mut self.padded;
+        let fits = padded
+            .fill(&self.pool, chunks, plan_len, (into.rows, into.max_blocks))
             .map_err(kernel_err)?;
-        let Some(padded) = tables.padded(into.rows, into.max_blocks) else {
+        if !fits {
             return Ok(false);
-        };
+        }
         write_into(&into.slots, &padded.slots)?;
         write_into(&into.tables, &padded.tables)?;
         write_into(&into.context_lens, &padded.context_lens)?;

@@ -86,49 +86,6 @@ pub struct StepTables {
     pub decode_max_context: usize,
 }
 
-/// A decode-only step's indices laid out for a captured decode graph of `rows` rows and
-/// `max_blocks` blocks per table ([`StepTables::padded`]): the step's rows first, then padding
-/// rows that write nowhere (slot -1) and attend to the first token of block 0.
-#[derive(Debug, PartialEq)]
-pub struct PaddedDecode {
-    /// `[plan_len, rows]`.
-    pub slots: Vec<i64>,
-    /// `[plan_len, rows, max_blocks]`, padded with block 0.
-    pub tables: Vec<u32>,
-    /// `[rows]`.
-    pub context_lens: Vec<u32>,
-}
-
-impl StepTables {
-    /// The step padded to `rows` rows and `max_blocks` blocks per table; `None` when it has
-    /// prompt rows or does not fit.
-    pub fn padded(&self, rows: usize, max_blocks: usize) -> Option<PaddedDecode> {
-        let n = self.decode_chunks.len();
-        let whole = self.slots.len() == self.plan_len * n;
-        if !whole || n > rows || self.decode_max_blocks > max_blocks {
-            return None;
-        }
-        let mut slots = vec![-1i64; self.plan_len * rows];
-        let mut tables = vec![0u32; self.plan_len * rows * max_blocks];
-        for p in 0..self.plan_len {
-            slots[p * rows..p * rows + n].copy_from_slice(&self.slots[p * n..(p + 1) * n]);
-            for r in 0..n {
-                let from = (p * n + r) * self.decode_max_blocks;
-                let to = (p * rows + r) * max_blocks;
-                tables[to..to + self.decode_max_blocks]
-                    .copy_from_slice(&self.decode_tables[from..from + self.decode_max_blocks]);
-            }
-        }
-        let mut context_lens = vec![1u32; rows];
-        context_lens[..n].copy_from_slice(&self.decode_context_lens);
-        Some(PaddedDecode {
-            slots,
-            tables,
-            context_lens,
-        })
-    }
-}
-
 impl BlockPool {
     pub fn new(total: usize, block_size: usize) -> Self {
         Self {
@@ -322,6 +279,14 @@ impl BlockPool {
         }
     }
 
+    /// The block tables of `seq`, one per plan position.
+    pub fn tables_of(&self, seq: SeqId) -> Result<&[Vec<u32>], KvError> {
+        self.seqs
+            .get(&seq)
+            .map(|s| s.tables.as_slice())
+            .ok_or(KvError::UnknownSequence(seq))
+    }
+
     /// The block table of `seq` at `plan_pos`.
     pub fn table(&self, seq: SeqId, plan_pos: usize) -> Result<&[u32], KvError> {
         let s = self.seqs.get(&seq).ok_or(KvError::UnknownSequence(seq))?;
@@ -342,14 +307,28 @@ impl BlockPool {
     /// positions and have room reserved for its chunk.
     pub fn step_tables(&self, chunks: &[ChunkRef], plan_len: usize) -> Result<StepTables, KvError> {
         let total_tokens: usize = chunks.iter().map(|c| c.len).sum();
-        let mut slots = Vec::with_capacity(plan_len * total_tokens);
-        for p in 0..plan_len {
-            for c in chunks {
-                let table = self.table(c.seq, p)?;
-                for pos in c.start..c.start + c.len {
-                    slots.push(self.slot(table, pos, c.seq)?);
+        // Each chunk's sequence is looked up once, for every plan position.
+        let seq_tables = chunks
+            .iter()
+            .map(|c| self.tables_of(c.seq))
+            .collect::<Result<Vec<_>, _>>()?;
+        let at = |i: usize, p: usize| {
+            seq_tables[i]
+                .get(p)
+                .map(Vec::as_slice)
+                .ok_or(KvError::UnknownSequence(chunks[i].seq))
+        };
+        // `[plan_len, T]`, each position's tokens in chunk order.
+        let mut slots = vec![0i64; plan_len * total_tokens];
+        let mut first = 0;
+        for (i, c) in chunks.iter().enumerate() {
+            for p in 0..plan_len {
+                let table = at(i, p)?;
+                for (k, pos) in (c.start..c.start + c.len).enumerate() {
+                    slots[p * total_tokens + first + k] = self.slot(table, pos, c.seq)?;
                 }
             }
+            first += c.len;
         }
         let decode_chunks: Vec<usize> = (0..chunks.len()).filter(|&i| chunks[i].len == 1).collect();
         let decode_context_lens: Vec<u32> = decode_chunks
@@ -358,13 +337,17 @@ impl BlockPool {
             .collect();
         let decode_max_context = decode_context_lens.iter().max().map_or(0, |&m| m as usize);
         let decode_max_blocks = decode_max_context.div_ceil(self.block_size).max(1);
-        let mut decode_tables = vec![0u32; plan_len * decode_chunks.len() * decode_max_blocks];
-        for p in 0..plan_len {
-            for (row, &i) in decode_chunks.iter().enumerate() {
-                let table = self.table(chunks[i].seq, p)?;
-                let used = (chunks[i].start + 1).div_ceil(self.block_size);
-                let at = (p * decode_chunks.len() + row) * decode_max_blocks;
-                decode_tables[at..at + used].copy_from_slice(&table[..used]);
+        let rows = decode_chunks.len();
+        let mut decode_tables = vec![0u32; plan_len * rows * decode_max_blocks];
+        for (row, &i) in decode_chunks.iter().enumerate() {
+            let used = (chunks[i].start + 1).div_ceil(self.block_size);
+            for p in 0..plan_len {
+                let table = at(i, p)?;
+                let blocks = table
+                    .get(..used)
+                    .ok_or(KvError::UnknownSequence(chunks[i].seq))?;
+                let to = (p * rows + row) * decode_max_blocks;
+                decode_tables[to..to + used].copy_from_slice(blocks);
             }
         }
         Ok(StepTables {
@@ -382,49 +365,6 @@ impl BlockPool {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn padded_decode_tables_keep_every_row_and_pad_with_inert_rows() {
-        let mut pool = BlockPool::new(40, 4);
-        let chunk = |seq, start| ChunkRef {
-            seq,
-            offset: seq as usize - 1,
-            len: 1,
-            start,
-            scored: false,
-        };
-        for (seq, len) in [(1, 6), (2, 9)] {
-            pool.allocate(seq, 2).unwrap();
-            pool.reserve(seq, len).unwrap();
-        }
-        let chunks = [chunk(1, 5), chunk(2, 8)];
-        let t = pool.step_tables(&chunks, 2).unwrap();
-        let p = t.padded(4, 5).unwrap();
-        assert_eq!(p.context_lens, vec![6, 9, 1, 1]);
-        for pos in 0..2 {
-            for (r, c) in chunks.iter().enumerate() {
-                let table = pool.table(c.seq, pos).unwrap();
-                let used = (c.start + 1).div_ceil(4);
-                let row = &p.tables[(pos * 4 + r) * 5..(pos * 4 + r + 1) * 5];
-                assert_eq!(&row[..used], &table[..used]);
-                assert!(row[used..].iter().all(|&b| b == 0));
-                let slot = p.slots[pos * 4 + r];
-                assert_eq!(slot, pool.slot(table, c.start, c.seq).unwrap());
-            }
-            assert_eq!(&p.slots[pos * 4 + 2..pos * 4 + 4], &[-1, -1]);
-            assert!(p.tables[(pos * 4 + 2) * 5..(pos * 4 + 4) * 5]
-                .iter()
-                .all(|&b| b == 0));
-        }
-        // Too few rows or blocks, or a prompt row: no padded layout.
-        assert!(t.padded(1, 5).is_none());
-        assert!(t.padded(4, 2).is_none());
-        let prompt = [ChunkRef {
-            len: 2,
-            ..chunk(1, 4)
-        }];
-        assert!(pool.step_tables(&prompt, 2).unwrap().padded(4, 5).is_none());
-    }
 
     #[test]
     fn reserve_takes_blocks_per_plan_position_and_release_returns_them() {
