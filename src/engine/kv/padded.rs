@@ -65,8 +65,7 @@ impl PaddedDecode {
                     .ok_or(KvError::UnknownSequence(c.seq))?;
                 let at = (p * rows + r) * max_blocks;
                 self.tables[at..at + used].copy_from_slice(table);
-                let block = i64::from(table[c.start / bs]);
-                self.slots[p * rows + r] = block * bs as i64 + (c.start % bs) as i64;
+                self.slots[p * rows + r] = pool.slot(table, c.start, c.seq)?;
             }
             self.context_lens[r] = (c.start + 1) as u32;
         }

@@ -73,7 +73,6 @@ impl CachedKv for BlockTables {
 /// Index arrays for one step of one plan group (row-major, ready to upload).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StepTables {
-    pub plan_len: usize,
     /// `[plan_len, T]`: cache slot of each packed token at each plan position.
     pub slots: Vec<i64>,
     /// Chunks with one token: indices into the step's chunk list.
@@ -289,14 +288,14 @@ impl BlockPool {
 
     /// The block table of `seq` at `plan_pos`.
     pub fn table(&self, seq: SeqId, plan_pos: usize) -> Result<&[u32], KvError> {
-        let s = self.seqs.get(&seq).ok_or(KvError::UnknownSequence(seq))?;
-        s.tables
+        self.tables_of(seq)?
             .get(plan_pos)
             .map(Vec::as_slice)
             .ok_or(KvError::UnknownSequence(seq))
     }
 
-    fn slot(&self, table: &[u32], pos: usize, seq: SeqId) -> Result<i64, KvError> {
+    /// The cache slot of token `pos` of `seq`, whose block table (at one plan position) is `table`.
+    pub fn slot(&self, table: &[u32], pos: usize, seq: SeqId) -> Result<i64, KvError> {
         let block = table
             .get(pos / self.block_size)
             .ok_or(KvError::UnknownSequence(seq))?;
@@ -351,7 +350,6 @@ impl BlockPool {
             }
         }
         Ok(StepTables {
-            plan_len,
             slots,
             decode_chunks,
             decode_tables,
